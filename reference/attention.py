@@ -1,0 +1,66 @@
+"""Causal scaled-dot-product attention and the MHA / MQA / GQA layer (one module, through num_key_value_heads).
+
+MHA: ``num_key_value_heads == num_attention_heads``; MQA (Shazeer 2019): one key/value head; GQA (Ainslie
+et al. 2023): ``num_attention_heads`` a multiple of ``num_key_value_heads``. Parameter names follow
+Llama's (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``); these variants are ours, not DeepSeek-V3's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import apply_rope
+
+
+def causal_mask(q_len: int, kv_len: int, offset: int, device=None) -> torch.Tensor:
+    """Boolean (q_len, kv_len) mask, True where key ``j`` is visible to query ``i``: ``j <= offset + i``."""
+    i = torch.arange(q_len, device=device)[:, None] + offset
+    j = torch.arange(kv_len, device=device)[None, :]
+    return j <= i
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` with grouped key/value heads.
+
+    Shapes: ``q`` (B, H, T, Dk), ``k`` (B, Hk, S, Dk), ``v`` (B, Hk, S, Dv) with ``H % Hk == 0`` (query head
+    ``h`` reads key head ``h // (H / Hk)``); ``mask`` boolean, broadcastable to (B, H, T, S), True = attend.
+    Returns (B, H, T, Dv) in ``q.dtype``. Every query must see at least one key.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+class Attention(nn.Module):
+    """MHA / MQA / GQA with RoPE over the whole head (pairing from ``config.rope_interleave``).
+
+    Input (B, T, hidden_size) -> output (B, T, hidden_size). The KV cache holds ``k`` and ``v`` of shape
+    (B, num_key_value_heads, S, head_dim) per layer.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.interleaved = c.rope_interleave
+        self.scale = c.softmax_scale(c.head_dim)
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def forward(self, x, cos, sin, cache=None, offset: int = 0):
+        """``x`` (B, T, hidden); ``cos``/``sin`` (T, head_dim/2) for positions offset..offset+T-1;
+        ``cache`` a `reference.cache.LayerCache` or None."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
+        if cache is not None:
+            k, v = cache.update(k=k, v=v)
+        mask = causal_mask(t, k.shape[2], offset, x.device)
+        o = attend(q, k, v, mask, self.scale)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))

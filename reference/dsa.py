@@ -1,0 +1,77 @@
+"""DeepSeek Sparse Attention (DSA), DeepSeek-V3.2-Exp: a lightning indexer picks, for each query, the top-k
+previous tokens, and MLA attends to those only.
+
+Indexer score (V3.2 report eq. 1): ``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])`` with one shared key
+head ``k = LayerNorm(wk h_s)``, queries ``wq_b`` of MLA's query latent, weights ``weights_proj(h_t) * H**-0.5``,
+scale ``index_head_dim**-0.5``; RoPE with NeoX pairing on the first ``qk_rope_head_dim`` features. The index
+set is ``top-k`` with ``k = min(index_topk, valid)``, causal, shared by all heads. The Hadamard rotation and
+FP8 of the official kernel are orthogonal / precision details and are not applied here (as in transformers).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .mla import MLA
+from .rope import apply_rope
+
+
+class Indexer(nn.Module):
+    """Lightning indexer. Parameters: ``wq_b`` (q_lora_rank -> H*D), ``wk`` (hidden -> D), ``k_norm``
+    (LayerNorm D), ``weights_proj`` (hidden -> H), with H = index_n_heads, D = index_head_dim."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.head_dim, self.dr, self.topk = c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim, c.index_topk
+        self.wq_b = nn.Linear(c.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(c.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(c.hidden_size, self.n_heads, bias=False)
+        self.scale = self.head_dim**-0.5
+
+    def _rope(self, x, cos, sin):
+        pe, rest = x.split([self.dr, self.head_dim - self.dr], dim=-1)
+        return torch.cat((apply_rope(pe, cos, sin, interleaved=False), rest), dim=-1)
+
+    def scores(self, x, q_latent, cos, sin, cache=None) -> torch.Tensor:
+        """Index scores (B, T, S) float32 of the T new queries against all S cached + new keys (unmasked).
+
+        ``x`` (B, T, hidden), ``q_latent`` (B, T, q_lora_rank). Appends the new keys to ``cache['index_k']``.
+        """
+        b, t, _ = x.shape
+        q = self.wq_b(q_latent).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q = self._rope(q, cos, sin)
+        k = self._rope(self.k_norm(self.wk(x)), cos, sin)  # (B, T, D)
+        if cache is not None:
+            (k,) = cache.update(index_k=k)
+        logits = torch.relu(torch.einsum("bhtd,bsd->bhts", q.float(), k.float()) * self.scale)
+        w = self.weights_proj(x).float() * self.n_heads**-0.5  # (B, T, H)
+        return torch.einsum("bhts,bth->bts", logits, w)
+
+    def select(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Boolean (B, T, S) selection: the causal top-``min(index_topk, S)`` keys of each query, within ``mask``
+        ((T, S) boolean, True = visible). Queries with fewer visible keys keep all of them."""
+        s = scores.shape[-1]
+        k = min(self.topk, s)
+        masked = scores.masked_fill(~mask, float("-inf"))
+        idx = masked.topk(k, dim=-1).indices
+        sel = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, idx, True)
+        return sel & mask
+
+
+class DSA(MLA):
+    """MLA whose attention mask is restricted to the indexer's top-k selection (V3.2). Same parameters as
+    MLA plus ``indexer.*``. With ``index_topk >= seq_len`` it equals MLA. The indexer's top-k is not
+    differentiable; its parameters get no gradient from the LM loss (V3.2 trains them by a separate KL loss)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.indexer = Indexer(config)
+
+    def select_mask(self, x, q_latent, cos, sin, mask, cache):
+        with torch.no_grad():
+            scores = self.indexer.scores(x, q_latent, cos, sin, cache)
+            return self.indexer.select(scores, mask)[:, None]  # (B, 1, T, S)

@@ -1,0 +1,297 @@
+"""The causal LM: embedding, decoder layers (attention + FFN, pre-norm residual), final norm, LM head, and
+the Multi-Token Prediction modules (DeepSeek-V3 report section 2.2).
+
+Public API (DESIGN.md): ``Model.from_pretrained(dir)``, ``model(input_ids) -> logits``, ``save_pretrained(dir)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .cache import KVCache
+from .config import ModelConfig
+from .dsa import DSA
+from .mla import MLA
+from .moe import DeepSeekMoE, MoE
+from .rms_norm import RMSNorm
+from .rope import RotaryEmbedding
+from .swiglu import MLP
+
+IGNORE_INDEX = -100
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``h = x + attn(input_layernorm(x))``; ``h + mlp(post_attention_layernorm(h))``.
+
+    Attention is `Attention` (mha/mqa/gqa), `MLA` or `DSA`; the FFN is the dense `MLP` for the first
+    ``first_k_dense_replace`` layers (or ``moe_type='dense'``), else `DeepSeekMoE` or the standard `MoE`.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        attn_cls = {"mla": MLA, "dsa": DSA}.get(c.attention_type, Attention)
+        self.self_attn = attn_cls(c, layer_idx)
+        if c.is_moe_layer(layer_idx):
+            self.mlp = DeepSeekMoE(c) if c.moe_type == "deepseek" else MoE(c)
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, offset: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, offset)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output norm; the head matrix itself is the main model's ``lm_head`` (shared)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """MTP module k (report eq. 21-23): ``h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])``, one
+    decoder block, then ``shared_head.norm`` and the shared LM head predict ``t_{i+k+1}``. Stored in the
+    checkpoint as layer ``num_hidden_layers + k - 1``. The concatenation order (embedding first) is that of
+    the released DeepSeek-V3 MTP weights as served by vLLM/SGLang."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        h = config.hidden_size
+        self.enorm = RMSNorm(h, config.rms_norm_eps)
+        self.hnorm = RMSNorm(h, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def combine(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) previous-depth hidden and (B, T, H) embeddings of the tokens k ahead -> (B, T, H)."""
+        return self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
+
+
+class Backbone(nn.Module):
+    """``embed_tokens``, ``layers``, ``norm``: named as Hugging Face's ``model.*``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class LossOutput:
+    """``loss`` = ``lm_loss + mtp_weight * mean(mtp_losses) + aux_loss`` (all scalars); ``n_tokens`` = valid
+    main-model labels."""
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    mtp_losses: list[torch.Tensor]
+    aux_loss: torch.Tensor
+    n_tokens: int
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over targets != -100. ``logits`` (..., V) float, ``targets`` (...) int64.
+    With no valid target it returns 0 (a graph-connected zero, so every gradient is exactly 0)."""
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class Model(nn.Module):
+    """DeepSeek-V3 / V3.2 causal LM (and its MHA/GQA/dense/softmax-MoE variants) in plain PyTorch.
+
+    ``forward(input_ids)``: (B, T) integer token ids -> (B, T, vocab_size) logits in the parameter dtype.
+    Raises ``TypeError``/``ValueError`` on a non-integer, wrongly shaped or out-of-range ``input_ids`` and on a
+    sequence longer than ``max_position_embeddings``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        n = config.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPLayer(config, n + k) for k in range(config.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(config.rope_dim, config.rope_theta, config.rope_scaling)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    # ---------------------------------------------------------------- weights
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, std) for every matrix and embedding (std defaults to ``initializer_range``), zeros for
+        biases and the routing correction bias, ones for norm gains."""
+        std = self.config.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name.rsplit(".", 2)[-2] and p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    def moe_layers(self) -> list[DeepSeekMoE | MoE]:
+        """All MoE FFNs, main layers then MTP layers."""
+        return [m for m in self.modules() if isinstance(m, (DeepSeekMoE, MoE))]
+
+    @torch.no_grad()
+    def update_moe_bias(self, gamma: float | None = None) -> None:
+        """Apply the auxiliary-loss-free bias update to every DeepSeekMoE layer (training only; call after the
+        optimizer step). ``gamma`` defaults to ``config.bias_update_speed``."""
+        g = self.config.bias_update_speed if gamma is None else gamma
+        for m in self.moe_layers():
+            if isinstance(m, DeepSeekMoE):
+                m.update_bias(g)
+
+    # ---------------------------------------------------------------- forward
+    def _check_input_ids(self, input_ids: torch.Tensor, offset: int) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected a torch.Tensor of shape (batch, seq), got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids: expected an integer dtype (torch.long), got {input_ids.dtype}")
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids: expected shape (batch, seq) with batch, seq >= 1, got {tuple(input_ids.shape)}")
+        end = offset + input_ids.shape[1]
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids: sequence reaches position {end} (cache {offset} + {input_ids.shape[1]} new), "
+                             f"longer than max_position_embeddings={self.config.max_position_embeddings}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids: token ids must lie in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, hidden_size). With a ``cache`` the tokens continue it."""
+        offset = cache.seq_len if cache is not None else 0
+        self._check_input_ids(input_ids, offset)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(input_ids.shape[1], offset, x.device, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, offset)
+        if cache is not None:
+            cache.seq_len += input_ids.shape[1]
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab_size) logits. ``cache``: a `KVCache` from `new_cache` to continue."""
+        return self.lm_head(self.hidden_states(input_ids, cache))
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for this model's decoder layers."""
+        return KVCache(self.config.num_hidden_layers)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3) -> LossOutput:
+        """Next-token loss with MTP and balance losses.
+
+        ``input_ids`` (B, T) int; ``targets`` (B, T) int64, ``targets[:, t]`` the token after position t
+        (already shifted), -100 where ignored. MTP depth k at position t reads the embedding of
+        ``input_ids[:, t+k]`` and predicts ``targets[:, t+k]``; each depth's cross-entropy is divided by its own
+        count of valid targets, and ``L_MTP = mtp_weight / D * sum_k L_k`` (report eq. 24-25). Raises
+        ``ValueError`` when ``targets`` does not match ``input_ids`` in shape.
+        """
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(targets.shape)}")
+        h = self.hidden_states(input_ids)
+        lm_loss = masked_cross_entropy(self.lm_head(h), targets)
+        mtp_losses = []
+        b, t = input_ids.shape
+        cos, sin = self.rotary(t, 0, h.device, h.dtype)
+        for k, layer in enumerate(self.mtp, start=1):
+            pad = input_ids.new_zeros(b, min(k, t))
+            ahead = torch.cat((input_ids[:, k:], pad), dim=1)
+            tgt = torch.cat((targets[:, k:], torch.full_like(pad, IGNORE_INDEX)), dim=1)
+            h = layer(layer.combine(h, self.model.embed_tokens(ahead)), cos, sin)
+            mtp_losses.append(masked_cross_entropy(self.lm_head(layer.shared_head.norm(h)), tgt))
+        aux = sum((m.aux_loss for m in self.moe_layers() if m.aux_loss is not None), h.new_zeros(()))
+        loss = lm_loss + aux
+        if mtp_losses:
+            loss = loss + mtp_weight * torch.stack(mtp_losses).mean()
+        return LossOutput(loss, lm_loss, mtp_losses, aux, int((targets != IGNORE_INDEX).sum()))
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
+                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Autoregressive sampling. ``input_ids`` (B, T) -> (B, T + n) with n <= ``max_new_tokens``.
+
+        ``temperature`` 0 is greedy; otherwise logits / temperature, then keep the ``top_k`` largest and the
+        smallest set whose probability reaches ``top_p`` (nucleus, Holtzman et al. 2019), and sample with
+        ``generator``. A sequence that emits one of ``stop_tokens`` is finished; later positions are filled
+        with ``pad_token_id`` (or the stop token). Generation ends when all are finished. With ``use_cache``
+        each step feeds one token through the KV cache; without, it reruns the whole prefix.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+        if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
+            raise ValueError(f"sampling: expected temperature >= 0, 0 < top_p <= 1, top_k >= 1; got "
+                             f"{temperature}, {top_p}, {top_k}")
+        stops = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
+        cache = self.new_cache() if use_cache else None
+        seq = input_ids
+        done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+        fill = self.config.pad_token_id
+        step_in = seq
+        for _ in range(max_new_tokens):
+            logits = self(step_in if use_cache else seq, cache)[:, -1].float()
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if done.any():
+                nxt = torch.where(done, torch.full_like(nxt, fill if fill is not None else 0), nxt)
+                if fill is None and stops.numel():
+                    nxt = torch.where(done, stops[0].expand_as(nxt), nxt)
+            seq = torch.cat((seq, nxt[:, None]), dim=1)
+            step_in = nxt[:, None]
+            if stops.numel():
+                done |= torch.isin(nxt, stops)
+                if bool(done.all()):
+                    break
+        return seq
+
+    # ---------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> Model:
+        """Load a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``); see
+        `reference.checkpoint.load_state`. Raises ``FileNotFoundError`` or ``ValueError`` naming the problem."""
+        from .checkpoint import load_model
+
+        return load_model(cls, path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (Hugging Face names, MTP as layers
+        ``num_hidden_layers + k``), plus ``tokenizer.json`` when given, atomically (temp dir, then rename)."""
+        from .checkpoint import save_model
+
+        save_model(self, path, tokenizer_file=tokenizer_file)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token from (B, V) logits: argmax when ``temperature == 0``, else sample from the
+    temperature-scaled, top-k and top-p filtered distribution. Returns (B,) int64."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # drop a token once the mass before it reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,182 @@
+"""Mixture-of-Experts FFNs: a standard top-k softmax MoE and DeepSeekMoE.
+
+- Standard MoE (Shazeer et al. 2017; Switch Transformer, Fedus et al. 2021): softmax router, top-k experts,
+  Switch-style load-balancing loss ``alpha * E * sum_i f_i P_i``.
+- DeepSeekMoE (DeepSeek-V3 report section 2.1.2): shared experts always on, fine-grained routed experts chosen
+  by sigmoid affinities with group-limited routing; the correction bias ``e_score_correction_bias`` only picks
+  experts (auxiliary-loss-free balancing, eq. 16) and is updated outside autograd by
+  ``b_i += gamma * sign(mean_load - load_i)``; an optional sequence-wise balance loss (eq. 17-20).
+
+Experts run batched: token-expert pairs are sorted by expert, each expert multiplies its contiguous segment
+(a grouped matmul), and results are scattered back with the routing weights. No per-token Python work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .swiglu import MLP, swiglu
+
+
+class Experts(nn.Module):
+    """``E`` SwiGLU experts with stacked weights ``gate_proj``/``up_proj`` (E, I, H) and ``down_proj`` (E, H, I).
+
+    The checkpoint stores them per expert (``experts.{e}.gate_proj.weight`` ...); `reference.checkpoint`
+    stacks and unstacks them.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """``x`` (N, H); ``topk_idx`` (N, K) int64 expert ids; ``topk_weight`` (N, K). Returns
+        ``y[n] = sum_k topk_weight[n, k] * expert_{topk_idx[n, k]}(x[n])``, (N, H) in ``x.dtype``.
+
+        An expert that receives no token multiplies an empty segment: it adds nothing and its weights get a
+        zero gradient.
+        """
+        n, k = topk_idx.shape
+        flat = topk_idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[token]
+        outs = []
+        for e, seg in enumerate(xs.split(counts)):  # grouped matmul: one GEMM per expert segment
+            if counts[e] == 0:
+                continue
+            h = swiglu(seg @ self.gate_proj[e].t(), seg @ self.up_proj[e].t())
+            outs.append(h @ self.down_proj[e].t())
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
+        ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)
+        return x.new_zeros(n, x.shape[1]).index_add(0, token, ys)
+
+
+class Router(nn.Module):
+    """DeepSeek-V3 router (``noaux_tc``): sigmoid scores, group-limited top-k with the correction bias.
+
+    Parameters: ``weight`` (E, H) float32; buffer ``e_score_correction_bias`` (E,) float32.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.top_k, self.n_group, self.topk_group = c.num_experts_per_tok, c.n_group, c.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        """``x`` (N, H) -> ``topk_idx`` (N, K) int64, ``topk_weight`` (N, K) float32, ``scores`` (N, E) float32.
+
+        ``scores = sigmoid(x W^T)``; selection ranks ``scores + bias``: a group's score is the sum of its top-2
+        biased scores, groups outside the top ``topk_group`` are excluded (-inf), then the top-K experts are
+        taken. Weights are the unbiased scores of those experts, divided by their sum when ``norm_topk_prob``,
+        times ``routed_scaling_factor``.
+        """
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        choice = scores.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            n, e = choice.shape
+            grouped = choice.view(n, self.n_group, e // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
+        topk_idx = choice.topk(self.top_k, dim=-1).indices
+        w = scores.gather(1, topk_idx)
+        if self.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return topk_idx, w * self.routed_scaling_factor, scores
+
+
+class DeepSeekMoE(nn.Module):
+    """DeepSeekMoE FFN (B, T, H) -> (B, T, H): ``shared_experts(x) + sum_k g_k routed_k(x)``.
+
+    In training mode it counts each expert's load for `update_bias` and, when ``aux_loss_alpha > 0``,
+    sets ``self.aux_loss`` to the sequence-wise balance loss (report eq. 17-20).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_routed, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.alpha = c.aux_loss_alpha
+        self.gate = Router(c)
+        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts) if c.n_shared_experts > 0 else None
+        )
+        self.register_buffer("expert_load", torch.zeros(c.n_routed_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        flat = x.reshape(-1, h)
+        topk_idx, topk_w, scores = self.gate(flat)
+        y = self.experts(flat, topk_idx, topk_w).view(b, t, h)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        self.aux_loss = None
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(topk_idx.reshape(-1), minlength=self.n_routed).to(self.expert_load)
+            if self.alpha > 0:
+                self.aux_loss = self.sequence_balance_loss(scores.view(b, t, -1), topk_idx.view(b, t, -1))
+        return y
+
+    def sequence_balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """``alpha * mean_b sum_i f_i P_i`` with ``f_i = E / (K T) * #{t: i in topk_t}`` and
+        ``P_i = mean_t s_{t,i} / sum_j s_{t,j}`` per sequence (report eq. 17-20). ``scores`` (B, T, E),
+        ``topk_idx`` (B, T, K). Returns a scalar."""
+        b, t, e = scores.shape
+        counts = torch.zeros(b, e, device=scores.device).scatter_add_(
+            1, topk_idx.reshape(b, -1), torch.ones(b, t * self.top_k, device=scores.device))
+        f = counts * e / (self.top_k * t)
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+        return self.alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float) -> None:
+        """Auxiliary-loss-free balancing (report section 2.1.2): ``b += gamma * sign(mean(load) - load)``
+        over the loads counted since the last call; then reset the counts. Call after an optimizer step."""
+        load = self.expert_load
+        self.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        self.expert_load.zero_()
+
+
+class MoE(nn.Module):
+    """Standard top-k softmax MoE (B, T, H) -> (B, T, H) with a Switch-style balance loss ``self.aux_loss``
+    (``aux_loss_alpha * E * sum_i f_i P_i``, Fedus et al. 2021 eq. 4) in training when ``aux_loss_alpha > 0``.
+    Parameters: ``gate.weight`` (E, H), ``experts``. Weights are the top-k softmax probabilities,
+    renormalized when ``norm_topk_prob``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_routed, self.top_k, self.norm_topk_prob = c.n_routed_experts, c.num_experts_per_tok, c.norm_topk_prob
+        self.alpha = c.aux_loss_alpha
+        self.gate = nn.Linear(c.hidden_size, c.n_routed_experts, bias=False)
+        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        flat = x.reshape(-1, h)
+        probs = torch.softmax(self.gate(flat).float(), dim=-1)
+        w, idx = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            w = w / w.sum(-1, keepdim=True)
+        y = self.experts(flat, idx, w).view(b, t, h)
+        self.aux_loss = None
+        if self.training and self.alpha > 0:
+            f = torch.bincount(idx.reshape(-1), minlength=self.n_routed).float() / idx.numel()
+            self.aux_loss = self.alpha * self.n_routed * (f * probs.mean(0)).sum()
+        return y
