@@ -53,7 +53,8 @@ class ModelConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int | None = None
-    head_dim: int | None = None  # per-head width for mha/mqa/gqa; default hidden_size // num_attention_heads
+    head_dim: int | None = None  # mha/mqa/gqa: per-head width, default hidden_size // num_attention_heads;
+    # mla/dsa: always qk_rope_head_dim (the rotary width, as transformers sets it)
     # MLA
     q_lora_rank: int | None = None
     kv_lora_rank: int = 64
@@ -98,7 +99,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = {"mqa": 1}.get(self.attention_type, self.num_attention_heads)
-        if self.head_dim is None and self.attention_type in ("mha", "mqa", "gqa") and self.num_attention_heads:
+        if self.attention_type in ("mla", "dsa"):
+            self.head_dim = self.qk_rope_head_dim  # as transformers: the width its rotary embedding reads
+        elif self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
 

@@ -25,7 +25,8 @@ class Indexer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
-        self.n_heads, self.head_dim, self.dr, self.topk = c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim, c.index_topk
+        self.n_heads, self.head_dim = c.index_n_heads, c.index_head_dim
+        self.dr, self.topk = c.qk_rope_head_dim, c.index_topk
         self.wq_b = nn.Linear(c.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(c.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)

@@ -160,11 +160,13 @@ class Model(nn.Module):
     # ---------------------------------------------------------------- forward
     def _check_input_ids(self, input_ids: torch.Tensor, offset: int) -> None:
         if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids: expected a torch.Tensor of shape (batch, seq), got {type(input_ids).__name__}")
+            raise TypeError(
+                f"input_ids: expected a torch.Tensor of shape (batch, seq), got {type(input_ids).__name__}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids: expected an integer dtype (torch.long), got {input_ids.dtype}")
         if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids: expected shape (batch, seq) with batch, seq >= 1, got {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids: expected shape (batch, seq) with batch, seq >= 1, got {tuple(input_ids.shape)}")
         end = offset + input_ids.shape[1]
         if end > self.config.max_position_embeddings:
             raise ValueError(f"input_ids: sequence reaches position {end} (cache {offset} + {input_ids.shape[1]} new), "
@@ -203,7 +205,8 @@ class Model(nn.Module):
         ``ValueError`` when ``targets`` does not match ``input_ids`` in shape.
         """
         if targets.shape != input_ids.shape:
-            raise ValueError(f"targets: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(targets.shape)}")
         h = self.hidden_states(input_ids)
         lm_loss = masked_cross_entropy(self.lm_head(h), targets)
         mtp_losses = []

@@ -1,0 +1,238 @@
+"""reference/fp8.py: fine-grained FP8 e4m3 quantization and the block-scaled GEMM (DESIGN.md, FP8 bullet).
+
+Error bounds used here (e4m3 has 3 mantissa bits; ``v = x / s`` is what gets rounded):
+- per element, rounding to nearest costs at most half an ulp: ``|v - y| <= 2^-4 |v|`` for normal values
+  (|v| >= 2^-6) and ``<= 2^-10`` (half the subnormal spacing 2^-9) below, so in units of x
+  ``|x - y*s| <= max(2^-4 |x|, 2^-10 s)`` (plus fp32 rounding, ~1e-7 relative); the largest error in a tile
+  is half the spacing at the top binade, 16 fp8 units = amax / 28;
+- overall, random normal data round-trips with ``rel_err`` about 0.025 (measured), so we require < 0.04;
+- a GEMM of two quantized operands: about sqrt(2) x that, measured 0.037; we require < 0.06.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from reference.fp8 import (
+    AMAX_MIN,
+    FP8_DTYPE,
+    FP8_MAX,
+    act_dequant,
+    act_quant,
+    fp8_gemm,
+    weight_dequant,
+    weight_quant,
+)
+from tests.tolerance import assert_close, rel_err
+
+# Every finite float8_e4m3fn value, decoded from its bit patterns (independent of torch's cast).
+E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).double()
+E4M3_GRID = E4M3_GRID[E4M3_GRID.isfinite()]
+
+
+def _spanning(*shape, block=128, dims=(-1,)):
+    """randn scaled by a different power of ten (1e-2 .. 1e2) per block along ``dims``."""
+    x = torch.randn(*shape)
+    for d in dims:
+        n = x.shape[d]
+        nb = -(-n // block)
+        f = 10.0 ** (torch.rand(nb) * 4 - 2)
+        view = [1] * x.dim()
+        view[d] = n
+        x = x * f.repeat_interleave(block)[:n].reshape(view)
+    return x
+
+
+def _elementwise_bound(x, xh, s_full):
+    x, xh, s_full = x.double(), xh.double(), s_full.double()
+    bound = torch.maximum(2.0**-4 * x.abs(), 2.0**-10 * s_full) * (1 + 1e-6) + 1e-6 * x.abs()
+    err = (x - xh).abs()
+    assert (err <= bound).all(), f"worst element error / bound = {(err / bound).max().item():.4f}"
+
+
+def test_act_quant_scales_are_tile_amax_over_448():
+    K, bs = 300, 128
+    x = _spanning(2, 5, K)
+    y, s = act_quant(x, bs)
+    assert y.dtype == FP8_DTYPE and y.shape == x.shape
+    assert s.dtype == torch.float32 and s.shape == (2, 5, 3)
+    for kb, (k0, k1) in enumerate([(0, 128), (128, 256), (256, 300)]):  # last tile is partial (44 wide)
+        amax = x[..., k0:k1].double().abs().amax(dim=-1)
+        expected = (amax.clamp(min=AMAX_MIN) / 448.0).float()
+        assert torch.equal(s[..., kb], expected), f"tile {kb}: scale is not amax / 448"
+    # Scales really differ across tiles (so a wrong tile index would be caught elsewhere).
+    assert (s.amax(-1) / s.amin(-1)).max() > 10
+
+
+def test_act_quant_values_are_nearest_e4m3_grid_points():
+    K = 300
+    x = _spanning(4, K)
+    x[1, 128:256] *= 1e-7  # a tile with amax < 1e-4: its values land among the subnormals
+    y, s = act_quant(x)
+    s_full = s[..., torch.arange(K) // 128]
+    v = (x / s_full).clamp(-FP8_MAX, FP8_MAX).double().reshape(-1, 1)
+    dist = (v - E4M3_GRID).abs()
+    yd = y.double().reshape(-1)
+    assert torch.isin(yd, E4M3_GRID).all()
+    nearest = torch.equal((v[:, 0] - yd).abs(), dist.amin(dim=1))
+    assert nearest, "a value is not rounded to the nearest grid point"
+    assert y.double().abs().max() <= FP8_MAX
+    # The tile's largest magnitude maps to exactly +-448 (unless amax was clamped up to 1e-4).
+    for r in range(4):
+        for k0, k1 in [(0, 128), (128, 256), (256, 300)]:
+            top = y[r, k0:k1].double().abs().max().item()
+            if x[r, k0:k1].abs().max() >= AMAX_MIN:
+                assert top == FP8_MAX
+            else:
+                assert 0 < top < 1, "clamped tile should sit well below 448"
+    # the subnormal tile does use subnormals (|y| < 2^-6), so that part of the bound is exercised
+    assert (y[1, 128:256].double().abs() < 2.0**-6).any()
+
+
+@pytest.mark.parametrize("bs", [128, 64])
+def test_act_quant_round_trip(bs):
+    K = 300
+    x = _spanning(16, K, block=bs)
+    x[3, :bs] *= 1e-6  # amax clamped: subnormal part of the per-element bound
+    y, s = act_quant(x, bs)
+    assert s.shape == (16, -(-K // bs))
+    xh = act_dequant(y, s, bs)
+    assert xh.dtype == torch.float32 and xh.shape == x.shape
+    _elementwise_bound(x, xh, s[..., torch.arange(K) // bs])
+    err = rel_err(xh, x)
+    assert 1e-3 < err < 0.04, f"act round trip rel err {err:.4f}"
+
+
+def test_act_quant_low_precision_input_matches_fp32():
+    x = torch.randn(3, 260).to(torch.bfloat16)
+    y, s = act_quant(x)
+    y32, s32 = act_quant(x.float())
+    assert torch.equal(s, s32) and torch.equal(y.view(torch.uint8), y32.view(torch.uint8))
+
+
+def test_zero_and_tiny_tiles_give_no_nan():
+    x = torch.randn(3, 300)
+    x[0, 128:256] = 0.0  # all-zero tile
+    x[1, 256:] = 0.0  # all-zero partial tile
+    x[2, :128] *= 1e-9  # tiny tile, amax clamped
+    y, s = act_quant(x)
+    assert torch.isfinite(s).all() and (s > 0).all()
+    clamped = torch.tensor(AMAX_MIN, dtype=torch.float32) / 448.0
+    assert s[0, 1] == clamped and s[1, 2] == clamped and s[2, 0] == clamped
+    assert not y.float().isnan().any()
+    assert (y[0, 128:256].float() == 0).all() and (y[1, 256:].float() == 0).all()
+    xh = act_dequant(y, s)
+    assert torch.isfinite(xh).all() and (xh[0, 128:256] == 0).all()
+
+    w = torch.randn(200, 300)
+    w[128:, 256:] = 0.0  # zero (partial) corner block
+    wq, ws = weight_quant(w)
+    assert torch.isfinite(ws).all() and ws[1, 2] == clamped
+    c = fp8_gemm(y, s, wq, ws)
+    assert torch.isfinite(c).all()
+
+
+def test_weight_quant_round_trip_partial_blocks():
+    N, K = 200, 300
+    w = _spanning(N, K, dims=(0, 1))
+    wq, ws = weight_quant(w)
+    assert wq.dtype == FP8_DTYPE and wq.shape == (N, K)
+    assert ws.dtype == torch.float32 and ws.shape == (2, 3)
+    for nb, (n0, n1) in enumerate([(0, 128), (128, 200)]):
+        for kb, (k0, k1) in enumerate([(0, 128), (128, 256), (256, 300)]):
+            amax = w[n0:n1, k0:k1].double().abs().max().clamp(min=AMAX_MIN)
+            assert ws[nb, kb] == (amax / 448.0).float(), f"block ({nb}, {kb}) scale"
+            assert wq[n0:n1, k0:k1].float().abs().max() == FP8_MAX
+    assert ws.max() / ws.min() > 10
+    wh = weight_dequant(wq, ws)
+    assert wh.dtype == torch.float32
+    s_full = ws[torch.arange(N)[:, None] // 128, torch.arange(K)[None, :] // 128]
+    _elementwise_bound(w, wh, s_full)
+    err = rel_err(wh, w)
+    assert 1e-3 < err < 0.04, f"weight round trip rel err {err:.4f}"
+    assert rel_err(weight_dequant(wq, ws, dtype=torch.bfloat16), w) < 0.04
+
+
+def test_weight_dequant_hand_constructed_blocks():
+    N, K = 130, 129  # 2 x 2 blocks, the second row/column of blocks only 2 and 1 wide
+    vals = torch.tensor([-2.0, -0.5, 0.25, 1.0, 3.0, 448.0])  # exactly representable in e4m3
+    w = vals[torch.randint(0, len(vals), (N, K))]
+    wq = w.to(FP8_DTYPE)
+    scale_inv = torch.tensor([[1.0, 2.0], [4.0, 8.0]])
+    out = weight_dequant(wq, scale_inv)
+    expected = torch.empty(N, K)
+    expected[:128, :128] = w[:128, :128] * 1.0
+    expected[:128, 128:] = w[:128, 128:] * 2.0
+    expected[128:, :128] = w[128:, :128] * 4.0
+    expected[128:, 128:] = w[128:, 128:] * 8.0
+    assert torch.equal(out, expected)
+    # block_size is honoured: with 64 the same matrix needs a (3, 3) grid of scales
+    s64 = torch.arange(1.0, 10.0).reshape(3, 3)
+    out64 = weight_dequant(wq, s64, block_size=64)
+    assert torch.equal(out64[64:128, 64:128], w[64:128, 64:128] * 5.0)
+    assert torch.equal(out64[128:, 128:], w[128:, 128:] * 9.0)
+
+
+@pytest.mark.parametrize("bs", [128, 64])
+def test_fp8_gemm_equals_float64_product_of_dequantized(bs):
+    N, K = 200, 300
+    x = _spanning(5, 7, K, block=bs)  # leading dims (5, 7): M = 35
+    w = _spanning(N, K, block=bs, dims=(0, 1))
+    a, a_s = act_quant(x, bs)
+    b, b_s = weight_quant(w, bs)
+    c = fp8_gemm(a, a_s, b, b_s, bs)
+    assert c.dtype == torch.get_default_dtype() and c.shape == (5, 7, N)
+    k_blk = torch.arange(K) // bs
+    a64 = a.double() * a_s.double()[..., k_blk]
+    b64 = b.double() * b_s.double()[torch.arange(N)[:, None] // bs, k_blk[None, :]]
+    ref = a64 @ b64.T
+    assert_close(c, ref, torch.float32, what="fp8_gemm vs float64 dequantized product")
+    c64 = fp8_gemm(a, a_s, b, b_s, bs, out_dtype=torch.float64)
+    assert c64.dtype == torch.float64 and torch.equal(c64, c.double())
+    # and against the unquantized product: the fp8 bound
+    full = x.double() @ w.double().T
+    err_q = rel_err(c, full)
+    assert 1e-3 < err_q < 0.06, f"fp8_gemm vs unquantized rel err {err_q:.4f}"
+
+
+def _valid():
+    x = torch.randn(4, 300)
+    a, a_s = act_quant(x)
+    b, b_s = weight_quant(torch.randn(200, 300))
+    return SimpleNamespace(x=x, a=a, a_s=a_s, b=b, b_s=b_s)
+
+
+BAD = [
+    ("rank0", lambda t: act_quant(torch.tensor(1.0)), ValueError, r"\(\.\.\., K\)"),
+    ("K0", lambda t: act_quant(torch.zeros(4, 0)), ValueError, "K >= 1"),
+    ("int", lambda t: act_quant(torch.arange(10)), TypeError, "floating"),
+    ("fp8-in", lambda t: act_quant(t.a), TypeError, "already-quantized"),
+    ("list", lambda t: act_quant([1.0, 2.0]), TypeError, "torch.Tensor"),
+    ("bs0", lambda t: act_quant(t.x, 0), ValueError, "block_size"),
+    ("deq-s", lambda t: act_dequant(t.a, t.a_s[:, :2]), ValueError, r"s must have shape \(4, 3\)"),
+    ("deq-y", lambda t: act_dequant(t.x, t.a_s), TypeError, "y must have dtype torch.float8_e4m3fn"),
+    ("wq-3d", lambda t: weight_quant(torch.randn(2, 3, 4)), ValueError, "2-D"),
+    ("wd-s", lambda t: weight_dequant(t.b, t.b_s.T.contiguous()), ValueError,
+     r"scale_inv must have shape \(2, 3\)"),
+    ("wd-s64", lambda t: weight_dequant(t.b, t.b_s.double()), TypeError, "torch.float32"),
+    ("wd-w", lambda t: weight_dequant(t.b.float(), t.b_s), TypeError, "w_fp8 must have dtype"),
+    ("wd-1d", lambda t: weight_dequant(t.b[0], t.b_s), ValueError, "2-D"),
+    ("mm-K", lambda t: fp8_gemm(t.a, t.a_s, t.b[:, :256], t.b_s[:, :2]), ValueError,
+     r"K = a.shape\[-1\] = 300"),
+    ("mm-as", lambda t: fp8_gemm(t.a, t.a_s[:2], t.b, t.b_s), ValueError, r"a_s must have shape \(4, 3\)"),
+    ("mm-bs", lambda t: fp8_gemm(t.a, t.a_s, t.b, t.b_s.T.contiguous()), ValueError,
+     r"b_s must have shape \(2, 3\)"),
+    ("mm-a", lambda t: fp8_gemm(t.x, t.a_s, t.b, t.b_s), TypeError, "a must have dtype"),
+    ("mm-bs-dtype", lambda t: fp8_gemm(t.a, t.a_s, t.b, t.b_s.half()), TypeError, "b_s must have dtype"),
+    ("mm-b1d", lambda t: fp8_gemm(t.a, t.a_s, t.b[0], t.b_s), ValueError, r"b \(N, K\)"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_inputs_raise(call, exc, match):
+    args = _valid()
+    with pytest.raises(exc, match=match):
+        call(args)
