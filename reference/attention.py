@@ -22,14 +22,18 @@ def causal_mask(q_len: int, kv_len: int, offset: int, device=None) -> torch.Tens
     return j <= i
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` with grouped key/value heads.
 
     Shapes: ``q`` (B, H, T, Dk), ``k`` (B, Hk, S, Dk), ``v`` (B, Hk, S, Dv) with ``H % Hk == 0`` (query head
-    ``h`` reads key head ``h // (H / Hk)``); ``mask`` boolean, broadcastable to (B, H, T, S), True = attend.
-    Returns (B, H, T, Dv) in ``q.dtype``. Every query must see at least one key.
+    ``h`` reads key head ``h // (H / Hk)``); ``mask`` boolean, broadcastable to (B, H, T, S), True = attend, or
+    None for the plain causal mask with ``T == S`` (no cache). Returns (B, H, T, Dv) in ``q.dtype``. Every
+    query must see at least one key.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    gqa = k.shape[1] != q.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -61,6 +65,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         if cache is not None:
             k, v = cache.update(k=k, v=v)
-        mask = causal_mask(t, k.shape[2], offset, x.device)
+        mask = None if k.shape[2] == t else causal_mask(t, k.shape[2], offset, x.device)
         o = attend(q, k, v, mask, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import causal_mask
 from .config import ModelConfig
 from .mla import MLA
 from .rope import apply_rope
@@ -73,6 +74,8 @@ class DSA(MLA):
         self.indexer = Indexer(config)
 
     def select_mask(self, x, q_latent, cos, sin, mask, cache):
+        if mask is None:
+            mask = causal_mask(x.shape[1], x.shape[1], 0, x.device)
         with torch.no_grad():
             scores = self.indexer.scores(x, q_latent, cos, sin, cache)
             return self.indexer.select(scores, mask)[:, None]  # (B, 1, T, S)

@@ -93,7 +93,8 @@ class MLA(nn.Module):
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
 
     def select_mask(self, x, q_latent, cos, sin, mask, cache):
-        """Hook for sparse attention (DSA); MLA attends to every causal key."""
+        """Hook for sparse attention (DSA); MLA attends to every causal key. ``mask``: (T, S) boolean or None
+        (plain causal, T == S)."""
         return mask
 
     def forward(self, x, cos, sin, cache=None, offset: int = 0):
@@ -103,7 +104,7 @@ class MLA(nn.Module):
         q_nope, q_pe, c_kv, k_pe, q_latent = self.project(x, cos, sin)
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv=c_kv, k_pe=k_pe)
-        mask = causal_mask(t, c_kv.shape[1], offset, x.device)
+        mask = None if c_kv.shape[1] == t else causal_mask(t, c_kv.shape[1], offset, x.device)
         mask = self.select_mask(x, q_latent, cos, sin, mask, cache)
         absorb = self.absorb if self.absorb is not None else (cache is not None and t == 1)
         fn = self.attend_absorbed if absorb else self.attend_naive

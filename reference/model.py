@@ -243,18 +243,14 @@ class Model(nn.Module):
             raise ValueError(f"sampling: expected temperature >= 0, 0 < top_p <= 1, top_k >= 1; got "
                              f"{temperature}, {top_p}, {top_k}")
         stops = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
+        fill = self.config.pad_token_id if self.config.pad_token_id is not None else (
+            int(stops[0]) if stops.numel() else 0)
         cache = self.new_cache() if use_cache else None
-        seq = input_ids
+        seq, step_in = input_ids, input_ids
         done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
-        fill = self.config.pad_token_id
-        step_in = seq
         for _ in range(max_new_tokens):
             logits = self(step_in if use_cache else seq, cache)[:, -1].float()
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if done.any():
-                nxt = torch.where(done, torch.full_like(nxt, fill if fill is not None else 0), nxt)
-                if fill is None and stops.numel():
-                    nxt = torch.where(done, stops[0].expand_as(nxt), nxt)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator).masked_fill(done, fill)
             seq = torch.cat((seq, nxt[:, None]), dim=1)
             step_in = nxt[:, None]
             if stops.numel():

@@ -47,16 +47,19 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         token = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x[token]
-        outs = []
-        for e, seg in enumerate(xs.split(counts)):  # grouped matmul: one GEMM per expert segment
-            if counts[e] == 0:
-                continue
-            h = swiglu(seg @ self.gate_proj[e].t(), seg @ self.up_proj[e].t())
-            outs.append(h @ self.down_proj[e].t())
-        ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
+        ys = self.grouped_swiglu(x[token], counts)
         ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)
         return x.new_zeros(n, x.shape[1]).index_add(0, token, ys)
+
+    @torch.compiler.disable  # data-dependent segment sizes: keep torch.compile from specializing on them
+    def grouped_swiglu(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Grouped matmul: rows ``xs`` (M, H) sorted by expert, ``counts[e]`` rows for expert ``e``;
+        returns each row's expert output (M, H). Empty segments are skipped."""
+        outs = []
+        for e, seg in enumerate(xs.split(counts)):
+            if counts[e]:
+                outs.append(swiglu(seg @ self.gate_proj[e].t(), seg @ self.up_proj[e].t()) @ self.down_proj[e].t())
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
 
 
 class Router(nn.Module):

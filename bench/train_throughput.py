@@ -1,0 +1,130 @@
+"""Training throughput of the reference model vs transformers' DeepseekV3ForCausalLM, in one run.
+
+Both models get the same configuration (hidden 256, 4 layers, MLA, 8 routed experts top-2 + 1 shared, the
+first layer dense; vocab 4096), the same batches (16 x 256 tokens of the prepared TinyStories sample, or random
+tokens) and the same optimizer (AdamW lr 2e-3), and train the same number of steps; tokens/s is measured after
+warm-up steps (which also absorb torch.compile's compilation). MTP is off for the like-for-like comparison
+(transformers does not train MTP); the reference with MTP depth 1 (the tiny preset) is timed as well.
+
+    uv run python bench/train_throughput.py --steps 20            # prints a table, writes bench/results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+
+import torch
+
+from reference import Model, ModelConfig
+
+SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
+             moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+             first_k_dense_replace=1, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+             max_position_embeddings=1024)
+
+
+def batches(n: int, b: int, t: int, seed: int = 0):
+    """``n`` (input_ids, targets) pairs of shape (b, t), from the prepared sample when present."""
+    g = torch.Generator().manual_seed(seed)
+    try:
+        from dsfs import data
+
+        tokens = data.load_tokens(data.prepare(verbose=False), "train")
+        return [data.get_batch(tokens, b, t, g) for _ in range(n)]
+    except Exception:  # no data: random tokens time the same work
+        ids = [torch.randint(0, SHAPE["vocab_size"], (b, t + 1), generator=g) for _ in range(n)]
+        return [(x[:, :-1].contiguous(), x[:, 1:].contiguous()) for x in ids]
+
+
+def time_steps(step, data, warmup: int) -> float:
+    """Run ``step`` over ``data``; return tokens/s over the batches after ``warmup``."""
+    for x, y in data[:warmup]:
+        step(x, y)
+    t0 = time.perf_counter()
+    for x, y in data[warmup:]:
+        step(x, y)
+    dt = time.perf_counter() - t0
+    return sum(x.numel() for x, _ in data[warmup:]) / dt
+
+
+def reference_step(mtp: int, compile: bool):
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**SHAPE, num_nextn_predict_layers=mtp)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    loss_fn = torch.compile(model.loss) if compile else model.loss
+
+    def step(x, y):
+        loss_fn(x, y).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_moe_bias()
+
+    return step
+
+
+def transformers_step(compile: bool):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(**{k: v for k, v in SHAPE.items()}, q_lora_rank=None, n_group=1, topk_group=1,
+                           num_key_value_heads=SHAPE["num_attention_heads"], rope_interleave=True,
+                           num_mtp_layers=0)
+    model = DeepseekV3ForCausalLM(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    fwd = torch.compile(model) if compile else model
+
+    def step(x, y):
+        logits = fwd(input_ids=x).logits
+        torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_throughput.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = batches(args.warmup + args.steps, args.batch_size, args.seq_len)
+    rows = [
+        ("transformers DeepseekV3ForCausalLM (eager)", lambda: transformers_step(False)),
+        ("reference, MTP 0 (eager)", lambda: reference_step(0, False)),
+        ("reference, MTP 1 (eager)", lambda: reference_step(1, False)),
+    ]
+    if not args.no_compile:
+        rows += [
+            ("reference, MTP 0 (torch.compile)", lambda: reference_step(0, True)),
+            ("reference, MTP 1 (torch.compile)", lambda: reference_step(1, True)),
+        ]
+    results = {}
+    for name, make in rows:
+        t0 = time.perf_counter()
+        tps = time_steps(make(), data, args.warmup)
+        results[name] = tps
+        print(f"{name:45s} {tps:8.0f} tokens/s   ({time.perf_counter() - t0:.0f} s incl. warm-up)", flush=True)
+    base = results[rows[0][0]]
+    print("\nratio to transformers (same config, same steps):")
+    for name, tps in results.items():
+        print(f"  {name:45s} {tps / base:5.2f}x")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"tokens_per_s": results, "args": vars(args), "torch": torch.__version__,
+                   "machine": platform.processor() or platform.machine(), "threads": args.threads}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Model and training presets for ``dsfs train --preset``.
+
+``tiny`` (DeepSeekMoE + MLA + MTP depth 1) is sized for 2 CPU cores and 10 minutes; ``small`` and ``base`` are
+for a GPU or an Apple Silicon Mac. Each preset is a ``ModelConfig`` keyword dict plus training defaults.
+"""
+
+from __future__ import annotations
+
+MODEL_PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
+        moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
+        q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        num_nextn_predict_layers=1, max_position_embeddings=1024, rope_theta=10000.0,
+    ),
+    "small": dict(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1536,
+        moe_intermediate_size=256, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
+        n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.0,
+        q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        num_nextn_predict_layers=1, max_position_embeddings=2048,
+    ),
+    "base": dict(
+        hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, intermediate_size=3072,
+        moe_intermediate_size=512, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+        n_group=8, topk_group=4, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        num_nextn_predict_layers=1, max_position_embeddings=4096,
+    ),
+}
+
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": dict(batch_size=16, seq_len=256, lr=2e-3, min_lr_ratio=0.1, warmup_steps=30, max_steps=600,
+                 time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=1, eval_every=50,
+                 eval_batches=16, mtp_weight=0.3),
+    "small": dict(batch_size=32, seq_len=512, lr=1e-3, min_lr_ratio=0.1, warmup_steps=200, max_steps=5000,
+                  time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=1, eval_every=250,
+                  eval_batches=32, mtp_weight=0.3),
+    "base": dict(batch_size=32, seq_len=1024, lr=6e-4, min_lr_ratio=0.1, warmup_steps=500, max_steps=20000,
+                 time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=4, eval_every=500,
+                 eval_batches=32, mtp_weight=0.3),
+}
