@@ -48,8 +48,9 @@ def to_hf_state_dict(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
         else:
             out[name] = t.contiguous()
     for k in range(cfg.num_nextn_predict_layers):
-        mtp[f"model.layers.{n + k}.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().contiguous()
-        mtp[f"model.layers.{n + k}.shared_head.head.weight"] = model.lm_head.weight.detach().contiguous()
+        # copies: safetensors refuses tensors that share memory
+        mtp[f"model.layers.{n + k}.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
+        mtp[f"model.layers.{n + k}.shared_head.head.weight"] = model.lm_head.weight.detach().clone()
     return main, mtp
 
 

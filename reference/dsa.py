@@ -16,6 +16,7 @@ from torch import nn
 from .attention import causal_mask
 from .config import ModelConfig
 from .mla import MLA
+from .rms_norm import at_least_fp32
 from .rope import apply_rope
 
 
@@ -39,7 +40,7 @@ class Indexer(nn.Module):
         return torch.cat((apply_rope(pe, cos, sin, interleaved=False), rest), dim=-1)
 
     def scores(self, x, q_latent, cos, sin, cache=None) -> torch.Tensor:
-        """Index scores (B, T, S) float32 of the T new queries against all S cached + new keys (unmasked).
+        """Index scores (B, T, S) (at least float32) of the T new queries against all S cached + new keys (unmasked).
 
         ``x`` (B, T, hidden), ``q_latent`` (B, T, q_lora_rank). Appends the new keys to ``cache['index_k']``.
         """
@@ -49,8 +50,8 @@ class Indexer(nn.Module):
         k = self._rope(self.k_norm(self.wk(x)), cos, sin)  # (B, T, D)
         if cache is not None:
             (k,) = cache.update(index_k=k)
-        logits = torch.relu(torch.einsum("bhtd,bsd->bhts", q.float(), k.float()) * self.scale)
-        w = self.weights_proj(x).float() * self.n_heads**-0.5  # (B, T, H)
+        logits = torch.relu(torch.einsum("bhtd,bsd->bhts", at_least_fp32(q), at_least_fp32(k)) * self.scale)
+        w = at_least_fp32(self.weights_proj(x)) * self.n_heads**-0.5  # (B, T, H)
         return torch.einsum("bhts,bth->bts", logits, w)
 
     def select(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,8 @@ class Indexer(nn.Module):
         s = scores.shape[-1]
         k = min(self.topk, s)
         masked = scores.masked_fill(~mask, float("-inf"))
-        idx = masked.topk(k, dim=-1).indices
+        # stable sort: exact ties (common: ReLU zeros) go to the earlier key, the same in full and cached passes
+        idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         sel = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, idx, True)
         return sel & mask
 

@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .dsa import DSA
 from .mla import MLA
 from .moe import DeepSeekMoE, MoE
-from .rms_norm import RMSNorm
+from .rms_norm import RMSNorm, at_least_fp32
 from .rope import RotaryEmbedding
 from .swiglu import MLP
 
@@ -102,7 +102,7 @@ class LossOutput:
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over targets != -100. ``logits`` (..., V) float, ``targets`` (...) int64.
     With no valid target it returns 0 (a graph-connected zero, so every gradient is exactly 0)."""
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+    total = F.cross_entropy(at_least_fp32(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .rms_norm import at_least_fp32
 from .swiglu import MLP, swiglu
 
 
@@ -84,7 +85,7 @@ class Router(nn.Module):
         taken. Weights are the unbiased scores of those experts, divided by their sum when ``norm_topk_prob``,
         times ``routed_scaling_factor``.
         """
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        scores = torch.sigmoid(F.linear(at_least_fp32(x), at_least_fp32(self.weight)))
         choice = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             n, e = choice.shape
@@ -136,7 +137,8 @@ class DeepSeekMoE(nn.Module):
         return y
 
     def sequence_balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-        """``alpha * mean_b sum_i f_i P_i`` with ``f_i = E / (K T) * #{t: i in topk_t}`` and
+        """``alpha * mean_b sum_i f_i P_i`` with ``f_i = E / (K T) * #{t: i in topk_t}`` (the experts actually
+        routed to, bias and group limit included, as DeepSeek's modeling code counts them) and
         ``P_i = mean_t s_{t,i} / sum_j s_{t,j}`` per sequence (report eq. 17-20). ``scores`` (B, T, E),
         ``topk_idx`` (B, T, K). Returns a scalar."""
         b, t, e = scores.shape
@@ -173,7 +175,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         flat = x.reshape(-1, h)
-        probs = torch.softmax(self.gate(flat).float(), dim=-1)
+        probs = torch.softmax(at_least_fp32(self.gate(flat)), dim=-1)
         w, idx = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             w = w / w.sum(-1, keepdim=True)

@@ -6,13 +6,18 @@ import torch
 from torch import nn
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` upcast to float32 when narrower (bf16/fp16); float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``weight * x / sqrt(mean(x**2, -1) + eps)``, computed in float32 and cast back to ``x.dtype``.
+    """``weight * x / sqrt(mean(x**2, -1) + eps)``, computed in at least float32 and cast back to ``x.dtype``.
 
     Shapes: ``x`` (..., D), ``weight`` (D,); returns (..., D) in ``x.dtype`` (as transformers'
     DeepseekV3RMSNorm, the weight multiplies after the cast back).
     """
-    xf = x.float()
+    xf = at_least_fp32(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * y.to(x.dtype)
 

@@ -1,0 +1,177 @@
+"""reference/config.py: ModelConfig construction, validation messages, dict and JSON round trips."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from reference import ModelConfig
+from tests.reference_utils import make_config, one_thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+@pytest.mark.parametrize("attention_type", ["mla", "dsa", "mha", "mqa", "gqa"])
+@pytest.mark.parametrize("moe_type", ["deepseek", "standard", "dense"])
+def test_valid_configs_construct(attention_type, moe_type):
+    c = make_config(attention_type, moe_type)
+    assert c.attention_type == attention_type and c.moe_type == moe_type
+    assert c.uses_mla == (attention_type in ("mla", "dsa"))
+    if attention_type == "dsa":
+        assert c.model_type == "deepseek_v32"
+    if c.uses_mla:
+        assert c.qk_head_dim == c.qk_nope_head_dim + c.qk_rope_head_dim == 12
+        assert c.rope_dim == c.qk_rope_head_dim
+    else:
+        assert c.head_dim == c.hidden_size // c.num_attention_heads == 8
+        assert c.rope_dim == c.head_dim
+        expected_kv = {"mha": 4, "mqa": 1, "gqa": 2}[attention_type]
+        assert c.num_key_value_heads == expected_kv
+    # first_k_dense_replace=1: layer 0 dense, layer 1 MoE unless moe_type is dense
+    assert not c.is_moe_layer(0)
+    assert c.is_moe_layer(1) == (moe_type != "dense")
+
+
+def test_defaults_mqa_mha_kv_heads():
+    assert ModelConfig(attention_type="mqa", hidden_size=32, num_attention_heads=4).num_key_value_heads == 1
+    assert ModelConfig(attention_type="mha", hidden_size=32, num_attention_heads=4).num_key_value_heads == 4
+
+
+def test_group_limited_config_valid():
+    c = make_config(n_routed_experts=256, n_group=8, topk_group=4, num_experts_per_tok=8)
+    assert c.n_routed_experts // c.n_group == 32
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(attention_type="gqa", num_attention_heads=6, num_key_value_heads=4, hidden_size=48),
+         ["num_attention_heads", "num_key_value_heads"]),
+        (dict(attention_type="mha", num_key_value_heads=2), ["num_key_value_heads", "mha"]),
+        (dict(attention_type="mqa", num_key_value_heads=2), ["num_key_value_heads", "mqa"]),
+        (dict(n_routed_experts=10, n_group=4, topk_group=2), ["n_routed_experts", "n_group"]),
+        (dict(n_routed_experts=16, n_group=4, topk_group=5), ["topk_group", "n_group"]),
+        (dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=9),
+         ["num_experts_per_tok", "topk_group"]),
+        (dict(num_experts_per_tok=9), ["num_experts_per_tok", "n_routed_experts"]),
+        (dict(attention_type="sparse"), ["attention_type"]),
+        (dict(moe_type="switch"), ["moe_type"]),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0}), ["rope_scaling", "linear"]),
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), ["rope_scaling", "dynamic"]),
+        (dict(rope_scaling={"type": "yarn", "factor": 2.0}), ["rope_scaling", "original_max_position_embeddings"]),
+        (dict(rope_scaling={**YARN, "bogus": 1}), ["rope_scaling", "bogus"]),
+        (dict(qk_rope_head_dim=5), ["qk_rope_head_dim"]),
+        (dict(attention_type="dsa", model_type="deepseek_v32", q_lora_rank=None), ["dsa", "q_lora_rank"]),
+        (dict(model_type="deepseek_v32"), ["model_type", "attention_type"]),
+        (dict(hidden_size=0), ["hidden_size"]),
+        (dict(num_nextn_predict_layers=-1), ["num_nextn_predict_layers"]),
+        (dict(first_k_dense_replace=3), ["first_k_dense_replace"]),
+        (dict(hidden_act="gelu"), ["hidden_act"]),
+    ],
+)
+def test_inconsistent_values_raise_naming_fields(overrides, words):
+    with pytest.raises(ValueError) as ei:
+        make_config(**overrides)
+    msg = str(ei.value)
+    for w in words:
+        assert w in msg, f"message {msg!r} does not name {w!r}"
+
+
+def test_unknown_config_json_key_raises():
+    d = make_config().to_dict()
+    d["num_experts"] = 8  # a Mixtral-style name, not ours
+    with pytest.raises(ValueError, match="num_experts"):
+        ModelConfig.from_dict(d)
+
+
+def test_softmax_scale_yarn():
+    c = make_config(rope_scaling=YARN)
+    m = 0.1 * 1.0 * math.log(40.0) + 1.0
+    assert math.isclose(c.softmax_scale(c.qk_head_dim), c.qk_head_dim**-0.5 * m * m, rel_tol=1e-12)
+    assert math.isclose(make_config().softmax_scale(12), 12**-0.5, rel_tol=1e-12)
+
+
+def _fields(c: ModelConfig) -> dict:
+    return {k: v for k, v in vars(c).items() if k != "extra"}
+
+
+ROUND_TRIP = [
+    dict(),
+    dict(attention_type="dsa", rope_scaling=YARN, num_nextn_predict_layers=2),
+    dict(attention_type="gqa", moe_type="standard", eos_token_id=[1, 2], pad_token_id=3, tie_word_embeddings=True),
+    dict(attention_type="mqa", moe_type="dense", q_lora_rank=None),
+    dict(q_lora_rank=12, n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, norm_topk_prob=False),
+]
+
+
+@pytest.mark.parametrize("overrides", ROUND_TRIP)
+def test_dict_round_trip(overrides):
+    overrides = dict(overrides)
+    c = make_config(overrides.pop("attention_type", "mla"), **overrides)
+    d = c.to_dict()
+    json.dumps(d)  # serializable
+    assert d["model_type"] == c.model_type
+    assert d["architectures"] == ["DeepseekV32ForCausalLM" if c.attention_type == "dsa" else "DeepseekV3ForCausalLM"]
+    c2 = ModelConfig.from_dict(d)
+    assert _fields(c2) == _fields(c)
+    assert c2.to_dict() == d
+
+
+def test_dict_keeps_passthrough_keys():
+    d = make_config().to_dict()
+    d.update(transformers_version="5.0.0", use_cache=True)
+    c = ModelConfig.from_dict(d)
+    assert c.extra["transformers_version"] == "5.0.0"
+    assert c.to_dict()["transformers_version"] == "5.0.0" and c.to_dict()["use_cache"] is True
+
+
+def test_from_dict_v32_implies_dsa():
+    d = make_config("dsa").to_dict()
+    del d["attention_type"]
+    assert ModelConfig.from_dict(d).attention_type == "dsa"
+
+
+@pytest.mark.parametrize("overrides", ROUND_TRIP)
+def test_json_round_trip(tmp_path, overrides):
+    overrides = dict(overrides)
+    c = make_config(overrides.pop("attention_type", "mla"), **overrides)
+    f = tmp_path / "config.json"
+    c.save_json(f)
+    assert json.loads(f.read_text()) == c.to_dict()
+    for src in (f, tmp_path):  # a file, or the directory that holds it
+        c2 = ModelConfig.from_json(src)
+        assert _fields(c2) == _fields(c)
+
+
+def test_from_json_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ModelConfig.from_json(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError):
+        ModelConfig.from_json(tmp_path)  # a directory without config.json
+
+
+@pytest.mark.parametrize("text", ['{"hidden_size": 32,', "[1, 2, 3]", "not json at all", ""])
+def test_from_json_bad_json(tmp_path, text):
+    f = tmp_path / "config.json"
+    f.write_text(text)
+    with pytest.raises(ValueError, match="config.json"):
+        ModelConfig.from_json(f)
+
+
+def test_from_json_bad_values(tmp_path):
+    d = make_config().to_dict()
+    d["topk_group"] = d["n_group"] + 1
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="topk_group"):
+        ModelConfig.from_json(f)

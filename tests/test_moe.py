@@ -1,0 +1,324 @@
+"""reference/moe.py and reference/swiglu.py: experts, DeepSeekMoE routing and balancing, standard softmax MoE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference.moe import DeepSeekMoE, Experts, MoE
+from reference.swiglu import MLP, swiglu
+from tests.reference_utils import (
+    expert_ffn,
+    gradcheck_module,
+    make_config,
+    make_model,
+    naive_experts,
+    one_thread,
+    rand_ids,
+    randomize_,
+)
+from tests.tolerance import assert_close
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+GROUPED = dict(n_routed_experts=256, n_group=8, topk_group=4, num_experts_per_tok=8, hidden_size=32,
+               moe_intermediate_size=16, routed_scaling_factor=2.5)
+
+
+def naive_route(scores, bias, n_group, topk_group, k, norm, rsf):
+    """DeepSeek-V3 noaux_tc routing, token by token: group score = sum of the group's top-2 biased scores, keep
+    the top ``topk_group`` groups, take the top ``k`` biased scores there; weights from the unbiased scores."""
+    n_tok, e = scores.shape
+    gsz = e // n_group
+    idx, w = [], []
+    for n in range(n_tok):
+        choice = (scores[n] + bias).tolist()
+        gscore = [sum(sorted(choice[g * gsz : (g + 1) * gsz], reverse=True)[:2]) for g in range(n_group)]
+        groups = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
+        allowed = [x for g in groups for x in range(g * gsz, (g + 1) * gsz)]
+        top = sorted(allowed, key=lambda x: -choice[x])[:k]
+        wt = scores[n, top]
+        if norm:
+            wt = wt / wt.sum()
+        idx.append(torch.tensor(top))
+        w.append(wt * rsf)
+    return torch.stack(idx), torch.stack(w)
+
+
+def _sorted_pairs(idx, w):
+    order = idx.argsort(-1)
+    return idx.gather(-1, order), w.gather(-1, order)
+
+
+def _moe(dtype=torch.float32, router_bias=0.0, **kw):
+    c = make_config(**kw)
+    moe = randomize_(DeepSeekMoE(c), router_bias=router_bias).to(dtype)
+    return c, moe
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_group_limited_routing_equals_naive(norm_topk_prob):
+    c, moe = _moe(router_bias=0.05, norm_topk_prob=norm_topk_prob, **GROUPED)
+    x = torch.randn(15, c.hidden_size)
+    idx, w, scores = moe.gate(x)
+    assert idx.shape == w.shape == (15, 8) and scores.shape == (15, 256)
+    bias = moe.gate.e_score_correction_bias
+    ref_idx, ref_w = naive_route(scores, bias, 8, 4, 8, norm_topk_prob, 2.5)
+    got_idx, got_w = _sorted_pairs(idx, w)
+    ref_idx, ref_w = _sorted_pairs(ref_idx, ref_w)
+    assert torch.equal(got_idx, ref_idx)
+    assert_close(got_w, ref_w, torch.float32)
+    if norm_topk_prob:
+        assert_close(w.sum(-1), torch.full((15,), 2.5), torch.float32)
+    # every expert lies in one of the token's topk_group groups ...
+    gsz = 32
+    grouped = (scores + bias).view(15, 8, gsz)
+    best_groups = grouped.topk(2, -1).values.sum(-1).topk(4, -1).indices
+    assert all(set((idx[n] // gsz).tolist()) <= set(best_groups[n].tolist()) for n in range(15))
+    # ... and the group limit matters here: plain top-8 would leave the groups for some token
+    plain = (scores + bias).topk(8, -1).indices
+    assert any(not set((plain[n] // gsz).tolist()) <= set(best_groups[n].tolist()) for n in range(15))
+
+
+def test_group_limited_moe_forward_backward():
+    c, moe = _moe(router_bias=0.05, **GROUPED)
+    moe.train()
+    x = torch.randn(3, 5, c.hidden_size, requires_grad=True)
+    y = moe(x)
+    assert y.shape == x.shape and torch.isfinite(y).all() and y.std() > 0.1
+    # equals a per-token loop over the naive routing, plus the shared expert
+    flat = x.detach().reshape(-1, c.hidden_size)
+    scores = torch.sigmoid(flat @ moe.gate.weight.detach().T)
+    idx, w = naive_route(scores, moe.gate.e_score_correction_bias, 8, 4, 8, True, 2.5)
+    with torch.no_grad():
+        ref = naive_experts(moe.experts, flat, idx, w) + moe.shared_experts(flat)
+    assert_close(y.reshape(-1, c.hidden_size), ref, torch.float32)
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    g = moe.gate.weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    used = torch.zeros(256, dtype=torch.bool)
+    used[idx.reshape(-1)] = True
+    gp = moe.experts.gate_proj.grad
+    assert (gp[used].flatten(1).abs().sum(-1) > 0).all() and (gp[~used] == 0).all()
+    assert int(moe.expert_load.sum()) == 15 * 8
+
+
+def test_bias_changes_selection_not_weight_formula():
+    c, moe = _moe(n_routed_experts=16, num_experts_per_tok=4, routed_scaling_factor=2.5)
+    x = torch.randn(13, c.hidden_size)
+    idx0, w0, s0 = moe.gate(x)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.copy_(torch.randn(16) * 0.5)
+    idx1, w1, s1 = moe.gate(x)
+    assert torch.equal(s0, s1), "the bias must not enter the scores"
+    assert not torch.equal(idx0.sort(-1).values, idx1.sort(-1).values), "the bias did not change the selection"
+    for idx, w in ((idx0, w0), (idx1, w1)):
+        picked = s1.gather(1, idx)  # unbiased sigmoid scores of the chosen experts
+        assert_close(w, picked / picked.sum(-1, keepdim=True) * 2.5, torch.float32)
+    biased = (s1 + moe.gate.e_score_correction_bias).topk(4, -1).indices
+    assert torch.equal(idx1.sort(-1).values, biased.sort(-1).values)
+
+
+def test_bias_gets_no_gradient():
+    c, moe = _moe(router_bias=0.1)
+    moe.train()
+    bias = moe.gate.e_score_correction_bias
+    assert "gate.e_score_correction_bias" not in dict(moe.named_parameters())
+    assert "gate.e_score_correction_bias" in moe.state_dict()  # saved with the checkpoint
+    bias.requires_grad_(True)  # even as a leaf that asks for one, no gradient reaches it
+    x = torch.randn(3, 5, c.hidden_size)
+    moe(x).square().sum().backward()
+    assert bias.grad is None
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- bias update
+
+
+def test_update_bias_sign_rule():
+    c, moe = _moe(router_bias=0.1)
+    b0 = moe.gate.e_score_correction_bias.clone()
+    load = torch.tensor([5.0, 0.0, 3.0, 3.0, 1.0, 4.0, 3.0, 5.0])  # mean 3
+    moe.expert_load.copy_(load)
+    moe.update_bias(0.01)
+    expected = b0 + 0.01 * torch.tensor([-1.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, -1.0])
+    assert_close(moe.gate.e_score_correction_bias, expected, torch.float32)
+    assert torch.equal(moe.expert_load, torch.zeros(8))
+
+
+def test_load_counted_only_in_training():
+    c, moe = _moe(router_bias=0.1)
+    x = torch.randn(3, 5, c.hidden_size)
+    moe.eval()
+    moe(x)
+    assert torch.equal(moe.expert_load, torch.zeros(8)), "eval forward counted loads"
+    b0 = moe.gate.e_score_correction_bias.clone()
+    moe.update_bias(0.01)  # nothing counted: loads equal their mean, the bias does not move
+    assert torch.equal(moe.gate.e_score_correction_bias, b0)
+    moe.train()
+    moe(x)
+    moe(x)
+    idx, _, _ = moe.gate(x.reshape(-1, c.hidden_size))
+    load = 2 * torch.bincount(idx.reshape(-1), minlength=8).float()
+    assert torch.equal(moe.expert_load, load)
+    moe.update_bias(0.01)
+    assert_close(moe.gate.e_score_correction_bias, b0 + 0.01 * torch.sign(load.mean() - load), torch.float32)
+
+
+def test_model_update_moe_bias_uses_config_gamma():
+    cfg = make_config(bias_update_speed=0.02, num_nextn_predict_layers=1)
+    model = make_model(cfg).train()
+    ids = rand_ids(cfg, 3, 7)
+    model.loss(ids, ids)
+    layers = model.moe_layers()
+    assert len(layers) == 2  # layer 1 and the MTP layer
+    before = [(m.gate.e_score_correction_bias.clone(), m.expert_load.clone()) for m in layers]
+    assert all(int(load.sum()) == 3 * 7 * 2 for _, load in before)
+    model.update_moe_bias()
+    for m, (b0, load) in zip(layers, before, strict=True):
+        assert_close(m.gate.e_score_correction_bias, b0 + 0.02 * torch.sign(load.mean() - load), torch.float32)
+        assert torch.equal(m.expert_load, torch.zeros_like(load))
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def test_unrouted_expert_adds_finite_zero_and_gets_zero_gradient():
+    c, moe = _moe()
+    moe.train()
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias[3] = -1e4  # expert 3 is never picked
+        for p in (moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj):
+            p[3] = float("nan")  # so any arithmetic with it would show
+    x = torch.randn(3, 5, c.hidden_size, requires_grad=True)
+    y = moe(x)
+    assert torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert moe.expert_load[3] == 0 and (moe.expert_load > 0).sum() >= 2
+    for p in (moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj):
+        assert p.grad is not None and torch.equal(p.grad[3], torch.zeros_like(p.grad[3]))
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("n_tok, k", [(13, 3), (1, 1), (7, 5)])
+def test_experts_equal_naive_loop_float64(n_tok, k):
+    experts = randomize_(Experts(5, 12, 7)).double()
+    x = torch.randn(n_tok, 12, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(5)[:k] for _ in range(n_tok)])
+    w = torch.rand(n_tok, k, dtype=torch.float64, requires_grad=True)
+    y = experts(x, idx, w)
+    ref = naive_experts(experts, x, idx, w)
+    assert_close(y, ref, torch.float64)
+    g = torch.randn_like(y)
+    params = [x, w, experts.gate_proj, experts.up_proj, experts.down_proj]
+    got = torch.autograd.grad(y, params, g)
+    exp = torch.autograd.grad(ref, params, g)
+    for name, a, b in zip(["x", "w", "gate", "up", "down"], got, exp, strict=True):
+        assert_close(a, b, torch.float64, what=f"grad {name}")
+
+
+def test_gradcheck_experts():
+    experts = randomize_(Experts(4, 6, 5)).double()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(5)])
+    w = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    assert gradcheck_module(experts, lambda m, x, w: m(x, idx, w), (x, w),
+                            ("gate_proj", "up_proj", "down_proj"), fast_mode=True)
+    assert gradcheck_module(experts, lambda m, x, w: m(x, idx, w), (x, w))
+
+
+def test_gradcheck_swiglu_and_mlp():
+    g = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (g, u))
+    assert_close(swiglu(g, u), g * torch.sigmoid(g) * u, torch.float64)
+    mlp = randomize_(MLP(6, 5)).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert gradcheck_module(mlp, lambda m, x: m(x), (x,), ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+
+
+def test_gradcheck_deepseek_moe_router_gets_gradient_through_weights():
+    c, moe = _moe(torch.float64, router_bias=0.1, hidden_size=8, moe_intermediate_size=4, n_routed_experts=6,
+                  n_group=2, topk_group=1, num_experts_per_tok=2, aux_loss_alpha=0.0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    names = ("gate.weight", "experts.gate_proj", "experts.down_proj", "shared_experts.up_proj.weight")
+    assert gradcheck_module(moe, lambda m, x: m(x), (x,), names, fast_mode=True)
+    assert gradcheck_module(moe, lambda m, x: m(x), (x,), ("gate.weight",))
+    moe(x).sum().backward()
+    assert moe.gate.weight.grad.abs().sum() > 0  # no aux loss: the gradient comes through the weights
+
+
+# ----------------------------------------------------------------------------- balance losses
+
+
+def test_deepseek_sequence_balance_loss_equals_eq_17_20():
+    c, moe = _moe(router_bias=0.2, aux_loss_alpha=0.01, n_routed_experts=8, n_group=2, topk_group=1,
+                  num_experts_per_tok=3)
+    moe.train()
+    b, t, e, k = 3, 5, 8, 3
+    x = torch.randn(b, t, c.hidden_size)
+    moe(x)
+    aux = moe.aux_loss
+    idx, _, s = moe.gate(x.reshape(-1, c.hidden_size))
+    idx, s = idx.view(b, t, k), s.view(b, t, e)
+    total = 0.0
+    for bb in range(b):
+        seq = 0.0
+        for i in range(e):
+            f_i = e / (k * t) * sum(int(i in idx[bb, tt].tolist()) for tt in range(t))
+            p_i = sum(s[bb, tt, i] / s[bb, tt].sum() for tt in range(t)) / t
+            seq += f_i * p_i
+        total += seq
+    ref = 0.01 * total / b
+    assert_close(aux, ref, torch.float32)
+    assert aux > 0
+    aux.backward()
+    assert moe.gate.weight.grad.abs().sum() > 0  # P_i carries the gradient
+    moe.eval()
+    moe(x)
+    assert moe.aux_loss is None
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_standard_moe_equals_naive_and_switch_loss(norm_topk_prob):
+    c = make_config(moe_type="standard", aux_loss_alpha=0.01, num_experts_per_tok=3,
+                    norm_topk_prob=norm_topk_prob)
+    moe = randomize_(MoE(c)).train()
+    x = torch.randn(3, 5, c.hidden_size)
+    y = moe(x)
+    flat = x.reshape(-1, c.hidden_size)
+    probs = torch.softmax(flat @ moe.gate.weight.detach().T, -1)
+    rows, counts = [], torch.zeros(8)
+    for n in range(15):
+        top = probs[n].argsort(descending=True)[:3]
+        w = probs[n, top] / (probs[n, top].sum() if norm_topk_prob else 1.0)
+        rows.append(sum(w[j] * expert_ffn(moe.experts, int(top[j]), flat[n]) for j in range(3)))
+        counts[top] += 1
+    with torch.no_grad():
+        assert_close(y.reshape(-1, c.hidden_size), torch.stack(rows), torch.float32)
+    f = counts / (15 * 3)
+    p = probs.mean(0)
+    assert_close(moe.aux_loss, 0.01 * 8 * (f * p).sum(), torch.float32)
+    moe.aux_loss.backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_model_loss_adds_aux_losses():
+    cfg = make_config(aux_loss_alpha=0.05, num_nextn_predict_layers=1)
+    model = make_model(cfg).train()
+    ids = rand_ids(cfg, 3, 7)
+    out = model.loss(ids, ids)
+    auxes = [m.aux_loss for m in model.moe_layers()]
+    assert len(auxes) == 2 and all(a is not None and a > 0 for a in auxes)
+    assert_close(out.aux_loss, auxes[0] + auxes[1], torch.float32)
+    assert_close(out.loss, out.lm_loss + out.aux_loss + 0.3 * out.mtp_losses[0], torch.float32)
