@@ -84,7 +84,151 @@ def _run_prepare(args) -> int:
     return 0
 
 
-COMMANDS = [add_prepare]  # one add_<verb> function per verb, in --help order
+def add_train(sub) -> None:
+    """Register ``dsfs train``: pretrain a preset model on prepared data (``dsfs.train.train``)."""
+    from dsfs.presets import TRAIN_PRESETS
+
+    p = sub.add_parser(
+        "train",
+        help="pretrain a DeepSeek-V3-style model (MLA + DeepSeekMoE + MTP) on prepared token shards",
+        description=(
+            "Train a preset model with AdamW (warmup + cosine), the MTP loss and bias-based MoE balancing. "
+            "Writes metrics.jsonl, loss.png, checkpoints/step_N (Hugging Face model + trainer_state.pt) and "
+            "final/ to --out. Ctrl-C saves a checkpoint; --resume continues exactly. Training options default "
+            "to the preset's values (on --resume: the checkpoint's)."
+        ),
+    )
+    p.add_argument("--preset", choices=list(TRAIN_PRESETS), help="model + training preset (default: tiny, "
+                   "or the resumed checkpoint's)")
+    p.add_argument("--data", metavar="DIR", help="prepared data dir (default: run dsfs prepare's defaults, "
+                   f"{data.default_out_dir(data.DEFAULT_INPUT, data.DEFAULT_VOCAB)})")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<preset>)")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cuda", "mlx"],
+                   help="auto: mlx on Apple Silicon, cuda when available, else reference (the plain-PyTorch "
+                   "model on CPU); default: %(default)s")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue the newest checkpoint of --out, or of PATH (a step, checkpoints or run dir)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="model init and data order (default: 0)")
+    p.add_argument("--keep-last", type=int, default=3, metavar="K", help="checkpoints kept (default: 3; 0: all)")
+    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: --eval-every)")
+    g = p.add_argument_group("training options (default: the preset's)")
+    for name, typ, help_ in [
+        ("max-steps", int, "optimizer steps"), ("batch-size", int, "sequences per micro-batch"),
+        ("seq-len", int, "tokens per sequence"), ("lr", float, "peak learning rate"),
+        ("min-lr-ratio", float, "final lr / peak lr"), ("warmup-steps", int, "linear warmup steps"),
+        ("grad-accum", int, "micro-batches per step"), ("eval-every", int, "steps between evaluations"),
+        ("eval-batches", int, "validation batches per evaluation"), ("mtp-weight", float, "MTP loss weight"),
+        ("weight-decay", float, "AdamW decoupled decay on matrices"), ("grad-clip", float, "max grad norm (0: off)"),
+    ]:
+        g.add_argument(f"--{name}", type=typ, metavar="X", help=help_)
+    g.add_argument("--time-budget", type=float, metavar="S", help="stop after S seconds of training, evaluate, "
+                   "checkpoint and write final/ (resume later with --resume)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice; "
+                   "on a busy machine 1 can be faster)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    import torch
+
+    from dsfs.train import train
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DataError(f"--threads {args.threads}: expected >= 1")
+        torch.set_num_threads(args.threads)
+    fields = ("max_steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "grad_accum",
+              "eval_every", "eval_batches", "mtp_weight", "weight_decay", "grad_clip")
+    s = train(
+        args.preset, args.data, args.out, resume=args.resume, backend=args.backend, seed=args.seed,
+        keep_last=args.keep_last, save_every=args.save_every, overwrite=args.overwrite, verbose=not args.quiet,
+        time_budget_s=args.time_budget, **{f: getattr(args, f) for f in fields},
+    )
+    note = " (stopped by --time-budget; continue with --resume)" if s["stopped"] == "time_budget" else ""
+    print(f"steps {s['steps']}{note}, {s['tokens']:,} tokens, {s['tokens_per_s']:,.0f} tokens/s, "
+          f"{s['elapsed_s']:.1f} s, backend {s['backend']} on {s['device']}")
+    print(f"val loss {s['val_loss']:.4f} nats/token, perplexity {s['val_ppl']:.2f}")
+    print(f"final model: {s['final_dir']}\ncheckpoint: {s['checkpoint']}\nmetrics: {s['metrics']}\n"
+          f"plot: {s['plot']}")
+    return 0
+
+
+def add_generate(sub) -> None:
+    """Register ``dsfs generate``: sample a continuation of a prompt from a checkpoint."""
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt with a trained model",
+        description="Load a model (a Hugging Face model dir, or a run/checkpoints dir: its newest model), "
+        "continue the prompt until eos or --max-new-tokens, print the text, then tokens/s on stderr.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="model, run or checkpoints directory")
+    p.add_argument("--prompt", default="Once upon a time", help="text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="default: %(default)s")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0: greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="rerun the whole prefix each token (no KV cache)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="default: cuda when available, else cpu")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from dsfs import generate as G
+    from dsfs.checkpointing import load_model_dir, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.checkpoint)
+    tok = G.load_tokenizer(model_dir)
+    model = load_model_dir(model_dir, device=G.pick_device(args.device))
+    if args.max_new_tokens < 0:
+        raise DataError(f"--max-new-tokens {args.max_new_tokens}: expected >= 0")
+    g = G.generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                        args.seed, use_cache=not args.no_cache)
+    print(g.text)
+    print(f"{g.new_tokens} tokens in {g.seconds:.2f} s: {g.tokens_per_s:,.1f} tokens/s "
+          f"({'no ' if args.no_cache else ''}KV cache, {model_dir})", file=sys.stderr)
+    return 0
+
+
+def add_eval(sub) -> None:
+    """Register ``dsfs eval``: validation loss and perplexity of a checkpoint."""
+    default_data = data.default_out_dir(data.DEFAULT_INPUT, data.DEFAULT_VOCAB)
+    p = sub.add_parser(
+        "eval",
+        help="validation loss (nats/token) and perplexity of a model",
+        description="Mean next-token cross-entropy of the main model (no MTP) over fixed, evenly spaced "
+        "windows of a split, as the trainer's evaluations.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="model, run or checkpoints directory")
+    p.add_argument("--data", default=str(default_data), metavar="DIR", help="prepared data dir (default: "
+                   "%(default)s)")
+    p.add_argument("--split", default="val", choices=list(data.SPLITS), help="default: %(default)s")
+    p.add_argument("--batches", type=int, default=16, metavar="N", help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="default: %(default)s")
+    p.add_argument("--seq-len", type=int, default=256, metavar="T",
+                   help="capped at the model's max_position_embeddings (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="default: cuda when available, else cpu")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from dsfs.generate import evaluate_checkpoint
+
+    for name in ("batches", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    r = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batches, args.batch_size, args.seq_len,
+                            args.device)
+    print(f"{r['split']} loss {r['loss']:.4f} nats/token, perplexity {r['ppl']:.2f} "
+          f"({r['tokens']:,} tokens, {r['model_dir']})")
+    return 0
+
+
+COMMANDS = [add_prepare, add_train, add_generate, add_eval]  # one add_<verb> function per verb, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

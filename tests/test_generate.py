@@ -1,0 +1,131 @@
+"""`dsfs generate` and `dsfs eval`: cached and uncached greedy decoding agree, model-directory resolution, the
+eval helper the trainer uses, and the CLI verbs' output and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from dsfs import checkpointing, cli, data
+from dsfs.checkpointing import CheckpointError
+from dsfs.data import DataError
+from dsfs.generate import eval_starts, evaluate, evaluate_checkpoint, generate_text, load_tokenizer
+from reference import Model
+from tests.reference_utils import one_thread
+from tests.test_train import make_data_dir, micro_train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    """A 16-step micro run: checkpoints at 8 and 16, final/."""
+    out = tmp_path_factory.mktemp("gen") / "run"
+    micro_train(data_dir, out, max_steps=16, eval_every=8)
+    return out
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_greedy_generation_with_and_without_cache_agree(run):
+    model_dir = run / "final"
+    model, tok = Model.from_pretrained(model_dir), load_tokenizer(model_dir)
+    a = generate_text(model, tok, "Once upon a time", max_new_tokens=24, use_cache=True)
+    b = generate_text(model, tok, "Once upon a time", max_new_tokens=24, use_cache=False)
+    assert a.text == b.text and a.new_tokens == b.new_tokens > 0
+    assert a.text.startswith("Once upon a time") and len(a.text) > len("Once upon a time")
+    s1, s2 = (generate_text(model, tok, "The dog", 16, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+              for _ in range(2))
+    assert s1.text == s2.text  # the seed fixes the samples
+
+
+def test_resolve_model_dir(run, tmp_path):
+    final, latest = run / "final", run / "checkpoints/step_000016"
+    assert checkpointing.resolve_model_dir(final) == final
+    assert checkpointing.resolve_model_dir(run / "checkpoints") == latest
+    now = time.time()
+    os.utime(latest / "config.json", (now + 5, now + 5))  # the newer of final/ and the newest step wins
+    assert checkpointing.resolve_model_dir(run) == latest
+    os.utime(final / "config.json", (now + 10, now + 10))
+    assert checkpointing.resolve_model_dir(run) == final
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        checkpointing.resolve_model_dir(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        checkpointing.resolve_model_dir(tmp_path)
+
+
+def test_eval_matches_the_trainer(run, data_dir):
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last_val = [r for r in recs if "val_loss" in r][-1]
+    assert last_val["step"] == 16
+    r = evaluate_checkpoint(run / "final", data_dir, "val", batches=2, batch_size=4, seq_len=32, device="cpu")
+    assert r["loss"] == pytest.approx(last_val["val_loss"], rel=1e-6) and r["ppl"] == pytest.approx(
+        math.exp(r["loss"]))
+    tokens = data.load_tokens(data_dir, "val")
+    model = Model.from_pretrained(run / "final")
+    assert evaluate(model, tokens, 4, 32, 2) == evaluate(model, tokens, 4, 32, 2)  # fixed windows
+    assert eval_starts(100, 3, 10) == [0, 44, 89]
+
+
+def test_eval_rejects_another_tokenizer(run, tmp_path):
+    other = make_data_dir(tmp_path / "other", vocab_size=300)
+    with pytest.raises(DataError, match="vocab size mismatch"):
+        evaluate_checkpoint(run, other, batches=1, batch_size=2, seq_len=16, device="cpu")
+
+
+def test_cli_generate_and_eval(capsys, run, data_dir):
+    rc, out, err = _cli(capsys, "generate", "--checkpoint", run, "--prompt", "Once upon a time",
+                        "--max-new-tokens", 12, "--temperature", 0, "--device", "cpu")
+    assert rc == 0 and out.startswith("Once upon a time") and "tokens/s" in err
+    rc, out2, _ = _cli(capsys, "generate", "--checkpoint", run, "--prompt", "Once upon a time",
+                       "--max-new-tokens", 12, "--temperature", 0, "--no-cache", "--device", "cpu")
+    assert rc == 0 and out2 == out
+    rc, out, err = _cli(capsys, "eval", "--checkpoint", run, "--data", data_dir, "--batches", 2,
+                        "--batch-size", 4, "--seq-len", 32, "--device", "cpu")
+    assert rc == 0 and "val loss" in out and "perplexity" in out
+
+
+def test_cli_help_and_bad_input(capsys, run, tmp_path):
+    for verb in ("generate", "eval"):
+        rc, out, _ = _cli(capsys, verb, "--help")
+        assert rc == 0 and "--checkpoint" in out
+    rc, _, err = _cli(capsys, "generate", "--checkpoint", tmp_path / "missing")
+    assert rc == 1 and err.count("\n") == 1 and "no such checkpoint directory" in err
+    rc, _, err = _cli(capsys, "eval", "--checkpoint", tmp_path / "missing", "--data", tmp_path)
+    assert rc == 1 and err.count("\n") == 1 and "no such checkpoint directory" in err
+    rc, _, err = _cli(capsys, "eval", "--checkpoint", run, "--data", tmp_path / "missing")
+    assert rc == 1 and err.count("\n") == 1 and "no such data directory" in err
+    rc, _, err = _cli(capsys, "generate", "--checkpoint", run, "--top-p", "1.5")
+    assert rc == 1 and err.count("\n") == 1 and "top_p" in err
+    rc, _, err = _cli(capsys, "generate")
+    assert rc == 2 and err.count("\n") == 1 and "--checkpoint" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_and_eval_on_cuda(run, data_dir):
+    model = Model.from_pretrained(run / "final", device="cuda")
+    tok = load_tokenizer(run / "final")
+    a, b = (generate_text(model, tok, "Once upon a time", 16, use_cache=c) for c in (True, False))
+    assert a.new_tokens > 0 and a.text.startswith("Once upon a time")
+    cpu = evaluate_checkpoint(run, data_dir, batches=2, batch_size=4, seq_len=32, device="cpu")["loss"]
+    gpu = evaluate_checkpoint(run, data_dir, batches=2, batch_size=4, seq_len=32, device="cuda")["loss"]
+    assert gpu == pytest.approx(cpu, rel=2e-2)  # bf16 autocast

@@ -1,0 +1,303 @@
+"""`dsfs train`: loss falls, exact resume, atomic checkpoints, resume errors, backend choice, CLI errors.
+
+A micro model (hidden 32, 2 layers, MLA + DeepSeekMoE with 4 experts + MTP depth 1) trains on a ~100 KB slice
+of the shared TinyStories sample with a ~384-token tokenizer, so each run takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dsfs import checkpointing, cli, data
+from dsfs.checkpointing import CheckpointError
+from dsfs.data import DataError
+from dsfs.train import BackendError, lr_at, make_optimizer, param_groups, resolve_backend, train
+from reference import Model
+from tests.reference_utils import one_thread
+
+MICRO_MODEL = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, moe_intermediate_size=32,
+    n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+    first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+    v_head_dim=8, num_nextn_predict_layers=1, max_position_embeddings=64,
+)
+MICRO_TRAIN = dict(batch_size=4, seq_len=32, lr=3e-3, warmup_steps=4, eval_every=20, eval_batches=2,
+                   max_steps=40)
+SAMPLE_CHARS = 100_000
+
+
+def make_data_dir(root: Path, vocab_size: int = 384) -> Path:
+    """Prepare a ~100 KB slice of the shared TinyStories sample (synthetic stories if it is absent)."""
+    root.mkdir(parents=True, exist_ok=True)
+    src = root / "stories.txt"
+    if data.DEFAULT_INPUT.is_file():
+        with open(data.DEFAULT_INPUT, encoding="utf-8") as f:
+            text = f.read(SAMPLE_CHARS)
+    else:
+        rng = random.Random(0)
+        words = "the a cat dog sun ran saw big little happy sad tree ball mom said played went home".split()
+        text = "\n<|endoftext|>\n".join(" ".join(rng.choices(words, k=rng.randint(20, 200))) + "."
+                                        for _ in range(150))
+    src.write_text(text, encoding="utf-8")
+    return data.prepare(src, root / f"data-v{vocab_size}", vocab_size=vocab_size, val_fraction=0.1, verbose=False)
+
+
+def micro_train(data_dir, out, **kw):
+    """``train()`` of the micro model, quiet; keyword arguments override ``MICRO_TRAIN``."""
+    model_overrides = kw.pop("model_overrides", MICRO_MODEL)
+    kw.setdefault("backend", "reference")  # CPU: deterministic on every machine
+    return train("tiny", data_dir, out, model_overrides=model_overrides, verbose=False,
+                 **{**MICRO_TRAIN, **kw})
+
+
+def read_metrics(out) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run's metrics.jsonl."""
+    recs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "loss" in r], [r for r in recs if "val_loss" in r]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def short_run(data_dir, tmp_path_factory) -> Path:
+    """A finished 4-step micro run with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    micro_train(data_dir, out, max_steps=4, eval_every=2)
+    return out
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_loss_falls_and_outputs_are_written(data_dir, tmp_path):
+    out = tmp_path / "run"
+    s = micro_train(data_dir, out)
+    train_recs, evals = read_metrics(out)
+    assert [r["step"] for r in train_recs] == list(range(1, 41))
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    first, last = (sum(r["loss"] for r in rs) / 5 for rs in (train_recs[:5], train_recs[-5:]))
+    assert last < first - 0.5, (first, last)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    rec = train_recs[-1]
+    assert set(rec) == {"step", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "tokens",
+                        "tokens_per_s", "elapsed_s"}
+    assert rec["tokens"] == 40 * 4 * 32 and rec["mtp_loss"] > 0 and rec["aux_loss"] == 0.0
+    assert 0.1 * 3e-3 < rec["lr"] < 0.11 * 3e-3  # cosine decay towards min_lr_ratio * lr
+    assert s["steps"] == 40 and s["val_loss"] == evals[-1]["val_loss"] and s["stopped"] == "max_steps"
+    assert s["backend"] in ("reference", "cuda", "mlx") and s["tokens_per_s"] > 0
+    assert (out / "loss.png").stat().st_size > 1000
+    steps = [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")]
+    assert steps == ["step_000020", "step_000040"]
+    assert {"config.json", "model.safetensors", "mtp.safetensors", "tokenizer.json",
+            "trainer_state.pt"} <= {p.name for p in (out / "checkpoints/step_000040").iterdir()}
+    model = Model.from_pretrained(out / "final")
+    meta = data.load_meta(data_dir)
+    assert model.config.vocab_size == meta["vocab_size"] and model.config.eos_token_id == meta["eos_id"]
+    assert any(b.abs().sum() > 0 for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    kw = dict(max_steps=12, eval_every=4, warmup_steps=3)
+    micro_train(data_dir, tmp_path / "a", **kw)
+
+    def ctrl_c_at_6(rec):
+        if rec["step"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path: finish the step, checkpoint, stop
+
+    with pytest.raises(KeyboardInterrupt):
+        micro_train(data_dir, tmp_path / "b", on_step=ctrl_c_at_6, **kw)
+    ckpts = [p.name for p in checkpointing.list_checkpoints(tmp_path / "b/checkpoints")]
+    assert ckpts == ["step_000004", "step_000006"] and not (tmp_path / "b/final").exists()
+    s = train(data_dir=data_dir, out_dir=tmp_path / "b", resume=True, backend="reference", verbose=False)
+    assert s["steps"] == 12  # preset, micro model and training config came from the checkpoint
+    (ta, ea), (tb, eb) = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    keys = ("step", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "tokens")
+    assert [[r[k] for k in keys] for r in ta] == [[r[k] for k in keys] for r in tb]
+    assert ea == eb
+    wa, wb = (load_file(tmp_path / r / "final/model.safetensors") for r in "ab")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_time_budget_stops_checkpoints_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    s = micro_train(data_dir, out, max_steps=8, time_budget_s=0)
+    assert s["stopped"] == "time_budget" and s["steps"] == 1
+    assert checkpointing.latest_checkpoint(out).name == "step_000001" and (out / "final").is_dir()
+    s = train(data_dir=data_dir, resume=out / "checkpoints", backend="reference", verbose=False, time_budget_s=60)
+    assert s["steps"] == 8 and s["stopped"] == "max_steps"
+    assert [r["step"] for r in read_metrics(out)[0]] == list(range(1, 9))
+
+
+def test_grad_accum_runs(data_dir, tmp_path):
+    s = micro_train(data_dir, tmp_path / "run", max_steps=2, grad_accum=2, eval_every=2)
+    assert s["tokens"] == 2 * 2 * 4 * 32
+
+
+def test_lr_schedule_and_weight_decay_groups():
+    lrs = [lr_at(s, 1.0, 4, 20, 0.1) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False)) and lrs[-1] > 0.1
+    assert lr_at(20, 1.0, 4, 20, 0.1) == pytest.approx(0.1)
+    from reference import ModelConfig
+
+    model = Model(ModelConfig(vocab_size=300, **MICRO_MODEL))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    dn = {names[id(p)] for p in decay["params"]}
+    nn_ = {names[id(p)] for p in no_decay["params"]}
+    assert "model.embed_tokens.weight" in nn_ and "lm_head.weight" in dn
+    assert any(n.endswith("experts.gate_proj") for n in dn) and any(n.endswith("gate.weight") for n in dn)
+    assert all(p.ndim == 1 for p in no_decay["params"] if names[id(p)] != "model.embed_tokens.weight")
+    assert len(dn) + len(nn_) == len(list(model.parameters()))
+    assert make_optimizer(model, 1e-3, 0.1).defaults["betas"] == (0.9, 0.95)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _micro_model(vocab=300) -> Model:
+    from reference import ModelConfig
+
+    return Model(ModelConfig(vocab_size=vocab, **MICRO_MODEL))
+
+
+def test_checkpoint_save_is_atomic_and_prunes(tmp_path, monkeypatch):
+    model = _micro_model()
+    ck = tmp_path / "checkpoints"
+    for step in range(1, 6):
+        checkpointing.save_checkpoint(model, {"step": step}, ck, step, keep_last=2)
+    assert sorted(p.name for p in ck.iterdir()) == ["step_000004", "step_000005"]
+
+    def boom(state, path):
+        assert (path.parent / "model.safetensors").is_file()  # midway: the model is written, the state not
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing, "_write_state", boom)
+    with pytest.raises(OSError, match="disk full"):
+        checkpointing.save_checkpoint(model, {"step": 6}, ck, 6, keep_last=2)
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(checkpointing, "_write_state", lambda s, p: (_ for _ in ()).throw(KeyboardInterrupt))
+        checkpointing.save_checkpoint(model, {"step": 5}, ck, 5, keep_last=2)  # overwrite attempt
+    assert sorted(p.name for p in ck.iterdir()) == ["step_000004", "step_000005"]
+    assert checkpointing.load_trainer_state(ck / "step_000005")["step"] == 5
+
+
+def _copy_run(short_run, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(short_run, out)
+    return out
+
+
+def test_resume_rejects_corrupt_weights(data_dir, short_run, tmp_path):
+    out = _copy_run(short_run, tmp_path)
+    (out / "checkpoints/step_000004/model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match=r"step_000004.*model\.safetensors"):
+        micro_train(data_dir, out, resume=True)
+
+
+def test_resume_rejects_corrupt_trainer_state(data_dir, short_run, tmp_path):
+    out = _copy_run(short_run, tmp_path)
+    path = out / "checkpoints/step_000004/trainer_state.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt trainer state"):
+        micro_train(data_dir, out, resume=True)
+
+
+def test_resume_rejects_other_model_config(data_dir, short_run, tmp_path):
+    out = _copy_run(short_run, tmp_path)
+    with pytest.raises(CheckpointError, match="hidden_size: checkpoint 32, requested 48"):
+        micro_train(data_dir, out, resume=True, model_overrides={**MICRO_MODEL, "hidden_size": 48})
+
+
+def test_resume_rejects_other_data(data_dir, short_run, tmp_path):
+    out = _copy_run(short_run, tmp_path)
+    other = make_data_dir(tmp_path / "other", vocab_size=300)
+    with pytest.raises(CheckpointError, match="other data"):
+        micro_train(other, out, resume=True)
+    assert issubclass(CheckpointError, DataError)
+
+
+def test_fresh_run_refuses_an_occupied_out_dir(data_dir, short_run, tmp_path):
+    out = _copy_run(short_run, tmp_path)
+    with pytest.raises(DataError, match="already holds a run"):
+        micro_train(data_dir, out, max_steps=2)
+    s = micro_train(data_dir, out, max_steps=2, eval_every=2, overwrite=True)
+    assert s["steps"] == 2 and [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == [
+        "step_000002"]
+
+
+def test_resume_without_checkpoint(data_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
+        micro_train(data_dir, tmp_path / "empty", resume=True)
+
+
+# ---------------------------------------------------------------- backend
+
+
+def test_backend_resolution(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.platform", "linux")
+    with pytest.raises(BackendError, match="CUDA is not available"):
+        resolve_backend("cuda")
+    be = resolve_backend("auto")
+    assert (be.name, be.model_cls, be.device.type, be.note) == ("reference", Model, "cpu", None)
+    assert resolve_backend("reference").device.type == "cpu"
+    be = resolve_backend("mlx")
+    assert be.model_cls is Model and "runtime_mlx not built yet, using the reference model" in be.note
+    with pytest.raises(BackendError, match="unknown backend"):
+        resolve_backend("tpu")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_help_and_bad_input(capsys, tmp_path, data_dir):
+    assert _cli(capsys, "train", "--help")[0] == 0
+    rc, _, err = _cli(capsys, "train", "--data", tmp_path / "missing", "--out", tmp_path / "o", "-q")
+    assert rc == 1 and err.count("\n") == 1 and "no such data directory" in err
+    rc, _, err = _cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "o", "--resume", "-q")
+    assert rc == 1 and err.count("\n") == 1 and "no checkpoint to resume" in err
+    rc, _, err = _cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "o", "--batch-size", "0", "-q")
+    assert rc == 1 and err.count("\n") == 1 and "batch_size=0" in err
+    rc, _, err = _cli(capsys, "train", "--max-steps", "many")
+    assert rc == 2 and err.count("\n") == 1
+    if not torch.cuda.is_available():
+        rc, _, err = _cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "o", "--backend", "cuda", "-q")
+        assert rc == 1 and err.count("\n") == 1 and "CUDA is not available" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backend_trains(data_dir, tmp_path):
+    s = micro_train(data_dir, tmp_path / "run", backend="cuda", max_steps=20, eval_every=10)
+    train_recs, evals = read_metrics(tmp_path / "run")
+    assert s["device"] == "cuda" and all(math.isfinite(r["loss"]) for r in train_recs)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    s = train(data_dir=data_dir, out_dir=tmp_path / "run", resume=True, backend="cuda", verbose=False,
+              max_steps=24)
+    assert s["steps"] == 24
