@@ -31,9 +31,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     query must see at least one key.
     """
     gqa = k.shape[1] != q.shape[1]
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:  # zero-pad v to the qk width: same result, and PyTorch's fused CPU kernel then applies
+        v = F.pad(v, (0, q.shape[-1] - dv))
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o[..., :dv]
 
 
 class Attention(nn.Module):

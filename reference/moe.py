@@ -48,7 +48,7 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         token = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        ys = self.grouped_swiglu(x[token], counts)
+        ys = self.grouped_swiglu(x.index_select(0, token), counts)
         ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)
         return x.new_zeros(n, x.shape[1]).index_add(0, token, ys)
 
