@@ -3,8 +3,9 @@
 Both models get the same configuration (hidden 256, 4 layers, MLA, 8 routed experts top-2 + 1 shared, the
 first layer dense; vocab 4096), the same batches (16 x 256 tokens of the prepared TinyStories sample, or random
 tokens) and the same optimizer (AdamW lr 2e-3), and train the same number of steps; tokens/s is measured after
-warm-up steps (which also absorb torch.compile's compilation). MTP is off for the like-for-like comparison
-(transformers does not train MTP); the reference with MTP depth 1 (the tiny preset) is timed as well.
+warm-up steps (which also absorb torch.compile's compilation; the reference is compiled as `dsfs train` does it, through
+`dsfs.train.compiled_loss`). MTP is off for the like-for-like comparison (transformers does not train MTP);
+the reference with MTP depth 1 is timed as well.
 
     uv run python bench/train_throughput.py --steps 20            # prints a table, writes bench/results/
 """
@@ -20,6 +21,7 @@ import time
 
 import torch
 
+from dsfs.train import compiled_loss
 from reference import Model, ModelConfig
 
 SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
@@ -56,7 +58,7 @@ def reference_step(mtp: int, compile: bool):
     torch.manual_seed(0)
     model = Model(ModelConfig(**SHAPE, num_nextn_predict_layers=mtp)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    loss_fn = torch.compile(model.loss) if compile else model.loss
+    loss_fn = compiled_loss(model) if compile else model.loss
 
     def step(x, y):
         loss_fn(x, y).loss.backward()

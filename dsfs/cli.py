@@ -126,6 +126,8 @@ def add_train(sub) -> None:
                    "checkpoint and write final/ (resume later with --resume)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice; "
                    "on a busy machine 1 can be faster)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the training loss (auto: on for cpu and cuda; default: auto)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_run_train)
 
@@ -143,6 +145,7 @@ def _run_train(args) -> int:
               "eval_every", "eval_batches", "mtp_weight", "weight_decay", "grad_clip")
     s = train(
         args.preset, args.data, args.out, resume=args.resume, backend=args.backend, seed=args.seed,
+        compile={"auto": "auto", "on": True, "off": False}[args.compile],
         keep_last=args.keep_last, save_every=args.save_every, overwrite=args.overwrite, verbose=not args.quiet,
         time_budget_s=args.time_budget, **{f: getattr(args, f) for f in fields},
     )

@@ -153,6 +153,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def compiled_loss(model: nn.Module) -> Callable:
+    """``torch.compile(model.loss)``. Dynamo's recompile limits are raised: the expert grouped matmul is a
+    graph break (its segment sizes depend on the routing), so each decoder-layer type (dense, MoE, MTP) is
+    compiled on its own, more variants than the default limit of 8 allows."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    return torch.compile(model.loss)
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay on matrices only, betas (0.9, 0.95)) over ``param_groups``."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=BETAS)
@@ -285,6 +296,7 @@ def train(
     model_overrides: dict | None = None,
     verbose: bool = True,
     on_step: Callable[[dict], None] | None = None,
+    compile: bool | str = "auto",
     **overrides,
 ) -> dict:
     """Train a model of ``preset`` (default ``tiny``, or the resumed checkpoint's) on a prepared data
@@ -309,7 +321,9 @@ def train(
     that many wall-clock seconds; the summary's ``stopped`` is then ``"time_budget"``. ``resume``: ``True``
     for the newest checkpoint of ``out_dir``, or a path (step, checkpoints or run directory; without
     ``out_dir`` the run continues in that checkpoint's run directory). ``on_step``:
-    called with each step's metrics record (tests).
+    called with each step's metrics record (tests). ``compile``: run the training loss through
+    ``torch.compile`` (`compiled_loss`); ``"auto"`` compiles on cpu and cuda (on 2 CPU cores it trains the tiny
+    preset about 25% faster after ~30 s of compilation), not on mps.
 
     Returns ``{"val_loss", "val_ppl", "steps", "tokens", "tokens_per_s", "elapsed_s", "stopped", "backend",
     "device", "out_dir", "final_dir", "checkpoint", "metrics", "plot"}`` (tokens/s over optimizer steps only;
@@ -400,6 +414,9 @@ def train(
         model = be.model_cls(cfg)
     model.to(device).train()
     opt = make_optimizer(model, tc["lr"], tc["weight_decay"])
+    if compile == "auto":
+        compile = device.type in ("cpu", "cuda")
+    loss_fn = compiled_loss(model) if compile else model.loss
     gen = torch.Generator().manual_seed(seed)
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     if state is not None:
@@ -447,7 +464,8 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     tok_per_step = tc["batch_size"] * tc["seq_len"] * tc["grad_accum"]
     say(f"{'resuming ' + str(ckpt) + ' at step ' + str(step) if state else 'training'}: preset {preset}, "
-        f"{n_params / 1e6:.2f}M parameters, {be.name} backend on {device.type}; {tok_per_step:,} tokens/step "
+        f"{n_params / 1e6:.2f}M parameters, {be.name} backend on {device.type}"
+        f"{' (torch.compile)' if compile else ''}; {tok_per_step:,} tokens/step "
         f"({tc['batch_size']}x{tc['seq_len']}x{tc['grad_accum']}), {tc['max_steps']} steps; data {data_dir} "
         f"({len(train_tokens):,} train tokens); out {out}")
 
@@ -480,7 +498,7 @@ def train(
                         x, y = data_mod.get_batch(train_tokens, tc["batch_size"], tc["seq_len"], gen)
                         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                         with autocast(device):
-                            o = model.loss(x, y, mtp_weight=tc["mtp_weight"])
+                            o = loss_fn(x, y, mtp_weight=tc["mtp_weight"])
                         (o.loss / tc["grad_accum"]).backward()
                         sums["loss"] += o.loss.item()
                         sums["lm_loss"] += o.lm_loss.item()

@@ -56,6 +56,7 @@ def micro_train(data_dir, out, **kw):
     """``train()`` of the micro model, quiet; keyword arguments override ``MICRO_TRAIN``."""
     model_overrides = kw.pop("model_overrides", MICRO_MODEL)
     kw.setdefault("backend", "reference")  # CPU: deterministic on every machine
+    kw.setdefault("compile", False)  # compilation costs more than these few steps
     return train("tiny", data_dir, out, model_overrides=model_overrides, verbose=False,
                  **{**MICRO_TRAIN, **kw})
 
@@ -134,7 +135,8 @@ def test_resume_is_exact(data_dir, tmp_path):
         micro_train(data_dir, tmp_path / "b", on_step=ctrl_c_at_6, **kw)
     ckpts = [p.name for p in checkpointing.list_checkpoints(tmp_path / "b/checkpoints")]
     assert ckpts == ["step_000004", "step_000006"] and not (tmp_path / "b/final").exists()
-    s = train(data_dir=data_dir, out_dir=tmp_path / "b", resume=True, backend="reference", verbose=False)
+    s = train(data_dir=data_dir, out_dir=tmp_path / "b", resume=True, backend="reference", verbose=False,
+              compile=False)
     assert s["steps"] == 12  # preset, micro model and training config came from the checkpoint
     (ta, ea), (tb, eb) = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     keys = ("step", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "tokens")
@@ -149,7 +151,8 @@ def test_time_budget_stops_checkpoints_and_resumes(data_dir, tmp_path):
     s = micro_train(data_dir, out, max_steps=8, time_budget_s=0)
     assert s["stopped"] == "time_budget" and s["steps"] == 1
     assert checkpointing.latest_checkpoint(out).name == "step_000001" and (out / "final").is_dir()
-    s = train(data_dir=data_dir, resume=out / "checkpoints", backend="reference", verbose=False, time_budget_s=60)
+    s = train(data_dir=data_dir, resume=out / "checkpoints", backend="reference", verbose=False, time_budget_s=60,
+              compile=False)
     assert s["steps"] == 8 and s["stopped"] == "max_steps"
     assert [r["step"] for r in read_metrics(out)[0]] == list(range(1, 9))
 
@@ -299,5 +302,6 @@ def test_cuda_backend_trains(data_dir, tmp_path):
     assert s["device"] == "cuda" and all(math.isfinite(r["loss"]) for r in train_recs)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     s = train(data_dir=data_dir, out_dir=tmp_path / "run", resume=True, backend="cuda", verbose=False,
+              compile=False,
               max_steps=24)
     assert s["steps"] == 24
