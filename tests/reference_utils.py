@@ -6,8 +6,6 @@ not from the reference code, so a test that compares the two can fail.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from reference import Model, ModelConfig
@@ -197,15 +195,3 @@ def gradcheck_module(module, fn, inputs, names=(), **kwargs) -> bool:
         return torch.func.functional_call(wrapper, {f"m.{n}": p for n, p in zip(names, ts[k:], strict=True)}, ts[:k])
 
     return torch.autograd.gradcheck(f, (*inputs, *params), **kwargs)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run tiny ops on one intra-op thread: at these sizes a second OpenMP thread only adds synchronization
-    (measured 10x slower on the 2-core CI box when the other core is busy). Restores the count after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

@@ -13,19 +13,11 @@ from reference.rope import RotaryEmbedding, apply_rope, rope_inv_freq
 from tests.reference_utils import (
     gradcheck_module,
     make_config,
-    one_thread,
     randomize_,
     rope_interleaved,
     rope_neox,
 )
 from tests.tolerance import assert_close, rel_err
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
 
 # ----------------------------------------------------------------------------- attention
 

@@ -8,14 +8,7 @@ import math
 import pytest
 
 from reference import ModelConfig
-from tests.reference_utils import make_config, one_thread
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
+from tests.reference_utils import make_config
 
 YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32,
         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}

@@ -16,17 +16,10 @@ from tests.reference_utils import (
     make_model,
     naive_index_scores,
     naive_mla,
-    one_thread,
     rand_ids,
     randomize_,
 )
 from tests.tolerance import assert_close, rel_err
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def _dsa(index_topk, dtype=torch.float64, **kw):

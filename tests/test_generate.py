@@ -11,19 +11,12 @@ import time
 import pytest
 import torch
 
-from dsfs import checkpointing, cli, data
+from dsfs import checkpointing, data
 from dsfs.checkpointing import CheckpointError
 from dsfs.data import DataError
 from dsfs.generate import eval_starts, evaluate, evaluate_checkpoint, generate_text, load_tokenizer
 from reference import Model
-from tests.reference_utils import one_thread
-from tests.test_train import make_data_dir, micro_train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+from tests.test_train import _cli, make_data_dir, micro_train
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +31,6 @@ def run(data_dir, tmp_path_factory):
     micro_train(data_dir, out, max_steps=16, eval_every=8)
     return out
 
-
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_greedy_generation_with_and_without_cache_agree(run):

@@ -15,18 +15,10 @@ from tests.reference_utils import (
     make_config,
     naive_mla,
     naive_rms,
-    one_thread,
     randomize_,
     rope_interleaved,
 )
 from tests.tolerance import assert_close, rel_err
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
 
 YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "mscale": 1.0,
         "mscale_all_dim": 1.0}

@@ -20,18 +20,10 @@ from tests.reference_utils import (
     make_model,
     naive_experts,
     naive_rms,
-    one_thread,
     rand_ids,
     randomize_,
 )
 from tests.tolerance import assert_close, rel_err
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
 
 ATTN = ["mla", "dsa", "mha", "mqa", "gqa"]
 

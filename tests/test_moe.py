@@ -13,18 +13,10 @@ from tests.reference_utils import (
     make_config,
     make_model,
     naive_experts,
-    one_thread,
     rand_ids,
     randomize_,
 )
 from tests.tolerance import assert_close
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
 
 GROUPED = dict(n_routed_experts=256, n_group=8, topk_group=4, num_experts_per_tok=8, hidden_size=32,
                moe_intermediate_size=16, routed_scaling_factor=2.5)

@@ -23,7 +23,6 @@ from dsfs.checkpointing import CheckpointError
 from dsfs.data import DataError
 from dsfs.train import BackendError, lr_at, make_optimizer, param_groups, resolve_backend, train
 from reference import Model
-from tests.reference_utils import one_thread
 
 MICRO_MODEL = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, moe_intermediate_size=32,
@@ -66,11 +65,6 @@ def read_metrics(out) -> tuple[list[dict], list[dict]]:
     recs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in recs if "loss" in r], [r for r in recs if "val_loss" in r]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
