@@ -200,7 +200,9 @@ class Model(nn.Module):
 
         ``input_ids`` (B, T) int; ``targets`` (B, T) int64, ``targets[:, t]`` the token after position t
         (already shifted), -100 where ignored. MTP depth k at position t reads the embedding of
-        ``input_ids[:, t+k]`` and predicts ``targets[:, t+k]``; each depth's cross-entropy is divided by its own
+        ``input_ids[:, t+k]`` and predicts ``targets[:, t+k]``; depth 1 starts from the main model's final-normed
+        hidden state (as vLLM and SGLang feed the released MTP weights), depth k > 1 from depth k-1's block;
+        each depth's cross-entropy is divided by its own
         count of valid targets, and ``L_MTP = mtp_weight / D * sum_k L_k`` (report eq. 24-25). Raises
         ``ValueError`` when ``targets`` does not match ``input_ids`` in shape.
         """
@@ -263,7 +265,7 @@ class Model(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> Model:
         """Load a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``); see
-        `reference.checkpoint.load_state`. Raises ``FileNotFoundError`` or ``ValueError`` naming the problem."""
+        `reference.checkpoint.load_model`. Raises ``FileNotFoundError`` or ``ValueError`` naming the problem."""
         from .checkpoint import load_model
 
         return load_model(cls, path, device=device, dtype=dtype)
