@@ -41,7 +41,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return o[..., :dv]
 
 
-class Attention(nn.Module):
+class AttentionOps:
+    """The two hot ops of an attention layer, as methods, so that a runtime (`runtime_cuda`) swaps in its
+    kernels by overriding them. Needs ``self.interleaved`` (RoPE pairing) and ``self.scale`` (softmax scale)."""
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE with this layer's pairing: `reference.rope.apply_rope`."""
+        return apply_rope(x, cos, sin, self.interleaved)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Softmax attention with this layer's scale: `attend` (``mask`` None = plain causal, T == S)."""
+        return attend(q, k, v, mask, self.scale)
+
+
+class Attention(AttentionOps, nn.Module):
     """MHA / MQA / GQA with RoPE over the whole head (pairing from ``config.rope_interleave``).
 
     Input (B, T, hidden_size) -> output (B, T, hidden_size). The KV cache holds ``k`` and ``v`` of shape
@@ -67,9 +80,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k=k, v=v)
         mask = None if k.shape[2] == t else causal_mask(t, k.shape[2], offset, x.device)
-        o = attend(q, k, v, mask, self.scale)
+        o = self.attend(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))

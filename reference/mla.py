@@ -15,13 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import attend, causal_mask
+from .attention import AttentionOps, causal_mask
 from .config import ModelConfig
 from .rms_norm import RMSNorm
-from .rope import apply_rope
 
 
-class MLA(nn.Module):
+class MLA(AttentionOps, nn.Module):
     """MLA layer: (B, T, hidden_size) -> (B, T, hidden_size).
 
     ``absorb``: None (default) uses the absorbed form when decoding with a cache and at most 1 new token,
@@ -67,8 +66,7 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.dr], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
-        k_pe = apply_rope(k_pe, cos, sin, self.interleaved)
+        q_pe, k_pe = self.rotate(q_pe, cos, sin), self.rotate(k_pe, cos, sin)
         return q_nope, q_pe, c_kv, k_pe, q_latent
 
     def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):
@@ -79,7 +77,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(b, self.n_heads, s, self.dr)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        return attend(q, k, v, mask, self.scale)
+        return self.attend(q, k, v, mask)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attend over the latent: ``q_nope W_UK`` against ``c_kv``, plus ``q_pe`` against ``k_pe``; the
@@ -87,10 +85,16 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.r)
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
-        q = torch.cat((q_lat, q_pe), dim=-1)
-        k = torch.cat((c_kv, k_pe), dim=-1)[:, None]  # one shared key head (MQA over the latent)
-        o_lat = attend(q, k, c_kv[:, None], mask, self.scale)
+        o_lat = self.attend_latent(q_lat, q_pe, c_kv, k_pe, mask)
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
+
+    def attend_latent(self, q_lat, q_pe, c_kv, k_pe, mask):
+        """The absorbed form's attention: ``q_lat`` (B, H, T, r) against ``c_kv`` (B, S, r) plus ``q_pe``
+        (B, H, T, dr) against ``k_pe`` (B, S, dr), one key head shared by all heads (MQA over the latent), values
+        ``c_kv``. Returns the output latent (B, H, T, r)."""
+        q = torch.cat((q_lat, q_pe), dim=-1)
+        k = torch.cat((c_kv, k_pe), dim=-1)[:, None]
+        return self.attend(q, k, c_kv[:, None], mask)
 
     def select_mask(self, x, q_latent, cos, sin, mask, cache):
         """Hook for sparse attention (DSA); MLA attends to every causal key. ``mask``: (T, S) boolean or None
