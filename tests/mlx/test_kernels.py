@@ -1,0 +1,228 @@
+"""runtime_mlx.kernels against the plain-PyTorch reference (DESIGN.md, "Tolerance").
+
+Every op runs the path this machine takes (pure MLX on Linux / MLX's CUDA back end; Metal on Apple Silicon),
+and the pure-MLX implementation is also called directly, so both are checked wherever the Metal device exists.
+Gradients are compared as well as outputs. Shapes are small: MLX's Linux CPU matmul is slow (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference import fp8 as ref_fp8
+from reference.attention import attend, causal_mask
+from reference.rms_norm import rms_norm as ref_rms_norm
+from reference.swiglu import swiglu as ref_swiglu
+from runtime_mlx import kernels as K
+from tests.tolerance import assert_close
+
+METAL = K.metal_available()
+needs_metal = pytest.mark.skipif(not METAL, reason="Metal kernels need Apple Silicon (no Metal device)")
+PATHS = ["mlx", pytest.param("metal", marks=needs_metal)]
+
+
+def to_mx(t: torch.Tensor) -> mx.array:
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.float().numpy()).astype(mx.bfloat16)
+    return mx.array(t.numpy())
+
+
+def to_torch(a: mx.array) -> torch.Tensor:
+    if a.dtype == mx.bfloat16:
+        return torch.from_numpy(np.array(a.astype(mx.float32))).to(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
+
+
+@pytest.fixture(autouse=True)
+def _path(request, monkeypatch):
+    """``path`` "mlx" forces the pure-MLX path (DSFS_MLX_KERNELS=mlx); "metal" runs the Metal kernels."""
+    path = request.node.callspec.params.get("path") if hasattr(request.node, "callspec") else None
+    if path == "mlx":
+        monkeypatch.setenv("DSFS_MLX_KERNELS", "mlx")
+    yield path
+
+
+def test_path_reporting():
+    K.rms_norm(mx.ones((2, 4)), mx.ones((4,)))
+    assert K.kernel_path("rms_norm") == K.backend() == ("metal" if METAL else "mlx")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm(path, dtype):
+    x = torch.randn(3, 5, 300, dtype=dtype)
+    w = torch.randn(300)
+    g = torch.randn(3, 5, 300)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = ref_rms_norm(xr, wr, 1e-6)
+    ref.backward(g.double())
+
+    def loss(xm, wm):
+        return (K.rms_norm(xm, wm, 1e-6).astype(mx.float32) * to_mx(g)).sum()
+
+    out = K.rms_norm(to_mx(x), to_mx(w), 1e-6)
+    assert K.kernel_path("rms_norm") == path
+    dx, dw = mx.grad(loss, argnums=(0, 1))(to_mx(x), to_mx(w))
+    assert_close(to_torch(out), ref, dtype)
+    assert_close(to_torch(dx), xr.grad, dtype, what="dx")
+    assert_close(to_torch(dw), wr.grad, dtype, what="dw")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu(path, dtype):
+    gate, up, g = torch.randn(7, 333, dtype=dtype), torch.randn(7, 333, dtype=dtype), torch.randn(7, 333)
+    gr, ur = gate.double().requires_grad_(), up.double().requires_grad_()
+    ref = ref_swiglu(gr, ur)
+    ref.backward(g.double())
+    out = K.swiglu(to_mx(gate), to_mx(up))
+    dg, du = mx.grad(lambda a, b: (K.swiglu(a, b).astype(mx.float32) * to_mx(g)).sum(), argnums=(0, 1))(
+        to_mx(gate), to_mx(up))
+    assert_close(to_torch(out), ref, dtype)
+    assert_close(to_torch(dg), gr.grad, dtype, what="dgate")
+    assert_close(to_torch(du), ur.grad, dtype, what="dup")
+
+
+def ref_route(logits, bias, top_k, n_group, topk_group, norm, rsf):
+    """reference.moe.Router.forward after its linear layer (the same statements, on given logits)."""
+    scores = torch.sigmoid(logits)
+    choice = scores.detach() + bias
+    if n_group > 1:
+        n, e = choice.shape
+        grouped = choice.view(n, n_group, e // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
+    idx = choice.topk(top_k, dim=-1).indices
+    w = scores.gather(1, idx)
+    if norm:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return idx, w * rsf, scores
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cfg", [(8, 2, 1, 1, True, 2.5), (24, 3, 4, 2, True, 1.0), (16, 4, 1, 1, False, 1.5)])
+def test_moe_route(path, cfg):
+    e, top_k, n_group, topk_group, norm, rsf = cfg
+    logits, bias = torch.randn(37, e, dtype=torch.float64), torch.randn(e, dtype=torch.float64) * 0.3
+    gw, gs = torch.randn(37, top_k), torch.randn(37, e)
+    lr = logits.clone().requires_grad_()
+    idx, w, scores = ref_route(lr, bias, top_k, n_group, topk_group, norm, rsf)
+    (w * gw.double()).sum().add((scores * gs.double()).sum()).backward()
+    args = (top_k, n_group, topk_group, norm, rsf)
+    lm, bm = to_mx(logits.float()), to_mx(bias.float())
+    midx, mw, ms = K.moe_route(lm, bm, *args)
+    assert midx.dtype == mx.int32
+    assert torch.equal(to_torch(midx).long(), idx)
+    assert_close(to_torch(mw), w)
+    assert_close(to_torch(ms), scores)
+
+    def loss(lg):
+        _, w_, s_ = K.moe_route(lg, bm, *args)
+        return (w_ * to_mx(gw)).sum() + (s_ * to_mx(gs)).sum()
+
+    assert_close(to_torch(mx.grad(loss)(lm)), lr.grad, what="dlogits")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", [(2, 3, 1, 37, 40, 8), (1, 2, 3, 19, 33, 6)])
+def test_mla_decode(path, shape):
+    b, h, t, s, r, dr = shape
+    ql, qp = torch.randn(b, h, t, r, dtype=torch.float64), torch.randn(b, h, t, dr, dtype=torch.float64)
+    ckv, kpe = torch.randn(b, s, r, dtype=torch.float64), torch.randn(b, s, dr, dtype=torch.float64)
+    scale = (r + dr) ** -0.5
+    mask = causal_mask(t, s, s - t)
+    ref = attend(torch.cat((ql, qp), -1), torch.cat((ckv, kpe), -1)[:, None], ckv[:, None], mask, scale)
+    out = K.mla_decode(*(to_mx(a.float()) for a in (ql, qp, ckv, kpe)), scale)
+    assert_close(to_torch(out), ref)
+
+
+def ref_indexer(q, k, w, scale, topk):
+    """reference.dsa.Indexer.scores/select on given projections (the same statements)."""
+    t, s = q.shape[2], k.shape[1]
+    logits = torch.relu(torch.einsum("bhtd,bsd->bhts", q, k) * scale)
+    scores = torch.einsum("bhts,bth->bts", logits, w)
+    mask = causal_mask(t, s, s - t)
+    masked = scores.masked_fill(~mask, float("-inf"))
+    kk = min(topk, s)
+    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
+    sel = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, idx, True) & mask
+    return scores, sel
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", [(2, 4, 5, 23, 16, 7), (1, 3, 9, 9, 8, 4), (1, 2, 2, 40, 12, 64)])
+def test_indexer(path, shape):
+    b, h, t, s, d, topk = shape
+    q, k = torch.randn(b, h, t, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
+    w = torch.randn(b, t, h, dtype=torch.float64) * h**-0.5
+    q[0, :, 0] = 0.0  # a query whose scores are all exact zeros: ties go to the earlier key
+    scale = d**-0.5
+    ref_scores, ref_sel = ref_indexer(q, k, w, scale, topk)
+    qm, km, wm = (to_mx(a.float()) for a in (q, k, w))
+    assert_close(to_torch(K.indexer_scores(qm, km, wm, scale)), ref_scores)
+    idx = K.indexer_topk(qm, km, wm, scale, topk)
+    assert idx.shape == (b, t, min(topk, s)) and idx.dtype == mx.int32
+    assert torch.equal(to_torch(K.indexer_mask(idx, s)), ref_sel)
+
+
+def _spread(*shape):
+    """randn scaled by a different power of ten per row, so tiles span many binades."""
+    x = torch.randn(*shape)
+    return x * 10.0 ** torch.randint(-3, 3, (*shape[:-1], 1)).float()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape,bs", [((3, 5, 300), 128), ((7, 64), 32), ((2, 1), 128)])
+def test_act_quant(path, shape, bs):
+    x = _spread(*shape)
+    x[0, ..., :3] = 0.0
+    y_ref, s_ref = ref_fp8.act_quant(x, bs)
+    y, s = K.act_quant(to_mx(x), bs)
+    assert y.dtype == mx.uint8 and s.dtype == mx.float32
+    assert torch.equal(to_torch(s), s_ref)
+    assert torch.equal(to_torch(y), y_ref.view(torch.uint8))  # round-to-nearest-even e4m3 bits, exactly
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape,bs", [((300, 200), 128), ((45, 70), 32)])
+def test_weight_dequant(path, shape, bs):
+    w_fp8, s = ref_fp8.weight_quant(_spread(*shape), bs)
+    ref = ref_fp8.weight_dequant(w_fp8, s, bs)
+    out = K.weight_dequant(to_mx(w_fp8.view(torch.uint8)), to_mx(s), bs)
+    assert_close(to_torch(out), ref, bound=0.0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy(path, dtype):
+    n, v = 13, 1000
+    logits, tg = (torch.randn(n, v) * 3).to(dtype), torch.randint(0, v, (n,))
+    tg[[2, 7]] = -100
+    g = torch.randn(n)
+    lr = logits.double().requires_grad_()
+    ref = F.cross_entropy(lr, tg, reduction="none", ignore_index=-100)
+    ref.backward(g.double())
+    lm, tm = to_mx(logits), mx.array(tg.numpy())
+    out = K.cross_entropy(lm, tm)
+    dl = mx.grad(lambda a: (K.cross_entropy(a, tm) * to_mx(g)).sum())(lm)
+    assert_close(to_torch(out), ref, dtype)
+    assert_close(to_torch(dl), lr.grad, dtype, what="dlogits")
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError):
+        K.rms_norm(mx.ones((2, 4), dtype=mx.int32), mx.ones((4,)))
+    with pytest.raises(ValueError):
+        K.rms_norm(mx.ones((2, 4)), mx.ones((5,)))
+    with pytest.raises(ValueError):
+        K.moe_route(mx.ones((2, 10)), mx.zeros((10,)), 2, 3, 1, True, 1.0)
+    with pytest.raises(TypeError):
+        K.weight_dequant(mx.ones((4, 4)), mx.ones((1, 1)))
+    with pytest.raises(ValueError):
+        K.mla_decode(mx.ones((1, 2, 3, 8)), mx.ones((1, 2, 3, 4)), mx.ones((1, 2, 8)), mx.ones((1, 2, 4)), 1.0)
