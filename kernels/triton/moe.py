@@ -1,0 +1,545 @@
+"""DeepSeekMoE in Triton: sigmoid group-limited routing, token permutation by expert, grouped GEMM, experts.
+
+Source: DeepSeek-V3 technical report (arXiv 2412.19437) section 2.1.2; the definition of correct is
+`reference.moe` (``Router.forward`` after its GEMM, ``Experts.forward``).
+
+Entry points (differentiable unless said otherwise):
+
+- ``route(logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)``
+  -> ``topk_idx`` (N, K) int64, ``topk_weight`` (N, K) fp32, ``scores`` (N, E) fp32; gradients flow to
+  ``logits`` through ``topk_weight`` and ``scores``.
+- ``permute(topk_idx, num_experts)`` -> ``order``, ``slot``, ``counts``, ``offsets`` (not differentiable).
+- ``grouped_gemm(x_sorted, w, offsets)`` -> (M, N), ``x_seg @ w[e]^T`` per expert segment.
+- ``experts_forward(x, gate_proj, up_proj, down_proj, topk_idx, topk_weight)`` -> (N, H).
+
+The raw launchers ``route_forward``, ``route_backward``, ``grouped_gemm_forward`` and ``grouped_gemm_backward``
+run one kernel pass each, without autograd.
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``) ``tl.dot`` on bfloat16/float16 tiles returns garbage
+(measured with triton 3.9), so there the GEMM kernels cast their tiles to float32 before ``tl.dot``; on a GPU
+the tiles go to the tensor cores in their own dtype with float32 accumulation. float32 GEMMs use
+``input_precision="ieee"`` (no TF32), so float32 results meet the float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import check, empty, interpreted
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+INDEX = (torch.int32, torch.int64)
+
+
+# ============================================================================= routing
+
+
+@triton.jit
+def _route_fwd_kernel(logits_ptr, bias_ptr, idx_ptr, w_ptr, scores_ptr, N, scale,
+                      E: tl.constexpr, K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                      NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """One program routes BLOCK_N tokens: sigmoid, group mask, top-K, weights (see `route_forward`)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < N
+    cmask = cols < E
+    m2 = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
+    s = tl.sigmoid(tl.load(logits_ptr + offs, mask=m2, other=0.0))
+    tl.store(scores_ptr + offs, s, mask=m2)
+    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
+    choice = tl.where(cmask[None, :], s + bias[None, :], float("-inf"))
+    if N_GROUP > 1:
+        # group score = sum of the group's two largest biased scores; keep the TOPK_GROUP best groups
+        gsize: tl.constexpr = E // N_GROUP
+        g = tl.arange(0, BLOCK_G)
+        member = ((cols[None, :] // gsize) == g[:, None]) & cmask[None, :]  # (BLOCK_G, BLOCK_E)
+        c3 = tl.where(member[None, :, :], choice[:, None, :], float("-inf"))  # (BLOCK_N, BLOCK_G, BLOCK_E)
+        top1 = tl.max(c3, axis=2)
+        first = tl.min(tl.where(c3 == top1[:, :, None], cols[None, None, :], BLOCK_E), axis=2)
+        top2 = tl.max(tl.where(cols[None, None, :] == first[:, :, None], float("-inf"), c3), axis=2)
+        gscore = top1 + top2  # (BLOCK_N, BLOCK_G); -inf for padding groups
+        # rank of group g = number of groups ahead of it (higher score, or equal score and lower index)
+        ahead = (gscore[:, None, :] > gscore[:, :, None]) | (
+            (gscore[:, None, :] == gscore[:, :, None]) & (g[None, None, :] < g[None, :, None]))
+        rank = tl.sum(ahead.to(tl.int32), axis=2)
+        keep = (rank < TOPK_GROUP) & (g[None, :] < N_GROUP)
+        keep_e = tl.max(tl.where(member[None, :, :] & keep[:, :, None], 1, 0), axis=1) > 0
+        choice = tl.where(keep_e, choice, float("-inf"))
+    # top-K by repeated arg-max; among equal values the lowest expert index wins
+    kk = tl.arange(0, BLOCK_K)
+    top_idx = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    top_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in tl.static_range(K):
+        best = tl.max(choice, axis=1)
+        pick = tl.min(tl.where(choice == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        hit = cols[None, :] == pick[:, None]
+        wk = tl.sum(tl.where(hit, s, 0.0), axis=1)
+        choice = tl.where(hit, float("-inf"), choice)
+        top_idx = tl.where(kk[None, :] == k, pick[:, None], top_idx)
+        top_w = tl.where(kk[None, :] == k, wk[:, None], top_w)
+    if NORM:
+        top_w = top_w / (tl.sum(top_w, axis=1)[:, None] + 1e-20)
+    top_w = top_w * scale
+    km = rmask[:, None] & (kk[None, :] < K)
+    koffs = rows[:, None].to(tl.int64) * K + kk[None, :]
+    tl.store(idx_ptr + koffs, top_idx.to(tl.int64), mask=km)
+    tl.store(w_ptr + koffs, top_w, mask=km)
+
+
+@triton.jit
+def _route_bwd_kernel(gw_ptr, gs_ptr, idx_ptr, s_ptr, dlogits_ptr, N, scale,
+                      E: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, HAS_GS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: d logits for BLOCK_N tokens from d topk_weight (and d scores) (see `route_backward`)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_E)
+    kk = tl.arange(0, BLOCK_K)
+    rmask = rows < N
+    m2 = rmask[:, None] & (cols[None, :] < E)
+    km = rmask[:, None] & (kk[None, :] < K)
+    offs = rows[:, None].to(tl.int64) * E + cols[None, :]
+    koffs = rows[:, None].to(tl.int64) * K + kk[None, :]
+    s = tl.load(s_ptr + offs, mask=m2, other=0.0)
+    idx = tl.load(idx_ptr + koffs, mask=km, other=-1).to(tl.int32)
+    gw = tl.load(gw_ptr + koffs, mask=km, other=0.0)
+    hit = idx[:, :, None] == cols[None, None, :]  # (BLOCK_N, BLOCK_K, BLOCK_E)
+    sk = tl.sum(tl.where(hit, s[:, None, :], 0.0), axis=2)  # the chosen experts' scores
+    if NORM:
+        d = tl.sum(sk, axis=1) + 1e-20
+        gdot = tl.sum(gw * sk, axis=1)
+        dsk = scale * (gw / d[:, None] - (gdot / (d * d))[:, None])
+    else:
+        dsk = scale * gw
+    ds = tl.sum(tl.where(hit, dsk[:, :, None], 0.0), axis=1)  # (BLOCK_N, BLOCK_E)
+    if HAS_GS:
+        ds += tl.load(gs_ptr + offs, mask=m2, other=0.0)
+    tl.store(dlogits_ptr + offs, ds * s * (1.0 - s), mask=m2)
+
+
+def _route_blocks(e: int, k: int, n_group: int):
+    block_e = triton.next_power_of_2(e)
+    block_g = triton.next_power_of_2(max(n_group, 2))
+    block_k = triton.next_power_of_2(max(k, 2))
+    per_token = block_e * max(block_g if n_group > 1 else 1, block_k)
+    block_n = max(1, min(64, triton.next_power_of_2(max(1, 16384 // per_token))))
+    return block_n, block_e, block_g, block_k
+
+
+def _check_route_args(e: int, top_k: int, n_group: int, topk_group: int) -> None:
+    if n_group < 1 or e % n_group:
+        raise ValueError(f"route: n_group={n_group} must be >= 1 and divide the {e} experts")
+    if n_group > 1 and e // n_group < 2:
+        raise ValueError(f"route: groups of {e // n_group} expert(s); group scores sum a group's top-2, need >= 2")
+    if n_group > 1 and not 1 <= topk_group <= n_group:
+        raise ValueError(f"route: topk_group={topk_group} must be in 1..n_group={n_group}")
+    allowed = e if n_group == 1 else topk_group * (e // n_group)
+    if not 1 <= top_k <= allowed:
+        raise ValueError(f"route: top_k={top_k} must be in 1..{allowed} (experts in the kept groups)")
+
+
+def route_forward(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
+                  norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0):
+    """DeepSeek-V3 ``noaux_tc`` routing after the router GEMM (report eq. 12-16; `reference.moe.Router`).
+
+    ``logits`` (N, E) float32 contiguous (``x W^T``); ``bias`` (E,) float32, the correction bias, used only to
+    pick experts. Returns ``topk_idx`` (N, K) int64, ``topk_weight`` (N, K) float32 and ``scores`` (N, E) float32
+    (``sigmoid(logits)``). Selection ranks ``scores + bias``: with ``n_group > 1`` a group's score is the sum of
+    its two largest biased scores and only the ``topk_group`` best groups stay; then the K best experts are
+    taken, in decreasing order. Weights are the unbiased scores of those experts, divided by their sum
+    (+1e-20) when ``norm_topk_prob``, times ``routed_scaling_factor``.
+
+    Ties: among equal biased scores (or equal group scores) the lower expert (group) index wins, as
+    ``torch.topk`` orders distinct values; torch itself does not promise an order for exact ties.
+    NaN logits give undefined picks.
+
+    One program routes BLOCK_N tokens (BLOCK_N * next_pow2(E) * max(next_pow2(n_group), next_pow2(K)) <= 16384)
+    with all E experts of a token in registers, so E is limited by register space (256 is fine).
+    Raises ``TypeError``/``ValueError`` (see `utils.check`) for bad tensors and ``ValueError`` for
+    inconsistent ``top_k``/``n_group``/``topk_group``.
+    """
+    check("logits", logits, ndim=2, dtypes=torch.float32)
+    n, e = logits.shape
+    check("bias", bias, dtypes=torch.float32, shape=(e,), device=logits.device)
+    _check_route_args(e, top_k, n_group, topk_group)
+    idx = empty(n, top_k, dtype=torch.int64, device=logits.device)
+    w = empty(n, top_k, dtype=torch.float32, device=logits.device)
+    scores = empty(n, e, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return idx, w, scores
+    block_n, block_e, block_g, block_k = _route_blocks(e, top_k, n_group)
+    _route_fwd_kernel[(triton.cdiv(n, block_n),)](
+        logits, bias, idx, w, scores, n, float(routed_scaling_factor), E=e, K=top_k, N_GROUP=n_group,
+        TOPK_GROUP=topk_group, NORM=bool(norm_topk_prob), BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_G=block_g,
+        BLOCK_K=block_k)
+    return idx, w, scores
+
+
+def route_backward(grad_weight: torch.Tensor, grad_scores: torch.Tensor | None, topk_idx: torch.Tensor,
+                   scores: torch.Tensor, norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0):
+    """Gradient of `route_forward` w.r.t. ``logits``: one kernel over blocks of tokens.
+
+    ``grad_weight`` (N, K) float32, ``grad_scores`` (N, E) float32 or None, ``topk_idx`` (N, K) int64 and
+    ``scores`` (N, E) float32 from the forward. Returns ``d logits`` (N, E) float32:
+    ``(grad_scores + scatter_k(d w / d s_k)) * s * (1 - s)`` with, when normalized,
+    ``dL/ds_k = rsf * (g_k / D - sum_j g_j s_j / D^2)``, ``D = sum_j s_j + 1e-20``.
+    """
+    check("scores", scores, ndim=2, dtypes=torch.float32)
+    n, e = scores.shape
+    check("topk_idx", topk_idx, ndim=2, dtypes=torch.int64, shape=(n, None), device=scores.device)
+    k = topk_idx.shape[1]
+    check("grad_weight", grad_weight, dtypes=torch.float32, shape=(n, k), device=scores.device)
+    if grad_scores is not None:
+        check("grad_scores", grad_scores, dtypes=torch.float32, shape=(n, e), device=scores.device)
+    dlogits = empty(n, e, dtype=torch.float32, device=scores.device)
+    if n == 0:
+        return dlogits
+    block_n, block_e, _, block_k = _route_blocks(e, k, 1)
+    block_n = max(1, min(block_n, triton.next_power_of_2(max(1, 16384 // (block_e * block_k)))))
+    _route_bwd_kernel[(triton.cdiv(n, block_n),)](
+        grad_weight, grad_scores if grad_scores is not None else scores, topk_idx, scores, dlogits, n,
+        float(routed_scaling_factor), E=e, K=k, NORM=bool(norm_topk_prob), HAS_GS=grad_scores is not None,
+        BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_K=block_k)
+    return dlogits
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor):
+        idx, w, scores = route_forward(logits, bias, top_k, n_group, topk_group, norm_topk_prob,
+                                       routed_scaling_factor)
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(idx, scores)
+        ctx.norm, ctx.scale = norm_topk_prob, routed_scaling_factor
+        return idx, w, scores
+
+    @staticmethod
+    def backward(ctx, _gidx, gw, gs):
+        idx, scores = ctx.saved_tensors
+        gw = torch.zeros_like(idx, dtype=torch.float32) if gw is None else gw.float().contiguous()
+        gs = None if gs is None else gs.float().contiguous()
+        return route_backward(gw, gs, idx, scores, ctx.norm, ctx.scale), None, None, None, None, None, None
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
+          norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0):
+    """Differentiable `route_forward`: ``(topk_idx, topk_weight, scores)``; the backward is the
+    `route_backward` kernel (gradient to ``logits`` only; ``bias`` gets none, as in the reference)."""
+    return _Route.apply(logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+
+
+# ============================================================================= permutation
+
+
+@triton.jit
+def _hist_kernel(ids_ptr, block_counts_ptr, M, E: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Program b counts the expert ids of flat entries [b*BLOCK, (b+1)*BLOCK): block_counts[b, e]."""
+    b = tl.program_id(0)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + i, mask=i < M, other=-1).to(tl.int32)
+    cols = tl.arange(0, BLOCK_E)
+    cnt = tl.sum((ids[:, None] == cols[None, :]).to(tl.int32), axis=0)
+    tl.store(block_counts_ptr + b.to(tl.int64) * E + cols, cnt, mask=cols < E)
+
+
+@triton.jit
+def _scan_kernel(block_counts_ptr, base_ptr, counts_ptr, offsets_ptr, NB,
+                 E: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program: base[b, e] = sum_{b' < b} block_counts[b', e] (BLOCK_B blocks per step, cumsum over
+    blocks), counts[e] = the column totals, offsets = [0, cumsum(counts)]."""
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    run = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for b0 in range(0, NB, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        m = (bs[:, None] < NB) & cmask[None, :]
+        offs = bs[:, None].to(tl.int64) * E + cols[None, :]
+        c = tl.load(block_counts_ptr + offs, mask=m, other=0)
+        tl.store(base_ptr + offs, tl.cumsum(c, axis=0) - c + run[None, :], mask=m)
+        run += tl.sum(c, axis=0)
+    tl.store(counts_ptr + cols, run.to(tl.int64), mask=cmask)
+    tl.store(offsets_ptr + 1 + cols, tl.cumsum(run, axis=0).to(tl.int64), mask=cmask)
+    tl.store(offsets_ptr + cols, tl.zeros((BLOCK_E,), dtype=tl.int64), mask=cols == 0)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, base_ptr, offsets_ptr, order_ptr, slot_ptr, M,
+                    E: tl.constexpr, BLOCK: tl.constexpr):
+    """Program b places its flat entries: slot[i] = offsets[e_i] + base[b, e_i] + #{j < i in the block:
+    e_j = e_i}; order[slot[i]] = i. Stable: entries of one expert keep their flat order."""
+    b = tl.program_id(0)
+    r = tl.arange(0, BLOCK)
+    i = b * BLOCK + r
+    valid = i < M
+    ids = tl.load(ids_ptr + i, mask=valid, other=-1).to(tl.int32)
+    before = (ids[None, :] == ids[:, None]) & (r[None, :] < r[:, None])
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    base = tl.load(base_ptr + b.to(tl.int64) * E + ids, mask=valid, other=0)
+    start = tl.load(offsets_ptr + ids, mask=valid, other=0)
+    slot = start + base + rank
+    tl.store(slot_ptr + i, slot, mask=valid)
+    tl.store(order_ptr + slot, i.to(tl.int64), mask=valid)
+
+
+def permute(topk_idx: torch.Tensor, num_experts: int, check_ids: bool = True):
+    """Sort the N*K token-expert pairs by expert, stably (histogram + scan + scatter kernels).
+
+    ``topk_idx`` (N, K) int64 (or int32) contiguous, ids in [0, num_experts). Returns
+
+    - ``order`` (M,) int64, M = N*K: flat pair indices sorted by expert, equal to
+      ``torch.argsort(topk_idx.reshape(-1), stable=True)``; the token of sorted row r is ``order[r] // K``;
+    - ``slot`` (M,) int64: the inverse, ``order[slot[i]] = i`` (where flat pair i sits in sorted order);
+    - ``counts`` (E,) int64: rows per expert; ``offsets`` (E+1,) int64: ``[0, cumsum(counts)]``.
+
+    Blocks: 64 pairs per histogram/scatter program (a 64 x next_pow2(E) compare for the histogram, 64 x 64 for
+    the in-block rank), one scan program that walks the (M/64, E) block counts 32 blocks at a time.
+    ``check_ids`` tests the id range on the host (one device sync) and raises ``ValueError``; an out-of-range
+    id would otherwise leave rows of ``order`` unwritten.
+    """
+    check("topk_idx", topk_idx, ndim=2, dtypes=INDEX)
+    if num_experts < 1:
+        raise ValueError(f"permute: num_experts={num_experts} must be >= 1")
+    dev = topk_idx.device
+    m = topk_idx.numel()
+    if m >= 2**31:
+        raise ValueError(f"permute: {m} token-expert pairs exceed the int32 range the kernels index with")
+    if check_ids and m and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= num_experts):
+        raise ValueError(f"permute: topk_idx holds ids outside [0, {num_experts})")
+    block, block_e, block_b = 64, triton.next_power_of_2(num_experts), 32
+    nb = max(1, triton.cdiv(m, block))
+    block_counts = torch.empty(nb, num_experts, dtype=torch.int32, device=dev)
+    base = torch.empty(nb, num_experts, dtype=torch.int32, device=dev)
+    order = empty(m, dtype=torch.int64, device=dev)
+    slot = empty(m, dtype=torch.int64, device=dev)
+    counts = empty(num_experts, dtype=torch.int64, device=dev)
+    offsets = empty(num_experts + 1, dtype=torch.int64, device=dev)
+    _hist_kernel[(nb,)](topk_idx, block_counts, m, E=num_experts, BLOCK=block, BLOCK_E=block_e)
+    _scan_kernel[(1,)](block_counts, base, counts, offsets, nb, E=num_experts, BLOCK_B=block_b, BLOCK_E=block_e)
+    if m:
+        _scatter_kernel[(nb,)](topk_idx, base, offsets, order, slot, m, E=num_experts, BLOCK=block)
+    return order, slot, counts, offsets
+
+
+# ============================================================================= grouped GEMM
+
+
+@triton.jit
+def _mma(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + a @ b`` (fp32 accumulator); UPCAST casts the tiles to fp32 first, IEEE forbids TF32."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, offsets_ptr, M, OUT, RED, stride_be, stride_bo, stride_br,
+                       E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_E: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """c[r, o] = sum_k a[r, k] * b[e(r)][k, o] for rows r of expert e's segment [offsets[e], offsets[e+1]).
+
+    Program (t, j): t indexes the row tiles of the nonempty segments in expert order (tile schedule from the
+    offsets: expert e owns cdiv(count_e, BLOCK_M) tiles), j the BLOCK_O output columns. Programs past the
+    last tile return at once. b[e][k, o] lives at ``b_ptr + e*stride_be + k*stride_br + o*stride_bo``.
+    """
+    t = tl.program_id(0)
+    ex = tl.arange(0, BLOCK_E)
+    emask = ex < E
+    seg0 = tl.load(offsets_ptr + ex, mask=emask, other=0).to(tl.int32)
+    seg1 = tl.load(offsets_ptr + ex + 1, mask=emask, other=0).to(tl.int32)
+    tiles = (seg1 - seg0 + BLOCK_M - 1) // BLOCK_M
+    last = tl.cumsum(tiles, axis=0)  # tiles of experts 0..e
+    e = tl.sum((last <= t).to(tl.int32), axis=0)
+    if e >= E:
+        return
+    first_tile = tl.sum(tl.where(ex == e, last - tiles, 0), axis=0)
+    start = tl.sum(tl.where(ex == e, seg0, 0), axis=0)
+    end = tl.minimum(tl.sum(tl.where(ex == e, seg1, 0), axis=0), M)
+    rows = start + (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    cols = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = cols < OUT
+    a_rows = a_ptr + rows[:, None].to(tl.int64) * RED
+    b_e = b_ptr + e.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bo
+    acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    for k0 in range(0, RED, BLOCK_R):
+        ks = k0 + tl.arange(0, BLOCK_R)
+        kmask = ks < RED
+        a = tl.load(a_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_e + ks[:, None].to(tl.int64) * stride_br, mask=kmask[:, None] & omask[None, :], other=0.0)
+        acc = _mma(acc, a, b, UPCAST, IEEE)
+    c = c_ptr + rows[:, None].to(tl.int64) * OUT + cols[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & omask[None, :])
+
+
+@triton.jit
+def _grouped_dw_kernel(dy_ptr, x_ptr, dw_ptr, offsets_ptr, M, N, K,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """dw[e][n, k] = sum over rows r of expert e's segment of dy[r, n] * x[r, k].
+
+    Program (e, j) computes one BLOCK_N x BLOCK_K tile of dw[e], reducing over the segment BLOCK_M rows at a
+    time; for an empty expert the loop runs zero times and the program stores the exact zero tile.
+    """
+    e = tl.program_id(0)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    ns = (tl.program_id(1) // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = (tl.program_id(1) % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    nmask = ns < N
+    kmask = ks < K
+    start = tl.load(offsets_ptr + e).to(tl.int32)
+    end = tl.minimum(tl.load(offsets_ptr + e + 1).to(tl.int32), M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < end
+        dyt = tl.load(dy_ptr + rows[None, :].to(tl.int64) * N + ns[:, None],
+                      mask=nmask[:, None] & rmask[None, :], other=0.0)  # (BLOCK_N, BLOCK_M)
+        xs = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        acc = _mma(acc, dyt, xs, UPCAST, IEEE)
+    out = dw_ptr + e.to(tl.int64) * N * K + ns[:, None].to(tl.int64) * K + ks[None, :]
+    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
+
+
+def _gemm_flags(dtype: torch.dtype):
+    """(UPCAST, IEEE): upcast half tiles under the interpreter (its half ``tl.dot`` is wrong); fp32 without TF32."""
+    return interpreted() and dtype != torch.float32, dtype == torch.float32
+
+
+def _gemm_blocks():
+    """(BLOCK_M, BLOCK_O, BLOCK_R, num_warps): larger tiles on a GPU, small ones for the interpreter."""
+    return (32, 32, 32, 4) if interpreted() else (64, 64, 32, 4)
+
+
+def _check_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, x_name: str = "x_sorted"):
+    check(x_name, x, ndim=2, dtypes=FLOATS)
+    check("w", w, ndim=3, dtypes=x.dtype, device=x.device)
+    check("offsets", offsets, dtypes=INDEX, shape=(w.shape[0] + 1,), device=x.device)
+
+
+def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """a (M, RED) times w[e] per segment: ``w[e]^T`` (w (E, OUT, RED)) or ``w[e]`` when ``transpose``
+    (w (E, RED, OUT)). Returns (M, OUT) in a's dtype."""
+    m, red = a.shape
+    e, d1, d2 = w.shape
+    out = d2 if transpose else d1
+    c = empty(m, out, dtype=a.dtype, device=a.device)
+    if m == 0 or out == 0:
+        return c
+    if red == 0:
+        return c.zero_()
+    bm, bo, br, warps = _gemm_blocks()
+    upcast, ieee = _gemm_flags(a.dtype)
+    stride_bo, stride_br = (1, d2) if transpose else (d2, 1)
+    grid = (triton.cdiv(m, bm) + min(e, m), triton.cdiv(out, bo))  # bound on sum_e cdiv(count_e, BLOCK_M)
+    _grouped_mm_kernel[grid](a, w, c, offsets, m, out, red, d1 * d2, stride_bo, stride_br, E=e, BLOCK_M=bm,
+                             BLOCK_O=bo, BLOCK_R=br, BLOCK_E=triton.next_power_of_2(e), UPCAST=upcast,
+                             IEEE=ieee, num_warps=warps)
+    return c
+
+
+def grouped_gemm_forward(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Grouped GEMM over expert-sorted rows: ``y[s:t] = x_sorted[s:t] @ w[e]^T`` for each expert's segment
+    ``[offsets[e], offsets[e+1])`` (one kernel, no autograd).
+
+    ``x_sorted`` (M, K) float32/bfloat16/float16, ``w`` (E, N, K) same dtype, ``offsets`` (E+1,) int32/int64 with
+    ``offsets[0] = 0``, nondecreasing, ``offsets[E] = M`` (not checked: that would need a device sync; rows
+    beyond M are never touched). Returns (M, N) in x's dtype, fp32 accumulation. Tiles 64x64x32 on a GPU
+    (32x32x32 interpreted); grid ``(cdiv(M, 64) + min(E, M), cdiv(N, 64))`` bounds the schedule of nonempty segments.
+    Raises ``TypeError``/``ValueError`` for bad tensors or a K mismatch.
+    """
+    _check_gemm(x_sorted, w, offsets)
+    if w.shape[2] != x_sorted.shape[1]:
+        raise ValueError(f"grouped_gemm: w {tuple(w.shape)} needs x_sorted with {w.shape[2]} columns, "
+                         f"got {tuple(x_sorted.shape)}")
+    return _grouped_mm(x_sorted, w, offsets, transpose=False)
+
+
+def grouped_gemm_backward(grad_y: torch.Tensor, x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor):
+    """Gradients of `grouped_gemm_forward`: ``dx = grad_y_seg @ w[e]`` (the same grouped kernel) and
+    ``dw[e] = grad_y_seg^T @ x_seg`` (a per-expert kernel; an expert with no rows gets an exact zero).
+
+    ``grad_y`` (M, N), ``x_sorted`` (M, K), ``w`` (E, N, K), all one float dtype and contiguous; ``offsets``
+    (E+1,). Returns ``(dx (M, K), dw (E, N, K))``. dw tiles 64x64 (32x32 interpreted) reduce 32 rows per step;
+    grid ``(E, cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K))``.
+    """
+    _check_gemm(x_sorted, w, offsets)
+    m, k = x_sorted.shape
+    e, n, _ = w.shape
+    check("grad_y", grad_y, dtypes=x_sorted.dtype, shape=(m, n), device=x_sorted.device)
+    if w.shape[2] != k:
+        raise ValueError(f"grouped_gemm: w {tuple(w.shape)} needs x_sorted with {w.shape[2]} columns, got {k}")
+    dx = _grouped_mm(grad_y, w, offsets, transpose=True)
+    dw = empty(e, n, k, dtype=w.dtype, device=w.device)
+    if dw.numel():
+        bn, bk, bm, warps = _gemm_blocks()
+        upcast, ieee = _gemm_flags(w.dtype)
+        _grouped_dw_kernel[(e, triton.cdiv(n, bn) * triton.cdiv(k, bk))](
+            grad_y, x_sorted, dw, offsets, m, n, k, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, UPCAST=upcast, IEEE=ieee,
+            num_warps=warps)
+    return dx, dw
+
+
+class _GroupedGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_sorted, w, offsets):
+        ctx.save_for_backward(x_sorted, w, offsets)
+        return grouped_gemm_forward(x_sorted, w, offsets)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_sorted, w, offsets = ctx.saved_tensors
+        dx, dw = grouped_gemm_backward(grad_y.contiguous(), x_sorted, w, offsets)
+        return dx, dw, None
+
+
+def grouped_gemm(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Differentiable `grouped_gemm_forward`: (M, K), (E, N, K), (E+1,) -> (M, N); backward by
+    `grouped_gemm_backward` (gradients for ``x_sorted`` and ``w``)."""
+    return _GroupedGemm.apply(x_sorted, w, offsets)
+
+
+# ============================================================================= experts
+
+
+def experts_forward(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+                    topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    """Routed SwiGLU experts, `reference.moe.Experts.forward` with Triton kernels; differentiable w.r.t. ``x``,
+    the three weights and ``topk_weight``.
+
+    ``x`` (N, H); ``gate_proj``/``up_proj`` (E, I, H) and ``down_proj`` (E, H, I) in x's dtype;
+    ``topk_idx`` (N, K) int64; ``topk_weight`` (N, K) float. Returns
+    ``y[n] = sum_k topk_weight[n, k] * down_e(silu(gate_e x_n) * up_e x_n)`` with ``e = topk_idx[n, k]``,
+    (N, H) in x's dtype.
+
+    Steps: `permute` (kernels); gather the rows ``x[order // K]`` (torch ``index_select``); one grouped GEMM
+    over the concatenated ``[gate_proj; up_proj]`` (E, 2I, H); SwiGLU ``silu(g) * u`` (torch ops: no Triton
+    swiglu kernel was available when this was written); the ``down_proj`` grouped GEMM; the combine
+    ``y[n] = sum_k w[n, k] * ys[slot[n, k]]`` in float32 (torch ops, deterministic: a gather by ``slot`` and a
+    sum over K instead of the reference's ``index_add``). Autograd runs the kernels' backward for both GEMMs.
+    """
+    check("x", x, ndim=2, dtypes=FLOATS)
+    n, h = x.shape
+    check("gate_proj", gate_proj, ndim=3, dtypes=x.dtype, shape=(None, None, h), device=x.device)
+    e, i, _ = gate_proj.shape
+    check("up_proj", up_proj, dtypes=x.dtype, shape=(e, i, h), device=x.device)
+    check("down_proj", down_proj, dtypes=x.dtype, shape=(e, h, i), device=x.device)
+    check("topk_idx", topk_idx, dtypes=torch.int64, shape=(n, None), device=x.device)
+    k = topk_idx.shape[1]
+    check("topk_weight", topk_weight, dtypes=FLOATS, shape=(n, k), device=x.device, contiguous=False)
+    order, slot, _, offsets = permute(topk_idx, e)
+    xs = x.index_select(0, order // k)
+    gu = grouped_gemm(xs, torch.cat([gate_proj, up_proj], dim=1), offsets)
+    g, u = gu[:, :i], gu[:, i:]
+    hs = (torch.nn.functional.silu(g) * u).contiguous()
+    ys = grouped_gemm(hs, down_proj, offsets)
+    ys = ys.index_select(0, slot).view(n, k, h).float()
+    return (ys * topk_weight.float()[..., None]).sum(1).to(x.dtype)

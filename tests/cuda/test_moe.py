@@ -1,0 +1,214 @@
+"""kernels/triton/moe.py against reference/moe.py: routing, permutation, grouped GEMM, experts; fwd and grads.
+
+Under the interpreter (no CUDA) every kernel runs on CPU tensors; its bfloat16 ``tl.dot`` is wrong there, so
+the GEMM kernels upcast their tiles to float32 when interpreted (see the module docstring) and the bf16 cases
+check that path; on a GPU they check the tensor-core path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.triton import moe
+from reference.moe import Experts, Router
+from tests.cuda.conftest import DEVICE
+from tests.reference_utils import make_config
+from tests.tolerance import assert_close
+
+# (n_experts, n_group, topk_group, top_k, norm_topk_prob, routed_scaling_factor, tokens)
+ROUTES = [
+    (8, 1, 1, 2, True, 1.0, 37),
+    (16, 4, 2, 3, False, 2.5, 37),
+    (12, 3, 2, 4, True, 2.5, 29),  # groups of 3 experts: nothing a power of two
+    (256, 8, 4, 8, True, 2.5, 5),  # DeepSeek-V3's shape
+]
+
+
+def _router(e, g, tg, k, norm, rsf, hidden=24):
+    c = make_config(n_routed_experts=e, n_group=g, topk_group=tg, num_experts_per_tok=k, norm_topk_prob=norm,
+                    routed_scaling_factor=rsf, hidden_size=hidden)
+    r = Router(c)
+    with torch.no_grad():
+        r.weight.normal_(0.0, hidden**-0.5)
+        r.e_score_correction_bias.normal_(0.0, 0.1)
+    return r
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+@pytest.mark.parametrize("e,g,tg,k,norm,rsf,n", ROUTES)
+def test_route_matches_router(e, g, tg, k, norm, rsf, n):
+    r = _router(e, g, tg, k, norm, rsf)
+    x = torch.randn(n, 24, dtype=torch.float64)
+    ref_idx, ref_w, ref_s = r.double()(x.requires_grad_())
+    gw, gs = torch.randn_like(ref_w), torch.randn_like(ref_s)
+    ref_dx, ref_dwt = torch.autograd.grad((ref_w * gw).sum() + (ref_s * gs).sum(), (x, r.weight))
+
+    xk = x.detach().float().to(DEVICE).requires_grad_()
+    wk = r.weight.detach().float().to(DEVICE).requires_grad_()
+    logits = xk @ wk.t()
+    idx, w, s = moe.route(logits, r.e_score_correction_bias.float().to(DEVICE), k, g, tg, norm, rsf)
+    assert idx.dtype == torch.int64 and w.dtype == s.dtype == torch.float32
+    assert torch.equal(idx.cpu(), ref_idx), "expert choice differs from reference.moe.Router"
+    assert_close(w, ref_w, what="topk_weight")
+    assert_close(s, ref_s, what="scores")
+    dx, dwt = torch.autograd.grad((w * gw.float().to(DEVICE)).sum() + (s * gs.float().to(DEVICE)).sum(), (xk, wk))
+    assert_close(dx, ref_dx, what="d x")
+    assert_close(dwt, ref_dwt, what="d router weight")
+
+
+def test_route_grad_through_weights_only():
+    """No gradient reaches ``scores``: the backward kernel's HAS_GS=False path."""
+    logits = torch.randn(19, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(16, dtype=torch.float64) * 0.1
+    lk = logits.detach().float().to(DEVICE).requires_grad_()
+    idx, w, _ = moe.route(lk, bias.float().to(DEVICE), 4, 4, 3, True, 2.5)
+    gw = torch.randn(19, 4, dtype=torch.float64)
+    ref_w = torch.sigmoid(logits).gather(1, idx.cpu())
+    ref_w = 2.5 * ref_w / (ref_w.sum(-1, keepdim=True) + 1e-20)
+    (ref_g,) = torch.autograd.grad((ref_w * gw).sum(), logits)
+    (g,) = torch.autograd.grad((w * gw.float().to(DEVICE)).sum(), lk)
+    assert_close(g, ref_g, what="d logits")
+
+
+def test_route_ties_pick_lower_index():
+    """Equal biased scores: the lower expert (and group) index wins."""
+    logits = torch.zeros(3, 8, device=DEVICE)
+    logits[1, 5] = logits[1, 6] = 1.0  # a tie for first place
+    bias = torch.zeros(8, device=DEVICE)
+    idx, w, _ = moe.route_forward(logits, bias, 3, 1, 1, False, 1.0)
+    assert idx.tolist() == [[0, 1, 2], [5, 6, 0], [0, 1, 2]]
+    idx, _, _ = moe.route_forward(logits, bias, 2, 4, 1, False, 1.0)  # groups {0,1} {2,3} {4,5} {6,7}
+    assert idx.tolist() == [[0, 1], [5, 4], [0, 1]]  # groups {4,5} and {6,7} tie: {4,5} wins
+
+
+# ----------------------------------------------------------------------------- permutation
+
+
+@pytest.mark.parametrize("n,k,e", [(53, 3, 10), (550, 4, 7), (1, 1, 1)])
+def test_permute_matches_stable_argsort(n, k, e):
+    idx = torch.randint(0, e, (n, k))
+    if e > 3:
+        idx[idx == 3] = 0  # expert 3 stays empty
+    order, slot, counts, offsets = moe.permute(idx.to(DEVICE), e)
+    flat = idx.reshape(-1)
+    ref_counts = torch.bincount(flat, minlength=e)
+    assert torch.equal(order.cpu(), torch.argsort(flat, stable=True))
+    assert torch.equal(slot.cpu()[order.cpu()], torch.arange(n * k))
+    assert torch.equal(counts.cpu(), ref_counts)
+    assert torch.equal(offsets.cpu(), torch.cat([torch.zeros(1, dtype=torch.int64), ref_counts.cumsum(0)]))
+
+
+# ----------------------------------------------------------------------------- grouped GEMM
+
+
+def _segments(counts):
+    counts = torch.tensor(counts)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(DEVICE)
+
+
+def _per_segment(x, w, offsets):
+    o = offsets.tolist()
+    return torch.cat([x[o[e]:o[e + 1]] @ w[e].t() for e in range(w.shape[0])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", [[5, 0, 33, 1, 0, 17], [0, 40, 0]])
+def test_grouped_gemm_fwd_bwd(dtype, counts):
+    e, n, kdim = len(counts), 20, 36
+    offsets = _segments(counts)
+    x = torch.randn(sum(counts), kdim, device=DEVICE).to(dtype).requires_grad_()
+    w = (torch.randn(e, n, kdim, device=DEVICE) * kdim**-0.5).to(dtype)
+    empty_experts = [i for i, c in enumerate(counts) if c == 0]
+    w[empty_experts] = float("nan")  # an empty expert's weights must never be read
+    w.requires_grad_()
+    y = moe.grouped_gemm(x, w, offsets)
+    assert y.dtype == dtype
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = _per_segment(x64, w64, offsets)
+    assert_close(y, ref, dtype, what="y")
+    gy = torch.randn_like(ref)
+    dx, dw = torch.autograd.grad(y, (x, w), gy.to(dtype))
+    ref_dx, ref_dw = torch.autograd.grad(ref, (x64, w64), gy)
+    assert_close(dx, ref_dx, dtype, what="dx")
+    full = [i for i in range(e) if i not in empty_experts]
+    assert_close(dw[full], ref_dw[full], dtype, what="dw")
+    assert torch.equal(dw[empty_experts], torch.zeros_like(dw[empty_experts])), "empty expert: dw must be 0"
+
+
+def test_grouped_gemm_no_rows():
+    w = torch.randn(3, 4, 5, device=DEVICE)
+    x = torch.randn(0, 5, device=DEVICE)
+    offsets = _segments([0, 0, 0])
+    assert moe.grouped_gemm_forward(x, w, offsets).shape == (0, 4)
+    dx, dw = moe.grouped_gemm_backward(torch.randn(0, 4, device=DEVICE), x, w, offsets)
+    assert dx.shape == (0, 5) and torch.equal(dw, torch.zeros_like(dw))
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def _routing(n, k, e, skip=()):
+    """Distinct experts per token, none from ``skip``; positive weights."""
+    allowed = torch.tensor([i for i in range(e) if i not in skip])
+    idx = torch.stack([allowed[torch.randperm(len(allowed))[:k]] for _ in range(n)])
+    return idx, torch.rand(n, k) + 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h,i,e,k", [(23, 24, 20, 6, 2), (9, 16, 12, 16, 4)])
+def test_experts_forward_matches_reference(dtype, n, h, i, e, k):
+    ex = Experts(e, h, i)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5)
+            p.copy_(p.to(dtype))  # the reference sees the values the kernel sees
+    idx, tw = _routing(n, k, e, skip=(1,))
+    x = torch.randn(n, h).to(dtype).double()
+
+    ref_ex = ex.double()
+    xr, twr = x.clone().requires_grad_(), tw.double().requires_grad_()
+    ref = ref_ex(xr, idx, twr)
+    gy = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (xr, ref_ex.gate_proj, ref_ex.up_proj, ref_ex.down_proj, twr), gy)
+
+    args = [t.detach().to(DEVICE, dtype).requires_grad_() for t in (x, ex.gate_proj, ex.up_proj, ex.down_proj)]
+    twk = tw.to(DEVICE).requires_grad_()
+    y = moe.experts_forward(*args, idx.to(DEVICE), twk)
+    assert y.dtype == dtype
+    assert_close(y, ref, dtype, what="y")
+    grads = torch.autograd.grad(y, (*args, twk), gy.to(DEVICE, dtype))
+    for name, g, r in zip(["x", "gate_proj", "up_proj", "down_proj", "topk_weight"], grads, ref_grads, strict=True):
+        assert_close(g, r, dtype, what=f"d {name}")
+    assert torch.equal(grads[1][1], torch.zeros_like(grads[1][1])), "expert 1 got no token: zero gradient"
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_raise():
+    logits, bias = torch.randn(4, 8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    with pytest.raises(TypeError, match="logits"):
+        moe.route_forward(logits.double(), bias, 2)
+    with pytest.raises(ValueError, match="bias"):
+        moe.route_forward(logits, torch.zeros(7, device=DEVICE), 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        moe.route_forward(torch.randn(8, 4, device=DEVICE).t(), bias, 2)
+    with pytest.raises(ValueError, match="n_group"):
+        moe.route_forward(logits, bias, 2, n_group=3)
+    with pytest.raises(ValueError, match="top_k"):
+        moe.route_forward(logits, bias, 5, n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="outside"):
+        moe.permute(torch.tensor([[0, 8]], device=DEVICE), 8)
+    x, w, off = torch.randn(6, 5, device=DEVICE), torch.randn(2, 3, 5, device=DEVICE), _segments([2, 4])
+    with pytest.raises(TypeError, match="w"):
+        moe.grouped_gemm(x, w.double(), off)
+    with pytest.raises(ValueError, match="offsets"):
+        moe.grouped_gemm(x, w, off[:2])
+    with pytest.raises(ValueError, match="columns"):
+        moe.grouped_gemm(x[:, :4].contiguous(), w, off)
+    with pytest.raises(ValueError, match="down_proj"):
+        moe.experts_forward(x, w, w, w, torch.zeros(6, 1, dtype=torch.int64, device=DEVICE),
+                            torch.ones(6, 1, device=DEVICE))
