@@ -1,0 +1,10 @@
+"""MLX runtime of DeepSeek-V3 / V3.2: the model in ``mlx.nn`` (same API and checkpoint directory as `reference`),
+hot ops through `runtime_mlx.kernels` (Metal kernels on Apple Silicon, pure MLX elsewhere), and an MLX
+training loop (`runtime_mlx.train`, ``dsfs train --backend mlx``)."""
+
+from reference.config import ModelConfig
+
+from .cache import KVCache
+from .model import Model
+
+__all__ = ["KVCache", "Model", "ModelConfig"]

@@ -1,0 +1,59 @@
+"""Causal attention through ``mx.fast.scaled_dot_product_attention`` and the MHA / MQA / GQA layer
+(mirrors `reference.attention`)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from reference.config import ModelConfig
+
+from .rope import RoPE
+
+
+def causal_mask(q_len: int, kv_len: int, offset: int) -> mx.array:
+    """Boolean (q_len, kv_len), True where key ``j`` is visible to query ``i``: ``j <= offset + i``."""
+    return mx.arange(kv_len)[None, :] <= (mx.arange(q_len)[:, None] + offset)
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, scale: float) -> mx.array:
+    """``softmax(q k^T * scale + mask) v`` with grouped key/value heads.
+
+    ``q`` (B, H, T, Dk), ``k`` (B, Hk, S, Dk), ``v`` (B, Hk, S, Dv), ``H % Hk == 0``; ``mask`` boolean,
+    broadcastable to (B, H, T, S), True = attend, or None: causal with the last query at the last key
+    (``mx.fast.scaled_dot_product_attention``'s "causal", which equals `causal_mask` with offset ``S - T``).
+    Returns (B, H, T, Dv) in ``q.dtype``.
+    """
+    if mask is None:
+        mask = "causal" if q.shape[2] > 1 else None
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+class Attention(nn.Module):
+    """MHA / MQA / GQA with RoPE over the whole head; (B, T, hidden) -> (B, T, hidden). The cache holds ``k``,
+    ``v`` (B, num_key_value_heads, S, head_dim) per layer. Parameters named as `reference.attention.Attention`."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RoPE):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.interleaved = c.rope_interleave
+        self.scale = c.softmax_scale(c.head_dim)
+        self.rope = rope
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def __call__(self, x: mx.array, cache=None, offset: int = 0) -> mx.array:
+        """``x`` (B, T, hidden) at positions ``offset ..``; ``cache`` a `runtime_mlx.cache.LayerCache` or None."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        q, k = self.rope(q, offset, self.interleaved), self.rope(k, offset, self.interleaved)
+        if cache is not None:
+            k, v = cache.update(k=k, v=v)
+        o = attend(q, k, v, None, self.scale)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(b, t, -1))

@@ -1,0 +1,69 @@
+"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2-Exp) in MLX (mirrors `reference.dsa`): the lightning indexer
+picks each query's top-k previous tokens and MLA attends to those only.
+
+Index score ``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] * D**-0.5)`` with one shared key head
+``k = LayerNorm(wk h_s)``, queries ``wq_b`` of MLA's query latent, ``w = weights_proj(h_t) * H**-0.5``, NeoX RoPE
+on the first ``qk_rope_head_dim`` features; ``k = min(index_topk, visible)`` keys per query, causal, shared by all
+heads. Scores and top-k are `runtime_mlx.kernels.indexer_topk`; the selection carries no gradient, so the
+indexer's parameters are frozen (the reference's get no gradient from the LM loss either).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from reference.config import ModelConfig
+
+from . import kernels
+from .mla import MLA
+from .rope import RoPE
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: ``wq_b`` (q_lora_rank -> H*D), ``wk`` (hidden -> D), ``k_norm`` (LayerNorm D, eps 1e-6),
+    ``weights_proj`` (hidden -> H), H = index_n_heads, D = index_head_dim."""
+
+    def __init__(self, config: ModelConfig, rope: RoPE):
+        super().__init__()
+        c = config
+        self.n_heads, self.head_dim, self.topk = c.index_n_heads, c.index_head_dim, c.index_topk
+        self.rope = rope
+        self.wq_b = nn.Linear(c.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(c.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(c.hidden_size, self.n_heads, bias=False)
+        self.scale = self.head_dim**-0.5
+
+    def project(self, x: mx.array, q_latent: mx.array, offset: int = 0, cache=None):
+        """``q`` (B, H, T, D) and ``k`` (B, S, D) rotated (``k`` holds the cached keys too; the new ones are appended
+        to ``cache['index_k']``), ``w`` (B, T, H) float32. ``x`` (B, T, hidden), ``q_latent`` (B, T, q_lora_rank)."""
+        b, t, _ = x.shape
+        q = self.wq_b(q_latent).reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset, traditional=False)
+        k = self.rope(self.k_norm(self.wk(x)), offset, traditional=False)
+        if cache is not None:
+            (k,) = cache.update(index_k=k)
+        w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5
+        return q, k, w
+
+    def select(self, x: mx.array, q_latent: mx.array, offset: int = 0, cache=None) -> mx.array:
+        """Boolean (B, T, S) selection: each query's causal top-``min(index_topk, S)`` keys (exact ties to the
+        earlier key)."""
+        q, k, w = self.project(x, q_latent, offset, cache)
+        idx = kernels.indexer_topk(q, k, w, self.scale, self.topk)
+        return kernels.indexer_mask(idx, k.shape[1])
+
+
+class DSA(MLA):
+    """MLA whose attention is restricted to the indexer's top-k selection (V3.2); parameters of MLA plus
+    ``indexer.*`` (frozen). With ``index_topk >= seq_len`` it equals MLA."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RoPE):
+        super().__init__(config, layer_idx, rope)
+        self.indexer = Indexer(config, rope)
+        self.indexer.freeze()
+
+    def select_mask(self, x, q_latent, cache, offset):
+        sel = self.indexer.select(mx.stop_gradient(x), mx.stop_gradient(q_latent), offset, cache)
+        return sel[:, None]  # (B, 1, T, S)
