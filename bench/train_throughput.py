@@ -43,7 +43,7 @@ def batches(n: int, b: int, t: int, seed: int = 0):
         return [(x[:, :-1].contiguous(), x[:, 1:].contiguous()) for x in ids]
 
 
-def time_steps(step, data, warmup: int) -> float:
+def tokens_per_second(step, data, warmup: int) -> float:
     """Run ``step`` over ``data``; return tokens/s over the batches after ``warmup``."""
     for x, y in data[:warmup]:
         step(x, y)
@@ -115,7 +115,7 @@ def main(argv=None):
     results = {}
     for name, make in rows:
         t0 = time.perf_counter()
-        tps = time_steps(make(), data, args.warmup)
+        tps = tokens_per_second(make(), data, args.warmup)
         results[name] = tps
         print(f"{name:45s} {tps:8.0f} tokens/s   ({time.perf_counter() - t0:.0f} s incl. warm-up)", flush=True)
     base = results[rows[0][0]]

@@ -1,0 +1,227 @@
+"""Shared setup of the asv suites: backends, checkpoints, models, inputs, synchronisation and backward passes.
+
+Every suite is parametrized by ``backend``, one of `BACKENDS`:
+
+- ``reference``: the plain-PyTorch model of `reference/` (the definition of correct), on CUDA when there is a
+  GPU, else on the CPU;
+- ``cuda``: `runtime_cuda` (Triton kernels); needs a CUDA device, otherwise skipped (the Triton interpreter is
+  never used for timing);
+- ``mlx``: `runtime_mlx` (MLX; Metal kernels on Apple Silicon, pure MLX elsewhere);
+- ``transformers`` and ``mlx_lm``: the peers, ``transformers.models.deepseek_v3`` / ``deepseek_v32`` and
+  ``mlx_lm.models.deepseek_v3`` / ``deepseek_v32``.
+
+All backends of one benchmark run the same shapes with the same weights: the reference model is built with
+seeded weights and written as a Hugging Face checkpoint directory (`checkpoint`), which every backend loads
+through its own loader (`load_model`), as in ``tests/test_oracle.py``. A backend that cannot run here raises
+``NotImplementedError`` from the suite's ``setup``; asv records the benchmark as skipped (shown as n/a).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import tempfile
+
+import numpy as np
+
+BACKENDS = ["reference", "cuda", "mlx", "transformers", "mlx_lm"]
+OURS = ("reference", "cuda", "mlx")
+PEERS = ("transformers", "mlx_lm")
+MLX_BACKENDS = ("mlx", "mlx_lm")
+
+# A small DeepSeek-V3 block: the "tiny" preset's widths, one decoder layer; suites override fields.
+BASE_CONFIG = dict(
+    vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=1,
+    num_attention_heads=4, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+    v_head_dim=64, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+    first_k_dense_replace=0, max_position_embeddings=4096, index_n_heads=4, index_head_dim=64, index_topk=128,
+)
+
+
+class Suite:
+    """Base of every benchmark class: asv timing attributes sized for a 2-core CPU (one round, at most five
+    samples of at most ~2 s in all per benchmark and parameter set)."""
+
+    rounds = 1
+    repeat = (1, 5, 2.0)
+    warmup_time = 0.1
+    sample_time = 0.02
+    timeout = 300
+
+
+def skip(reason: str):
+    """Raise the ``NotImplementedError`` that asv records as 'skipped'."""
+    raise NotImplementedError(reason)
+
+
+def torch_device():
+    """The device the torch backends (reference, transformers) run on: CUDA when present, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def require(backend: str) -> None:
+    """Raise ``NotImplementedError`` when ``backend`` cannot run on this machine (missing package or device)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            skip("cuda: no CUDA device on this machine")
+        _import("runtime_cuda", "Model")
+    elif backend == "mlx":
+        _import("runtime_mlx", "Model")
+    elif backend == "transformers":
+        _import("transformers.models.deepseek_v3.modeling_deepseek_v3")
+    elif backend == "mlx_lm":
+        _import("mlx_lm.models.deepseek_v3")
+
+
+def _import(module: str, attr: str | None = None):
+    """Import ``module`` (and check it has ``attr``), or raise ``NotImplementedError`` saying why."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        skip(f"{module} is not importable here: {e}")
+    if attr is not None and not hasattr(mod, attr):
+        skip(f"{module} has no {attr} yet")
+    return mod
+
+
+def config(**overrides):
+    """A `reference.ModelConfig` of `BASE_CONFIG` updated with ``overrides``."""
+    from reference import ModelConfig
+
+    return ModelConfig(**{**BASE_CONFIG, **overrides})
+
+
+def reference_model(cfg, seed: int = 0):
+    """The reference `Model` of ``cfg`` with its own seeded initialisation (``init_weights``: matrices
+    N(0, initializer_range), norm gains 1), float32 on the CPU, eval mode."""
+    import torch
+
+    from reference import Model
+
+    torch.manual_seed(seed)
+    return Model(cfg).eval()
+
+
+def checkpoint(cfg, seed: int = 0) -> str:
+    """Write `reference_model` of ``cfg`` as a Hugging Face checkpoint directory and return its path (a fresh
+    temporary directory, removed when the process exits)."""
+    tmp = tempfile.TemporaryDirectory(prefix="dsfs-bench-")
+    _TEMP_DIRS.append(tmp)
+    path = os.path.join(tmp.name, "model")
+    reference_model(cfg, seed).save_pretrained(path)
+    return path
+
+
+_TEMP_DIRS: list = []
+
+
+def load_model(backend: str, path: str, train: bool = False):
+    """Load the checkpoint directory ``path`` with ``backend``'s own loader. Torch models come in float32 on
+    `torch_device`, in eval mode unless ``train``. Raises ``NotImplementedError`` where the backend cannot."""
+    require(backend)
+    if backend in ("reference", "cuda", "transformers"):
+        import torch
+
+        if backend == "reference":
+            from reference import Model
+
+            model = Model.from_pretrained(path)
+        elif backend == "cuda":
+            model = _import("runtime_cuda", "Model").Model.from_pretrained(path)
+        else:
+            import transformers
+
+            logging.getLogger("transformers").setLevel(logging.ERROR)
+            transformers.utils.logging.disable_progress_bar()
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return model.to(torch_device()).train(train)
+    if backend == "mlx":
+        model = _import("runtime_mlx", "Model").Model.from_pretrained(path)
+    else:
+        import pathlib
+
+        from mlx_lm.utils import load_model as mlx_lm_load
+
+        model, _ = mlx_lm_load(pathlib.Path(path))
+    model.train(train)
+    return model
+
+
+def array(backend: str, shape, seed: int = 0, kind: str = "normal", high: int | None = None):
+    """A seeded random input for ``backend``: float32 N(0, 1) (``kind='normal'``) or int64 tokens in
+    ``[0, high)`` (``kind='tokens'``), as a torch tensor on `torch_device` or an ``mx.array``."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(shape, dtype=np.float32) if kind == "normal" else rng.integers(0, high, shape)
+    if backend in MLX_BACKENDS:
+        import mlx.core as mx
+
+        return mx.array(a.astype(np.int32) if kind == "tokens" else a)
+    import torch
+
+    return torch.from_numpy(a).to(torch_device())
+
+
+def sync(backend: str, *outs) -> None:
+    """Wait for ``outs`` to be computed: ``mx.eval`` for MLX (lazy), a CUDA synchronize for torch on a GPU."""
+    if backend in MLX_BACKENDS:
+        import mlx.core as mx
+
+        mx.eval(*outs)
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def first(out):
+    """The output tensor of a module call that may return a tuple (transformers' attention does)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def forward_backward(backend: str, module, fn):
+    """A function ``step(*inputs)`` that runs ``fn(*inputs)`` (an output array/tensor computed by ``module``),
+    takes ``sum(out)`` as the loss and computes the gradients of ``module``'s parameters (and of float torch
+    inputs that require them), waiting for all of it. Torch gradients are reset to None after each step."""
+    if backend in MLX_BACKENDS:
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        grad_fn = nn.value_and_grad(module, lambda *a: first(fn(*a)).sum())
+
+        def step(*inputs):
+            loss, grads = grad_fn(*inputs)
+            mx.eval(loss, grads)
+
+        return step
+
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step(*inputs):
+        first(fn(*inputs)).float().sum().backward()
+        sync(backend)
+        for p in params:
+            p.grad = None
+        for x in inputs:
+            if getattr(x, "grad", None) is not None:
+                x.grad = None
+
+    return step
+
+
+def no_grad(backend: str):
+    """A context manager that disables autograd for the torch backends (nothing for MLX)."""
+    import contextlib
+
+    if backend in MLX_BACKENDS:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.no_grad()
