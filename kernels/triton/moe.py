@@ -15,9 +15,11 @@ Entry points (differentiable unless said otherwise):
 The raw launchers ``route_forward``, ``route_backward``, ``grouped_gemm_forward`` and ``grouped_gemm_backward``
 run one kernel pass each, without autograd.
 
-Under Triton's interpreter (``TRITON_INTERPRET=1``) ``tl.dot`` on bfloat16/float16 tiles returns garbage
-(measured with triton 3.9), so there the GEMM kernels cast their tiles to float32 before ``tl.dot``; on a GPU
-the tiles go to the tensor cores in their own dtype with float32 accumulation. float32 GEMMs use
+Under Triton's interpreter (``TRITON_INTERPRET=1``, triton 3.9) ``tl.dot`` on bfloat16/float16 tiles returns
+garbage and the float32 -> bfloat16 cast truncates (513 of 1024 random values off by one ulp, even with
+``fp_downcast_rounding="rtne"``), so interpreted GEMM kernels cast their tiles to float32 before ``tl.dot`` and
+round bf16 outputs to nearest-even by hand before the cast; on a GPU the tiles go to the tensor cores in their
+own dtype with float32 accumulation, and the hardware cast rounds. float32 GEMMs use
 ``input_precision="ieee"`` (no TF32), so float32 results meet the float32 tolerance.
 """
 
@@ -125,7 +127,8 @@ def _route_blocks(e: int, k: int, n_group: int):
     block_g = triton.next_power_of_2(max(n_group, 2))
     block_k = triton.next_power_of_2(max(k, 2))
     per_token = block_e * max(block_g if n_group > 1 else 1, block_k)
-    block_n = max(1, min(64, triton.next_power_of_2(max(1, 16384 // per_token))))
+    budget = 16384 if interpreted() else 4096  # elements of the largest 3-D temporary per program
+    block_n = max(1, min(64, triton.next_power_of_2(max(1, budget // per_token))))
     return block_n, block_e, block_g, block_k
 
 
@@ -156,8 +159,9 @@ def route_forward(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group:
     ``torch.topk`` orders distinct values; torch itself does not promise an order for exact ties.
     NaN logits give undefined picks.
 
-    One program routes BLOCK_N tokens (BLOCK_N * next_pow2(E) * max(next_pow2(n_group), next_pow2(K)) <= 16384)
-    with all E experts of a token in registers, so E is limited by register space (256 is fine).
+    One program routes BLOCK_N tokens, BLOCK_N * next_pow2(E) * max(next_pow2(n_group), next_pow2(K)) <= 4096
+    (16384 interpreted; BLOCK_N <= 64), with all E experts of a token in registers, so E is limited by register
+    space (256 is fine).
     Raises ``TypeError``/``ValueError`` (see `utils.check`) for bad tensors and ``ValueError`` for
     inconsistent ``top_k``/``n_group``/``topk_group``.
     """
@@ -198,7 +202,6 @@ def route_backward(grad_weight: torch.Tensor, grad_scores: torch.Tensor | None, 
     if n == 0:
         return dlogits
     block_n, block_e, _, block_k = _route_blocks(e, k, 1)
-    block_n = max(1, min(block_n, triton.next_power_of_2(max(1, 16384 // (block_e * block_k)))))
     _route_bwd_kernel[(triton.cdiv(n, block_n),)](
         grad_weight, grad_scores if grad_scores is not None else scores, topk_idx, scores, dlogits, n,
         float(routed_scaling_factor), E=e, K=k, NORM=bool(norm_topk_prob), HAS_GS=grad_scores is not None,
@@ -340,9 +343,18 @@ def _mma(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 ``x`` rounded to the nearest bfloat16 value (ties to even), still fp32: the interpreter's
+    fp32 -> bf16 cast truncates (triton 3.9), so interpreted kernels round with this before casting."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, offsets_ptr, M, OUT, RED, stride_be, stride_bo, stride_br,
                        E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_E: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                       BLOCK_E: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr):
     """c[r, o] = sum_k a[r, k] * b[e(r)][k, o] for rows r of expert e's segment [offsets[e], offsets[e+1]).
 
     Program (t, j): t indexes the row tiles of the nonempty segments in expert order (tile schedule from the
@@ -375,6 +387,8 @@ def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, offsets_ptr, M, OUT, RED, stride_be,
         a = tl.load(a_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_e + ks[:, None].to(tl.int64) * stride_br, mask=kmask[:, None] & omask[None, :], other=0.0)
         acc = _mma(acc, a, b, UPCAST, IEEE)
+    if ROUND:
+        acc = _round_bf16(acc)
     c = c_ptr + rows[:, None].to(tl.int64) * OUT + cols[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & omask[None, :])
 
@@ -382,7 +396,7 @@ def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, offsets_ptr, M, OUT, RED, stride_be,
 @triton.jit
 def _grouped_dw_kernel(dy_ptr, x_ptr, dw_ptr, offsets_ptr, M, N, K,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                       UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                       UPCAST: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr):
     """dw[e][n, k] = sum over rows r of expert e's segment of dy[r, n] * x[r, k].
 
     Program (e, j) computes one BLOCK_N x BLOCK_K tile of dw[e], reducing over the segment BLOCK_M rows at a
@@ -405,13 +419,18 @@ def _grouped_dw_kernel(dy_ptr, x_ptr, dw_ptr, offsets_ptr, M, N, K,
         xs = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
                      mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         acc = _mma(acc, dyt, xs, UPCAST, IEEE)
+    if ROUND:
+        acc = _round_bf16(acc)
     out = dw_ptr + e.to(tl.int64) * N * K + ns[:, None].to(tl.int64) * K + ks[None, :]
     tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
 
 
 def _gemm_flags(dtype: torch.dtype):
-    """(UPCAST, IEEE): upcast half tiles under the interpreter (its half ``tl.dot`` is wrong); fp32 without TF32."""
-    return interpreted() and dtype != torch.float32, dtype == torch.float32
+    """Constexpr flags of the GEMM kernels: UPCAST half tiles under the interpreter (its half ``tl.dot`` is
+    wrong), IEEE fp32 products (no TF32), ROUND bf16 outputs by hand under the interpreter (its cast truncates)."""
+    interp = interpreted()
+    return dict(UPCAST=interp and dtype != torch.float32, IEEE=dtype == torch.float32,
+                ROUND=interp and dtype == torch.bfloat16)
 
 
 def _gemm_blocks():
@@ -437,12 +456,11 @@ def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, transpo
     if red == 0:
         return c.zero_()
     bm, bo, br, warps = _gemm_blocks()
-    upcast, ieee = _gemm_flags(a.dtype)
     stride_bo, stride_br = (1, d2) if transpose else (d2, 1)
     grid = (triton.cdiv(m, bm) + min(e, m), triton.cdiv(out, bo))  # bound on sum_e cdiv(count_e, BLOCK_M)
     _grouped_mm_kernel[grid](a, w, c, offsets, m, out, red, d1 * d2, stride_bo, stride_br, E=e, BLOCK_M=bm,
-                             BLOCK_O=bo, BLOCK_R=br, BLOCK_E=triton.next_power_of_2(e), UPCAST=upcast,
-                             IEEE=ieee, num_warps=warps)
+                             BLOCK_O=bo, BLOCK_R=br, BLOCK_E=triton.next_power_of_2(e),
+                             num_warps=warps, **_gemm_flags(a.dtype))
     return c
 
 
@@ -481,10 +499,9 @@ def grouped_gemm_backward(grad_y: torch.Tensor, x_sorted: torch.Tensor, w: torch
     dw = empty(e, n, k, dtype=w.dtype, device=w.device)
     if dw.numel():
         bn, bk, bm, warps = _gemm_blocks()
-        upcast, ieee = _gemm_flags(w.dtype)
         _grouped_dw_kernel[(e, triton.cdiv(n, bn) * triton.cdiv(k, bk))](
-            grad_y, x_sorted, dw, offsets, m, n, k, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, UPCAST=upcast, IEEE=ieee,
-            num_warps=warps)
+            grad_y, x_sorted, dw, offsets, m, n, k, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, num_warps=warps,
+            **_gemm_flags(w.dtype))
     return dx, dw
 
 
