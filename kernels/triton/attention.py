@@ -22,7 +22,7 @@ Block sizes: 16 under the interpreter (so small test shapes span several blocks)
 for padded head dims up to 64, 8 warps up to 128, 32 x 32 above (untuned, not yet timed on a GPU).
 
 Triton 3.9's interpreter returns garbage from ``tl.dot`` on bfloat16 operands (measured; float16 is fine), so
-under the interpreter bfloat16 operands are upcast to float32 before each dot (`_dot`). That is numerically
+under the interpreter bfloat16 operands are upcast to float32 before each dot (`tile_dot`). That is numerically
 what the GPU's bfloat16 MMA does (exact products, float32 accumulation).
 """
 
@@ -41,7 +41,7 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
+def tile_dot(a, b, UPCAST: tl.constexpr):
     """``a @ b`` with a float32 result; IEEE float32 for float32 operands; ``UPCAST``: operands to float32 first
     (bfloat16 under the interpreter, see the module docstring)."""
     if UPCAST:
@@ -55,7 +55,7 @@ def pow2(n: int) -> int:
 
 
 def upcast(dtype: torch.dtype) -> bool:
-    """Whether `_dot` must upcast operands of ``dtype`` (bfloat16 under the interpreter)."""
+    """Whether `tile_dot` must upcast operands of ``dtype`` (bfloat16 under the interpreter)."""
     return interpreted() and dtype == torch.bfloat16
 
 
@@ -71,14 +71,14 @@ def _blocks(block_d: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _load(ptr, rows, cols, n_rows, n_cols):
+def load_tile(ptr, rows, cols, n_rows, n_cols):
     """The tile ``ptr[rows, cols]`` of a row-major (n_rows, n_cols) matrix, zero outside it."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _store(ptr, x, rows, cols, n_rows, n_cols):
+def store_tile(ptr, x, rows, cols, n_rows, n_cols):
     """Store ``x`` into the tile ``ptr[rows, cols]`` of a row-major (n_rows, n_cols) matrix, cast to its dtype."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(ptr + rows[:, None] * n_cols + cols[None, :], x.to(ptr.dtype.element_ty), mask=mask)
@@ -94,7 +94,7 @@ def _attn_fwd(Q, K, V, O, LSE, T, S, H, HK, DK, DV, qk_scale, offset, CAUSAL: tl
     K, V = K + bhk * S * DK, V + bhk * S * DV
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
-    q = _load(Q + bh * T * DK, offs_m, offs_dk, T, DK)
+    q = load_tile(Q + bh * T * DK, offs_m, offs_dk, T, DK)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
@@ -103,9 +103,9 @@ def _attn_fwd(Q, K, V, O, LSE, T, S, H, HK, DK, DV, qk_scale, offset, CAUSAL: tl
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + offset)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load(K, offs_n, offs_dk, S, DK)
-        v = _load(V, offs_n, offs_dv, S, DV)
-        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        k = load_tile(K, offs_n, offs_dk, S, DK)
+        v = load_tile(V, offs_n, offs_dv, S, DV)
+        s = tile_dot(q, tl.trans(k), UPCAST) * qk_scale
         ok = offs_n[None, :] < S
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
@@ -114,9 +114,9 @@ def _attn_fwd(Q, K, V, O, LSE, T, S, H, HK, DK, DV, qk_scale, offset, CAUSAL: tl
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, UPCAST)
         m_i = m_new
-    _store(O + bh * T * DV, acc / l_i[:, None], offs_m, offs_dv, T, DV)
+    store_tile(O + bh * T * DV, acc / l_i[:, None], offs_m, offs_dv, T, DV)
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
 
 
@@ -126,8 +126,8 @@ def _attn_bwd_delta(O, DO, DELTA, T, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.con
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o = _load(O + bh * T * DV, offs_m, offs_dv, T, DV).to(tl.float32)
-    do = _load(DO + bh * T * DV, offs_m, offs_dv, T, DV).to(tl.float32)
+    o = load_tile(O + bh * T * DV, offs_m, offs_dv, T, DV).to(tl.float32)
+    do = load_tile(DO + bh * T * DV, offs_m, offs_dv, T, DV).to(tl.float32)
     tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
@@ -140,8 +140,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_, DV_, T, S, H, HK, DK, DV, scale
     group = H // HK
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
-    k = _load(K + bhk * S * DK, offs_n, offs_dk, S, DK)
-    v = _load(V + bhk * S * DV, offs_n, offs_dv, S, DV)
+    k = load_tile(K + bhk * S * DK, offs_n, offs_dk, S, DK)
+    v = load_tile(V + bhk * S * DV, offs_n, offs_dv, S, DV)
     dk = tl.zeros((BLOCK_N, BLOCK_DK), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     lo = 0
@@ -151,19 +151,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_, DV_, T, S, H, HK, DK, DV, scale
         bh = bhk // HK * H + bhk % HK * group + g
         for start_m in range(lo, T, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load(Q + bh * T * DK, offs_m, offs_dk, T, DK)
-            do = _load(DO + bh * T * DV, offs_m, offs_dv, T, DV)
+            q = load_tile(Q + bh * T * DK, offs_m, offs_dk, T, DK)
+            do = load_tile(DO + bh * T * DV, offs_m, offs_dv, T, DV)
             lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
             delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
             ok = (offs_n[:, None] < S) & (offs_m[None, :] < T)
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= offs_m[None, :] + offset)
-            pt = tl.where(ok, tl.exp2(_dot(k, tl.trans(q), UPCAST) * qk_scale - lse[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, UPCAST)
-            dst = pt * (_dot(v, tl.trans(do), UPCAST) - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, UPCAST)
-    _store(DK_ + bhk * S * DK, dk * scale, offs_n, offs_dk, S, DK)
-    _store(DV_ + bhk * S * DV, dv, offs_n, offs_dv, S, DV)
+            pt = tl.where(ok, tl.exp2(tile_dot(k, tl.trans(q), UPCAST) * qk_scale - lse[None, :]), 0.0)
+            dv += tile_dot(pt.to(do.dtype), do, UPCAST)
+            dst = pt * (tile_dot(v, tl.trans(do), UPCAST) - delta[None, :])
+            dk += tile_dot(dst.to(q.dtype), q, UPCAST)
+    store_tile(DK_ + bhk * S * DK, dk * scale, offs_n, offs_dk, S, DK)
+    store_tile(DV_ + bhk * S * DV, dv, offs_n, offs_dv, S, DV)
 
 
 @triton.jit
@@ -176,8 +176,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T, S, H, HK, DK, DV, scale, qk_sca
     K, V = K + bhk * S * DK, V + bhk * S * DV
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
-    q = _load(Q + bh * T * DK, offs_m, offs_dk, T, DK)
-    do = _load(DO + bh * T * DV, offs_m, offs_dv, T, DV)
+    q = load_tile(Q + bh * T * DK, offs_m, offs_dk, T, DK)
+    do = load_tile(DO + bh * T * DV, offs_m, offs_dv, T, DV)
     lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_DK), tl.float32)
@@ -186,15 +186,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T, S, H, HK, DK, DV, scale, qk_sca
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + offset)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load(K, offs_n, offs_dk, S, DK)
-        v = _load(V, offs_n, offs_dv, S, DV)
+        k = load_tile(K, offs_n, offs_dk, S, DK)
+        v = load_tile(V, offs_n, offs_dv, S, DV)
         ok = (offs_m[:, None] < T) & (offs_n[None, :] < S)
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
-        p = tl.where(ok, tl.exp2(_dot(q, tl.trans(k), UPCAST) * qk_scale - lse[:, None]), 0.0)
-        ds = p * (_dot(do, tl.trans(v), UPCAST) - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, UPCAST)
-    _store(DQ + bh * T * DK, dq * scale, offs_m, offs_dk, T, DK)
+        p = tl.where(ok, tl.exp2(tile_dot(q, tl.trans(k), UPCAST) * qk_scale - lse[:, None]), 0.0)
+        ds = p * (tile_dot(do, tl.trans(v), UPCAST) - delta[:, None])
+        dq += tile_dot(ds.to(k.dtype), k, UPCAST)
+    store_tile(DQ + bh * T * DK, dq * scale, offs_m, offs_dk, T, DK)
 
 
 def _check_inputs(q, k, v, causal):
