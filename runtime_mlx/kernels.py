@@ -172,8 +172,8 @@ SPECS: dict[str, KernelSpec] = {
         _spec("indexer_topk", "dsa", "scores", "topk_idx"),
         _spec("act_quant", "fp8", "x", "y s"),
         _spec("weight_dequant", "fp8", "w scale_inv", "out"),
-        _spec("cross_entropy_fwd", "cross_entropy", "logits targets", "loss lse"),
-        _spec("cross_entropy_bwd", "cross_entropy", "logits targets lse g", "dlogits"),
+        _spec("cross_entropy_fwd", "cross_entropy", "logits targets ignore_index", "loss lse"),
+        _spec("cross_entropy_bwd", "cross_entropy", "logits targets lse g ignore_index", "dlogits"),
     )
 }
 
@@ -253,7 +253,7 @@ def rms_norm_launch(x2: mx.array, weight: mx.array, eps: float) -> Launch:
     backward)."""
     n, d = x2.shape
     tg = _tg_size(d)
-    out_dtype = mx.promote_types(x2.dtype, weight.dtype)
+    out_dtype = mx.result_type(x2, weight)
     return Launch(SPECS["rms_norm_fwd"], [x2, weight, _scalar(eps)],
                   [("T", x2.dtype), ("W", weight.dtype), ("O", out_dtype), ("D", d), ("TG", tg)],
                   (n * tg, 1, 1), (tg, 1, 1), [(n, d), (n,)], [out_dtype, mx.float32])
@@ -511,7 +511,8 @@ def mla_decode_launch(q_latent, q_pe, c_kv, k_pe, scale) -> Launch:
     b, h, t, r = q_latent.shape
     s, dr = c_kv.shape[1], k_pe.shape[-1]
     return Launch(SPECS["mla_decode"], [q_latent, q_pe, c_kv, k_pe, _scalar(scale)],
-                  [("T", q_latent.dtype), ("KT", c_kv.dtype), ("H", h), ("TQ", t), ("S", s), ("R", r), ("DR", dr)],
+                  [("T", q_latent.dtype), ("KT", c_kv.dtype), ("H", h), ("TQ", t), ("S", s), ("R", r), ("DR", dr),
+                   ("NSG", _MLA_TG // 32)],
                   (b * h * t * _MLA_TG, 1, 1), (_MLA_TG, 1, 1), [(b, h, t, r)], [q_latent.dtype])
 
 
@@ -773,8 +774,8 @@ def cross_entropy_launch(logits, targets, ignore_index) -> Launch:
     merged by simd and threadgroup reductions. Outputs ``loss`` (N,) and ``lse`` (N,) float32."""
     n, v = logits.shape
     tg = _tg_size(v, _CE_TG)
-    return Launch(SPECS["cross_entropy_fwd"], [logits, targets],
-                  [("T", logits.dtype), ("V", v), ("IGNORE", int(ignore_index)), ("TG", tg)],
+    return Launch(SPECS["cross_entropy_fwd"], [logits, targets, mx.array(int(ignore_index), dtype=mx.int32)],
+                  [("T", logits.dtype), ("V", v), ("TG", tg)],
                   (n * tg, 1, 1), (tg, 1, 1), [(n,), (n,)], [mx.float32, mx.float32])
 
 
@@ -782,8 +783,8 @@ def cross_entropy_bwd_launch(logits, targets, lse, g, ignore_index) -> Launch:
     """Backward: ``dlogits[n, v] = g[n] * (exp(logits[n, v] - lse[n]) - [v == target[n]])``, 0 on ignored rows;
     grid (V rounded up to 256, N, 1), threadgroup (256, 1, 1). Output (N, V) in logits' dtype."""
     n, v = logits.shape
-    return Launch(SPECS["cross_entropy_bwd"], [logits, targets, lse, g],
-                  [("T", logits.dtype), ("G", g.dtype), ("V", v), ("IGNORE", int(ignore_index))],
+    return Launch(SPECS["cross_entropy_bwd"], [logits, targets, lse, g, mx.array(int(ignore_index), dtype=mx.int32)],
+                  [("T", logits.dtype), ("G", g.dtype), ("V", v)],
                   (256 * _cdiv(v, 256), n, 1), (256, 1, 1), [(n, v)], [logits.dtype])
 
 
