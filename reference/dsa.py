@@ -20,6 +20,16 @@ from .rms_norm import at_least_fp32
 from .rope import apply_rope
 
 
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
+    """Lightning-indexer scores ``I[b, t, s] = sum_h w[b, t, h] * relu(scale * q[b, t, h] . k[b, s])`` (V3.2
+    report eq. 1), (B, T, S) in at least float32, unmasked.
+
+    ``q`` (B, T, H, D), ``k`` (B, S, D) (one key head shared by all indexer heads), ``w`` (B, T, H).
+    """
+    logits = torch.relu(torch.einsum("bthd,bsd->bths", at_least_fp32(q), at_least_fp32(k)) * scale)
+    return torch.einsum("bths,bth->bts", logits, at_least_fp32(w))
+
+
 class Indexer(nn.Module):
     """Lightning indexer. Parameters: ``wq_b`` (q_lora_rank -> H*D), ``wk`` (hidden -> D), ``k_norm``
     (LayerNorm D), ``weights_proj`` (hidden -> H), with H = index_n_heads, D = index_head_dim."""
@@ -39,20 +49,24 @@ class Indexer(nn.Module):
         pe, rest = x.split([self.dr, self.head_dim - self.dr], dim=-1)
         return torch.cat((apply_rope(pe, cos, sin, interleaved=False), rest), dim=-1)
 
-    def scores(self, x, q_latent, cos, sin, cache=None) -> torch.Tensor:
-        """Index scores (B, T, S) (at least float32) of the T new queries against all S cached + new keys (unmasked).
+    def project(self, x, q_latent, cos, sin, cache=None):
+        """Indexer queries ``q`` (B, T, H, D), keys ``k`` (B, S, D) (cached + new, NeoX RoPE on the first
+        ``qk_rope_head_dim`` dims of both) and head weights ``w`` (B, T, H) (``weights_proj(x) * H**-0.5``).
 
         ``x`` (B, T, hidden), ``q_latent`` (B, T, q_lora_rank). Appends the new keys to ``cache['index_k']``.
         """
         b, t, _ = x.shape
         q = self.wq_b(q_latent).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        q = self._rope(q, cos, sin)
+        q = self._rope(q, cos, sin).transpose(1, 2)
         k = self._rope(self.k_norm(self.wk(x)), cos, sin)  # (B, T, D)
         if cache is not None:
             (k,) = cache.update(index_k=k)
-        logits = torch.relu(torch.einsum("bhtd,bsd->bhts", at_least_fp32(q), at_least_fp32(k)) * self.scale)
-        w = at_least_fp32(self.weights_proj(x)) * self.n_heads**-0.5  # (B, T, H)
-        return torch.einsum("bhts,bth->bts", logits, w)
+        return q, k, self.weights_proj(x) * self.n_heads**-0.5
+
+    def scores(self, x, q_latent, cos, sin, cache=None) -> torch.Tensor:
+        """Index scores (B, T, S) (at least float32) of the T new queries against all S cached + new keys
+        (unmasked): `indexer_scores` of `project`."""
+        return indexer_scores(*self.project(x, q_latent, cos, sin, cache), self.scale)
 
     def select(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Boolean (B, T, S) selection: the causal top-``min(index_topk, S)`` keys of each query, within ``mask``
