@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .swiglu import swiglu
 from .utils import check, empty, interpreted
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -352,14 +353,20 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, offsets_ptr, M, OUT, RED, stride_be, stride_bo, stride_br,
-                       E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_E: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr):
+def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, a2_ptr, b2_ptr, c2_ptr, offsets_ptr, M, OUT, RED,
+                       stride_be, stride_bo, stride_br,
+                       E: tl.constexpr, PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                       ROUND: tl.constexpr):
     """c[r, o] = sum_k a[r, k] * b[e(r)][k, o] for rows r of expert e's segment [offsets[e], offsets[e+1]).
+
+    PAIR = 0: that product alone. PAIR = 1 (gate and up): also c2 = a @ b2[e], reusing the loaded a tile.
+    PAIR = 2 (their input gradient): c = a @ b[e] + a2 @ b2[e]. b and b2 share one layout: b[e][k, o] lives
+    at ``b_ptr + e*stride_be + k*stride_br + o*stride_bo``; a, a2 are (M, RED), c, c2 (M, OUT), contiguous.
 
     Program (t, j): t indexes the row tiles of the nonempty segments in expert order (tile schedule from the
     offsets: expert e owns cdiv(count_e, BLOCK_M) tiles), j the BLOCK_O output columns. Programs past the
-    last tile return at once. b[e][k, o] lives at ``b_ptr + e*stride_be + k*stride_br + o*stride_bo``.
+    last tile return at once, so an empty expert costs nothing and its weights are never read.
     """
     t = tl.program_id(0)
     ex = tl.arange(0, BLOCK_E)
@@ -378,26 +385,39 @@ def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, offsets_ptr, M, OUT, RED, stride_be,
     rmask = rows < end
     cols = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = cols < OUT
-    a_rows = a_ptr + rows[:, None].to(tl.int64) * RED
-    b_e = b_ptr + e.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bo
+    a_offs = rows[:, None].to(tl.int64) * RED
+    b_offs = e.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bo
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
     for k0 in range(0, RED, BLOCK_R):
         ks = k0 + tl.arange(0, BLOCK_R)
         kmask = ks < RED
-        a = tl.load(a_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_e + ks[:, None].to(tl.int64) * stride_br, mask=kmask[:, None] & omask[None, :], other=0.0)
-        acc = _mma(acc, a, b, UPCAST, IEEE)
+        amask = rmask[:, None] & kmask[None, :]
+        bmask = kmask[:, None] & omask[None, :]
+        bk = b_offs + ks[:, None].to(tl.int64) * stride_br
+        a = tl.load(a_ptr + a_offs + ks[None, :], mask=amask, other=0.0)
+        acc = _mma(acc, a, tl.load(b_ptr + bk, mask=bmask, other=0.0), UPCAST, IEEE)
+        if PAIR == 1:
+            acc2 = _mma(acc2, a, tl.load(b2_ptr + bk, mask=bmask, other=0.0), UPCAST, IEEE)
+        if PAIR == 2:
+            a2 = tl.load(a2_ptr + a_offs + ks[None, :], mask=amask, other=0.0)
+            acc = _mma(acc, a2, tl.load(b2_ptr + bk, mask=bmask, other=0.0), UPCAST, IEEE)
+    c_offs = rows[:, None].to(tl.int64) * OUT + cols[None, :]
+    cmask = rmask[:, None] & omask[None, :]
     if ROUND:
         acc = _round_bf16(acc)
-    c = c_ptr + rows[:, None].to(tl.int64) * OUT + cols[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & omask[None, :])
+        acc2 = _round_bf16(acc2)
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+    if PAIR == 1:
+        tl.store(c2_ptr + c_offs, acc2.to(c2_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
-def _grouped_dw_kernel(dy_ptr, x_ptr, dw_ptr, offsets_ptr, M, N, K,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+def _grouped_dw_kernel(dy_ptr, x_ptr, dw_ptr, dy2_ptr, dw2_ptr, offsets_ptr, M, N, K,
+                       PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                        UPCAST: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr):
-    """dw[e][n, k] = sum over rows r of expert e's segment of dy[r, n] * x[r, k].
+    """dw[e][n, k] = sum over rows r of expert e's segment of dy[r, n] * x[r, k]; with PAIR also
+    dw2[e] from dy2 and the same x tiles. dy, dy2 (M, N), x (M, K), dw, dw2 (E, N, K), contiguous.
 
     Program (e, j) computes one BLOCK_N x BLOCK_K tile of dw[e], reducing over the segment BLOCK_M rows at a
     time; for an empty expert the loop runs zero times and the program stores the exact zero tile.
@@ -411,18 +431,39 @@ def _grouped_dw_kernel(dy_ptr, x_ptr, dw_ptr, offsets_ptr, M, N, K,
     start = tl.load(offsets_ptr + e).to(tl.int32)
     end = tl.minimum(tl.load(offsets_ptr + e + 1).to(tl.int32), M)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < end
-        dyt = tl.load(dy_ptr + rows[None, :].to(tl.int64) * N + ns[:, None],
-                      mask=nmask[:, None] & rmask[None, :], other=0.0)  # (BLOCK_N, BLOCK_M)
+        dy_offs = rows[None, :].to(tl.int64) * N + ns[:, None]  # transposed tile (BLOCK_N, BLOCK_M)
+        dy_mask = nmask[:, None] & rmask[None, :]
         xs = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
                      mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        acc = _mma(acc, dyt, xs, UPCAST, IEEE)
+        acc = _mma(acc, tl.load(dy_ptr + dy_offs, mask=dy_mask, other=0.0), xs, UPCAST, IEEE)
+        if PAIR:
+            acc2 = _mma(acc2, tl.load(dy2_ptr + dy_offs, mask=dy_mask, other=0.0), xs, UPCAST, IEEE)
     if ROUND:
         acc = _round_bf16(acc)
-    out = dw_ptr + e.to(tl.int64) * N * K + ns[:, None].to(tl.int64) * K + ks[None, :]
-    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
+        acc2 = _round_bf16(acc2)
+    out = e.to(tl.int64) * N * K + ns[:, None].to(tl.int64) * K + ks[None, :]
+    omask = nmask[:, None] & kmask[None, :]
+    tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=omask)
+    if PAIR:
+        tl.store(dw2_ptr + out, acc2.to(dw2_ptr.dtype.element_ty), mask=omask)
+
+
+def _grouped_dw(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, e: int, dy2: torch.Tensor | None = None):
+    """dw (E, N, K) with ``dw[e] = dy_seg^T @ x_seg`` (and dw2 from ``dy2`` when given: returns both)."""
+    m, k = x.shape
+    n = dy.shape[1]
+    dw = empty(e, n, k, dtype=x.dtype, device=x.device)
+    dw2 = dw if dy2 is None else empty(e, n, k, dtype=x.dtype, device=x.device)
+    if dw.numel():
+        bn, bk, bm, warps = _gemm_blocks()
+        _grouped_dw_kernel[(e, triton.cdiv(n, bn) * triton.cdiv(k, bk))](
+            dy, x, dw, dy if dy2 is None else dy2, dw2, offsets, m, n, k, PAIR=dy2 is not None, BLOCK_N=bn,
+            BLOCK_K=bk, BLOCK_M=bm, num_warps=warps, **_gemm_flags(x.dtype))
+    return dw if dy2 is None else (dw, dw2)
 
 
 def _gemm_flags(dtype: torch.dtype):
@@ -444,24 +485,30 @@ def _check_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, x_name:
     check("offsets", offsets, dtypes=INDEX, shape=(w.shape[0] + 1,), device=x.device)
 
 
-def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, transpose: bool) -> torch.Tensor:
+def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, transpose: bool,
+                w2: torch.Tensor | None = None, a2: torch.Tensor | None = None):
     """a (M, RED) times w[e] per segment: ``w[e]^T`` (w (E, OUT, RED)) or ``w[e]`` when ``transpose``
-    (w (E, RED, OUT)). Returns (M, OUT) in a's dtype."""
+    (w (E, RED, OUT)). Returns c (M, OUT) in a's dtype; with ``w2`` (w's shape) alone returns
+    ``(a @ w[e]^T, a @ w2[e]^T)`` (PAIR 1); with ``a2`` and ``w2`` returns ``a @ w[e] + a2 @ w2[e]`` (PAIR 2).
+    Inputs are checked by the callers."""
     m, red = a.shape
     e, d1, d2 = w.shape
     out = d2 if transpose else d1
+    pair = 0 if w2 is None else 1 if a2 is None else 2
     c = empty(m, out, dtype=a.dtype, device=a.device)
-    if m == 0 or out == 0:
-        return c
-    if red == 0:
-        return c.zero_()
-    bm, bo, br, warps = _gemm_blocks()
-    stride_bo, stride_br = (1, d2) if transpose else (d2, 1)
-    grid = (triton.cdiv(m, bm) + min(e, m), triton.cdiv(out, bo))  # bound on sum_e cdiv(count_e, BLOCK_M)
-    _grouped_mm_kernel[grid](a, w, c, offsets, m, out, red, d1 * d2, stride_bo, stride_br, E=e, BLOCK_M=bm,
-                             BLOCK_O=bo, BLOCK_R=br, BLOCK_E=triton.next_power_of_2(e),
-                             num_warps=warps, **_gemm_flags(a.dtype))
-    return c
+    c2 = empty(m, out, dtype=a.dtype, device=a.device) if pair == 1 else c
+    if m and out and red == 0:
+        c.zero_()
+        c2.zero_()
+    if m and out and red:
+        bm, bo, br, warps = _gemm_blocks()
+        stride_bo, stride_br = (1, d2) if transpose else (d2, 1)
+        grid = (triton.cdiv(m, bm) + min(e, m), triton.cdiv(out, bo))  # bound on sum_e cdiv(count_e, BLOCK_M)
+        _grouped_mm_kernel[grid](a, w, c, a if a2 is None else a2, w if w2 is None else w2, c2, offsets, m, out,
+                                 red, d1 * d2, stride_bo, stride_br, E=e, PAIR=pair, BLOCK_M=bm, BLOCK_O=bo,
+                                 BLOCK_R=br, BLOCK_E=triton.next_power_of_2(e), num_warps=warps,
+                                 **_gemm_flags(a.dtype))
+    return (c, c2) if pair == 1 else c
 
 
 def grouped_gemm_forward(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -495,14 +542,7 @@ def grouped_gemm_backward(grad_y: torch.Tensor, x_sorted: torch.Tensor, w: torch
     check("grad_y", grad_y, dtypes=x_sorted.dtype, shape=(m, n), device=x_sorted.device)
     if w.shape[2] != k:
         raise ValueError(f"grouped_gemm: w {tuple(w.shape)} needs x_sorted with {w.shape[2]} columns, got {k}")
-    dx = _grouped_mm(grad_y, w, offsets, transpose=True)
-    dw = empty(e, n, k, dtype=w.dtype, device=w.device)
-    if dw.numel():
-        bn, bk, bm, warps = _gemm_blocks()
-        _grouped_dw_kernel[(e, triton.cdiv(n, bn) * triton.cdiv(k, bk))](
-            grad_y, x_sorted, dw, offsets, m, n, k, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, num_warps=warps,
-            **_gemm_flags(w.dtype))
-    return dx, dw
+    return _grouped_mm(grad_y, w, offsets, transpose=True), _grouped_dw(grad_y, x_sorted, offsets, e)
 
 
 class _GroupedGemm(torch.autograd.Function):
@@ -524,6 +564,38 @@ def grouped_gemm(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor)
     return _GroupedGemm.apply(x_sorted, w, offsets)
 
 
+class _GateUp(torch.autograd.Function):
+    """``(g, u) = (x_seg @ gate[e]^T, x_seg @ up[e]^T)`` per segment in one kernel (PAIR 1); the backward runs
+    ``dx = dg @ gate[e] + du @ up[e]`` in one kernel (PAIR 2) and both weight gradients in one (PAIR)."""
+
+    @staticmethod
+    def forward(ctx, xs, gate, up, offsets):
+        ctx.save_for_backward(xs, gate, up, offsets)
+        return _grouped_mm(xs, gate, offsets, transpose=False, w2=up)
+
+    @staticmethod
+    def backward(ctx, dg, du):
+        xs, gate, up, offsets = ctx.saved_tensors
+        dg, du = dg.contiguous(), du.contiguous()  # autograd materializes an unused output's gradient as 0
+        dx = _grouped_mm(dg, gate, offsets, transpose=True, w2=up, a2=du)
+        dgate, dup = _grouped_dw(dg, xs, offsets, gate.shape[0], dy2=du)
+        return dx, dgate, dup, None
+
+
+def grouped_gate_up(x_sorted: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
+                    offsets: torch.Tensor):
+    """Differentiable pair of grouped GEMMs sharing their input: ``(x_seg @ gate_proj[e]^T,
+    x_seg @ up_proj[e]^T)`` for each segment, each (M, I) contiguous, in one kernel pass that loads each x tile
+    once (no concatenated weight is built). ``x_sorted`` (M, H); ``gate_proj``, ``up_proj`` (E, I, H) in x's
+    dtype; ``offsets`` (E+1,). Raises like `grouped_gemm_forward`."""
+    _check_gemm(x_sorted, gate_proj, offsets)
+    check("up_proj", up_proj, dtypes=x_sorted.dtype, shape=tuple(gate_proj.shape), device=x_sorted.device)
+    if gate_proj.shape[2] != x_sorted.shape[1]:
+        raise ValueError(f"grouped_gate_up: weights {tuple(gate_proj.shape)} need x_sorted with "
+                         f"{gate_proj.shape[2]} columns, got {tuple(x_sorted.shape)}")
+    return _GateUp.apply(x_sorted, gate_proj, up_proj, offsets)
+
+
 # ============================================================================= experts
 
 
@@ -532,16 +604,17 @@ def experts_forward(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Ten
     """Routed SwiGLU experts, `reference.moe.Experts.forward` with Triton kernels; differentiable w.r.t. ``x``,
     the three weights and ``topk_weight``.
 
-    ``x`` (N, H); ``gate_proj``/``up_proj`` (E, I, H) and ``down_proj`` (E, H, I) in x's dtype;
-    ``topk_idx`` (N, K) int64; ``topk_weight`` (N, K) float. Returns
-    ``y[n] = sum_k topk_weight[n, k] * down_e(silu(gate_e x_n) * up_e x_n)`` with ``e = topk_idx[n, k]``,
-    (N, H) in x's dtype.
+    ``x`` (N, H) float32/bfloat16/float16; ``gate_proj``/``up_proj`` (E, I, H) and ``down_proj`` (E, H, I) in
+    x's dtype, contiguous; ``topk_idx`` (N, K) int64 in [0, E); ``topk_weight`` (N, K) float (any layout).
+    Returns ``y[n] = sum_k topk_weight[n, k] * down_e(silu(gate_e x_n) * up_e x_n)`` with
+    ``e = topk_idx[n, k]``, (N, H) in x's dtype.
 
-    Steps: `permute` (kernels); gather the rows ``x[order // K]`` (torch ``index_select``); one grouped GEMM
-    over the concatenated ``[gate_proj; up_proj]`` (E, 2I, H); SwiGLU ``silu(g) * u`` (torch ops: no Triton
-    swiglu kernel was available when this was written); the ``down_proj`` grouped GEMM; the combine
+    Steps: `permute` (kernels; one host sync for the id-range check); gather the rows ``x[order // K]`` (torch
+    ``index_select``); `grouped_gate_up` (one kernel for gate and up); ``silu(g) * u`` by
+    `kernels.triton.swiglu.swiglu`; `grouped_gemm` with ``down_proj``; the combine
     ``y[n] = sum_k w[n, k] * ys[slot[n, k]]`` in float32 (torch ops, deterministic: a gather by ``slot`` and a
-    sum over K instead of the reference's ``index_add``). Autograd runs the kernels' backward for both GEMMs.
+    sum over K instead of the reference's ``index_add``). Autograd runs the kernels' backward for the GEMMs and
+    SwiGLU, torch's for the gather and the combine. Raises ``TypeError``/``ValueError`` on bad inputs.
     """
     check("x", x, ndim=2, dtypes=FLOATS)
     n, h = x.shape
@@ -553,10 +626,7 @@ def experts_forward(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Ten
     k = topk_idx.shape[1]
     check("topk_weight", topk_weight, dtypes=FLOATS, shape=(n, k), device=x.device, contiguous=False)
     order, slot, _, offsets = permute(topk_idx, e)
-    xs = x.index_select(0, order // k)
-    gu = grouped_gemm(xs, torch.cat([gate_proj, up_proj], dim=1), offsets)
-    g, u = gu[:, :i], gu[:, i:]
-    hs = (torch.nn.functional.silu(g) * u).contiguous()
-    ys = grouped_gemm(hs, down_proj, offsets)
+    g, u = grouped_gate_up(x.index_select(0, order // k), gate_proj, up_proj, offsets)
+    ys = grouped_gemm(swiglu(g, u), down_proj, offsets)
     ys = ys.index_select(0, slot).view(n, k, h).float()
     return (ys * topk_weight.float()[..., None]).sum(1).to(x.dtype)

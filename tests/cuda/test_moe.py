@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from kernels.triton import moe
-from reference.moe import Experts, Router
+from reference.moe import DeepSeekMoE, Experts, Router
 from tests.cuda.conftest import DEVICE
-from tests.reference_utils import make_config
+from tests.reference_utils import make_config, randomize_
 from tests.tolerance import assert_close
 
 # (n_experts, n_group, topk_group, top_k, norm_topk_prob, routed_scaling_factor, tokens)
@@ -169,6 +169,7 @@ def test_experts_forward_matches_reference(dtype, n, h, i, e, k):
         for p in ex.parameters():
             p.normal_(0.0, p.shape[-1] ** -0.5)
             p.copy_(p.to(dtype))  # the reference sees the values the kernel sees
+            p[1] = float("nan")  # expert 1 gets no token: its weights must never be read
     idx, tw = _routing(n, k, e, skip=(1,))
     x = torch.randn(n, h).to(dtype).double()
 
@@ -187,6 +188,31 @@ def test_experts_forward_matches_reference(dtype, n, h, i, e, k):
     for name, g, r in zip(["x", "gate_proj", "up_proj", "down_proj", "topk_weight"], grads, ref_grads, strict=True):
         assert_close(g, r, dtype, what=f"d {name}")
     assert torch.equal(grads[1][1], torch.zeros_like(grads[1][1])), "expert 1 got no token: zero gradient"
+
+
+def test_deepseek_moe_routed_path_matches_reference():
+    """route + experts_forward against DeepSeekMoE (no shared expert) in training mode with the sequence-wise
+    balance loss: output, loss and the gradients of x, the router weight and the experts."""
+    c = make_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3, n_shared_experts=0,
+                    norm_topk_prob=True, routed_scaling_factor=2.5, aux_loss_alpha=0.01)
+    ref_moe = randomize_(DeepSeekMoE(c), router_bias=0.1).double().train()
+    x = torch.randn(2, 11, c.hidden_size, dtype=torch.float64, requires_grad=True)
+    ref = ref_moe(x)
+    gy = torch.randn_like(ref)
+    params = (ref_moe.gate.weight, ref_moe.experts.gate_proj, ref_moe.experts.up_proj, ref_moe.experts.down_proj)
+    ref_grads = torch.autograd.grad((ref * gy).sum() + ref_moe.aux_loss, (x, *params))
+
+    xk, *pk = [t.detach().float().to(DEVICE).requires_grad_() for t in (x, *params)]
+    flat = xk.view(-1, c.hidden_size)
+    bias = ref_moe.gate.e_score_correction_bias.float().to(DEVICE)
+    idx, w, scores = moe.route(flat @ pk[0].t(), bias, 3, 4, 2, True, 2.5)
+    y = moe.experts_forward(flat, *pk[1:], idx, w).view_as(xk)
+    aux = ref_moe.sequence_balance_loss(scores.view(2, 11, -1), idx.view(2, 11, -1))
+    assert_close(y, ref, what="y")
+    assert_close(aux, ref_moe.aux_loss, what="balance loss")
+    grads = torch.autograd.grad((y * gy.float().to(DEVICE)).sum() + aux, (xk, *pk))
+    for name, g, r in zip(["x", "router", "gate_proj", "up_proj", "down_proj"], grads, ref_grads, strict=True):
+        assert_close(g, r, what=f"d {name}")
 
 
 # ----------------------------------------------------------------------------- bad inputs
