@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -63,6 +64,11 @@ ATTRIBUTES = {
     "grid_size": "uint3",
 }
 ATTR_EXPR = {"grid_size": "a.threads_per_grid"}
+
+
+def find_cxx() -> str | None:
+    """The C++ compiler the emulation uses (``$CXX``, else /usr/bin/g++), or None when there is none."""
+    return shutil.which(CXX)
 
 
 class MetalEmulationError(RuntimeError):

@@ -8,33 +8,20 @@ Gradients are compared as well as outputs. Shapes are small: MLX's Linux CPU mat
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from reference import fp8 as ref_fp8
-from reference.attention import attend, causal_mask
 from reference.rms_norm import rms_norm as ref_rms_norm
 from reference.swiglu import swiglu as ref_swiglu
 from runtime_mlx import kernels as K
+from tests.mlx.kernel_refs import ref_indexer, ref_mla_decode, ref_route, spread, to_mx, to_torch
 from tests.tolerance import assert_close
 
 METAL = K.metal_available()
 needs_metal = pytest.mark.skipif(not METAL, reason="Metal kernels need Apple Silicon (no Metal device)")
 PATHS = ["mlx", pytest.param("metal", marks=needs_metal)]
-
-
-def to_mx(t: torch.Tensor) -> mx.array:
-    if t.dtype == torch.bfloat16:
-        return mx.array(t.float().numpy()).astype(mx.bfloat16)
-    return mx.array(t.numpy())
-
-
-def to_torch(a: mx.array) -> torch.Tensor:
-    if a.dtype == mx.bfloat16:
-        return torch.from_numpy(np.array(a.astype(mx.float32))).to(torch.bfloat16)
-    return torch.from_numpy(np.array(a))
 
 
 @pytest.fixture(autouse=True)
@@ -87,24 +74,6 @@ def test_swiglu(path, dtype):
     assert_close(to_torch(du), ur.grad, dtype, what="dup")
 
 
-def ref_route(logits, bias, top_k, n_group, topk_group, norm, rsf):
-    """reference.moe.Router.forward after its linear layer (the same statements, on given logits)."""
-    scores = torch.sigmoid(logits)
-    choice = scores.detach() + bias
-    if n_group > 1:
-        n, e = choice.shape
-        grouped = choice.view(n, n_group, e // n_group)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
-        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
-    idx = choice.topk(top_k, dim=-1).indices
-    w = scores.gather(1, idx)
-    if norm:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return idx, w * rsf, scores
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cfg", [(8, 2, 1, 1, True, 2.5), (24, 3, 4, 2, True, 1.0), (16, 4, 1, 1, False, 1.5)])
 def test_moe_route(path, cfg):
@@ -136,23 +105,9 @@ def test_mla_decode(path, shape):
     ql, qp = torch.randn(b, h, t, r, dtype=torch.float64), torch.randn(b, h, t, dr, dtype=torch.float64)
     ckv, kpe = torch.randn(b, s, r, dtype=torch.float64), torch.randn(b, s, dr, dtype=torch.float64)
     scale = (r + dr) ** -0.5
-    mask = causal_mask(t, s, s - t)
-    ref = attend(torch.cat((ql, qp), -1), torch.cat((ckv, kpe), -1)[:, None], ckv[:, None], mask, scale)
+    ref = ref_mla_decode(ql, qp, ckv, kpe, scale)
     out = K.mla_decode(*(to_mx(a.float()) for a in (ql, qp, ckv, kpe)), scale)
     assert_close(to_torch(out), ref)
-
-
-def ref_indexer(q, k, w, scale, topk):
-    """reference.dsa.Indexer.scores/select on given projections (the same statements)."""
-    t, s = q.shape[2], k.shape[1]
-    logits = torch.relu(torch.einsum("bhtd,bsd->bhts", q, k) * scale)
-    scores = torch.einsum("bhts,bth->bts", logits, w)
-    mask = causal_mask(t, s, s - t)
-    masked = scores.masked_fill(~mask, float("-inf"))
-    kk = min(topk, s)
-    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
-    sel = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, idx, True) & mask
-    return scores, sel
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -171,16 +126,10 @@ def test_indexer(path, shape):
     assert torch.equal(to_torch(K.indexer_mask(idx, s)), ref_sel)
 
 
-def _spread(*shape):
-    """randn scaled by a different power of ten per row, so tiles span many binades."""
-    x = torch.randn(*shape)
-    return x * 10.0 ** torch.randint(-3, 3, (*shape[:-1], 1)).float()
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape,bs", [((3, 5, 300), 128), ((7, 64), 32), ((2, 1), 128)])
 def test_act_quant(path, shape, bs):
-    x = _spread(*shape)
+    x = spread(*shape)
     x[0, ..., :3] = 0.0
     y_ref, s_ref = ref_fp8.act_quant(x, bs)
     y, s = K.act_quant(to_mx(x), bs)
@@ -192,7 +141,7 @@ def test_act_quant(path, shape, bs):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape,bs", [((300, 200), 128), ((45, 70), 32)])
 def test_weight_dequant(path, shape, bs):
-    w_fp8, s = ref_fp8.weight_quant(_spread(*shape), bs)
+    w_fp8, s = ref_fp8.weight_quant(spread(*shape), bs)
     ref = ref_fp8.weight_dequant(w_fp8, s, bs)
     out = K.weight_dequant(to_mx(w_fp8.view(torch.uint8)), to_mx(s), bs)
     assert_close(to_torch(out), ref, bound=0.0)

@@ -1,0 +1,152 @@
+"""Every kernel in kernels/metal (and its VJP kernel) under the CPU Metal emulation, against the reference op.
+
+Each op runs through its real Metal path in `runtime_mlx.kernels` (the same `Launch` data and post-processing),
+with the launch itself executed by `driver.emulate` instead of ``mx.fast.metal_kernel``. Each is run under two
+thread orders, which must agree bit for bit (a race shows as a moving result); outputs are poisoned (NaN) before
+each run; sizes are ragged (not multiples of the threadgroup, the block or 32). Errors: `tests.tolerance`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference import fp8 as ref_fp8
+from reference.rms_norm import rms_norm as ref_rms_norm
+from reference.swiglu import swiglu as ref_swiglu
+from runtime_mlx import kernels as K
+from tests.metal_emulation import driver
+from tests.mlx.kernel_refs import ref_indexer, ref_mla_decode, ref_route, spread, to_mx, to_torch
+from tests.tolerance import assert_close
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is None,
+                                reason="the Metal emulation needs Linux and g++ (ucontext fibers, ELF sections)")
+
+SEEDS = (1, 2)
+
+
+def _bits(a: mx.array) -> bytes:
+    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).tobytes()
+
+
+def twice(fn, *args, **kw):
+    """``fn(*args, runner=...)`` under two thread orders; asserts identical bits and returns the first result."""
+    outs = [fn(*args, runner=driver.runner(seed), **kw) for seed in SEEDS]
+    first = outs[0] if isinstance(outs[0], tuple | list) else (outs[0],)
+    second = outs[1] if isinstance(outs[1], tuple | list) else (outs[1],)
+    for a, b in zip(first, second, strict=True):
+        assert _bits(a) == _bits(b), "result moves with the thread order (a race)"
+    return outs[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm(dtype):
+    n, d = 5, 300  # TG = 256 threads: each thread takes one or two columns
+    x, w, g = torch.randn(n, d, dtype=dtype), torch.randn(d), torch.randn(n, d)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = ref_rms_norm(xr, wr, 1e-6)
+    ref.backward(g.double())
+    out, rstd = twice(K._rms_norm_metal, to_mx(x), to_mx(w), 1e-6)
+    dx, dw = twice(K._rms_norm_metal_bwd, to_mx(x), to_mx(w), to_mx(g), rstd)
+    assert_close(to_torch(out), ref, dtype)
+    assert_close(to_torch(dx), xr.grad, dtype, what="dx")
+    assert_close(to_torch(dw), wr.grad, dtype, what="dw")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu(dtype):
+    gate, up, g = torch.randn(7, 111, dtype=dtype), torch.randn(7, 111, dtype=dtype), torch.randn(7, 111, dtype=dtype)
+    gr, ur = gate.double().requires_grad_(), up.double().requires_grad_()
+    ref = ref_swiglu(gr, ur)
+    ref.backward(g.double())
+    out = twice(K._swiglu_metal, to_mx(gate), to_mx(up))
+    dg, du = twice(K._swiglu_metal_bwd, to_mx(gate), to_mx(up), to_mx(g))
+    assert_close(to_torch(out), ref, dtype)
+    assert_close(to_torch(dg), gr.grad, dtype, what="dgate")
+    assert_close(to_torch(du), ur.grad, dtype, what="dup")
+
+
+@pytest.mark.parametrize("cfg", [(24, 3, 4, 2, True, 2.5), (10, 2, 1, 1, False, 1.0)])
+def test_moe_route(cfg):
+    e, top_k, n_group, topk_group, norm, rsf = cfg
+    logits, bias = torch.randn(70, e, dtype=torch.float64), torch.randn(e, dtype=torch.float64) * 0.3
+    idx, w, scores = ref_route(logits, bias, top_k, n_group, topk_group, norm, rsf)
+    midx, mw, ms = twice(K._moe_route_metal, to_mx(logits.float()), to_mx(bias.float()), top_k, n_group,
+                         topk_group, norm, rsf)
+    assert torch.equal(to_torch(midx).long(), idx)
+    assert_close(to_torch(mw), w, what="topk_weight")
+    assert_close(to_torch(ms), scores, what="scores")
+
+
+@pytest.mark.parametrize("shape,dtype", [((2, 3, 3, 37, 40, 8), torch.float32),
+                                         ((1, 2, 1, 70, 64, 16), torch.bfloat16)])
+def test_mla_decode(shape, dtype):
+    b, h, t, s, r, dr = shape  # R = 40: lanes hold 2 features, the second partly past the end
+    ql, qp = torch.randn(b, h, t, r).to(dtype), torch.randn(b, h, t, dr).to(dtype)
+    ckv, kpe = torch.randn(b, s, r).to(dtype), torch.randn(b, s, dr).to(dtype)
+    scale = (r + dr) ** -0.5
+    ref = ref_mla_decode(ql.double(), qp.double(), ckv.double(), kpe.double(), scale)
+    out = twice(K._mla_decode_metal, to_mx(ql), to_mx(qp), to_mx(ckv), to_mx(kpe), scale)
+    assert out.dtype == to_mx(ql).dtype
+    assert_close(to_torch(out), ref, dtype)
+
+
+def test_indexer():
+    b, h, t, s, d = 2, 3, 4, 150, 16  # S > 128: the top-k streams two tiles
+    q, k = torch.randn(b, h, t, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
+    w = torch.randn(b, t, h, dtype=torch.float64) * h**-0.5
+    q[0, :, 1] = 0.0  # all-zero scores: ties go to the earlier key
+    scale = d**-0.5
+    qm, km, wm = (to_mx(a.float()) for a in (q, k, w))
+    scores = twice(K._indexer_scores_metal, qm, km, wm, scale)
+    for topk in (20, 148, 300):  # fewer than, between and more than the visible keys (147..150)
+        ref_scores, ref_sel = ref_indexer(q, k, w, scale, topk)
+        idx = twice(K._indexer_topk_metal, scores, topk)
+        assert idx.shape == (b, t, min(topk, s))
+        assert torch.equal(to_torch(K.indexer_mask(idx, s)), ref_sel), f"topk={topk}"
+        assert torch.equal(to_torch(idx), to_torch(K.indexer_topk_mlx(scores, topk))), f"order, topk={topk}"
+    assert_close(to_torch(scores), ref_scores, what="scores")
+
+
+@pytest.mark.parametrize("shape,bs,dtype", [((3, 300), 128, torch.float32), ((5, 70), 32, torch.bfloat16)])
+def test_act_quant(shape, bs, dtype):
+    x = spread(*shape).to(dtype)
+    x[0, :3] = 0.0
+    x[1, :bs] = 0.0  # an all-zero tile: amax clamped to 1e-4
+    y_ref, s_ref = ref_fp8.act_quant(x, bs)
+    y, s = twice(K._act_quant_metal, to_mx(x), bs)
+    assert torch.equal(to_torch(s), s_ref)
+    assert torch.equal(to_torch(y), y_ref.view(torch.uint8)), "e4m3 bits differ from torch's cast"
+    assert_close(to_torch(y).view(torch.float8_e4m3fn).double(), y_ref.double(), bound=0.0, what="e4m3 values")
+
+
+def test_weight_dequant():
+    w_fp8, s = ref_fp8.weight_quant(spread(45, 70), 32)
+    ref = ref_fp8.weight_dequant(w_fp8, s, 32)
+    out = twice(K._weight_dequant_metal, to_mx(w_fp8.view(torch.uint8)), to_mx(s), 32)
+    assert_close(to_torch(out), ref, bound=0.0)
+    every = torch.arange(256, dtype=torch.uint8).reshape(1, 256)  # every bit pattern, NaNs included
+    dec = twice(K._weight_dequant_metal, to_mx(every), mx.ones((1, 2)), 128)
+    ref_all = every.view(torch.float8_e4m3fn).float()
+    assert torch.equal(to_torch(dec).isnan(), ref_all.isnan())
+    assert torch.equal(to_torch(dec).nan_to_num(), ref_all.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy(dtype):
+    n, v = 9, 700  # V = 700: TG = 256 threads, a partial last stride
+    logits, tg, g = (torch.randn(n, v) * 3).to(dtype), torch.randint(0, v, (n,)), torch.randn(n)
+    tg[[2, 7]] = -100
+    lr = logits.double().requires_grad_()
+    ref = F.cross_entropy(lr, tg, reduction="none", ignore_index=-100)
+    ref.backward(g.double())
+    tm = mx.array(tg.numpy()).astype(mx.int32)
+    loss, lse = twice(K._cross_entropy_metal, to_mx(logits), tm, -100)
+    dlogits = twice(K._cross_entropy_metal_bwd, to_mx(logits), tm, lse, to_mx(g), -100)
+    assert_close(to_torch(loss), ref, dtype)
+    assert_close(to_torch(dlogits), lr.grad, dtype, what="dlogits")
