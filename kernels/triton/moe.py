@@ -10,10 +10,12 @@ Entry points (differentiable unless said otherwise):
   ``logits`` through ``topk_weight`` and ``scores``.
 - ``permute(topk_idx, num_experts)`` -> ``order``, ``slot``, ``counts``, ``offsets`` (not differentiable).
 - ``grouped_gemm(x_sorted, w, offsets)`` -> (M, N), ``x_seg @ w[e]^T`` per expert segment.
+- ``grouped_gate_up(x_sorted, gate_proj, up_proj, offsets)`` -> ``(g, u)``, both grouped GEMMs in one pass.
+- ``permute_rows(x, order, slot)`` -> (M, H) and ``combine(ys, slot, topk_weight)`` -> (N, H).
 - ``experts_forward(x, gate_proj, up_proj, down_proj, topk_idx, topk_weight)`` -> (N, H).
 
-The raw launchers ``route_forward``, ``route_backward``, ``grouped_gemm_forward`` and ``grouped_gemm_backward``
-run one kernel pass each, without autograd.
+The raw launchers ``route_forward``, ``route_backward``, ``grouped_gemm_forward``, ``grouped_gemm_backward``,
+``combine_forward`` and ``combine_backward`` run one kernel pass each, without autograd.
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``, triton 3.9) ``tl.dot`` on bfloat16/float16 tiles returns
 garbage and the float32 -> bfloat16 cast truncates (513 of 1024 random values off by one ulp, even with
@@ -596,6 +598,144 @@ def grouped_gate_up(x_sorted: torch.Tensor, gate_proj: torch.Tensor, up_proj: to
     return _GateUp.apply(x_sorted, gate_proj, up_proj, offsets)
 
 
+# ============================================================================= gather and combine
+
+
+@triton.jit
+def _combine_kernel(ys_ptr, slot_ptr, w_ptr, y_ptr, N, H, K: tl.constexpr, HAS_W: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr):
+    """y[n, h] = sum_k w[n, k] * ys[slot[n, k], h] (w = 1 without HAS_W), float32 sums in a fixed order.
+    Program (i, j): BLOCK_N tokens x BLOCK_H columns."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < N
+    m2 = rmask[:, None] & (cols[None, :] < H)
+    acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    for k in tl.static_range(K):
+        r = tl.load(slot_ptr + rows.to(tl.int64) * K + k, mask=rmask, other=0)
+        v = tl.load(ys_ptr + r[:, None] * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_W:
+            v *= tl.load(w_ptr + rows.to(tl.int64) * K + k, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        acc += v
+    if ROUND:
+        acc = _round_bf16(acc)
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _combine_bwd_kernel(dy_ptr, ys_ptr, slot_ptr, w_ptr, dys_ptr, dw_ptr, N, H, K: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr):
+    """For BLOCK_N tokens: dys[slot[n, k]] = w[n, k] * dy[n] and dw[n, k] = dy[n] . ys[slot[n, k]] (float32),
+    walking H in BLOCK_H chunks. slot is a bijection onto the rows of ys, so no two programs write one row."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    for k in tl.static_range(K):
+        r = tl.load(slot_ptr + rows.to(tl.int64) * K + k, mask=rmask, other=0)
+        wk = tl.load(w_ptr + rows.to(tl.int64) * K + k, mask=rmask, other=0.0).to(tl.float32)
+        dwk = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m2 = rmask[:, None] & (cols[None, :] < H)
+            dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            v = tl.load(ys_ptr + r[:, None] * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            dwk += tl.sum(dy * v, axis=1)
+            d = dy * wk[:, None]
+            if ROUND:
+                d = _round_bf16(d)
+            tl.store(dys_ptr + r[:, None] * H + cols[None, :], d.to(dys_ptr.dtype.element_ty), mask=m2)
+        tl.store(dw_ptr + rows.to(tl.int64) * K + k, dwk, mask=rmask)
+
+
+def _combine_blocks():
+    """(BLOCK_N, BLOCK_H) of the combine kernels."""
+    return (16, 64) if interpreted() else (16, 128)
+
+
+def _check_combine(ys: torch.Tensor, slot: torch.Tensor, topk_weight: torch.Tensor | None):
+    check("ys", ys, ndim=2, dtypes=FLOATS)
+    check("slot", slot, ndim=2, dtypes=torch.int64, device=ys.device)
+    if slot.numel() != ys.shape[0]:
+        raise ValueError(f"combine: slot {tuple(slot.shape)} must index all {ys.shape[0]} rows of ys once")
+    if topk_weight is not None:
+        check("topk_weight", topk_weight, dtypes=FLOATS, shape=tuple(slot.shape), device=ys.device)
+
+
+def combine_forward(ys: torch.Tensor, slot: torch.Tensor, topk_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Un-permute and weigh expert outputs: ``y[n] = sum_k topk_weight[n, k] * ys[slot[n, k]]`` (weights 1
+    when ``topk_weight`` is None: that sum is the gradient of `permute_rows`).
+
+    ``ys`` (M, H) float, rows in expert-sorted order, contiguous; ``slot`` (N, K) int64 contiguous (`permute`'s
+    ``slot`` viewed as (N, K)), a bijection onto [0, M) (not checked); ``topk_weight`` (N, K) float contiguous.
+    Returns (N, H) in ys's dtype, summed in float32 in the order k = 0..K-1 (deterministic, no atomics).
+    Blocks 16 tokens x 128 columns (64 interpreted). Raises ``TypeError``/``ValueError`` on bad inputs.
+    """
+    _check_combine(ys, slot, topk_weight)
+    (n, k), h = slot.shape, ys.shape[1]
+    y = empty(n, h, dtype=ys.dtype, device=ys.device)
+    if y.numel():
+        bn, bh = _combine_blocks()
+        _combine_kernel[(triton.cdiv(n, bn), triton.cdiv(h, bh))](
+            ys, slot, ys if topk_weight is None else topk_weight, y, n, h, K=k, HAS_W=topk_weight is not None,
+            BLOCK_N=bn, BLOCK_H=bh, ROUND=interpreted() and ys.dtype == torch.bfloat16)
+    return y
+
+
+def combine_backward(grad_y: torch.Tensor, ys: torch.Tensor, slot: torch.Tensor, topk_weight: torch.Tensor):
+    """Gradients of `combine_forward` with weights: ``(d ys (M, H) in ys's dtype, d topk_weight (N, K)
+    float32)``; ``grad_y`` (N, H) in ys's dtype, contiguous. One kernel; blocks of 16 tokens walk H."""
+    _check_combine(ys, slot, topk_weight)
+    check("grad_y", grad_y, dtypes=ys.dtype, shape=(slot.shape[0], ys.shape[1]), device=ys.device)
+    (n, k), h = slot.shape, ys.shape[1]
+    dys = empty(*ys.shape, dtype=ys.dtype, device=ys.device)
+    dw = empty(n, k, dtype=torch.float32, device=ys.device)
+    if n and k:
+        if h == 0:
+            dw.zero_()
+        bn, bh = _combine_blocks()
+        _combine_bwd_kernel[(triton.cdiv(n, bn),)](
+            grad_y, ys, slot, topk_weight, dys, dw, n, h, K=k, BLOCK_N=bn, BLOCK_H=bh,
+            ROUND=interpreted() and ys.dtype == torch.bfloat16)
+    return dys, dw
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ys, slot, topk_weight):
+        ctx.save_for_backward(ys, slot, topk_weight)
+        return combine_forward(ys, slot, topk_weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        ys, slot, topk_weight = ctx.saved_tensors
+        dys, dw = combine_backward(grad_y.contiguous(), ys, slot, topk_weight)
+        return dys, None, dw.to(topk_weight.dtype)
+
+
+def combine(ys: torch.Tensor, slot: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    """Differentiable `combine_forward` (gradients for ``ys`` and ``topk_weight``, by `combine_backward`)."""
+    return _Combine.apply(ys, slot, topk_weight)
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, order, slot):
+        ctx.save_for_backward(slot)
+        return x.index_select(0, order // slot.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_xs):
+        (slot,) = ctx.saved_tensors
+        return combine_forward(grad_xs.contiguous(), slot), None, None
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Differentiable gather of token rows into expert-sorted order: ``x[order // K]`` (M, H) for ``x`` (N, H),
+    ``order`` (M,) and ``slot`` (N, K) from `permute`. Forward: torch ``index_select``; backward:
+    ``dx[n] = sum_k dxs[slot[n, k]]`` by the `combine_forward` kernel (float32, deterministic), not an
+    ``index_add``."""
+    return _PermuteRows.apply(x, order, slot)
+
+
 # ============================================================================= experts
 
 
@@ -609,12 +749,11 @@ def experts_forward(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Ten
     Returns ``y[n] = sum_k topk_weight[n, k] * down_e(silu(gate_e x_n) * up_e x_n)`` with
     ``e = topk_idx[n, k]``, (N, H) in x's dtype.
 
-    Steps: `permute` (kernels; one host sync for the id-range check); gather the rows ``x[order // K]`` (torch
-    ``index_select``); `grouped_gate_up` (one kernel for gate and up); ``silu(g) * u`` by
-    `kernels.triton.swiglu.swiglu`; `grouped_gemm` with ``down_proj``; the combine
-    ``y[n] = sum_k w[n, k] * ys[slot[n, k]]`` in float32 (torch ops, deterministic: a gather by ``slot`` and a
-    sum over K instead of the reference's ``index_add``). Autograd runs the kernels' backward for the GEMMs and
-    SwiGLU, torch's for the gather and the combine. Raises ``TypeError``/``ValueError`` on bad inputs.
+    Steps: `permute` (kernels; one host sync for the id-range check); `permute_rows` (torch ``index_select``
+    forward, combine kernel backward); `grouped_gate_up` (one kernel for gate and up); ``silu(g) * u`` by
+    `kernels.triton.swiglu.swiglu`; `grouped_gemm` with ``down_proj``; `combine`
+    ``y[n] = sum_k w[n, k] * ys[slot[n, k]]`` (kernel, float32 sums, deterministic, where the reference uses
+    ``index_add``). Every backward is a kernel. Raises ``TypeError``/``ValueError`` on bad inputs.
     """
     check("x", x, ndim=2, dtypes=FLOATS)
     n, h = x.shape
@@ -626,7 +765,7 @@ def experts_forward(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Ten
     k = topk_idx.shape[1]
     check("topk_weight", topk_weight, dtypes=FLOATS, shape=(n, k), device=x.device, contiguous=False)
     order, slot, _, offsets = permute(topk_idx, e)
-    g, u = grouped_gate_up(x.index_select(0, order // k), gate_proj, up_proj, offsets)
+    slot = slot.view(n, k)
+    g, u = grouped_gate_up(permute_rows(x, order, slot), gate_proj, up_proj, offsets)
     ys = grouped_gemm(swiglu(g, u), down_proj, offsets)
-    ys = ys.index_select(0, slot).view(n, k, h).float()
-    return (ys * topk_weight.float()[..., None]).sum(1).to(x.dtype)
+    return combine(ys, slot, topk_weight.contiguous())
