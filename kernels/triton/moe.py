@@ -279,8 +279,8 @@ def _scatter_kernel(ids_ptr, base_ptr, offsets_ptr, order_ptr, slot_ptr, M,
     b = tl.program_id(0)
     r = tl.arange(0, BLOCK)
     i = b * BLOCK + r
-    valid = i < M
-    ids = tl.load(ids_ptr + i, mask=valid, other=-1).to(tl.int32)
+    ids = tl.load(ids_ptr + i, mask=i < M, other=-1).to(tl.int32)
+    valid = (i < M) & (ids >= 0) & (ids < E)  # an out-of-range id is dropped, never used as an address
     before = (ids[None, :] == ids[:, None]) & (r[None, :] < r[:, None])
     rank = tl.sum(before.to(tl.int32), axis=1)
     base = tl.load(base_ptr + b.to(tl.int64) * E + ids, mask=valid, other=0)
@@ -302,8 +302,8 @@ def permute(topk_idx: torch.Tensor, num_experts: int, check_ids: bool = True):
 
     Blocks: 64 pairs per histogram/scatter program (a 64 x next_pow2(E) compare for the histogram, 64 x 64 for
     the in-block rank), one scan program that walks the (M/64, E) block counts 32 blocks at a time.
-    ``check_ids`` tests the id range on the host (one device sync) and raises ``ValueError``; an out-of-range
-    id would otherwise leave rows of ``order`` unwritten.
+    ``check_ids`` tests the id range on the host (one device sync) and raises ``ValueError``; without it an
+    out-of-range id is dropped by the kernels (never used as an address) and leaves rows of ``order`` unwritten.
     """
     check("topk_idx", topk_idx, ndim=2, dtypes=INDEX)
     if num_experts < 1:
@@ -740,7 +740,7 @@ def permute_rows(x: torch.Tensor, order: torch.Tensor, slot: torch.Tensor) -> to
 
 
 def experts_forward(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
-                    topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+                    topk_idx: torch.Tensor, topk_weight: torch.Tensor, check_ids: bool = True) -> torch.Tensor:
     """Routed SwiGLU experts, `reference.moe.Experts.forward` with Triton kernels; differentiable w.r.t. ``x``,
     the three weights and ``topk_weight``.
 
@@ -749,7 +749,8 @@ def experts_forward(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Ten
     Returns ``y[n] = sum_k topk_weight[n, k] * down_e(silu(gate_e x_n) * up_e x_n)`` with
     ``e = topk_idx[n, k]``, (N, H) in x's dtype.
 
-    Steps: `permute` (kernels; one host sync for the id-range check); `permute_rows` (torch ``index_select``
+    Steps: `permute` (kernels; one host sync for the id-range check unless ``check_ids=False``, safe for ids
+    from `route`); `permute_rows` (torch ``index_select``
     forward, combine kernel backward); `grouped_gate_up` (one kernel for gate and up); ``silu(g) * u`` by
     `kernels.triton.swiglu.swiglu`; `grouped_gemm` with ``down_proj``; `combine`
     ``y[n] = sum_k w[n, k] * ys[slot[n, k]]`` (kernel, float32 sums, deterministic, where the reference uses
@@ -764,7 +765,7 @@ def experts_forward(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Ten
     check("topk_idx", topk_idx, dtypes=torch.int64, shape=(n, None), device=x.device)
     k = topk_idx.shape[1]
     check("topk_weight", topk_weight, dtypes=FLOATS, shape=(n, k), device=x.device, contiguous=False)
-    order, slot, _, offsets = permute(topk_idx, e)
+    order, slot, _, offsets = permute(topk_idx, e, check_ids)
     slot = slot.view(n, k)
     g, u = grouped_gate_up(permute_rows(x, order, slot), gate_proj, up_proj, offsets)
     ys = grouped_gemm(swiglu(g, u), down_proj, offsets)

@@ -103,6 +103,13 @@ def test_permute_matches_stable_argsort(n, k, e):
     assert torch.equal(offsets.cpu(), torch.cat([torch.zeros(1, dtype=torch.int64), ref_counts.cumsum(0)]))
 
 
+def test_permute_unchecked_bad_id_is_dropped():
+    """With ``check_ids=False`` an out-of-range id is never used as an address; the valid pairs still sort."""
+    order, _, counts, offsets = moe.permute(torch.tensor([[0, 9], [1, 0]], device=DEVICE), 4, check_ids=False)
+    assert counts.tolist() == [2, 1, 0, 0] and offsets.tolist() == [0, 2, 3, 3, 3]
+    assert order[:3].tolist() == [0, 3, 2]
+
+
 # ----------------------------------------------------------------------------- grouped GEMM
 
 
