@@ -3,10 +3,10 @@
 `emulate(launch, seed)` does what MLX does with a launch, with g++ and `shim.h` in place of the Metal compiler
 and GPU:
 
-1. it generates the kernel's signature as MLX does (``template <typename T, int N, ...>``, one parameter per
-   input in ``input_names`` order with ``<name>_shape``/``_strides``/``_ndim`` when the source uses them, a
-   ``const T&`` scalar for a 0-d input, one per output, then each thread attribute the source names), with
-   buffers as bounds-checked views (``emu::Buf``) instead of ``device`` pointers;
+1. it generates the kernel's signature as MLX does (the template arguments ``T``, ``N``, ... in scope, one
+   parameter per input in ``input_names`` order with ``<name>_shape``/``_strides``/``_ndim`` when the source
+   uses them, a ``const T&`` scalar for a 0-d input, one per output, then each thread attribute the source
+   names), with buffers as bounds-checked views (``emu::Buf``) instead of ``device`` pointers;
 2. it compiles that file with g++ into a shared object, cached by the hash of the generated source in
    ``$TMPDIR/dsfs-metal-emu`` (so a test session compiles each kernel configuration once);
 3. it runs the grid (see `shim.h`): threadgroups one after another, the threads of a group as fibers in a
@@ -75,22 +75,21 @@ class MetalEmulationError(RuntimeError):
     """A kernel that fails to compile or faults under the emulation."""
 
 
-def _template_decl(template) -> tuple[str, str]:
-    """(``typename T, int N``, ``float, 5``) for MLX template arguments ``[(name, dtype | int | bool)]``."""
-    decl, args = [], []
+def _template_consts(template) -> str:
+    """MLX template arguments ``[(name, dtype | int | bool)]`` as namespace-scope constants (``using T = float;``,
+    ``constexpr int N = 5;``). MLX makes the body a template; here it is a plain function with these constants in
+    scope, because g++ drops the section attribute (the poisoned threadgroup memory) of statics in templates."""
+    lines = []
     for name, value in template:
         if isinstance(value, mx.Dtype):
-            decl.append(f"typename {name}")
-            args.append(TYPE_NAMES[value])
+            lines.append(f"using {name} = {TYPE_NAMES[value]};")
         elif isinstance(value, bool):
-            decl.append(f"bool {name}")
-            args.append("true" if value else "false")
+            lines.append(f"constexpr bool {name} = {'true' if value else 'false'};")
         elif isinstance(value, int):
-            decl.append(f"int {name}")
-            args.append(str(value))
+            lines.append(f"constexpr int {name} = {value};")
         else:
             raise MetalEmulationError(f"template argument {name}={value!r}: MLX takes a dtype, an int or a bool")
-    return ", ".join(decl), ", ".join(args)
+    return "\n".join(lines)
 
 
 def generate(launch, source: str | None = None, header: str | None = None) -> str:
@@ -130,22 +129,24 @@ def generate(launch, source: str | None = None, header: str | None = None) -> st
         if attr in source:
             params.append(f"{ctype} {attr}")
             args.append(ATTR_EXPR.get(attr, f"a.{attr}"))
-    tdecl, targs = _template_decl(launch.template)
     kname = f"custom_kernel_{spec.name}"
     sep = ",\n    "
     return f"""#include "shim.h"
 {header}
-{f"template <{tdecl}>" if tdecl else ""}
+namespace emu_kernel {{
+{_template_consts(launch.template)}
+
 void {kname}(
     {sep.join(params)}) {{
 {source}
 }}
+}}  // namespace emu_kernel
 
 static void* emu_bufs[{max(slot, 1)}];
 static long long emu_sizes[{max(slot, 1)}];
 
 static void emu_thread(const emu::Attrs& a) {{
-  {kname}{f"<{targs}>" if targs else ""}(
+  emu_kernel::{kname}(
       {sep.join(args)});
 }}
 
