@@ -197,8 +197,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T, S, H, HK, DK, DV, scale, qk_sca
     store_tile(DQ + bh * T * DK, dq * scale, offs_m, offs_dk, T, DK)
 
 
-def _check_inputs(q, k, v, causal):
-    """Check q, k, v (see `attention_fwd`); returns (B, H, T, Dk, Hk, S, Dv)."""
+def check_qkv(q, k, v, causal):
+    """Check attention inputs q (B, H, T, Dk), k (B, Hk, S, Dk), v (B, Hk, S, Dv) as `attention_fwd` documents;
+    returns (B, H, T, Dk, Hk, S, Dv)."""
     check("q", q, ndim=4, dtypes=DTYPES)
     b, h, t, dk = q.shape
     check("k", k, ndim=4, dtypes=q.dtype, shape=(b, None, None, dk), device=q.device)
@@ -222,7 +223,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     ``ValueError`` for wrong ranks or shapes, ``H % Hk != 0``, causal with ``S < T``, empty inputs, a device
     mismatch, a CPU tensor outside the interpreter, or a non-contiguous input.
     """
-    b, h, t, dk, hk, s, dv = _check_inputs(q, k, v, causal)
+    b, h, t, dk, hk, s, dv = check_qkv(q, k, v, causal)
     o = empty(b, h, t, dv, dtype=q.dtype, device=q.device)
     lse = empty(b, h, t, dtype=torch.float32, device=q.device)
     bdk, bdv = pow2(dk), pow2(dv)
@@ -237,7 +238,7 @@ def attention_bwd(q, k, v, o, lse, do, scale: float, causal: bool = True):
     """Backward launcher: ``o``, ``lse`` from `attention_fwd`, ``do`` (B, H, T, Dv) the output's gradient.
     Returns ``dq`` (B, H, T, Dk), ``dk`` (B, Hk, S, Dk), ``dv`` (B, Hk, S, Dv) in the inputs' dtype, dk and dv
     summed over the query heads that share a key head. Raises as `attention_fwd`."""
-    b, h, t, dk, hk, s, dv = _check_inputs(q, k, v, causal)
+    b, h, t, dk, hk, s, dv = check_qkv(q, k, v, causal)
     check("o", o, dtypes=q.dtype, shape=(b, h, t, dv), device=q.device)
     check("do", do, dtypes=q.dtype, shape=(b, h, t, dv), device=q.device)
     check("lse", lse, dtypes=torch.float32, shape=(b, h, t), device=q.device)

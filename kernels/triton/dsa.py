@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import DTYPES, LOG2E, load_tile, pow2, store_tile, tile_dot, upcast
+from .attention import DTYPES, LOG2E, check_qkv, load_tile, pow2, store_tile, tile_dot, upcast
 from .utils import check, empty, interpreted
 
 
@@ -99,6 +99,16 @@ def _gather(ptr, idx, ok, cols, n_cols):
 
 
 @triton.jit
+def _gather_kv(IDX, K, V, start, S, DK, DV, NK, BLOCK_N: tl.constexpr, offs_dk, offs_dv):
+    """Index entries ``start .. start+BLOCK_N`` of one query, which of them are valid keys, and their key and
+    value rows (zero where not valid)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    idx = tl.load(IDX + offs_n, mask=offs_n < NK, other=-1)
+    ok = (idx >= 0) & (idx < S)
+    return idx, ok, _gather(K, idx, ok, offs_dk, DK), _gather(V, idx, ok, offs_dv, DV)
+
+
+@triton.jit
 def _sparse_fwd(Q, K, V, IDX, O, LSE, T, S, H, HK, DK, DV, NK, qk_scale, BLOCK_H: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr):
     t = tl.program_id(0)
@@ -114,11 +124,7 @@ def _sparse_fwd(Q, K, V, IDX, O, LSE, T, S, H, HK, DK, DV, NK, qk_scale, BLOCK_H
     l_i = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_DV), tl.float32)
     for start in range(0, NK, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        idx = tl.load(IDX + offs_n, mask=offs_n < NK, other=-1)
-        ok = (idx >= 0) & (idx < S)
-        k = _gather(K, idx, ok, offs_dk, DK)
-        v = _gather(V, idx, ok, offs_dv, DV)
+        idx, ok, k, v = _gather_kv(IDX, K, V, start, S, DK, DV, NK, BLOCK_N, offs_dk, offs_dv)
         s = tl.where(ok[None, :], tile_dot(q, tl.trans(k), UPCAST) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet
@@ -153,11 +159,7 @@ def _sparse_bwd(Q, K, V, IDX, O, DO, LSE, DQ, DKA, DVA, T, S, H, HK, DK, DV, NK,
     DKA, DVA = DKA + bhk * S * DK, DVA + bhk * S * DV
     dq = tl.zeros((BLOCK_H, BLOCK_DK), tl.float32)
     for start in range(0, NK, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        idx = tl.load(IDX + offs_n, mask=offs_n < NK, other=-1)
-        ok = (idx >= 0) & (idx < S)
-        k = _gather(K, idx, ok, offs_dk, DK)
-        v = _gather(V, idx, ok, offs_dv, DV)
+        idx, ok, k, v = _gather_kv(IDX, K, V, start, S, DK, DV, NK, BLOCK_N, offs_dk, offs_dv)
         live = row_ok[:, None] & ok[None, :]
         p = tl.where(live, tl.exp2(tile_dot(q, tl.trans(k), UPCAST) * qk_scale - lse[:, None]), 0.0)
         ds = p * (tile_dot(do, tl.trans(v), UPCAST) - delta[:, None])
@@ -226,18 +228,11 @@ def indexer_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
 
 def _check_sparse(q, k, v, indices):
     """Check `sparse_attention`'s inputs; returns (B, H, T, Dk, Hk, S, Dv, NK)."""
-    check("q", q, ndim=4, dtypes=DTYPES)
-    b, h, t, dk = q.shape
-    check("k", k, ndim=4, dtypes=q.dtype, shape=(b, None, None, dk), device=q.device)
-    hk, s = k.shape[1], k.shape[2]
-    check("v", v, ndim=4, dtypes=q.dtype, shape=(b, hk, s, None), device=q.device)
+    b, h, t, dk, hk, s, dv = check_qkv(q, k, v, causal=False)
     check("indices", indices, ndim=3, dtypes=torch.int64, shape=(b, t, None), device=q.device)
-    if min(q.shape) == 0 or min(v.shape) == 0 or indices.shape[2] == 0:
-        raise ValueError(f"sparse_attention: empty input, q {tuple(q.shape)}, v {tuple(v.shape)}, "
-                         f"indices {tuple(indices.shape)}")
-    if h % hk:
-        raise ValueError(f"sparse_attention: query heads ({h}) must be a multiple of key/value heads ({hk})")
-    return b, h, t, dk, hk, s, v.shape[3], indices.shape[2]
+    if indices.shape[2] == 0:
+        raise ValueError(f"sparse_attention: empty indices {tuple(indices.shape)}")
+    return b, h, t, dk, hk, s, dv, indices.shape[2]
 
 
 def _sparse_blocks(group: int) -> tuple[int, int, int]:
