@@ -205,6 +205,12 @@ def run_metal(launch: Launch) -> list:
     )
 
 
+def _run(runner, launch: Launch) -> list:
+    """Run ``launch`` with ``runner`` (a callable taking a `Launch`, e.g. the CPU emulation in the tests), or
+    with `run_metal` when None (looked up at call time)."""
+    return (runner or run_metal)(launch)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -274,19 +280,19 @@ def rms_norm_bwd_launches(x2, weight, g2, rstd) -> tuple[Launch, Launch]:
     return dx, dw
 
 
-def _rms_norm_metal(x, weight, eps, runner=run_metal):
+def _rms_norm_metal(x, weight, eps, runner=None):
     """The Metal path of `rms_norm`, forward only: returns (out, rstd). ``runner`` runs a `Launch`."""
     d = x.shape[-1]
-    out, rstd = runner(rms_norm_launch(x.reshape(-1, d), weight, eps))
+    out, rstd = _run(runner, rms_norm_launch(x.reshape(-1, d), weight, eps))
     return out.reshape(x.shape), rstd
 
 
-def _rms_norm_metal_bwd(x, weight, g, rstd, runner=run_metal):
+def _rms_norm_metal_bwd(x, weight, g, rstd, runner=None):
     """The Metal VJP of `rms_norm`: returns (dx in x's shape and dtype, dw (D,) in weight's dtype)."""
     d = x.shape[-1]
     lx, lw = rms_norm_bwd_launches(x.reshape(-1, d), weight, g.reshape(-1, d), rstd)
-    (dx,) = runner(lx)
-    (dw,) = runner(lw)
+    (dx,) = _run(runner, lx)
+    (dw,) = _run(runner, lw)
     return dx.reshape(x.shape), dw.astype(weight.dtype)
 
 
@@ -351,13 +357,13 @@ def swiglu_bwd_launch(gate: mx.array, up: mx.array, g: mx.array) -> Launch:
                   (_EW_TG * _cdiv(n, _EW_TG), 1, 1), (_EW_TG, 1, 1), [(n,), (n,)], [gate.dtype, gate.dtype])
 
 
-def _swiglu_metal(gate, up, runner=run_metal):
-    (out,) = runner(swiglu_launch(gate, up))
+def _swiglu_metal(gate, up, runner=None):
+    (out,) = _run(runner, swiglu_launch(gate, up))
     return out.reshape(gate.shape)
 
 
-def _swiglu_metal_bwd(gate, up, g, runner=run_metal):
-    dgate, dup = runner(swiglu_bwd_launch(gate, up, g))
+def _swiglu_metal_bwd(gate, up, g, runner=None):
+    dgate, dup = _run(runner, swiglu_bwd_launch(gate, up, g))
     return dgate.reshape(gate.shape), dup.reshape(up.shape)
 
 
@@ -424,9 +430,9 @@ def moe_route_launch(logits, bias, top_k, n_group, topk_group, norm_topk_prob, r
 
 
 def _moe_route_metal(logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor,
-                     runner=run_metal):
+                     runner=None):
     launch = moe_route_launch(logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
-    idx, w, scores = runner(launch)
+    idx, w, scores = _run(runner, launch)
     return idx, w * routed_scaling_factor, scores
 
 
@@ -516,8 +522,8 @@ def mla_decode_launch(q_latent, q_pe, c_kv, k_pe, scale) -> Launch:
                   (b * h * t * _MLA_TG, 1, 1), (_MLA_TG, 1, 1), [(b, h, t, r)], [q_latent.dtype])
 
 
-def _mla_decode_metal(q_latent, q_pe, c_kv, k_pe, scale, runner=run_metal):
-    (o,) = runner(mla_decode_launch(q_latent, q_pe, c_kv, k_pe, scale))
+def _mla_decode_metal(q_latent, q_pe, c_kv, k_pe, scale, runner=None):
+    (o,) = _run(runner, mla_decode_launch(q_latent, q_pe, c_kv, k_pe, scale))
     return o
 
 
@@ -598,13 +604,13 @@ def indexer_topk_launch(scores, topk) -> Launch:
                   (b * t * _IDX_TG, 1, 1), (_IDX_TG, 1, 1), [(b, t, kk)], [mx.int32])
 
 
-def _indexer_scores_metal(q, k, w, scale, runner=run_metal):
-    (out,) = runner(indexer_scores_launch(q, k, w, scale))
+def _indexer_scores_metal(q, k, w, scale, runner=None):
+    (out,) = _run(runner, indexer_scores_launch(q, k, w, scale))
     return out
 
 
-def _indexer_topk_metal(scores, topk, runner=run_metal):
-    (idx,) = runner(indexer_topk_launch(scores, topk))
+def _indexer_topk_metal(scores, topk, runner=None):
+    (idx,) = _run(runner, indexer_topk_launch(scores, topk))
     return idx
 
 
@@ -699,14 +705,14 @@ def weight_dequant_launch(w, scale_inv, block_size, dtype) -> Launch:
                   (32 * _cdiv(k, 32), n, 1), (32, 8, 1), [(n, k)], [dtype])
 
 
-def _act_quant_metal(x, block_size=128, runner=run_metal):
+def _act_quant_metal(x, block_size=128, runner=None):
     k = x.shape[-1]
-    y, s = runner(act_quant_launch(x.reshape(-1, k), block_size))
+    y, s = _run(runner, act_quant_launch(x.reshape(-1, k), block_size))
     return y.reshape(x.shape), s.reshape(*x.shape[:-1], s.shape[-1])
 
 
-def _weight_dequant_metal(w, scale_inv, block_size=128, dtype=mx.float32, runner=run_metal):
-    (out,) = runner(weight_dequant_launch(w, scale_inv, block_size, dtype))
+def _weight_dequant_metal(w, scale_inv, block_size=128, dtype=mx.float32, runner=None):
+    (out,) = _run(runner, weight_dequant_launch(w, scale_inv, block_size, dtype))
     return out
 
 
@@ -788,13 +794,13 @@ def cross_entropy_bwd_launch(logits, targets, lse, g, ignore_index) -> Launch:
                   (256 * _cdiv(v, 256), n, 1), (256, 1, 1), [(n, v)], [logits.dtype])
 
 
-def _cross_entropy_metal(logits, targets, ignore_index=-100, runner=run_metal):
+def _cross_entropy_metal(logits, targets, ignore_index=-100, runner=None):
     """Returns (loss (N,), lse (N,))."""
-    return tuple(runner(cross_entropy_launch(logits, targets, ignore_index)))
+    return tuple(_run(runner, cross_entropy_launch(logits, targets, ignore_index)))
 
 
-def _cross_entropy_metal_bwd(logits, targets, lse, g, ignore_index=-100, runner=run_metal):
-    (dlogits,) = runner(cross_entropy_bwd_launch(logits, targets, lse, g, ignore_index))
+def _cross_entropy_metal_bwd(logits, targets, lse, g, ignore_index=-100, runner=None):
+    (dlogits,) = _run(runner, cross_entropy_bwd_launch(logits, targets, lse, g, ignore_index))
     return dlogits
 
 

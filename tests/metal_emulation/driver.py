@@ -253,7 +253,8 @@ def emulate(launch, seed: int = 0, source: str | None = None, header: str | None
     ptrs = (ctypes.c_void_p * len(bufs))(*[b.ctypes.data for b in bufs])
     sizes = (ctypes.c_longlong * len(bufs))(*[b.size for b in bufs])
     grid = (ctypes.c_long * 3)(*launch.grid)
-    tg = (ctypes.c_long * 3)(*launch.threadgroup)
+    # as MLX's CustomKernel::eval_gpu: the group is clipped to the grid in each dimension
+    tg = (ctypes.c_long * 3)(*(min(t, g) for t, g in zip(launch.threadgroup, launch.grid, strict=True)))
     err = ctypes.create_string_buffer(2048)
     rc = lib.emu_launch(ptrs, sizes, grid, tg, ctypes.c_ulonglong(seed), err, len(err))
     if rc:

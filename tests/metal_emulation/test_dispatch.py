@@ -1,0 +1,102 @@
+"""The Metal path of every public op in `runtime_mlx.kernels`, end to end, with the emulation standing in for the
+GPU: dispatch, ``mx.custom_function`` and its ``.vjp`` (gradients through ``mx.grad``), reshapes and path
+reporting, compared with the pure-MLX path on the same inputs. The shapes repeat test_kernels.py's, so the
+compiled kernels are reused."""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from runtime_mlx import kernels as K
+from tests.metal_emulation import driver
+from tests.mlx.kernel_refs import to_torch
+from tests.tolerance import assert_close
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is None,
+                                reason="the Metal emulation needs Linux and g++ (ucontext fibers, ELF sections)")
+
+
+@pytest.fixture
+def emulated_metal(monkeypatch):
+    """`runtime_mlx.kernels` believes Metal is there and launches through the emulation."""
+    monkeypatch.setattr(K, "metal_available", lambda: True)
+    monkeypatch.setattr(K, "run_metal", driver.runner(7))
+    K._rms_norm_custom.cache_clear()
+    yield
+    K._rms_norm_custom.cache_clear()
+
+
+def both(fn):
+    """``fn()`` on the emulated Metal path and on the pure-MLX path."""
+    metal = fn()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "metal_available", lambda: False)
+        plain = fn()
+    return metal, plain
+
+
+def close(a, b, what):
+    assert_close(to_torch(a.astype(mx.float32)), to_torch(b.astype(mx.float32)).double(), torch.float32, what=what)
+
+
+def test_training_ops_and_gradients(emulated_metal):
+    x, w, g = mx.random.normal((5, 300)), mx.random.normal((300,)), mx.random.normal((5, 300))
+    (out, grads), (out_p, grads_p) = both(lambda: (
+        K.rms_norm(x, w, 1e-6), mx.grad(lambda a, b: (K.rms_norm(a, b, 1e-6) * g).sum(), argnums=(0, 1))(x, w)))
+    assert K.kernel_path("rms_norm") == "mlx"  # the last call was the pure-MLX one
+    close(out, out_p, "rms_norm")
+    close(grads[0], grads_p[0], "rms_norm dx")
+    close(grads[1], grads_p[1], "rms_norm dw")
+
+    a, b = mx.random.normal((7, 111)), mx.random.normal((7, 111))
+    (o, gr), (o_p, gr_p) = both(lambda: (
+        K.swiglu(a, b), mx.grad(lambda u, v: (K.swiglu(u, v) * b).sum(), argnums=(0, 1))(a, b)))
+    close(o, o_p, "swiglu")
+    close(gr[0], gr_p[0], "swiglu dgate")
+    close(gr[1], gr_p[1], "swiglu dup")
+
+    logits, tg = mx.random.normal((9, 700)) * 3, mx.array(np.r_[np.arange(9) * 70][:9], dtype=mx.int32)
+    tg = mx.where(mx.arange(9) == 4, -100, tg)
+    cot = mx.random.normal((9,))
+    (loss, dl), (loss_p, dl_p) = both(lambda: (
+        K.cross_entropy(logits, tg), mx.grad(lambda z: (K.cross_entropy(z, tg) * cot).sum())(logits)))
+    close(loss, loss_p, "cross_entropy")
+    close(dl, dl_p, "cross_entropy dlogits")
+
+
+def test_router_and_inference_ops(emulated_metal):
+    lg, bias = mx.random.normal((70, 24)), mx.random.normal((24,)) * 0.3
+    gw, gs = mx.random.normal((70, 3)), mx.random.normal((70, 24))
+    args = (3, 4, 2, True, 2.5)
+
+    def route():
+        idx, w, s = K.moe_route(lg, bias, *args)
+        path = K.kernel_path("moe_route")
+        d = mx.grad(lambda z: (K.moe_route(z, bias, *args)[1] * gw).sum() + (K.moe_route(z, bias, *args)[2] * gs).sum())
+        return path, idx, w, s, d(lg)
+
+    (path, idx, w, s, d), (path_p, idx_p, w_p, s_p, d_p) = both(route)
+    assert (path, path_p) == ("metal", "mlx")
+    assert np.array_equal(np.array(idx), np.array(idx_p))
+    close(w, w_p, "topk_weight")
+    close(s, s_p, "scores")
+    close(d, d_p, "dlogits")
+
+    q, k, wi = mx.random.normal((2, 3, 4, 16)), mx.random.normal((2, 150, 16)), mx.random.normal((2, 4, 3))
+    (i1, s1), (i2, s2) = both(lambda: (K.indexer_topk(q, k, wi, 0.25, 20), K.indexer_scores(q, k, wi, 0.25)))
+    assert np.array_equal(np.array(i1), np.array(i2))
+    close(s1, s2, "indexer_scores")
+
+    x = mx.random.normal((3, 300)) * 10
+    (y1, sc1), (y2, sc2) = both(lambda: K.act_quant(x, 128))
+    assert np.array_equal(np.array(y1), np.array(y2)) and np.array_equal(np.array(sc1), np.array(sc2))
+
+    ql, qp = mx.random.normal((2, 3, 3, 40)), mx.random.normal((2, 3, 3, 8))
+    ckv, kpe = mx.random.normal((2, 37, 40)), mx.random.normal((2, 37, 8))
+    o1, o2 = both(lambda: K.mla_decode(ql, qp, ckv, kpe, 0.2))
+    close(o1, o2, "mla_decode")
