@@ -140,6 +140,8 @@ def test_grouped_gemm_fwd_bwd(dtype, counts):
     assert_close(y, ref, dtype, what="y")
     if dtype == torch.bfloat16:  # fp32 accumulation rounded to nearest once (not truncated: see the module doc)
         assert_close(y, ref.float().to(dtype), dtype, bound=5e-4, what="y vs the rounded fp32 product")
+    else:  # int32 offsets give the same result
+        assert torch.equal(moe.grouped_gemm_forward(x.detach(), w.detach(), offsets.int()), y.detach())
     gy = torch.randn_like(ref)
     dx, dw = torch.autograd.grad(y, (x, w), gy.to(dtype))
     ref_dx, ref_dw = torch.autograd.grad(ref, (x64, w64), gy)
@@ -168,8 +170,11 @@ def _routing(n, k, e, skip=()):
     return idx, torch.rand(n, k) + 0.1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,h,i,e,k", [(23, 24, 20, 6, 2), (9, 16, 12, 16, 4)])
+@pytest.mark.parametrize("dtype,n,h,i,e,k", [
+    (torch.float32, 23, 24, 20, 6, 2),
+    (torch.bfloat16, 23, 24, 20, 6, 2),
+    (torch.float32, 9, 16, 12, 16, 4),  # more experts than tokens: many empty segments
+])
 def test_experts_forward_matches_reference(dtype, n, h, i, e, k):
     ex = Experts(e, h, i)
     with torch.no_grad():
