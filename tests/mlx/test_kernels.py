@@ -7,6 +7,8 @@ Gradients are compared as well as outputs. Shapes are small: MLX's Linux CPU mat
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import pytest
 import torch
@@ -31,6 +33,12 @@ def _path(request, monkeypatch):
     if path == "mlx":
         monkeypatch.setenv("DSFS_MLX_KERNELS", "mlx")
     yield path
+
+
+def test_metal_when_required():
+    """CI's macOS job sets DSFS_REQUIRE_METAL=1: there, a missing Metal device is a failure, not a skip."""
+    if os.environ.get("DSFS_REQUIRE_METAL") == "1":
+        assert METAL, "DSFS_REQUIRE_METAL=1 but MLX has no Metal device"
 
 
 def test_path_reporting():
