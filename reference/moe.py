@@ -50,7 +50,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         ys = self.grouped_swiglu(x.index_select(0, token), counts)
         ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)
-        return x.new_zeros(n, x.shape[1]).index_add(0, token, ys)
+        return x.new_zeros(n, x.shape[1]).index_add(0, token, ys.to(x.dtype))  # autocast: ys may be bf16
 
     @torch.compiler.disable  # data-dependent segment sizes: keep torch.compile from specializing on them
     def grouped_swiglu(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -77,6 +77,11 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits ``x W^T`` (N, E) in float32, also under bf16 autocast (DeepSeek-V3 routes in fp32)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(at_least_fp32(x), at_least_fp32(self.weight))
+
     def forward(self, x: torch.Tensor):
         """``x`` (N, H) -> ``topk_idx`` (N, K) int64, ``topk_weight`` (N, K) float32, ``scores`` (N, E) float32.
 
@@ -85,7 +90,7 @@ class Router(nn.Module):
         taken. Weights are the unbiased scores of those experts, divided by their sum when ``norm_topk_prob``,
         times ``routed_scaling_factor``.
         """
-        scores = torch.sigmoid(F.linear(at_least_fp32(x), at_least_fp32(self.weight)))
+        scores = torch.sigmoid(self.logits(x))
         choice = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             n, e = choice.shape

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kernels.triton.moe import experts_forward, route
 from reference import moe as ref_moe
-from reference.rms_norm import at_least_fp32
 
 
 class Router(ref_moe.Router):
@@ -15,9 +13,8 @@ class Router(ref_moe.Router):
     top-k with the correction bias and the weights are one kernel (`kernels.triton.moe.route`)."""
 
     def forward(self, x: torch.Tensor):
-        logits = F.linear(at_least_fp32(x), at_least_fp32(self.weight)).contiguous()
-        return route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-                     self.norm_topk_prob, self.routed_scaling_factor)
+        return route(self.logits(x).contiguous(), self.e_score_correction_bias, self.top_k, self.n_group,
+                     self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
 
 
 class Experts(ref_moe.Experts):

@@ -75,3 +75,20 @@ def test_checkpoint_round_trip_with_reference(tmp_path):
     ids = rand_ids(cfg, 1, 7).to(DEVICE)
     with torch.no_grad():
         assert_close(again(ids), back(ids), what="logits after a round trip")
+
+
+def test_bf16_autocast_training_step_matches_reference():
+    """The training loop's bf16 autocast (dsfs.generate.autocast on a GPU): the kernels take the mixed dtypes
+    autocast produces (bf16 activations, fp32 norm gains, router and head) and agree with the reference."""
+    cfg, ref, fast = pair("mla-qlora-mtp-groups")
+    ids = rand_ids(cfg, 2, 8).to(DEVICE)
+    targets = torch.roll(ids, -1, 1)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        lr, lf = ref.loss(ids, targets), fast.loss(ids, targets)
+    assert_close(lf.loss, lr.loss, dtype=torch.bfloat16, what="bf16 loss")
+    lr.loss.backward()
+    lf.loss.backward()
+    for (n, pr), (_, pf) in zip(ref.named_parameters(), fast.named_parameters(), strict=True):
+        if pr.grad is not None:
+            assert pf.grad.dtype == pr.grad.dtype, n
+            assert_close(pf.grad, pr.grad, dtype=torch.bfloat16, bound=5e-2, what=f"bf16 grad {n}")
