@@ -27,6 +27,12 @@ PATHS = ["mlx", pytest.param("metal", marks=needs_metal)]
 
 
 @pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Metal outputs start as NaN (or 127 for integer outputs) on Apple Silicon."""
+    monkeypatch.setattr(K, "POISON", True)
+
+
+@pytest.fixture(autouse=True)
 def _path(request, monkeypatch):
     """``path`` "mlx" forces the pure-MLX path (DSFS_MLX_KERNELS=mlx); "metal" runs the Metal kernels."""
     path = request.node.callspec.params.get("path") if hasattr(request.node, "callspec") else None
