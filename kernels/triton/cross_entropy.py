@@ -3,10 +3,10 @@
 
 The full (N, V) logits are never stored (the idea of Liger-Kernel's fused linear cross-entropy). For each chunk
 of tokens: ``logits = hidden_chunk @ weight.T`` (torch matmul, in the inputs' dtype) goes into a fresh buffer;
-one Triton program per token takes its logsumexp in float32 (online max and sum over ``BLOCK_V`` columns), writes
-the token's loss, and overwrites the buffer with the gradient of the loss with respect to the logits,
-``(softmax - onehot(target)) * scale``; then ``d_hidden_chunk = grad @ weight`` and
-``d_weight += grad.T @ hidden_chunk`` (summed in float32 across chunks).
+a Triton program per token (per up to 16 tokens when V <= 2048) takes the logsumexp in float32 (online max and
+sum over blocks of ``BLOCK_V`` <= 4096 columns), writes the token's loss, and overwrites the buffer with the
+gradient of the loss with respect to the logits, ``(softmax - onehot(target)) * scale``; then
+``d_hidden_chunk = grad @ weight`` and ``d_weight += grad.T @ hidden_chunk`` (summed in float32 across chunks).
 
 For "mean" and "sum" every gradient is computed in the forward and the backward only scales it by the (scalar)
 output gradient, out of place. For "none" the output gradient is per token and unknown in the forward, so the
@@ -33,33 +33,36 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
-def _cross_entropy_kernel(logits_ptr, targets_ptr, scale_ptr, loss_ptr, V, ignore_index, WRITE_GRAD: tl.constexpr,
-                          BLOCK_V: tl.constexpr):
-    """One token per program. logits (n, V) row-major, overwritten with its gradient when WRITE_GRAD;
-    targets (n,) int64; scale (n,) float32, the gradient's factor; loss (n,) float32, unweighted, 0 if ignored."""
-    row = tl.program_id(0).to(tl.int64)
-    ptr = logits_ptr + row * V
-    cols = tl.arange(0, BLOCK_V)
+def _cross_entropy_kernel(logits_ptr, targets_ptr, scale_ptr, loss_ptr, n, V, ignore_index, WRITE_GRAD: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """BLOCK_N tokens per program. logits (n, V) row-major, overwritten with its gradient when WRITE_GRAD;
+    targets (n,) int64; scale (n,) float32, the gradient's factor; loss (n,) float32, unweighted, 0 if ignored.
+    Rows past n repeat row n - 1 (its loads only; their stores are masked off)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = rows < n
+    rows = tl.minimum(rows, n - 1)
+    ptr = logits_ptr + rows[:, None] * V
+    cols = tl.arange(0, BLOCK_V)[None, :]
     x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-    m = tl.max(x, axis=0)
-    d = tl.sum(tl.exp(x - m), axis=0)
+    m = tl.max(x, axis=1)
+    d = tl.sum(tl.exp(x - m[:, None]), axis=1)
     for start in range(BLOCK_V, V, BLOCK_V):
         x = tl.load(ptr + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
     lse = m + tl.log(d)
-    target = tl.load(targets_ptr + row)
+    target = tl.load(targets_ptr + rows)
     valid = target != ignore_index
-    x_t = tl.load(ptr + tl.where(valid, target, 0)).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
+    x_t = tl.load(logits_ptr + rows * V + tl.where(valid, target, 0)).to(tl.float32)
+    tl.store(loss_ptr + rows, tl.where(valid, lse - x_t, 0.0), mask=live)
     if WRITE_GRAD:
-        scale = tl.where(valid, tl.load(scale_ptr + row), 0.0)
+        scale = tl.where(valid, tl.load(scale_ptr + rows), 0.0)[:, None]
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
             x = tl.load(ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            g = (tl.exp(x - lse) - tl.where(start + cols == target, 1.0, 0.0)) * scale
-            tl.store(ptr + start + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+            g = (tl.exp(x - lse[:, None]) - tl.where(start + cols == target[:, None], 1.0, 0.0)) * scale
+            tl.store(ptr + start + cols, g.to(logits_ptr.dtype.element_ty), mask=live[:, None] & mask)
 
 
 def default_chunk_size(N: int, V: int, H: int) -> int:
@@ -101,12 +104,14 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     d_weight = torch.zeros(V, H, dtype=torch.float32, device=device) if grad_weight else None
     write_grad = grad_hidden or grad_weight
     block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    block_n = max(1, min(16, MAX_BLOCK_V // block_v))  # several tokens per program when V is small
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
         h = hidden[s:e]
         logits = h @ weight.T  # fresh (e - s, V) buffer: the kernel overwrites it with its gradient
-        _cross_entropy_kernel[(e - s,)](logits, targets[s:e], scale[s:e], loss[s:e], V, ignore_index,
-                                        WRITE_GRAD=write_grad, BLOCK_V=block_v)
+        _cross_entropy_kernel[(triton.cdiv(e - s, block_n),)](logits, targets[s:e], scale[s:e], loss[s:e], e - s, V,
+                                                              ignore_index, WRITE_GRAD=write_grad, BLOCK_N=block_n,
+                                                              BLOCK_V=block_v)
         if grad_hidden:
             torch.matmul(logits, weight, out=d_hidden[s:e])
         if grad_weight:
@@ -129,12 +134,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     "none": saves hidden, weight, targets and the token factors and recomputes in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, token_weights, chunk_size):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, token_weights, chunk_size, grad_enabled):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         _check_inputs(hidden, weight, targets)
         w = _token_factors(targets, ignore_index, token_weights, hidden.shape[0], hidden.device)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         ctx.reduction, ctx.ignore_index, ctx.chunk_size = reduction, ignore_index, chunk_size
         ctx.dtypes = (hidden.dtype, weight.dtype)
         if reduction == "none":
@@ -163,7 +168,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dw = None if dw is None else dw * g
         dh = None if dh is None else dh.to(ctx.dtypes[0])
         dw = None if dw is None else dw.to(ctx.dtypes[1])
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -177,7 +182,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     and weight (in their dtypes). Raises TypeError / ValueError on bad inputs (see `chunked_cross_entropy`).
     """
     return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, token_weights,
-                                            chunk_size)
+                                            chunk_size, torch.is_grad_enabled())  # no gradients under no_grad
 
 
 __all__ = ["linear_cross_entropy", "chunked_cross_entropy", "default_chunk_size", "LinearCrossEntropyFunction"]

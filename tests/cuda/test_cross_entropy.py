@@ -1,8 +1,8 @@
 """kernels/triton/cross_entropy.py against reference/cross_entropy.py (float64 logits), loss and both gradients.
 
-N = 21 tokens in chunks of 8 (the last one partial), V = 300 (one masked 512-wide block) or 4100 (the online
-logsumexp loop over two 4096-wide blocks), a quarter of the targets ignored; outputs are poisoned
-(tests/cuda/conftest.py).
+N = 21 tokens in chunks of 8 (the last one partial), V = 300 (one masked 512-wide block, 8 tokens per program,
+the last program partly past its chunk) or 4100 (one token per program, the online logsumexp loop over two
+4096-wide blocks), a quarter of the targets ignored; outputs are poisoned (tests/cuda/conftest.py).
 """
 
 import pytest
