@@ -11,9 +11,12 @@ causal top-k selection, and attention over the selected keys only.
    selected (one index set per query, shared by all heads), differentiable in q, k and v. The shapes are
    `kernels.triton.attention.attention`'s, so one kernel serves both forms of MLA:
    - naive (training, prefill): ``q`` (B, H, T, dn+dr), ``k`` (B, H, S, dn+dr), ``v`` (B, H, S, dv), Hk = H;
-   - absorbed (decode, MQA over the latent, as V3.2 runs DSA): ``q = [q_latent, q_pe]`` (B, H, T, r+dr),
-     ``k = [c_kv, k_pe]`` (B, 1, S, r+dr), ``v = c_kv`` (B, 1, S, r); the caller applies W_UV.
-   Grouped heads (1 < Hk < H) work as well.
+   - absorbed (MQA over the latent): ``q = [q_latent, q_pe]`` (B, H, T, r+dr), ``k = [c_kv, k_pe]``
+     (B, 1, S, r+dr), ``v = c_kv`` (B, 1, S, r); the caller applies W_UV. Correct, but for decoding
+     `kernels.triton.mla.mla_decode` with ``indices`` is the kernel to call: it reads ``c_kv`` and ``k_pe``
+     from the cache as they are (no concatenation, no padding of r+dr = 576 to 1024) and splits long lists.
+   Grouped heads (1 < Hk < H) work as well. `runtime_cuda` calls it on the naive form, the form the reference
+   DSA layer trains and prefills with; forward and backward.
 
 Kernels:
 - `_indexer_scores`: grid (cdiv(S, BLOCK_N), cdiv(T, BLOCK_T), B). The BLOCK_T*BLOCK_HI (query, head) rows

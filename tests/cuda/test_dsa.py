@@ -3,13 +3,15 @@
 Indexer scores against `Indexer.scores` (through a real indexer's weights) and a float64 einsum; the top-k
 selection against `Indexer.select` and its stable sort, exactly, with causal offsets, ties (ReLU zeros of both
 signs) and ``index_topk > S``; sparse attention in the naive (Hk = H), grouped and absorbed (MQA over the
-latent) forms, forward and gradients; the whole pipeline against a DSA layer. Outputs start as NaN.
+latent) forms, forward and gradients; `kernels.triton.mla.mla_decode` over the selection (sparse absorbed
+decode); the whole pipeline against a DSA layer. Outputs start as NaN.
 """
 
 import pytest
 import torch
 
 from kernels.triton.dsa import indexer_scores, indexer_topk, sparse_attention, sparse_attention_fwd
+from kernels.triton.mla import mla_decode
 from reference.attention import attend, causal_mask
 from reference.dsa import DSA, Indexer
 from reference.rope import RotaryEmbedding
@@ -120,6 +122,22 @@ def test_sparse_attention_bf16():
     _check_sparse(1, 5, 1, 5, 14, 30, 24, 12, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype,splits", [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 2)])
+def test_sparse_mla_decode(dtype, splits):
+    """`mla_decode` with DSA's selection (the absorbed decode path): each query attends to its selected keys
+    only (20 of them: two blocks; -1 slots)."""
+    b, h, t, s = 2, 5, 2, 40
+    x = [torch.randn(*shape, device=DEVICE, dtype=dtype) for shape in ((b, h, t, 40), (b, h, t, 12), (b, s, 40),
+                                                                       (b, s, 12))]
+    idx = _random_indices(b, t, s, 20)
+    idx[0, 0, 3:7] = -1
+    out = mla_decode(*x, 0.3, splits=splits, indices=idx)
+    q_latent, q_pe, c_kv, k_pe = (y.double() for y in x)
+    k = torch.cat((c_kv, k_pe), -1)[:, None]
+    ref = attend(torch.cat((q_latent, q_pe), -1), k, c_kv[:, None], _as_mask(idx, s), 0.3)
+    assert_close(out, ref, dtype)
+
+
 # ----------------------------------------------------------------------------- the pipeline against a DSA layer
 
 
@@ -153,8 +171,12 @@ def test_pipeline_equals_dsa_layer():
         q = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, wkv[:, : layer.dn]), q_pe), dim=-1).contiguous()
         k = torch.cat((c_kv, k_pe), dim=-1)[:, None].contiguous()
         o_lat = sparse_attention(q, k, c_kv[:, None].contiguous(), idx, layer.scale)
+        ref = layer.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        assert_close(torch.einsum("bhtr,hvr->bhtv", o_lat, wkv[:, layer.dn :]), ref, torch.float32, what="absorbed")
+        q_lat = q[..., : layer.r].contiguous()
+        o_lat = mla_decode(q_lat, q_pe.contiguous(), c_kv.contiguous(), k_pe.contiguous(), layer.scale, indices=idx)
         out = torch.einsum("bhtr,hvr->bhtv", o_lat, wkv[:, layer.dn :])
-        assert_close(out, layer.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask), torch.float32, what="absorbed")
+        assert_close(out, ref, torch.float32, what="mla_decode with indices")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -92,6 +92,10 @@ def test_bad_inputs(monkeypatch):
         mla_decode(q_latent, q_pe, c_kv, k_pe, 1.0, splits=0)
     with pytest.raises(ValueError, match="contiguous"):
         mla_decode(q_latent, q_pe, c_kv, k_pe.transpose(1, 2).contiguous().transpose(1, 2), 1.0)
+    with pytest.raises(TypeError, match="indices: expected dtype"):
+        mla_decode(q_latent, q_pe, c_kv, k_pe, 1.0, indices=torch.zeros(1, 3, 4, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="indices: expected shape"):
+        mla_decode(q_latent, q_pe, c_kv, k_pe, 1.0, indices=torch.zeros(1, 2, 4, dtype=torch.int64, device=DEVICE))
     with pytest.raises(RuntimeError, match="forward only"):
         mla_decode(q_latent.requires_grad_(), q_pe, c_kv, k_pe, 1.0)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
