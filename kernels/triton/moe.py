@@ -218,6 +218,7 @@ class _Route(torch.autograd.Function):
         idx, w, scores = route_forward(logits, bias, top_k, n_group, topk_group, norm_topk_prob,
                                        routed_scaling_factor)
         ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensors to read
         ctx.save_for_backward(idx, scores)
         ctx.norm, ctx.scale = norm_topk_prob, routed_scaling_factor
         return idx, w, scores

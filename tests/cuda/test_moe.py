@@ -62,7 +62,7 @@ def test_route_matches_router(e, g, tg, k, norm, rsf, n):
 
 
 def test_route_grad_through_weights_only():
-    """No gradient reaches ``scores``: the backward kernel's HAS_GS=False path."""
+    """No gradient reaches ``scores`` (it stays None, not zeros): the backward kernel's HAS_GS=False path."""
     logits = torch.randn(19, 16, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(16, dtype=torch.float64) * 0.1
     lk = logits.detach().float().to(DEVICE).requires_grad_()
