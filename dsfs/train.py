@@ -341,6 +341,12 @@ def train(
     if preset is not None and preset not in TRAIN_PRESETS:
         raise DataError(f"unknown preset {preset!r} (expected one of {', '.join(TRAIN_PRESETS)})")
     be = resolve_backend(backend)
+    if be.name == "mlx" and be.note is None:  # the MLX runtime has its own loop, with the same outputs
+        from runtime_mlx.train import train as train_mlx
+
+        return train_mlx(preset, data_dir, out_dir, resume=resume, seed=seed, keep_last=keep_last,
+                         save_every=save_every, overwrite=overwrite, model_overrides=model_overrides,
+                         verbose=verbose, on_step=on_step, compile=compile, **overrides)
     device = be.device
 
     # ---- checkpoint to resume
