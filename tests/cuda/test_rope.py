@@ -1,7 +1,8 @@
 """kernels/triton/rope.py against reference/rope.py's apply_rope (float64), forward and gradient of x.
 
 Shapes: D/2 not a power of two, row counts that leave the kernel's last row block partial (one block, and 39
-rows of D = 128 in blocks of 32), one head and many, a decode step (T = 1) at an offset into a YaRN table. Outputs are poisoned (tests/cuda/conftest.py).
+rows of D = 128 in blocks of 32), one head and many, a decode step (T = 1) at an offset into a YaRN table.
+Outputs are poisoned (tests/cuda/conftest.py).
 """
 
 import pytest
