@@ -5,7 +5,7 @@ heads; MLA with kv_lora_rank 128, q_lora_rank 192, qk_nope 64, qk_rope 32, v 64;
 64 that keeps the top 128 keys per query. float32.
 
 - `Prefill`: one layer on (1, T, 256) for T in a sweep, forward and forward+backward (gradients of the layer's
-  parameters and of the input); causal. Seconds per call.
+  parameters); causal. Seconds per call.
 - `Decode`: one new token per sequence (batch 4) against a cache of L tokens, forward only. Seconds per step.
 - `KVCacheSize`: bytes the cache holds per token per layer (one sequence), measured on the reference's cache.
 
@@ -138,9 +138,7 @@ class Prefill(Suite):
         self.backend = backend
         self.layer = Layer(backend, kind, common.checkpoint(attention_config(kind)))
         self.x = common.array(backend, (1, seq_len, 256), seed=1)
-        if backend not in common.MLX_BACKENDS:
-            self.x.requires_grad_(True)
-        self.step = common.forward_backward(backend, self.layer.attn, self.layer.prefill)
+        self.step = common.forward_backward(backend, self.layer.prefill, self.layer.attn)
 
     def time_forward(self, backend, kind, seq_len):
         with common.no_grad(backend):

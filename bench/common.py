@@ -71,16 +71,16 @@ def require(backend: str) -> None:
 
         if not torch.cuda.is_available():
             skip("cuda: no CUDA device on this machine")
-        _import("runtime_cuda", "Model")
+        import_or_skip("runtime_cuda", "Model")
     elif backend == "mlx":
-        _import("runtime_mlx", "Model")
+        import_or_skip("runtime_mlx", "Model")
     elif backend == "transformers":
-        _import("transformers.models.deepseek_v3.modeling_deepseek_v3")
+        import_or_skip("transformers.models.deepseek_v3.modeling_deepseek_v3")
     elif backend == "mlx_lm":
-        _import("mlx_lm.models.deepseek_v3")
+        import_or_skip("mlx_lm.models.deepseek_v3")
 
 
-def _import(module: str, attr: str | None = None):
+def import_or_skip(module: str, attr: str | None = None):
     """Import ``module`` (and check it has ``attr``), or raise ``NotImplementedError`` saying why."""
     try:
         mod = importlib.import_module(module)
@@ -134,7 +134,7 @@ def load_model(backend: str, path: str, train: bool = False):
 
             model = Model.from_pretrained(path)
         elif backend == "cuda":
-            model = _import("runtime_cuda", "Model").Model.from_pretrained(path)
+            model = import_or_skip("runtime_cuda", "Model").Model.from_pretrained(path)
         else:
             import transformers
 
@@ -143,7 +143,7 @@ def load_model(backend: str, path: str, train: bool = False):
             model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return model.to(torch_device()).train(train)
     if backend == "mlx":
-        model = _import("runtime_mlx", "Model").Model.from_pretrained(path)
+        model = import_or_skip("runtime_mlx", "Model").Model.from_pretrained(path)
     else:
         import pathlib
 
@@ -186,32 +186,47 @@ def first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def forward_backward(backend: str, module, fn):
-    """A function ``step(*inputs)`` that runs ``fn(*inputs)`` (an output array/tensor computed by ``module``),
-    takes ``sum(out)`` as the loss and computes the gradients of ``module``'s parameters (and of float torch
-    inputs that require them), waiting for all of it. Torch gradients are reset to None after each step."""
+def total(out):
+    """The sum of every element of ``out`` (an array/tensor or a tuple of them): the loss of a backward pass."""
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = outs[0].sum()
+    for o in outs[1:]:
+        loss = loss + o.sum()
+    return loss
+
+
+def forward_backward(backend: str, fn, module=None):
+    """A function ``step(*inputs)`` that runs ``fn(*inputs)``, takes the sum of its output(s) as the loss and
+    computes the gradients, waiting for all of it. With a ``module``: the gradients of its parameters (and, for
+    torch, of inputs that require grad); without: the gradients of the float inputs (for torch, those that require
+    grad). Torch gradients are reset to None after each step."""
     if backend in MLX_BACKENDS:
         import mlx.core as mx
         import mlx.nn as nn
 
-        grad_fn = nn.value_and_grad(module, lambda *a: first(fn(*a)).sum())
+        def loss(*a):
+            return total(fn(*a))
+
+        grad_fn = nn.value_and_grad(module, loss) if module is not None else None
 
         def step(*inputs):
-            loss, grads = grad_fn(*inputs)
-            mx.eval(loss, grads)
+            if module is None:
+                argnums = [i for i, a in enumerate(inputs) if mx.issubdtype(a.dtype, mx.floating)]
+                value, grads = mx.value_and_grad(loss, argnums=argnums)(*inputs)
+            else:
+                value, grads = grad_fn(*inputs)
+            mx.eval(value, grads)
 
         return step
 
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
 
     def step(*inputs):
-        first(fn(*inputs)).float().sum().backward()
+        total(fn(*inputs)).float().backward()
         sync(backend)
-        for p in params:
-            p.grad = None
-        for x in inputs:
-            if getattr(x, "grad", None) is not None:
-                x.grad = None
+        for t in (*params, *inputs):
+            if getattr(t, "grad", None) is not None:
+                t.grad = None
 
     return step
 
