@@ -9,7 +9,10 @@ This module is the ONE place that holds every kernel's launch arguments (name, i
 header, template, grid, threadgroup, output shapes and dtypes): each kernel is a `KernelSpec` (static: names
 and source) and each call builds a `Launch` (per call: inputs, template, grid, threadgroup, outputs). The real
 launch (`run_metal`) and the CPU emulation in ``tests/metal_emulation`` take the same `Launch`, so they cannot
-drift apart. Each ``mx.fast.metal_kernel`` object is built once and cached.
+drift apart: every ``_<op>_metal`` function takes ``runner=`` (None: `run_metal`), which the emulation tests set.
+Each ``mx.fast.metal_kernel`` object is built once and cached. Kernels with a gradient (rms_norm, swiglu,
+cross_entropy, and moe_route's weights) are ``mx.custom_function`` with a ``.vjp``; the backward kernels
+recompute what they need (rstd, logsumexp) instead of keeping it alive between forward and backward.
 
 Conventions (all ops):
 - float inputs may be float32, float16 or bfloat16; reductions and softmax run in float32;
