@@ -8,7 +8,8 @@ two (tiles are padded to the next power of two, at least 16, and masked). Causal
 positions of the S keys, so query ``t`` sees key ``j`` iff ``j <= t + S - T`` (a chunked prefill over a cache);
 this needs ``S >= T``. Returns (B, H, T, Dv) in ``q.dtype``; softmax statistics and accumulators are float32.
 Inputs: float32, float16 or bfloat16, all of one dtype, contiguous, on one CUDA device (CPU under the
-interpreter). Float32 dots run in IEEE float32 (``input_precision="ieee"``), not TF32.
+interpreter). Float32 dots run in IEEE float32 (``input_precision="ieee"``), not TF32, so that float32 meets the
+1e-5 bound; on a GPU that is the FMA path, not tensor cores: bfloat16 is the fast path.
 
 Kernels (the grids name one program each):
 - `_attn_fwd`: grid (cdiv(T, BLOCK_M), B*H); online softmax over key blocks of BLOCK_N in base 2 (scale folded
@@ -23,7 +24,8 @@ for padded head dims up to 64, 8 warps up to 128, 32 x 32 above (untuned, not ye
 
 Triton 3.9's interpreter returns garbage from ``tl.dot`` on bfloat16 operands (measured; float16 is fine), so
 under the interpreter bfloat16 operands are upcast to float32 before each dot (`tile_dot`). That is numerically
-what the GPU's bfloat16 MMA does (exact products, float32 accumulation).
+what the GPU's bfloat16 MMA does (exact products, float32 accumulation). The interpreter's float32 -> bfloat16
+cast truncates instead of rounding to nearest, which roughly doubles the bfloat16 errors measured there.
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ Kernels:
 - `_indexer_topk`: grid (T, B). Each score becomes one int64 sort key, ``order(score) << 32 | (2**31-1 - j)``
   (``order`` maps float32 bits to integers of the same order, -0.0 taken as 0.0), so a descending sort of the
   keys is the reference's stable descending sort. The visible keys are read in chunks of CHUNK; ``tl.topk``
-  keeps a chunk's best K_P = next_pow2(k) and a bitonic merge (elementwise max of the running best, sorted
-  descending, with the chunk's best, ascending, then a sort) keeps the best K_P so far. Work is
-  O(visible * log^2 K_P) per query; CHUNK = max(K_P, 16) under the interpreter, max(K_P, 1024) on a GPU.
-  Scores must not be NaN.
+  keeps a chunk's best K_P = max(2, next_pow2(k)), and the elementwise max of the running best (descending)
+  and the chunk's best (flipped to ascending) is a bitonic sequence holding the best K_P of both, which
+  ``tl.bitonic_merge`` sorts. Work is O(visible * log^2 K_P) per query; CHUNK = max(K_P, 16) under the
+  interpreter, max(K_P, 1024) on a GPU. Scores must not be NaN. A full Triton top-k, so no ``torch.topk``.
 - `_sparse_fwd` / `_sparse_bwd`: grid (T, B*Hk, cdiv(H/Hk, BLOCK_H)): the heads of a key group for one
   query share the index set, so every gathered (BLOCK_N, D) key/value block serves BLOCK_H heads
   (BLOCK_H = next power of two of H/Hk, at least 16, at most 64). Online softmax as in
