@@ -166,7 +166,7 @@ SPECS: dict[str, KernelSpec] = {
     s.name: s
     for s in (
         _spec("rms_norm_fwd", "rms_norm", "x w eps", "out rstd"),
-        _spec("rms_norm_bwd_dx", "rms_norm", "x w g rstd", "dx"),
+        _spec("rms_norm_bwd_dx", "rms_norm", "x w g eps", "dx rstd"),
         _spec("rms_norm_bwd_dw", "rms_norm", "x g rstd", "dw"),
         _spec("swiglu_fwd", "swiglu", "gate up", "out"),
         _spec("swiglu_bwd", "swiglu", "gate up g", "dgate dup"),
@@ -177,7 +177,7 @@ SPECS: dict[str, KernelSpec] = {
         _spec("act_quant", "fp8", "x", "y s"),
         _spec("weight_dequant", "fp8", "w scale_inv", "out"),
         _spec("cross_entropy_fwd", "cross_entropy", "logits targets ignore_index", "loss lse"),
-        _spec("cross_entropy_bwd", "cross_entropy", "logits targets lse g ignore_index", "dlogits"),
+        _spec("cross_entropy_bwd", "cross_entropy", "logits targets g ignore_index", "dlogits"),
     )
 }
 
@@ -279,19 +279,23 @@ def rms_norm_launch(x2: mx.array, weight: mx.array, eps: float) -> Launch:
                   (n * tg, 1, 1), (tg, 1, 1), [(n, d), (n,)], [out_dtype, mx.float32])
 
 
-def rms_norm_bwd_launches(x2, weight, g2, rstd) -> tuple[Launch, Launch]:
-    """Backward launches: ``dx`` (N, D) in x's dtype, one threadgroup per row as the forward; ``dw`` (D,) float32,
-    one thread per column summing over the N rows, grid (D rounded up to 256, 1, 1), threadgroup (256, 1, 1)."""
+def rms_norm_bwd_dx_launch(x2, weight, g2, eps) -> Launch:
+    """Backward, first launch: ``dx`` (N, D) in x's dtype and ``rstd`` (N,) float32 (recomputed in the same pass),
+    one threadgroup per row as the forward."""
     n, d = x2.shape
     tg = _tg_size(d)
-    dx = Launch(SPECS["rms_norm_bwd_dx"], [x2, weight, g2, rstd],
-                [("T", x2.dtype), ("W", weight.dtype), ("G", g2.dtype), ("D", d), ("TG", tg)],
-                (n * tg, 1, 1), (tg, 1, 1), [(n, d)], [x2.dtype])
+    return Launch(SPECS["rms_norm_bwd_dx"], [x2, weight, g2, _scalar(eps)],
+                  [("T", x2.dtype), ("W", weight.dtype), ("G", g2.dtype), ("D", d), ("TG", tg)],
+                  (n * tg, 1, 1), (tg, 1, 1), [(n, d), (n,)], [x2.dtype, mx.float32])
+
+
+def rms_norm_bwd_dw_launch(x2, g2, rstd) -> Launch:
+    """Backward, second launch: ``dw`` (D,) float32, one thread per column summing over the N rows, grid (D rounded
+    up to the threadgroup, 1, 1), threadgroup (32..256, 1, 1)."""
+    n, d = x2.shape
     tw = min(256, 32 * _cdiv(d, 32))
-    dw = Launch(SPECS["rms_norm_bwd_dw"], [x2, g2, rstd],
-                [("T", x2.dtype), ("G", g2.dtype), ("N", n), ("D", d)],
-                (tw * _cdiv(d, tw), 1, 1), (tw, 1, 1), [(d,)], [mx.float32])
-    return dx, dw
+    return Launch(SPECS["rms_norm_bwd_dw"], [x2, g2, rstd], [("T", x2.dtype), ("G", g2.dtype), ("N", n), ("D", d)],
+                  (tw * _cdiv(d, tw), 1, 1), (tw, 1, 1), [(d,)], [mx.float32])
 
 
 def _rms_norm_metal(x, weight, eps, runner=None):
@@ -301,12 +305,12 @@ def _rms_norm_metal(x, weight, eps, runner=None):
     return out.reshape(x.shape), rstd
 
 
-def _rms_norm_metal_bwd(x, weight, g, rstd, runner=None):
+def _rms_norm_metal_bwd(x, weight, g, eps, runner=None):
     """The Metal VJP of `rms_norm`: returns (dx in x's shape and dtype, dw (D,) in weight's dtype)."""
     d = x.shape[-1]
-    lx, lw = rms_norm_bwd_launches(x.reshape(-1, d), weight, g.reshape(-1, d), rstd)
-    (dx,) = _run(runner, lx)
-    (dw,) = _run(runner, lw)
+    x2, g2 = x.reshape(-1, d), g.reshape(-1, d)
+    dx, rstd = _run(runner, rms_norm_bwd_dx_launch(x2, weight, g2, eps))
+    (dw,) = _run(runner, rms_norm_bwd_dw_launch(x2, g2, rstd))
     return dx.reshape(x.shape), dw.astype(weight.dtype)
 
 
@@ -319,8 +323,7 @@ def _rms_norm_custom(eps: float):
     @f.vjp
     def f_vjp(primals, cotangent, output):
         x, weight = primals
-        _, rstd = _rms_norm_metal(x, weight, eps)  # recomputed: cheap next to the matmuls around it
-        return _rms_norm_metal_bwd(x, weight, cotangent, rstd)
+        return _rms_norm_metal_bwd(x, weight, cotangent, eps)
 
     del f_vjp
     return f
@@ -799,13 +802,15 @@ def cross_entropy_launch(logits, targets, ignore_index) -> Launch:
                   (n * tg, 1, 1), (tg, 1, 1), [(n,), (n,)], [mx.float32, mx.float32])
 
 
-def cross_entropy_bwd_launch(logits, targets, lse, g, ignore_index) -> Launch:
-    """Backward: ``dlogits[n, v] = g[n] * (exp(logits[n, v] - lse[n]) - [v == target[n]])``, 0 on ignored rows;
-    grid (V rounded up to 256, N, 1), threadgroup (256, 1, 1). Output (N, V) in logits' dtype."""
+def cross_entropy_bwd_launch(logits, targets, g, ignore_index) -> Launch:
+    """Backward: ``dlogits[n, v] = g[n] * (exp(logits[n, v] - lse[n]) - [v == target[n]])``, 0 on ignored rows,
+    with each row's logsumexp recomputed in the kernel (fused: one read for lse, one read + write for dlogits).
+    One threadgroup of TG (32..256) threads per row, grid (N*TG, 1, 1). Output (N, V) in logits' dtype."""
     n, v = logits.shape
-    return Launch(SPECS["cross_entropy_bwd"], [logits, targets, lse, g, mx.array(int(ignore_index), dtype=mx.int32)],
-                  [("T", logits.dtype), ("G", g.dtype), ("V", v)],
-                  (256 * _cdiv(v, 256), n, 1), (256, 1, 1), [(n, v)], [logits.dtype])
+    tg = _tg_size(v, _CE_TG)
+    return Launch(SPECS["cross_entropy_bwd"], [logits, targets, g, mx.array(int(ignore_index), dtype=mx.int32)],
+                  [("T", logits.dtype), ("G", g.dtype), ("V", v), ("TG", tg)],
+                  (n * tg, 1, 1), (tg, 1, 1), [(n, v)], [logits.dtype])
 
 
 def _cross_entropy_metal(logits, targets, ignore_index=-100, runner=None):
@@ -813,8 +818,8 @@ def _cross_entropy_metal(logits, targets, ignore_index=-100, runner=None):
     return tuple(_run(runner, cross_entropy_launch(logits, targets, ignore_index)))
 
 
-def _cross_entropy_metal_bwd(logits, targets, lse, g, ignore_index=-100, runner=None):
-    (dlogits,) = _run(runner, cross_entropy_bwd_launch(logits, targets, lse, g, ignore_index))
+def _cross_entropy_metal_bwd(logits, targets, g, ignore_index=-100, runner=None):
+    (dlogits,) = _run(runner, cross_entropy_bwd_launch(logits, targets, g, ignore_index))
     return dlogits
 
 
@@ -827,8 +832,7 @@ def _cross_entropy_custom(ignore_index: int):
     @f.vjp
     def f_vjp(primals, cotangent, output):
         logits, targets = primals
-        _, lse = _cross_entropy_metal(logits, targets, ignore_index)
-        return _cross_entropy_metal_bwd(logits, targets, lse, cotangent, ignore_index), mx.zeros_like(targets)
+        return _cross_entropy_metal_bwd(logits, targets, cotangent, ignore_index), mx.zeros_like(targets)
 
     del f_vjp
     return f

@@ -38,32 +38,46 @@ for (uint j = tid; j < uint(D); j += TG) {
 }
 
 // @kernel rms_norm_bwd_dx
-// dx = r * (g*w - x*r * mean(g*w * x*r)), one threadgroup of TG threads per row, as the forward.
-// Inputs: x (N, D) T, w (D,) W, g (N, D) G (the cotangent), rstd (N,) float32. Output: dx (N, D) T.
+// dx = r * (g*w - x * r^2 * mean(g*w * x)), with r = rsqrt(mean(x^2) + eps) recomputed in the same pass (the
+// forward's rstd is not kept); one threadgroup of TG threads per row, as the forward.
+// Inputs: x (N, D) T, w (D,) W, g (N, D) G (the cotangent), eps scalar float.
+// Outputs: dx (N, D) T, rstd (N,) float32 (for rms_norm_bwd_dw).
 uint row = threadgroup_position_in_grid.x;
 uint tid = thread_position_in_threadgroup.x;
 uint lane = thread_index_in_simdgroup;
 uint sg = simdgroup_index_in_threadgroup;
-threadgroup float partial[TG / 32];
-float r = rstd[row];
-float acc = 0.0f;
+threadgroup float part_ss[TG / 32];
+threadgroup float part_gx[TG / 32];
+float ss = 0.0f;
+float gx = 0.0f;
 for (uint j = tid; j < uint(D); j += TG) {
-  acc += float(g[row * D + j]) * float(w[j]) * float(x[row * D + j]);
+  float v = float(x[row * D + j]);
+  ss += v * v;
+  gx += float(g[row * D + j]) * float(w[j]) * v;
 }
-acc = metal::simd_sum(acc);
+ss = metal::simd_sum(ss);
+gx = metal::simd_sum(gx);
 if (lane == 0) {
-  partial[sg] = acc;
+  part_ss[sg] = ss;
+  part_gx[sg] = gx;
 }
 metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
 if (sg == 0) {
-  float total = lane < uint(TG / 32) ? partial[lane] : 0.0f;
-  total = metal::simd_sum(total);
+  float a = lane < uint(TG / 32) ? part_ss[lane] : 0.0f;
+  float b = lane < uint(TG / 32) ? part_gx[lane] : 0.0f;
+  a = metal::simd_sum(a);
+  b = metal::simd_sum(b);
   if (lane == 0) {
-    partial[0] = total;
+    part_ss[0] = a;
+    part_gx[0] = b;
   }
 }
 metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
-float c = partial[0] * r * r / float(D);
+float r = metal::precise::rsqrt(part_ss[0] / float(D) + eps);
+float c = part_gx[0] * r * r / float(D);
+if (tid == 0) {
+  rstd[row] = r;
+}
 for (uint j = tid; j < uint(D); j += TG) {
   float v = float(x[row * D + j]);
   float dn = float(g[row * D + j]) * float(w[j]);
