@@ -614,7 +614,8 @@ def indexer_scores_launch(q, k, w, scale) -> Launch:
 def indexer_topk_launch(scores, topk) -> Launch:
     """One threadgroup of 128 threads per query row (b, t): grid (B*T*128, 1, 1). Each thread ranks its keys
     against all visible keys, streamed through a 128-float threadgroup tile; a key of rank < K writes its id
-    to slot rank. Output (B, T, min(topk, S)) int32."""
+    to slot rank: O(S^2) comparisons per query, fine for decode (T = 1) and training lengths, slow for long
+    prefills. Output (B, T, min(topk, S)) int32."""
     b, t, s = scores.shape
     kk = min(topk, s)
     return Launch(SPECS["indexer_topk"], [scores], [("TQ", t), ("S", s), ("K", kk), ("TILE", _IDX_TG)],
@@ -693,7 +694,9 @@ def act_quant_mlx(x, block_size=128):
     lead = x.shape[:-1]
     xp = mx.pad(_f32(x), [(0, 0)] * (x.ndim - 1) + [(0, kb * block_size - k)]).reshape(*lead, kb, block_size)
     s = mx.maximum(mx.abs(xp).max(axis=-1), AMAX_MIN) / FP8_MAX
-    y = mx.to_fp8(mx.clip(xp / s[..., None], -FP8_MAX, FP8_MAX)).reshape(*lead, kb * block_size)
+    v = xp / s[..., None]
+    y = mx.where(mx.isnan(v), mx.array(0x7F, mx.uint8), mx.to_fp8(mx.clip(v, -FP8_MAX, FP8_MAX)))  # to_fp8(NaN) = 448
+    y = y.reshape(*lead, kb * block_size)
     return y[..., :k], s
 
 
@@ -739,7 +742,8 @@ def act_quant(x: mx.array, block_size: int = 128):
 
     ``x`` (..., K) float (computed in float32; K need not be a multiple of the block). Returns ``(y, s)``:
     ``y`` (..., K) uint8, the e4m3fn bit patterns of ``clamp(x / s, +-448)`` rounded to nearest even;
-    ``s`` (..., ceil(K / block_size)) float32 = max(amax_tile, 1e-4) / 448. Raises TypeError on a non-float x,
+    ``s`` (..., ceil(K / block_size)) float32 = max(amax_tile, 1e-4) / 448. A NaN makes its tile's scale and values
+    NaN (e4m3 NaN is 0x7F), as the reference. Raises TypeError on a non-float x,
     ValueError on rank 0, K = 0 or a bad block_size. Source: DeepSeek-V3 report section 3.3.
     """
     _check_float("x", x)

@@ -39,7 +39,7 @@ inline float e4m3_decode(uchar bits) {
 
 // @kernel act_quant
 // One simdgroup per 1 x BS tile (NT = N * KB tiles). Inputs: x (N, K) T. Outputs: y (N, K) uint8
-// e4m3 bits of clamp(x / s, +-448), s (N, KB) float32 = max(amax, 1e-4) / 448.
+// e4m3 bits of clamp(x / s, +-448), s (N, KB) float32 = max(amax, 1e-4) / 448 (NaN if the tile holds a NaN).
 constexpr int KB = (K + BS - 1) / BS;
 uint tile = thread_position_in_grid.x / 32;
 uint lane = thread_index_in_simdgroup;
@@ -50,17 +50,21 @@ uint row = tile / KB;
 uint k0 = (tile % KB) * BS;
 uint len = metal::min(uint(BS), uint(K) - k0);
 float amax = 0.0f;
+bool has_nan = false;
 for (uint j = lane; j < len; j += 32) {
-  amax = metal::max(amax, metal::fabs(float(x[row * K + k0 + j])));
+  float a = metal::fabs(float(x[row * K + k0 + j]));
+  has_nan = has_nan || metal::isnan(a);
+  amax = metal::max(amax, a);
 }
 amax = metal::simd_max(amax);
-float sc = metal::max(amax, 1e-4f) / 448.0f;
+has_nan = metal::simd_any(has_nan);
+float sc = has_nan ? NAN : metal::max(amax, 1e-4f) / 448.0f;  // a NaN poisons its tile, as the reference
 if (lane == 0) {
   s[tile] = sc;
 }
 for (uint j = lane; j < len; j += 32) {
-  float v = metal::clamp(float(x[row * K + k0 + j]) / sc, -448.0f, 448.0f);
-  y[row * K + k0 + j] = e4m3_encode(v);
+  float v = float(x[row * K + k0 + j]) / sc;
+  y[row * K + k0 + j] = e4m3_encode(metal::isnan(v) ? v : metal::clamp(v, -448.0f, 448.0f));
 }
 
 // @kernel weight_dequant

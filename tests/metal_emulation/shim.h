@@ -484,6 +484,7 @@ namespace metal {
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
 inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(int(a) | int(b)); }
 inline void threadgroup_barrier(mem_flags) { emu::barrier(); }
+inline void simdgroup_barrier(mem_flags);  // defined below, after the simd functions
 
 template <class T> T simd_sum(T x) { return emu::simd_call<T, emu::OpSum>(x, 0); }
 template <class T> T simd_max(T x) { return emu::simd_call<T, emu::OpMax>(x, 0); }
@@ -496,6 +497,7 @@ template <class T> T simd_shuffle_down(T x, ushort d) { return emu::simd_call<T,
 template <class T> T simd_shuffle_up(T x, ushort d) { return emu::simd_call<T, emu::OpShuffleUp>(x, int(d)); }
 inline bool simd_any(bool x) { return emu::simd_call<bool, emu::OpAny>(x, 0); }
 inline bool simd_all(bool x) { return emu::simd_call<bool, emu::OpAll>(x, 0); }
+inline void simdgroup_barrier(mem_flags) { emu::simd_call<bool, emu::OpAll>(true, 0); }  // a simdgroup sync point
 
 // Math: float in, float out (half/bfloat arguments are promoted by the caller's float() conversion).
 #define EMU_MATH_NS                                                          \
