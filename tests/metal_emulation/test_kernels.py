@@ -155,3 +155,12 @@ def test_cross_entropy(dtype):
     assert_close(to_torch(loss), ref, dtype)
     assert_close(to_torch(lse), logits.double().logsumexp(-1), what="lse")
     assert_close(to_torch(dlogits), lr.grad, dtype, what="dlogits")
+
+
+def test_every_body_has_a_spec():
+    """Each ``// @kernel`` body in kernels/metal has its `KernelSpec` (and so its launch), and each spec a body."""
+    bodies = {(f.stem, name) for f in K.METAL_DIR.glob("*.metal") for name in K._metal_file(f.stem) if name != "header"}
+    assert bodies == {(s.family, s.name) for s in K.SPECS.values()}
+    for s in K.SPECS.values():
+        for name in s.input_names + s.output_names:
+            assert name in s.source, f"{s.name}: buffer {name} unused by the body"
