@@ -116,6 +116,15 @@ def load_weights(model, weights: dict[str, mx.array], where: str = "weights") ->
     model.load_weights(list(weights.items()), strict=True)
 
 
+def load_torch_state_dict(model, state_dict: dict) -> None:
+    """Set ``model``'s parameters from a reference model's ``state_dict()`` (same names; torch tensors), dropping
+    a tied ``lm_head.weight``. Raises ``ValueError`` as `load_weights`."""
+    tied = model.config.tie_word_embeddings
+    weights = {k: mx.array(v.detach().cpu().numpy()) for k, v in state_dict.items()
+               if not (tied and k == "lm_head.weight")}
+    load_weights(model, weights, "reference state_dict")
+
+
 def load_model(cls, path, dtype: mx.Dtype | None = None):
     """Build ``cls(config)`` from ``path``/config.json and load its weights strictly; cast floating weights to
     ``dtype`` when given (as the reference's ``model.to(dtype)``). Raises ``FileNotFoundError`` / ``ValueError``."""

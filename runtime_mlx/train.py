@@ -74,7 +74,7 @@ from reference import Model as ReferenceModel
 from reference import ModelConfig
 
 from . import kernels
-from .checkpoint import load_weights
+from .checkpoint import load_torch_state_dict
 from .model import Model
 
 # ---------------------------------------------------------------- weights and optimizer
@@ -86,7 +86,7 @@ def init_from_reference(cfg: ModelConfig, seed: int) -> Model:
     torch.manual_seed(seed)
     ref = ReferenceModel(cfg)
     model = Model(cfg)
-    load_weights(model, {k: mx.array(v.numpy()) for k, v in ref.state_dict().items()}, "reference init")
+    load_torch_state_dict(model, ref.state_dict())
     return model
 
 

@@ -1,0 +1,121 @@
+"""runtime_mlx checkpoints: the Hugging Face directory it writes opens in mlx_lm and in the reference with the
+same logits, and it opens the reference's (also FP8 block-quantized and transformers' packed experts); writing
+is atomic; bad directories raise."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from reference import Model as ReferenceModel
+from reference.fp8 import weight_quant
+from runtime_mlx import Model
+from tests.mlx.utils import copy_weights, model_pair, mx, to_mx, to_torch
+from tests.reference_utils import make_config
+from tests.tolerance import assert_close
+
+mlx_utils = pytest.importorskip("mlx_lm.utils")
+
+
+def _config(attention_type="mla", **kw):
+    base = dict(q_lora_rank=12, num_nextn_predict_layers=1, n_routed_experts=8, n_group=2, topk_group=1)
+    return make_config(attention_type, **{**base, **kw})
+
+
+def _positive_bias(ref):
+    """mlx-lm zero-fills the dropped groups where the reference puts -inf: equal when biased scores are > 0."""
+    with torch.no_grad():
+        for m in ref.moe_layers():
+            m.gate.e_score_correction_bias.abs_()
+
+
+@pytest.mark.parametrize("attention_type", ["mla", "dsa"])
+def test_mlx_checkpoint_loads_in_mlx_lm_and_reference(tmp_path, attention_type):
+    cfg = _config(attention_type)
+    ref, model = model_pair(cfg)
+    _positive_bias(ref)
+    copy_weights(model, ref)
+    model.save_pretrained(tmp_path / "ck", tokenizer_file=None)
+    files = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert files == ["config.json", "model.safetensors", "mtp.safetensors"]
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in load_file(tmp_path / "ck" / "model.safetensors")
+    assert "model.layers.2.eh_proj.weight" in load_file(tmp_path / "ck" / "mtp.safetensors")
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    ours = model(to_mx(ids))
+    with torch.no_grad():
+        expected = ref(ids)
+    e_ours = assert_close(to_torch(ours), expected, what="mlx vs reference")
+    loaded = ReferenceModel.from_pretrained(tmp_path / "ck").eval()
+    with torch.no_grad():
+        e_ref = assert_close(loaded(ids), to_torch(ours), what="reference loading the mlx checkpoint")
+    lm, _ = mlx_utils.load_model(pathlib.Path(tmp_path / "ck"))
+    e_lm = assert_close(to_torch(lm(to_mx(ids))), to_torch(ours), what="mlx_lm loading the mlx checkpoint")
+    again = Model.from_pretrained(tmp_path / "ck")
+    assert mx.array_equal(again(to_mx(ids)), ours)
+    print(f"\n[mlx] {attention_type}: mlx vs reference {e_ours:.1e}, reference load {e_ref:.1e}, mlx_lm {e_lm:.1e}")
+
+
+def test_loads_reference_checkpoint_with_tokenizer(tmp_path):
+    ref, _ = model_pair(_config(tie_word_embeddings=True))
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    ref.save_pretrained(tmp_path / "ck", tokenizer_file=tok)
+    model = Model.from_pretrained(tmp_path / "ck")
+    ids = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        assert_close(to_torch(model(to_mx(ids))), ref(ids), what="mlx loading the reference checkpoint")
+    model.save_pretrained(tmp_path / "again", tokenizer_file=tok)
+    assert (tmp_path / "again" / "tokenizer.json").read_text() == "{}"
+    names = [set(load_file(tmp_path / d / "model.safetensors")) for d in ("again", "ck")]
+    assert names[0] == names[1]
+
+
+def test_fp8_and_packed_experts(tmp_path):
+    """FP8 e4m3 matrices with 128x128 ``weight_scale_inv`` are dequantized as the reference does; transformers'
+    packed ``experts.gate_up_proj`` (E, 2I, H) is split."""
+    ref, _ = model_pair(_config(num_nextn_predict_layers=0))
+    ref.save_pretrained(tmp_path / "ck")
+    sd = load_file(tmp_path / "ck" / "model.safetensors")
+    for name in ("model.layers.0.self_attn.kv_b_proj.weight", "model.layers.1.mlp.shared_experts.up_proj.weight"):
+        sd[name], sd[name + "_scale_inv"] = weight_quant(sd[name])
+    base = "model.layers.1.mlp.experts"
+    gate = torch.stack([sd.pop(f"{base}.{e}.gate_proj.weight") for e in range(8)])
+    up = torch.stack([sd.pop(f"{base}.{e}.up_proj.weight") for e in range(8)])
+    sd[f"{base}.gate_up_proj"] = torch.cat((gate, up), dim=1)
+    save_file(sd, tmp_path / "ck" / "model.safetensors")
+    ids = torch.randint(0, 97, (1, 7))
+    loaded = ReferenceModel.from_pretrained(tmp_path / "ck").eval()
+    with torch.no_grad():
+        expected = loaded(ids)
+    got = Model.from_pretrained(tmp_path / "ck")(to_mx(ids))
+    assert_close(to_torch(got), expected, what="fp8 + packed experts")
+
+
+def test_save_is_atomic_and_bad_dirs_raise(tmp_path, monkeypatch):
+    _, model = model_pair(_config())
+    model.save_pretrained(tmp_path / "ck")
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+
+    def crash(path, arrays, metadata=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mx, "save_safetensors", crash)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "ck")
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError):
+        Model.from_pretrained(tmp_path / "missing")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="missing"):
+        Model.from_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        Model.from_pretrained(tmp_path / "ck")

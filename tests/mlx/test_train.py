@@ -1,0 +1,132 @@
+"""``dsfs train --backend mlx``: a few steps of the micro model through the CLI; the run's checkpoint and final
+model load in the reference, and the reference resumes it exactly (same losses as an uninterrupted reference
+run: same initial weights, data order, AdamW moments); the MLX loop resumes a reference run; the trajectory
+matches the reference loop's step by step."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dsfs import cli
+from dsfs.checkpointing import load_trainer_state
+from dsfs.presets import MODEL_PRESETS
+from dsfs.train import train
+from reference import Model as ReferenceModel
+from runtime_mlx import Model
+from runtime_mlx.train import make_mlx_optimizer, optimizer_state_from_torch, optimizer_state_to_torch
+from tests.mlx.utils import mx, to_mx, to_torch
+from tests.test_train import MICRO_MODEL, MICRO_TRAIN, make_data_dir, read_metrics
+from tests.tolerance import assert_close
+
+STEPS = dict(MICRO_TRAIN, max_steps=4, eval_every=2, eval_batches=1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data_dir(tmp_path_factory.mktemp("data"))
+
+
+def _train(data_dir, out, backend, **kw):
+    return train("tiny", data_dir, out, backend=backend, model_overrides=MICRO_MODEL, verbose=False,
+                 compile=kw.pop("compile", backend == "mlx"), **{**STEPS, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    _train(data_dir, out, "reference")
+    return out
+
+
+def test_cli_mlx_run_matches_reference_and_reference_resumes_it(data_dir, reference_run, tmp_path, capsys,
+                                                              monkeypatch):
+    """``dsfs train --backend mlx`` for 2 steps (the micro model as the tiny preset: the CLI has no model-size
+    flags), then the reference resumes the run to step 4: every loss equals the uninterrupted reference run's."""
+    monkeypatch.setitem(MODEL_PRESETS, "tiny", {**MODEL_PRESETS["tiny"], **MICRO_MODEL})
+    out = tmp_path / "mlx"
+    capsys.readouterr()
+    rc = cli.main(["train", "--backend", "mlx", "--data", str(data_dir), "--out", str(out), "--max-steps", "2",
+                   "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--warmup-steps", "4",
+                   "--eval-every", "2", "--eval-batches", "1", "-q"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "backend mlx" in printed and "steps 2," in printed
+    state = load_trainer_state(out / "checkpoints" / "step_000002")
+    assert state["backend"] == "mlx" and state["optimizer"]["state"]
+    assert sorted(p.name for p in (out / "final").iterdir()) == [
+        "config.json", "model.safetensors", "mtp.safetensors", "tokenizer.json"]
+    ids = torch.randint(0, 384, (2, 16))
+    ref_final = ReferenceModel.from_pretrained(out / "final").eval()
+    with torch.no_grad():
+        assert_close(to_torch(Model.from_pretrained(out / "final")(to_mx(ids))), ref_final(ids),
+                     what="final model: mlx vs reference loading it")
+    s = train(data_dir=data_dir, out_dir=out, resume=True, backend="reference", verbose=False, compile=False,
+              max_steps=4)
+    assert s["steps"] == 4 and s["backend"] == "reference"
+    ours, ours_val = read_metrics(out)
+    theirs, theirs_val = read_metrics(reference_run)
+    assert [r["step"] for r in ours] == [1, 2, 3, 4]
+    for a, b in zip(ours, theirs, strict=True):  # steps 1-2 on mlx, 3-4 on the reference after the hand-over
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a, b)
+    assert math.isclose(ours_val[-1]["val_loss"], theirs_val[-1]["val_loss"], rel_tol=1e-5)
+
+
+def test_mlx_resumes_reference_run(data_dir, reference_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    for p in (out / "checkpoints").iterdir():
+        if p.name != "step_000002":
+            shutil.rmtree(p)
+    s = train(data_dir=data_dir, resume=out / "checkpoints" / "step_000002", out_dir=out, backend="mlx",
+              verbose=False, max_steps=4)
+    assert s["backend"] == "mlx" and s["steps"] == 4
+    ours, ours_val = read_metrics(out)
+    theirs, theirs_val = read_metrics(reference_run)
+    for a, b in zip(ours, theirs, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
+    assert math.isclose(ours_val[-1]["val_loss"], theirs_val[-1]["val_loss"], rel_tol=1e-5)
+
+
+def test_optimizer_state_round_trip(reference_run):
+    """The reference's AdamW state_dict -> MLX optimizer -> the same state_dict (moments, step, groups)."""
+    from dsfs.checkpointing import latest_checkpoint
+
+    ckpt = latest_checkpoint(reference_run)
+    state = load_trainer_state(ckpt)
+    model = Model.from_pretrained(ckpt)
+    cfg = model.config
+    opt = make_mlx_optimizer(3e-3, 0.1)
+    opt.init(model.trainable_parameters())
+    optimizer_state_from_torch(opt, state["optimizer"], cfg, 3e-3, 0.1)
+    back = optimizer_state_to_torch(opt, cfg, 3e-3, 0.1)
+    want = state["optimizer"]
+    assert [g["params"] for g in back["param_groups"]] == [g["params"] for g in want["param_groups"]]
+    assert [g["weight_decay"] for g in back["param_groups"]] == [0.1, 0.0]
+    assert sorted(back["state"]) == sorted(want["state"])
+    for i, s in want["state"].items():
+        assert float(back["state"][i]["step"]) == float(s["step"])
+        assert torch.equal(back["state"][i]["exp_avg"], s["exp_avg"])
+        assert torch.equal(back["state"][i]["exp_avg_sq"], s["exp_avg_sq"])
+    assert mx.array_equal(opt.optimizers[0].state["step"], mx.array(4, dtype=mx.uint64))
+
+
+def test_resume_refuses_other_data(data_dir, reference_run, tmp_path):
+    from dsfs.checkpointing import CheckpointError
+
+    other = make_data_dir(tmp_path / "other", vocab_size=320)
+    with pytest.raises(CheckpointError):
+        train(data_dir=other, resume=reference_run, out_dir=tmp_path / "o", backend="mlx", verbose=False)
+
+
+def test_metrics_records_have_the_reference_fields(data_dir, reference_run, tmp_path):
+    out = tmp_path / "run"
+    _train(data_dir, out, "mlx", max_steps=1, eval_every=1, compile=False)
+    ours = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert {frozenset(r) for r in ours} == {frozenset(r) for r in theirs}  # train and eval records

@@ -1,0 +1,43 @@
+"""Shared helpers of the runtime_mlx tests: the same weights in the reference and the MLX model, and arrays
+back to torch for `tests.tolerance`."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import torch
+
+from reference import Model as ReferenceModel
+from runtime_mlx import Model
+from runtime_mlx.checkpoint import load_torch_state_dict, load_weights
+from tests.reference_utils import randomize_
+
+
+def to_mx(t: torch.Tensor):
+    """A torch tensor as an mx array (same dtype for float32 and integers; float64 becomes float32)."""
+    a = t.detach().cpu().numpy()
+    return mx.array(a.astype(np.float32) if a.dtype == np.float64 else a)
+
+
+def to_torch(a) -> torch.Tensor:
+    """An mx array as a float64 torch tensor (for `tests.tolerance.rel_err`)."""
+    return torch.from_numpy(np.array(a.astype(mx.float32), dtype=np.float64))
+
+
+def copy_weights(mlx_module, torch_module) -> None:
+    """Set every parameter of an MLX module (a whole model, or a layer) from the torch module of the same
+    names (its ``state_dict``)."""
+    if isinstance(mlx_module, Model):
+        load_torch_state_dict(mlx_module, torch_module.state_dict())
+    else:
+        load_weights(mlx_module, {k: to_mx(v) for k, v in torch_module.state_dict().items()})
+
+
+def model_pair(config, router_bias: float = 0.05, train: bool = False) -> tuple[ReferenceModel, Model]:
+    """The reference model with O(1) random weights and an MLX model holding the same weights, both in eval
+    (or train) mode."""
+    ref = randomize_(ReferenceModel(config), router_bias=router_bias).train(train)
+    model = Model(config)
+    copy_weights(model, ref)
+    model.train(train)
+    return ref, model
