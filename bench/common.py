@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -37,6 +38,28 @@ BASE_CONFIG = dict(
     v_head_dim=64, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
     first_k_dense_replace=0, max_position_embeddings=4096, index_n_heads=4, index_head_dim=64, index_topk=128,
 )
+
+
+# Imported once by asv's forkserver (asv.conf.json: "launch_method": "forkserver") before it forks a process per
+# benchmark and parameter set, so that each of them does not import torch, transformers and mlx again (seconds
+# each on 2 cores). Linux only: forking after macOS's GPU frameworks are loaded is unsafe.
+HEAVY_MODULES = ("torch", "reference", "transformers", "transformers.models.deepseek_v3.modeling_deepseek_v3",
+                 "transformers.models.deepseek_v32.modeling_deepseek_v32", "mlx.core", "mlx.nn", "mlx_lm.utils",
+                 "mlx_lm.models.deepseek_v3", "mlx_lm.models.deepseek_v32")
+
+
+def preimport() -> None:
+    """Import `HEAVY_MODULES` (those that are installed) when running under asv on Linux."""
+    if sys.platform != "linux" or not os.environ.get("ASV"):
+        return
+    for name in HEAVY_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+preimport()
 
 
 class Suite:
@@ -67,6 +90,8 @@ def require(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "cuda":
+        if sys.platform == "darwin":
+            skip("cuda: no CUDA on macOS")
         import torch
 
         if not torch.cuda.is_available():
