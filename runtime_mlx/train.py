@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -353,6 +354,9 @@ def train(
         f"{', mx.compile' if compile else ''}); {tok_per_step:,} tokens/step "
         f"({tc['batch_size']}x{tc['seq_len']}x{accum}), {tc['max_steps']} steps; data {data_dir}; out {out}")
 
+    if sys.platform == "linux" and device == "cpu" and "openblas" not in os.environ.get("LD_PRELOAD", ""):
+        say("note: MLX's Linux CPU wheel links a slow reference BLAS; about 20x faster with OpenBLAS: apt-get install "
+            "libopenblas0-pthread, then LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 dsfs train ...")
     train_time, val_loss, last_eval, stopped = 0.0, None, -1, "max_steps"
     last_saved = step if state is not None else -1
     try:
