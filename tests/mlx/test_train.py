@@ -130,3 +130,15 @@ def test_metrics_records_have_the_reference_fields(data_dir, reference_run, tmp_
     ours = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     theirs = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     assert {frozenset(r) for r in ours} == {frozenset(r) for r in theirs}  # train and eval records
+
+
+def test_grad_accum_and_no_clip_match_reference(data_dir, tmp_path):
+    kw = dict(max_steps=2, eval_every=2, grad_accum=2, grad_clip=0.0)
+    _train(data_dir, tmp_path / "ref", "reference", compile=False, **kw)
+    _train(data_dir, tmp_path / "mlx", "mlx", **kw)
+    ours, _ = read_metrics(tmp_path / "mlx")
+    theirs, _ = read_metrics(tmp_path / "ref")
+    for a, b in zip(ours, theirs, strict=True):
+        for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a, b)
+    assert ours[-1]["tokens"] == 2 * 2 * STEPS["batch_size"] * STEPS["seq_len"]
