@@ -19,8 +19,10 @@ Kernels (the grids name one program each):
   their query blocks, so dk and dv are summed over the group without atomics.
 - `_attn_bwd_dq`: grid (cdiv(T, BLOCK_M), B*H); one query block, looping over key blocks.
 
-Block sizes: 16 under the interpreter (so small test shapes span several blocks); on a GPU 64 x 64 with 4 warps
-for padded head dims up to 64, 8 warps up to 128, 32 x 32 above (untuned, not yet timed on a GPU).
+Block sizes: 16 under the interpreter (so small test shapes span several blocks); on a GPU, for 16-bit inputs
+64 x 64 with 4 warps for padded head dims up to 64, 8 warps up to 128, 32 x 32 above; for float32 16 x 32 (16 x 16
+above 128) with 4 warps. Untuned and not yet run on a GPU, but every kernel was compiled here for sm_90 with
+Triton's ptxas (a handful of spilled registers at most with these sizes; more in the float32 backward).
 
 Triton 3.9's interpreter returns garbage from ``tl.dot`` on bfloat16 operands (measured; float16 is fine), so
 under the interpreter bfloat16 operands are upcast to float32 before each dot (`tile_dot`). That is numerically
@@ -61,10 +63,13 @@ def upcast(dtype: torch.dtype) -> bool:
     return interpreted() and dtype == torch.bfloat16
 
 
-def _blocks(block_d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for a padded head dim ``block_d``."""
+def _blocks(block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for a padded head dim ``block_d`` and input ``dtype``. Float32 dots take
+    the FMA path (no tensor cores), whose registers limit the tiles to 16 x 32 (16 x 16 above 128)."""
     if interpreted():
         return 16, 16, 1
+    if dtype == torch.float32:
+        return (16, 32, 4) if block_d <= 128 else (16, 16, 4)
     if block_d <= 64:
         return 64, 64, 4
     if block_d <= 128:
@@ -229,7 +234,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     o = empty(b, h, t, dv, dtype=q.dtype, device=q.device)
     lse = empty(b, h, t, dtype=torch.float32, device=q.device)
     bdk, bdv = pow2(dk), pow2(dv)
-    bm, bn, warps = _blocks(max(bdk, bdv))
+    bm, bn, warps = _blocks(max(bdk, bdv), q.dtype)
     _attn_fwd[(triton.cdiv(t, bm), b * h)](
         q, k, v, o, lse, t, s, h, hk, dk, dv, scale * LOG2E, s - t, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_DK=bdk, BLOCK_DV=bdv, UPCAST=upcast(q.dtype), num_warps=warps)
@@ -245,7 +250,7 @@ def attention_bwd(q, k, v, o, lse, do, scale: float, causal: bool = True):
     check("do", do, dtypes=q.dtype, shape=(b, h, t, dv), device=q.device)
     check("lse", lse, dtypes=torch.float32, shape=(b, h, t), device=q.device)
     bdk, bdv = pow2(dk), pow2(dv)
-    bm, bn, warps = _blocks(max(bdk, bdv))
+    bm, bn, warps = _blocks(max(bdk, bdv), q.dtype)
     up = upcast(q.dtype)
     delta = empty(b, h, t, dtype=torch.float32, device=q.device)
     _attn_bwd_delta[(triton.cdiv(t, bm), b * h)](o, do, delta, t, dv, BLOCK_M=bm, BLOCK_DV=bdv)

@@ -32,14 +32,15 @@ Kernels:
   interpreter, max(K_P, 1024) on a GPU. Scores must not be NaN. A full Triton top-k, so no ``torch.topk``.
 - `_sparse_fwd` / `_sparse_bwd`: grid (T, B*Hk, cdiv(H/Hk, BLOCK_H)): the heads of a key group for one
   query share the index set, so every gathered (BLOCK_N, D) key/value block serves BLOCK_H heads
-  (BLOCK_H = next power of two of H/Hk, at least 16, at most 64). Online softmax as in
-  `kernels.triton.attention`; the backward pass recomputes the probabilities from the saved log-sum-exp and
-  scatters dk, dv with float32 ``tl.atomic_add`` (so their summation order, hence the last bits, may vary
+  (BLOCK_H = next power of two of H/Hk, at least 16, at most 64; 16 for float32 or padded head dims over 256).
+  Online softmax as in `kernels.triton.attention`; the backward pass recomputes the probabilities from the
+  saved log-sum-exp and scatters dk, dv with float32 ``tl.atomic_add`` (so their summation order, hence the last bits, may vary
   between runs on a GPU), then casts them to the input dtype. Index entries outside [0, S) (-1: unused slot)
   are skipped; a query with no valid entry gets a zero output. Indices must be distinct within a query.
 
 Float32 dots run in IEEE float32; bfloat16 dot operands are upcast under the interpreter (see
-`kernels.triton.attention`). Block sizes on a GPU are untuned and not yet timed there.
+`kernels.triton.attention`). Block sizes on a GPU are untuned and not yet run there; every kernel was compiled
+here for sm_90 with Triton's ptxas (the absorbed shapes, 576 padded to 1024, spill about 2 KB in the backward).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: flo
         raise ValueError(f"indexer_scores: empty input, q {tuple(q.shape)}, k {tuple(k.shape)}")
     out = empty(b, t, s, dtype=torch.float32, device=q.device)
     block_hi = triton.next_power_of_2(hi)
-    rows, block_n, warps = (16, 16, 1) if interpreted() else (64, 64, 4)
+    rows, block_n, warps = (16, 16, 1) if interpreted() else (64, 16 if q.dtype == torch.float32 else 64, 4)
     block_t = max(1, rows // block_hi)
     _indexer_scores[(triton.cdiv(s, block_n), triton.cdiv(t, block_t), b)](
         q, k, w, out, t, s, hi, d, scale, BLOCK_T=block_t, BLOCK_HI=block_hi, BLOCK_N=block_n, BLOCK_D=pow2(d),
@@ -238,10 +239,14 @@ def _check_sparse(q, k, v, indices):
     return b, h, t, dk, hk, s, dv, indices.shape[2]
 
 
-def _sparse_blocks(group: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_N, num_warps) for ``group`` query heads per key head."""
+def _sparse_blocks(group: int, block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_N, num_warps) for ``group`` query heads per key head, padded head dim ``block_d``."""
     block_h = min(64, pow2(group))
-    return (block_h, 16, 1) if interpreted() else (block_h, 32, 4 if block_h <= 16 else 8)
+    if interpreted():
+        return block_h, 16, 1
+    if dtype == torch.float32 or block_d > 256:  # FMA dots, or r + dr = 576 padded to 1024
+        return 16, 16, 4
+    return block_h, 32, 4 if block_h <= 16 else 8
 
 
 def sparse_attention_fwd(q, k, v, indices, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +261,7 @@ def sparse_attention_fwd(q, k, v, indices, scale: float) -> tuple[torch.Tensor, 
     b, h, t, dk, hk, s, dv, nk = _check_sparse(q, k, v, indices)
     o = empty(b, h, t, dv, dtype=q.dtype, device=q.device)
     lse = empty(b, h, t, dtype=torch.float32, device=q.device)
-    block_h, block_n, warps = _sparse_blocks(h // hk)
+    block_h, block_n, warps = _sparse_blocks(h // hk, max(pow2(dk), pow2(dv)), q.dtype)
     _sparse_fwd[(t, b * hk, triton.cdiv(h // hk, block_h))](
         q, k, v, indices, o, lse, t, s, h, hk, dk, dv, nk, scale * LOG2E, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_DK=pow2(dk), BLOCK_DV=pow2(dv), UPCAST=upcast(q.dtype), num_warps=warps)
@@ -273,7 +278,7 @@ def sparse_attention_bwd(q, k, v, indices, o, lse, do, scale: float):
     dq = empty(b, h, t, dk, dtype=q.dtype, device=q.device)
     dk_acc = torch.zeros(b, hk, s, dk, dtype=torch.float32, device=q.device)  # atomic_add targets
     dv_acc = torch.zeros(b, hk, s, dv, dtype=torch.float32, device=q.device)
-    block_h, block_n, warps = _sparse_blocks(h // hk)
+    block_h, block_n, warps = _sparse_blocks(h // hk, max(pow2(dk), pow2(dv)), q.dtype)
     _sparse_bwd[(t, b * hk, triton.cdiv(h // hk, block_h))](
         q, k, v, indices, o, do, lse, dq, dk_acc, dv_acc, t, s, h, hk, dk, dv, nk, scale, scale * LOG2E,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DK=pow2(dk), BLOCK_DV=pow2(dv), UPCAST=upcast(q.dtype),

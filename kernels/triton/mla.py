@@ -26,8 +26,9 @@ Kernels:
   the splits divide the index list.
 - `_mla_combine`: grid (cdiv(H*T, BLOCK_M), B); merges the splits' partials by their log-sum-exp.
 
-Block sizes: BLOCK_M = BLOCK_N = 16 under the interpreter; on a GPU 32 x 32 with 8 warps (r = 512 makes the
-(BLOCK_M, r) float32 accumulator the register budget; untuned, not yet timed on a GPU). Splits default to
+Block sizes: BLOCK_M = BLOCK_N = 16 under the interpreter; on a GPU 32 x 32 with 8 warps for 16-bit inputs
+(r = 512 makes the (BLOCK_M, r) float32 accumulator the register budget), 16 x 16 with 4 warps for float32 (FMA
+dots). Untuned and not yet run on a GPU; compiled here for sm_90 (bfloat16: about 20 bytes of spills). Splits default to
 enough programs for two per SM (at least 4*BLOCK_N keys each); 1 under the interpreter.
 """
 
@@ -146,7 +147,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q_latent, q_pe, c_kv, k_pe)):
         raise RuntimeError("mla_decode is forward only: call it under torch.no_grad() / torch.inference_mode()")
     br, bdr = pow2(r), pow2(dr)
-    bm, bn, warps = (16, 16, 1) if interpreted() else (32, 32, 8)
+    bm, bn, warps = (16, 16, 1) if interpreted() else (16, 16, 4) if q_latent.dtype == torch.float32 else (32, 32, 8)
     n_keys = indices.shape[2] if sparse else s
     grid = (triton.cdiv(h, bm), b * t) if sparse else (triton.cdiv(h * t, bm), b)
     if splits is None:
