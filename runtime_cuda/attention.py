@@ -55,13 +55,16 @@ class Attention(TritonAttentionOps, ref_attention.Attention):
 class MLA(TritonAttentionOps, ref_mla.MLA):
     """`reference.mla.MLA` on Triton kernels: the naive form trains through flash attention (Dk != Dv); the
     absorbed form decodes over the latent cache with `kernels.triton.mla.mla_decode` when no gradient is needed
-    (that kernel is forward only), else through flash attention over the latent (one shared key head)."""
+    (that kernel is forward only; it also takes DSA's selection), else through flash attention over the latent
+    (one shared key head)."""
 
     def attend_latent(self, q_lat, q_pe, c_kv, k_pe, mask):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_lat, q_pe, c_kv, k_pe))
-        if needs_grad or isinstance(mask, Selection):
+        if needs_grad:
             return super().attend_latent(q_lat, q_pe, c_kv, k_pe, mask)
-        return mla_decode(q_lat.contiguous(), q_pe.contiguous(), c_kv.contiguous(), k_pe.contiguous(), self.scale)
+        indices = mask.indices if isinstance(mask, Selection) else None  # DSA: sparse decode over the latent
+        return mla_decode(q_lat.contiguous(), q_pe.contiguous(), c_kv.contiguous(), k_pe.contiguous(), self.scale,
+                          indices=indices)
 
 
 class DSA(MLA, ref_dsa.DSA):

@@ -55,7 +55,7 @@ def test_loss_logits_and_grads_match_reference(name):
         assert_close(out, ref.eval()(ids), what="logits")
 
 
-@pytest.mark.parametrize("name", ["mla", "dsa"])
+@pytest.mark.parametrize("name", ["mla-qlora-mtp-groups", "dsa"])
 def test_cached_decode_matches_full_forward(name):
     cfg, ref, fast = pair(name)
     ids = rand_ids(cfg, 2, 8).to(DEVICE)
