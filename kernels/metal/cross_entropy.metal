@@ -20,7 +20,7 @@ for (uint j = tid; j < uint(V); j += TG) {
   if (v > m) {
     l = l * metal::exp(m - v) + 1.0f;
     m = v;
-  } else {
+  } else if (v > -INFINITY) {  // a -inf logit adds nothing (and exp(-inf - -inf) would be NaN)
     l += metal::exp(v - m);
   }
 }
@@ -71,7 +71,7 @@ for (uint j = tid; j < uint(V); j += TG) {
   if (v > m) {
     l = l * metal::exp(m - v) + 1.0f;
     m = v;
-  } else {
+  } else if (v > -INFINITY) {  // a -inf logit adds nothing (and exp(-inf - -inf) would be NaN)
     l += metal::exp(v - m);
   }
 }

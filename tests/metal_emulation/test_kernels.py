@@ -157,6 +157,23 @@ def test_cross_entropy(dtype):
     assert_close(to_torch(dlogits), lr.grad, dtype, what="dlogits")
 
 
+def test_cross_entropy_masked_vocab():
+    """-inf logits (a masked or padded vocabulary) add nothing to the logsumexp, as in F.cross_entropy; a lane
+    whose first column is -inf must not turn its running sum into NaN (exp(-inf - -inf))."""
+    n, v = 3, 300
+    logits, tg, g = torch.randn(n, v), torch.tensor([1, 2, 3]), torch.randn(n)
+    logits[:, ::7] = float("-inf")  # column 0: lane 0 starts on a -inf, then meets column 256
+    lr = logits.double().requires_grad_()
+    ref = F.cross_entropy(lr, tg, reduction="none")
+    ref.backward(g.double())
+    tm = mx.array(tg.numpy()).astype(mx.int32)
+    loss, lse = twice(K._cross_entropy_metal, to_mx(logits), tm, -100)
+    dlogits = twice(K._cross_entropy_metal_bwd, to_mx(logits), tm, to_mx(g), -100)
+    assert_close(to_torch(loss), ref)
+    assert_close(to_torch(lse), logits.double().logsumexp(-1), what="lse")
+    assert_close(to_torch(dlogits), lr.grad, what="dlogits")
+
+
 def test_every_body_has_a_spec():
     """Each ``// @kernel`` body in kernels/metal has its `KernelSpec` (and so its launch), and each spec a body."""
     bodies = {(f.stem, name) for f in K.METAL_DIR.glob("*.metal") for name in K._metal_file(f.stem) if name != "header"}
