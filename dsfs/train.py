@@ -13,6 +13,11 @@ Writes into the run directory ``out`` (default ``runs/<preset>``)::
 On CPU a run that is stopped (Ctrl-C, ``time_budget_s``) and resumed gives the same losses, bit for bit, as an
 uninterrupted one: the checkpoint holds the weights (with the MoE correction biases), the optimizer state,
 the step, the data generator state and the RNG states, and the learning rate is a function of the step.
+
+`train` is the one loop for every backend; the per-step work goes through a trainer: `TorchTrainer` for torch
+models (the reference, ``runtime_cuda``) and ``runtime_mlx.train.MLXTrainer`` (imported only for ``--backend
+mlx``), both with ``micro_step``, ``optimizer_step``, ``evaluate``, ``state_dict`` and ``load_state_dict``.
+Checkpoints store the optimizer state in the reference AdamW's layout, so a run continues on another backend.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -48,7 +55,7 @@ from dsfs.checkpointing import (
     step_dir_name,
 )
 from dsfs.data import DataError
-from dsfs.generate import autocast, evaluate
+from dsfs.generate import autocast, eval_starts
 from dsfs.presets import MODEL_PRESETS, TRAIN_PRESETS
 from reference import Model, ModelConfig
 
@@ -99,8 +106,9 @@ def resolve_backend(name: str = "auto") -> Backend:
     ``cuda``: ``runtime_cuda.Model`` on cuda; raises ``BackendError`` when CUDA is not available.
     ``mlx``: ``runtime_mlx.Model``. A runtime that is not built yet is replaced by the reference model (on cuda
     for ``cuda``, on mps when available for ``mlx``, else cpu) and ``note`` says so. The training loop drives
-    any model class with the ``reference.Model`` torch API (``loss``, ``update_moe_bias``,
-    ``save_pretrained``, ``from_pretrained``). Raises ``BackendError`` for an unknown name.
+    torch model classes with the ``reference.Model`` API (``loss``, ``update_moe_bias``, ``save_pretrained``,
+    ``from_pretrained``) through `TorchTrainer`, and ``runtime_mlx.Model`` through ``MLXTrainer`` (`make_trainer`).
+    Raises ``BackendError`` for an unknown name.
     """
     if name == "auto":
         if sys.platform == "darwin" and platform.machine() == "arm64":
@@ -167,6 +175,116 @@ def compiled_loss(model: nn.Module) -> Callable:
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay on matrices only, betas (0.9, 0.95)) over ``param_groups``."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=BETAS)
+
+
+def optimizer_groups(cfg: ModelConfig, lr: float, weight_decay: float) -> list[dict]:
+    """The reference optimizer's ``state_dict()["param_groups"]`` for a model of ``cfg`` (hyperparameters of
+    `make_optimizer`), with the parameters' ``named_parameters`` names in ``params`` in place of their indices:
+    what a non-torch backend needs to read and write the optimizer state in the reference's layout. Built on
+    the meta device (no memory, no RNG draws)."""
+    with torch.device("meta"):
+        ref = Model(cfg)
+    names = {id(p): n for n, p in ref.named_parameters()}
+    opt = make_optimizer(ref, lr, weight_decay)
+    return [{**g, "params": [names[id(p)] for p in pg["params"]]}
+            for g, pg in zip(opt.state_dict()["param_groups"], opt.param_groups, strict=True)]
+
+
+# ---------------------------------------------------------------- trainers
+
+
+class TorchTrainer:
+    """The per-step work of `train` for a torch model with the ``reference.Model`` API.
+
+    ``model`` is moved to ``device`` in train mode; AdamW of `make_optimizer` (``lr``, ``weight_decay``); the loss
+    runs through `compiled_loss` when ``compile``, under bf16 autocast on CUDA; gradients are clipped to
+    ``grad_clip`` (0: no clipping); ``mtp_weight`` weighs the MTP loss; the MoE correction biases are updated
+    after each optimizer step. ``runtime_mlx.train.MLXTrainer`` has the same interface. Attributes for the
+    loop: ``model`` (``save_pretrained``), ``device_type``, ``n_params``, ``label`` (for the start line),
+    ``note`` (a line to print, or ``None``), ``summary`` (extra fields of the run summary).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, lr: float, weight_decay: float, grad_clip: float,
+                 mtp_weight: float, compile: bool):
+        self.model, self.device, self.mtp_weight = model.to(device).train(), device, mtp_weight
+        self.opt = make_optimizer(self.model, lr, weight_decay)
+        self.loss_fn = compiled_loss(self.model) if compile else self.model.loss
+        self.clip = grad_clip if grad_clip > 0 else float("inf")
+        self.device_type, self.n_params = device.type, sum(p.numel() for p in self.model.parameters())
+        self.label, self.note, self.summary = " (torch.compile)" if compile else "", None, {}
+
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor, accum: int) -> dict:
+        """Forward and backward of ``loss / accum`` for one (B, T) int64 batch ``x`` with targets ``y`` (gradients
+        accumulate in ``.grad``). Returns floats ``loss``, ``lm_loss``, ``aux_loss`` and ``mtp_loss`` (the mean
+        over MTP depths; ``None`` without MTP)."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with autocast(self.device):
+            o = self.loss_fn(x, y, mtp_weight=self.mtp_weight)
+        (o.loss / accum).backward()
+        mtp = torch.stack(o.mtp_losses).mean().item() if o.mtp_losses else None
+        return {"loss": o.loss.item(), "lm_loss": o.lm_loss.item(), "mtp_loss": mtp, "aux_loss": float(o.aux_loss)}
+
+    def optimizer_step(self, lr: float) -> float:
+        """Clip the accumulated gradients, step AdamW at learning rate ``lr``, clear the gradients and update the
+        MoE correction biases. Returns the global gradient norm before clipping."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.update_moe_bias()
+        return grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, windows: np.ndarray) -> float:
+        """Mean next-token cross-entropy (nats/token) of the main model over ``windows`` (n_batches, batch,
+        seq_len + 1) int64 token ids, one batch at a time, in eval mode (train mode again after); as
+        `dsfs.generate.evaluate` over the same windows."""
+        self.model.eval()
+        try:
+            total = 0.0
+            for w in windows:
+                w = torch.from_numpy(w).to(self.device)
+                with autocast(self.device):
+                    logits = self.model(w[:, :-1])
+                total += F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten()).item()
+        finally:
+            self.model.train()
+        return total / len(windows)
+
+    def state_dict(self) -> dict:
+        """The optimizer's ``state_dict()``."""
+        return self.opt.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Load an optimizer ``state_dict`` (``ValueError`` / ``KeyError`` when it does not fit this model)."""
+        self.opt.load_state_dict(sd)
+
+
+def make_trainer(be: Backend, cfg: ModelConfig, tc: dict, ckpt: Path | None, compile: bool | str):
+    """The trainer of backend ``be`` for training config ``tc``: its model loaded from the checkpoint directory
+    ``ckpt`` (``CheckpointError`` when it cannot be), or, when ``None``, the reference model of ``cfg`` drawn
+    under the current torch RNG state (converted for the MLX runtime, so every backend starts from the same
+    weights). ``compile``: ``torch.compile`` the loss ("auto": on cpu and cuda) or ``mx.compile`` the steps
+    ("auto": on). Imports ``runtime_mlx.train`` only for the MLX runtime."""
+    if be.name == "mlx" and be.note is None:
+        from runtime_mlx.train import MLXTrainer, from_reference
+
+        model = load_model_dir(ckpt, be.model_cls) if ckpt is not None else from_reference(Model(cfg))
+        groups = optimizer_groups(cfg, tc["lr"], tc["weight_decay"])
+        return MLXTrainer(model, groups, tc["grad_clip"], tc["mtp_weight"], compile=bool(compile))
+    if compile == "auto":
+        compile = be.device.type in ("cpu", "cuda")
+    model = load_model_dir(ckpt, be.model_cls) if ckpt is not None else be.model_cls(cfg)
+    return TorchTrainer(model, be.device, tc["lr"], tc["weight_decay"], tc["grad_clip"], tc["mtp_weight"], compile)
+
+
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int) -> np.ndarray:
+    """The validation windows of `dsfs.generate.evaluate`: (n_batches, batch_size, seq_len + 1) int64 token ids
+    at `dsfs.generate.eval_starts`. Raises ``DataError`` when ``tokens`` is too short for ``seq_len``."""
+    starts = eval_starts(len(tokens), n_batches * batch_size, seq_len)
+    rows = np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts]).astype(np.int64)
+    return rows.reshape(n_batches, batch_size, seq_len + 1)
 
 
 # ---------------------------------------------------------------- configuration
@@ -323,12 +441,14 @@ def train(
     ``out_dir`` the run continues in that checkpoint's run directory). ``on_step``:
     called with each step's metrics record (tests). ``compile``: run the training loss through
     ``torch.compile`` (`compiled_loss`); ``"auto"`` compiles on cpu and cuda (on 2 CPU cores it trains the tiny
-    preset about 25% faster after ~30 s of compilation), not on mps.
+    preset about 25% faster after ~30 s of compilation), not on mps; on the MLX runtime, ``mx.compile`` the
+    micro-step and the update (``"auto"``: on).
 
     Returns ``{"val_loss", "val_ppl", "steps", "tokens", "tokens_per_s", "elapsed_s", "stopped", "backend",
-    "device", "out_dir", "final_dir", "checkpoint", "metrics", "plot"}`` (tokens/s over optimizer steps only;
-    elapsed includes earlier sessions of a resumed run). Exact resume assumes the same device and torch thread
-    count in both sessions. Raises ``DataError`` (or its subclasses
+    "device", "out_dir", "final_dir", "checkpoint", "metrics", "plot"}``, plus ``"kernel_path"`` on the MLX
+    runtime (tokens/s over optimizer steps only; elapsed includes earlier sessions of a resumed run). Exact
+    resume assumes the same device and torch thread count in both sessions; a run continues on another backend
+    within float tolerance. Raises ``DataError`` (or its subclasses
     ``CheckpointError``, ``BackendError``, ``TrainError``) for bad input: unknown preset or field, invalid
     values, a missing data directory, no or a corrupt checkpoint, a checkpoint whose model config or data does
     not match, an occupied ``out_dir``, a non-finite loss. Ctrl-C saves a checkpoint, prints where, and
@@ -341,13 +461,6 @@ def train(
     if preset is not None and preset not in TRAIN_PRESETS:
         raise DataError(f"unknown preset {preset!r} (expected one of {', '.join(TRAIN_PRESETS)})")
     be = resolve_backend(backend)
-    if be.name == "mlx" and be.note is None:  # the MLX runtime has its own loop, with the same outputs
-        from runtime_mlx.train import train as train_mlx
-
-        return train_mlx(preset, data_dir, out_dir, resume=resume, seed=seed, keep_last=keep_last,
-                         save_every=save_every, overwrite=overwrite, model_overrides=model_overrides,
-                         verbose=verbose, on_step=on_step, compile=compile, **overrides)
-    device = be.device
 
     # ---- checkpoint to resume
     state, ckpt = None, None
@@ -414,20 +527,12 @@ def train(
 
     # ---- model, optimizer
     torch.manual_seed(seed)
-    if state is not None:
-        model = load_model_dir(ckpt, be.model_cls)
-    else:
-        model = be.model_cls(cfg)
-    model.to(device).train()
-    opt = make_optimizer(model, tc["lr"], tc["weight_decay"])
-    if compile == "auto":
-        compile = device.type in ("cpu", "cuda")
-    loss_fn = compiled_loss(model) if compile else model.loss
+    trainer = make_trainer(be, cfg, tc, ckpt, compile)
     gen = torch.Generator().manual_seed(seed)
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     if state is not None:
         try:
-            opt.load_state_dict(state["optimizer"])
+            trainer.load_state_dict(state["optimizer"])
             gen.set_state(state["data_generator"])
             torch.set_rng_state(state["rng_cpu"])
         except (KeyError, ValueError, RuntimeError) as e:
@@ -436,6 +541,7 @@ def train(
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         seed = state["seed"]
+    windows = eval_windows(val_tokens, tc["batch_size"], tc["seq_len"], tc["eval_batches"])
 
     out.mkdir(parents=True, exist_ok=True)
     metrics_path, plot_path = out / METRICS, out / PLOT
@@ -449,7 +555,7 @@ def train(
         metrics_file.flush()
 
     def run_eval() -> float:
-        v = evaluate(model, val_tokens, tc["batch_size"], tc["seq_len"], tc["eval_batches"], device)
+        v = trainer.evaluate(windows)
         log({"step": step, "val_loss": v, "val_ppl": math.exp(min(v, 700.0))})
         plot_losses(records, plot_path)
         return v
@@ -457,23 +563,24 @@ def train(
     def save() -> Path:
         st = {
             "step": step, "tokens": tokens_seen, "elapsed_s": elapsed(),
-            "optimizer": opt.state_dict(), "scheduler": {"step": step},
+            "optimizer": trainer.state_dict(), "scheduler": {"step": step},
             "rng_cpu": torch.get_rng_state(), "data_generator": gen.get_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "train_config": tc, "preset": preset, "model_overrides": model_overrides or {}, "seed": seed,
             "data_dir": str(data_dir.resolve()), "meta_sha256": meta_sha, "backend": be.name,
         }
-        return save_checkpoint(model, st, ckpt_dir, step, tokenizer_file, keep_last)
+        return save_checkpoint(trainer.model, st, ckpt_dir, step, tokenizer_file, keep_last)
 
     if be.note:
         say(be.note)
-    n_params = sum(p.numel() for p in model.parameters())
-    tok_per_step = tc["batch_size"] * tc["seq_len"] * tc["grad_accum"]
+    accum = tc["grad_accum"]
+    tok_per_step = tc["batch_size"] * tc["seq_len"] * accum
     say(f"{'resuming ' + str(ckpt) + ' at step ' + str(step) if state else 'training'}: preset {preset}, "
-        f"{n_params / 1e6:.2f}M parameters, {be.name} backend on {device.type}"
-        f"{' (torch.compile)' if compile else ''}; {tok_per_step:,} tokens/step "
-        f"({tc['batch_size']}x{tc['seq_len']}x{tc['grad_accum']}), {tc['max_steps']} steps; data {data_dir} "
-        f"({len(train_tokens):,} train tokens); out {out}")
+        f"{trainer.n_params / 1e6:.2f}M parameters, {be.name} backend on {trainer.device_type}{trainer.label}; "
+        f"{tok_per_step:,} tokens/step ({tc['batch_size']}x{tc['seq_len']}x{accum}), {tc['max_steps']} steps; "
+        f"data {data_dir} ({len(train_tokens):,} train tokens); out {out}")
+    if trainer.note:
+        say(trainer.note)
 
     train_time = 0.0  # this session, optimizer steps only
     session_start = time.perf_counter()
@@ -496,38 +603,24 @@ def train(
                 while step < tc["max_steps"]:
                     t0 = time.perf_counter()
                     lr = lr_at(step, tc["lr"], tc["warmup_steps"], tc["max_steps"], tc["min_lr_ratio"])
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
-                    has_mtp = False
-                    for _ in range(tc["grad_accum"]):
+                    sums = dict.fromkeys(("loss", "lm_loss", "mtp_loss", "aux_loss"), 0.0)
+                    for _ in range(accum):
                         x, y = data_mod.get_batch(train_tokens, tc["batch_size"], tc["seq_len"], gen)
-                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                        with autocast(device):
-                            o = loss_fn(x, y, mtp_weight=tc["mtp_weight"])
-                        (o.loss / tc["grad_accum"]).backward()
-                        sums["loss"] += o.loss.item()
-                        sums["lm_loss"] += o.lm_loss.item()
-                        sums["aux_loss"] += float(o.aux_loss)
-                        if o.mtp_losses:
-                            has_mtp = True
-                            sums["mtp_loss"] += torch.stack(o.mtp_losses).mean().item()
-                    loss = sums["loss"] / tc["grad_accum"]
+                        o = trainer.micro_step(x, y, accum)
+                        for k, v in o.items():
+                            sums[k] += v if v is not None else 0.0
+                    loss = sums["loss"] / accum
                     if not math.isfinite(loss):
                         raise TrainError(f"loss is {loss} at step {step + 1} (lr {lr:.3g}); try a lower --lr or "
                                          f"--grad-clip, or resume from an earlier checkpoint in {ckpt_dir}")
-                    clip = tc["grad_clip"] if tc["grad_clip"] > 0 else float("inf")
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    model.update_moe_bias()
+                    grad_norm = trainer.optimizer_step(lr)
                     step += 1
                     tokens_seen += tok_per_step
                     dt = time.perf_counter() - t0
                     train_time += dt
-                    rec = {"step": step, "loss": loss, "lm_loss": sums["lm_loss"] / tc["grad_accum"],
-                           "mtp_loss": sums["mtp_loss"] / tc["grad_accum"] if has_mtp else None,
-                           "aux_loss": sums["aux_loss"] / tc["grad_accum"], "lr": lr, "grad_norm": grad_norm,
+                    rec = {"step": step, "loss": loss, "lm_loss": sums["lm_loss"] / accum,
+                           "mtp_loss": sums["mtp_loss"] / accum if o["mtp_loss"] is not None else None,
+                           "aux_loss": sums["aux_loss"] / accum, "lr": lr, "grad_norm": grad_norm,
                            "tokens": tokens_seen, "tokens_per_s": tok_per_step / dt,
                            "elapsed_s": elapsed()}
                     log(rec)
@@ -563,14 +656,14 @@ def train(
                 val_loss = run_eval()
             if last_saved != step:
                 save()
-            model.save_pretrained(out / FINAL, tokenizer_file=tokenizer_file)
+            trainer.model.save_pretrained(out / FINAL, tokenizer_file=tokenizer_file)
     finally:
         metrics_file.close()
     plot_losses(records, plot_path)
     return {
         "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "steps": step, "tokens": tokens_seen,
         "tokens_per_s": (step - (state["step"] if state else 0)) * tok_per_step / max(train_time, 1e-9),
-        "elapsed_s": elapsed(), "stopped": stopped,
-        "backend": be.name, "device": device.type, "out_dir": str(out), "final_dir": str(out / FINAL),
+        "elapsed_s": elapsed(), "stopped": stopped, "backend": be.name, "device": trainer.device_type,
+        **trainer.summary, "out_dir": str(out), "final_dir": str(out / FINAL),
         "checkpoint": str(latest_checkpoint(out)), "metrics": str(metrics_path), "plot": str(plot_path),
     }

@@ -8,6 +8,9 @@ released DeepSeek-V3 weights). The MTP file is separate because ``transformers``
 extra layers; both then open the directory unchanged. Reading accepts sharded checkpoints
 (``model.safetensors.index.json``), per-expert or stacked (``experts.gate_up_proj``) expert weights, and
 FP8 weights with ``weight_scale_inv`` (dequantized in 128x128 blocks).
+
+The name mapping (`to_hf_names`, `from_hf_names`) works on names only: the array operations it needs (stack,
+unstack, copy, FP8 dequantization) are passed in, so `runtime_mlx.checkpoint` maps MLX arrays with it too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -25,71 +29,106 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_STACKED_RE = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_PACKED_RE = re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_MTP_RE = re.compile(r"^mtp\.(\d+)\.(.*)$")
 _MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+_STACKED = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")
 
 
-def to_hf_state_dict(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Our ``state_dict`` -> (main, mtp) dicts of Hugging Face names, experts unstacked, tensors contiguous."""
-    cfg = model.config
+# ---------------------------------------------------------------- name mapping (any array library)
+
+
+def to_hf_names(weights: dict, cfg: ModelConfig, unstack: Callable, copy: Callable = lambda a: a) -> tuple[dict, dict]:
+    """Our parameter names -> (main, mtp) dicts of Hugging Face names; the arrays are not touched.
+
+    ``weights``: our names (``state_dict`` names, with the MoE correction biases) -> arrays of any library;
+    ``rotary.*`` buffers and a tied ``lm_head.weight`` are dropped. Stacked experts
+    ``...mlp.experts.{gate,up,down}_proj`` (E, ...) become ``...mlp.experts.{e}.{proj}.weight`` through
+    ``unstack(a)`` (a sequence of E arrays); ``mtp.{k}.*`` become ``model.layers.{num_hidden_layers + k}.*``,
+    each MTP layer with ``copy(a)`` of the embedding and the head (the embedding when tied), as the released
+    DeepSeek-V3 weights. Raises ``KeyError`` when ``weights`` lacks ``model.embed_tokens.weight`` (or an untied
+    ``lm_head.weight``) and the config has MTP layers.
+    """
     n = cfg.num_hidden_layers
     main, mtp = {}, {}
-    for name, t in model.state_dict().items():
+    for name, a in weights.items():
         if name.startswith("rotary.") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
         out = main
-        m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+        m = _MTP_RE.match(name)
         if m:
             out, name = mtp, f"model.layers.{n + int(m.group(1))}.{m.group(2)}"
-        if name.endswith(("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")):
+        if name.endswith(_STACKED):
             base, proj = name.rsplit(".", 1)
-            for e in range(t.shape[0]):
-                out[f"{base}.{e}.{proj}.weight"] = t[e].contiguous()
+            for e, w in enumerate(unstack(a)):
+                out[f"{base}.{e}.{proj}.weight"] = w
         else:
-            out[name] = t.contiguous()
+            out[name] = a
     for k in range(cfg.num_nextn_predict_layers):
-        # copies: safetensors refuses tensors that share memory
-        mtp[f"model.layers.{n + k}.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
-        mtp[f"model.layers.{n + k}.shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        mtp[f"model.layers.{n + k}.embed_tokens.weight"] = copy(weights["model.embed_tokens.weight"])
+        mtp[f"model.layers.{n + k}.shared_head.head.weight"] = copy(weights[head])
     return main, mtp
 
 
-def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face names -> our ``state_dict`` names: MTP layers to ``mtp.{k}``, experts stacked, FP8
-    blocks dequantized. Raises ``ValueError`` on missing experts."""
-    from .fp8 import weight_dequant
+def from_hf_names(weights: dict, cfg: ModelConfig, stack: Callable, dequant: Callable) -> dict:
+    """Hugging Face names -> our parameter names (the reference's ``state_dict`` names), for any array library.
 
+    FP8 pairs ``<w>`` + ``<w>_scale_inv`` become ``dequant(w, scale_inv)`` (128x128 block scales); layers
+    ``model.layers.{num_hidden_layers + k}.*`` become ``mtp.{k}.*`` (their copies of the embedding and head,
+    and depths beyond ``num_nextn_predict_layers``, are dropped); per-expert matrices
+    ``...experts.{e}.{proj}.weight`` are stacked by ``stack([a_0, ..., a_{E-1}])`` into (E, ...);
+    transformers' packed ``experts.gate_up_proj`` (E, 2I, H) is sliced into ``gate_proj`` and ``up_proj``
+    (E, I, H); a tied ``lm_head.weight`` is dropped. Raises ``ValueError`` when an expert is missing.
+    """
     n = cfg.num_hidden_layers
-    sd = dict(sd)
-    for name in [k for k in sd if k.endswith(".weight_scale_inv")]:
+    weights = dict(weights)
+    for name in [k for k in weights if k.endswith(".weight_scale_inv")]:
         w = name[: -len("_scale_inv")]
-        sd[w] = weight_dequant(sd[w], sd.pop(name).float(), dtype=torch.float32)
+        weights[w] = dequant(weights[w], weights.pop(name))
     out, experts = {}, {}
-    for name, t in sd.items():
-        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+    for name, a in weights.items():
+        m = _LAYER_RE.match(name)
         if m and int(m.group(1)) >= n:
             k = int(m.group(1)) - n
             if m.group(2) in _MTP_SHARED_COPIES or k >= cfg.num_nextn_predict_layers:
                 continue  # shared with the main model / MTP depth this config does not use
             name = f"mtp.{k}.{m.group(2)}"
-        em = _EXPERT_RE.match(name)
-        sm = _STACKED_RE.match(name)
+        em, pm = _EXPERT_RE.match(name), _PACKED_RE.match(name)
         if em:
-            experts.setdefault((em.group(1), em.group(3)), {})[int(em.group(2))] = t
-        elif sm and sm.group(2) == "gate_up_proj":  # transformers' packed layout (E, 2I, H)
-            out[f"{sm.group(1)}.gate_proj"], out[f"{sm.group(1)}.up_proj"] = t.chunk(2, dim=1)
-        elif sm:
-            out[name] = t
+            experts.setdefault((em.group(1), em.group(3)), {})[int(em.group(2))] = a
+        elif pm:
+            half = a.shape[1] // 2
+            out[f"{pm.group(1)}.gate_proj"], out[f"{pm.group(1)}.up_proj"] = a[:, :half], a[:, half:]
         else:
-            out[name] = t
+            out[name] = a
     for (base, proj), per in experts.items():
         if sorted(per) != list(range(cfg.n_routed_experts)):
             missing = sorted(set(range(cfg.n_routed_experts)) - set(per))
             raise ValueError(f"checkpoint: {base} lacks experts {missing[:8]} for {proj}")
-        out[f"{base}.{proj}"] = torch.stack([per[e] for e in range(cfg.n_routed_experts)])
+        out[f"{base}.{proj}"] = stack([per[e] for e in range(cfg.n_routed_experts)])
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
+
+
+# ---------------------------------------------------------------- torch
+
+
+def to_hf_state_dict(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Our ``state_dict`` -> (main, mtp) dicts of Hugging Face names (`to_hf_names`), experts unstacked, the MTP
+    layers' embedding and head cloned (safetensors refuses tensors that share memory)."""
+    return to_hf_names(model.state_dict(), model.config, torch.unbind, lambda t: t.detach().clone())
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face names -> our ``state_dict`` names (`from_hf_names`): MTP layers to ``mtp.{k}``, experts
+    stacked, FP8 blocks dequantized with `reference.fp8.weight_dequant`. Raises ``ValueError`` on missing
+    experts."""
+    from .fp8 import weight_dequant
+
+    return from_hf_names(sd, cfg, torch.stack, lambda w, s: weight_dequant(w, s.float(), dtype=torch.float32))
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -142,26 +181,37 @@ def load_model(cls, path, device=None, dtype=None):
 
 
 def save_model(model, path, tokenizer_file=None) -> None:
-    """Write the checkpoint directory atomically: everything goes to a temporary sibling directory that is
-    renamed over ``path`` at the end, so a crash never leaves a half-written checkpoint."""
+    """Write the checkpoint directory ``path`` atomically (`write_model_dir`) with the tensors of
+    `to_hf_state_dict`, moved to the CPU."""
+    main, mtp = to_hf_state_dict(model)
+    write_model_dir(path, model.config, main, mtp, lambda t, f: save_file(_cpu(t), f, metadata={"format": "pt"}),
+                    tokenizer_file)
+
+
+def write_model_dir(path, config: ModelConfig, main: dict, mtp: dict, save: Callable, tokenizer_file=None) -> None:
+    """Write a checkpoint directory atomically: ``config.json``, ``save(main, ".../model.safetensors")``,
+    ``save(mtp, ".../mtp.safetensors")`` when ``mtp`` is not empty and a copy of ``tokenizer_file`` go to a
+    temporary sibling directory that is renamed over ``path`` at the end (`replace_dir`), so a crash never leaves
+    a half-written checkpoint; on any error the temporary directory is removed and the error re-raised."""
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
-        model.config.save_json(os.path.join(tmp, "config.json"))
-        main, mtp = to_hf_state_dict(model)
-        save_file({k: v.detach().cpu() for k, v in main.items()}, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
+        config.save_json(os.path.join(tmp, "config.json"))
+        save(main, os.path.join(tmp, "model.safetensors"))
         if mtp:
-            save_file({k: v.detach().cpu() for k, v in mtp.items()}, os.path.join(tmp, "mtp.safetensors"),
-                      metadata={"format": "pt"})
+            save(mtp, os.path.join(tmp, "mtp.safetensors"))
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
 
 
 def replace_dir(src: str, dst: str) -> None:

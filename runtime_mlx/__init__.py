@@ -1,6 +1,6 @@
 """MLX runtime of DeepSeek-V3 / V3.2: the model in ``mlx.nn`` (same API and checkpoint directory as `reference`),
-hot ops through `runtime_mlx.kernels` (Metal kernels on Apple Silicon, pure MLX elsewhere), and an MLX
-training loop (`runtime_mlx.train`, ``dsfs train --backend mlx``)."""
+hot ops through `runtime_mlx.kernels` (Metal kernels on Apple Silicon, pure MLX elsewhere), and the MLX
+trainer that ``dsfs train --backend mlx`` drives (`runtime_mlx.train`)."""
 
 from reference.config import ModelConfig
 

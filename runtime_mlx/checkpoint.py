@@ -9,9 +9,10 @@ matrices (``mlp.experts.{e}.gate_proj.weight``) or transformers' packed ``expert
 
 Writing: ``config.json``, ``model.safetensors`` (main model, experts unstacked), ``mtp.safetensors`` (MTP layers with
 copies of ``embed_tokens`` and ``shared_head.head``, as the released DeepSeek-V3 weights), ``tokenizer.json``;
-into a temporary sibling directory renamed over the target (`reference.checkpoint.replace_dir`).
+into a temporary sibling directory renamed over the target (`reference.checkpoint.write_model_dir`).
 
-The name mapping is written again here rather than imported: `reference.checkpoint` maps torch tensors.
+The name mapping is the reference's (`reference.checkpoint.to_hf_names`, `from_hf_names`) with MLX's stack,
+unstack and FP8 dequantization passed in.
 """
 
 from __future__ import annotations
@@ -19,23 +20,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
-import shutil
-import tempfile
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from reference.checkpoint import replace_dir
+from reference.checkpoint import from_hf_names, to_hf_names, write_model_dir
 from reference.config import ModelConfig
 
 from . import kernels
-
-_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_PACKED_RE = re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$")
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-_MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
-_STACKED = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")
 
 
 def weight_files(path: str) -> list[str]:
@@ -68,37 +60,11 @@ def read_weights(path: str) -> dict[str, mx.array]:
 
 
 def sanitize(weights: dict[str, mx.array], cfg: ModelConfig) -> dict[str, mx.array]:
-    """Hugging Face names -> this model's parameter names (the reference's ``state_dict`` names): FP8 blocks
-    dequantized, MTP layers to ``mtp.{k}``, experts stacked. Raises ``ValueError`` on missing experts."""
-    n = cfg.num_hidden_layers
-    weights = dict(weights)
-    for name in [k for k in weights if k.endswith(".weight_scale_inv")]:
-        w = name[: -len("_scale_inv")]
-        weights[w] = kernels.weight_dequant(weights[w].view(mx.uint8), weights.pop(name).astype(mx.float32))
-    out, experts = {}, {}
-    for name, a in weights.items():
-        m = _LAYER_RE.match(name)
-        if m and int(m.group(1)) >= n:
-            k = int(m.group(1)) - n
-            if m.group(2) in _MTP_SHARED_COPIES or k >= cfg.num_nextn_predict_layers:
-                continue
-            name = f"mtp.{k}.{m.group(2)}"
-        em, pm = _EXPERT_RE.match(name), _PACKED_RE.match(name)
-        if em:
-            experts.setdefault((em.group(1), em.group(3)), {})[int(em.group(2))] = a
-        elif pm:  # transformers' packed layout (E, 2I, H)
-            half = a.shape[1] // 2
-            out[f"{pm.group(1)}.gate_proj"], out[f"{pm.group(1)}.up_proj"] = a[:, :half], a[:, half:]
-        else:
-            out[name] = a
-    for (base, proj), per in experts.items():
-        if sorted(per) != list(range(cfg.n_routed_experts)):
-            missing = sorted(set(range(cfg.n_routed_experts)) - set(per))
-            raise ValueError(f"checkpoint: {base} lacks experts {missing[:8]} for {proj}")
-        out[f"{base}.{proj}"] = mx.stack([per[e] for e in range(cfg.n_routed_experts)])
-    if cfg.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+    """Hugging Face names -> this model's parameter names (the reference's ``state_dict`` names) through
+    `reference.checkpoint.from_hf_names`: FP8 blocks dequantized (`runtime_mlx.kernels.weight_dequant`), MTP
+    layers to ``mtp.{k}``, experts stacked with ``mx.stack``. Raises ``ValueError`` on missing experts."""
+    return from_hf_names(weights, cfg, mx.stack,
+                         lambda w, s: kernels.weight_dequant(w.view(mx.uint8), s.astype(mx.float32)))
 
 
 def load_weights(model, weights: dict[str, mx.array], where: str = "weights") -> None:
@@ -141,43 +107,14 @@ def load_model(cls, path, dtype: mx.Dtype | None = None):
 
 
 def to_hf(model) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
-    """This model's parameters -> (main, mtp) dicts of Hugging Face names, experts unstacked."""
-    cfg = model.config
-    n = cfg.num_hidden_layers
-    main, mtp = {}, {}
-    for name, a in tree_flatten(model.parameters()):
-        out = main
-        m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
-        if m:
-            out, name = mtp, f"model.layers.{n + int(m.group(1))}.{m.group(2)}"
-        if name.endswith(_STACKED):
-            base, proj = name.rsplit(".", 1)
-            for e in range(a.shape[0]):
-                out[f"{base}.{e}.{proj}.weight"] = a[e]
-        else:
-            out[name] = a
-    head = model.model.embed_tokens.weight if cfg.tie_word_embeddings else model.lm_head.weight
-    for k in range(cfg.num_nextn_predict_layers):
-        mtp[f"model.layers.{n + k}.embed_tokens.weight"] = model.model.embed_tokens.weight
-        mtp[f"model.layers.{n + k}.shared_head.head.weight"] = head
-    return main, mtp
+    """This model's parameters -> (main, mtp) dicts of Hugging Face names, experts unstacked
+    (`reference.checkpoint.to_hf_names`)."""
+    return to_hf_names(dict(tree_flatten(model.parameters())), model.config, lambda a: [a[e] for e in range(len(a))])
 
 
 def save_model(model, path, tokenizer_file=None) -> None:
-    """Write the checkpoint directory ``path`` atomically (temporary sibling, then `replace_dir`)."""
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    try:
-        model.config.save_json(os.path.join(tmp, "config.json"))
-        main, mtp = to_hf(model)
-        mx.save_safetensors(os.path.join(tmp, "model.safetensors"), main, metadata={"format": "pt"})
-        if mtp:
-            mx.save_safetensors(os.path.join(tmp, "mtp.safetensors"), mtp, metadata={"format": "pt"})
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write the checkpoint directory ``path`` atomically (`reference.checkpoint.write_model_dir`: temporary
+    sibling, then `replace_dir`) with the arrays of `to_hf`."""
+    main, mtp = to_hf(model)
+    write_model_dir(path, model.config, main, mtp, lambda a, f: mx.save_safetensors(f, a, metadata={"format": "pt"}),
+                    tokenizer_file)

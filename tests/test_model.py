@@ -339,6 +339,23 @@ def test_save_over_existing_checkpoint_is_atomic(tmp_path, monkeypatch):
     _assert_same_state(Model.from_pretrained(ckpt), new)  # the previous checkpoint is intact
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_hf_name_mapping_takes_any_array_library(tie):
+    """`to_hf_names` / `from_hf_names` map names only: numpy arrays (stack and unstack passed in) get the names the
+    torch checkpoint writes, and map back to the reference's state_dict unchanged."""
+    import numpy as np
+
+    from reference.checkpoint import from_hf_names, to_hf_names, to_hf_state_dict
+
+    model = _model("mla", num_nextn_predict_layers=1, tie_word_embeddings=tie)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    main, mtp = to_hf_names(sd, model.config, unstack=list)
+    assert [main.keys(), mtp.keys()] == [d.keys() for d in to_hf_state_dict(model)]
+    back = from_hf_names({**main, **mtp}, model.config, stack=np.stack, dequant=None)
+    want = {k for k in sd if not k.startswith("rotary.") and not (tie and k == "lm_head.weight")}
+    assert back.keys() == want and all(np.array_equal(back[k], sd[k]) for k in want)
+
+
 def test_save_copies_tokenizer(tmp_path):
     tok = tmp_path / "tokenizer.json"
     tok.write_text('{"model": {}}')

@@ -1,6 +1,6 @@
 """``dsfs train --backend mlx``: a few steps of the micro model through the CLI; the run's checkpoint and final
 model load in the reference, and the reference resumes it exactly (same losses as an uninterrupted reference
-run: same initial weights, data order, AdamW moments); the MLX loop resumes a reference run; the trajectory
+run: same initial weights, data order, AdamW moments); the MLX backend resumes a reference run; the trajectory
 matches the reference loop's step by step."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from dsfs import cli
 from dsfs.checkpointing import load_trainer_state
 from dsfs.presets import MODEL_PRESETS
-from dsfs.train import train
+from dsfs.train import optimizer_groups, train
 from reference import Model as ReferenceModel
 from runtime_mlx import Model
 from runtime_mlx.train import make_mlx_optimizer, optimizer_state_from_torch, optimizer_state_to_torch
@@ -58,8 +58,8 @@ def test_cli_mlx_run_matches_reference_and_reference_resumes_it(data_dir, refere
     assert state["backend"] == "mlx" and state["optimizer"]["state"]
     assert sorted(p.name for p in (out / "final").iterdir()) == [
         "config.json", "model.safetensors", "mtp.safetensors", "tokenizer.json"]
-    ids = torch.randint(0, 384, (2, 16))
     ref_final = ReferenceModel.from_pretrained(out / "final").eval()
+    ids = torch.randint(0, ref_final.config.vocab_size, (2, 16))
     with torch.no_grad():
         assert_close(to_torch(Model.from_pretrained(out / "final")(to_mx(ids))), ref_final(ids),
                      what="final model: mlx vs reference loading it")
@@ -93,6 +93,20 @@ def test_mlx_resumes_reference_run(data_dir, reference_run, tmp_path):
     assert math.isclose(ours_val[-1]["val_loss"], theirs_val[-1]["val_loss"], rel_tol=1e-5)
 
 
+def test_runtime_mlx_does_not_import_dsfs():
+    """Dependencies point dsfs -> runtimes -> reference: the MLX trainer gets what it needs passed in."""
+    import ast
+    import pathlib
+
+    import runtime_mlx
+
+    for path in pathlib.Path(runtime_mlx.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "dsfs" for n in names), f"{path.name}:{node.lineno} imports dsfs"
+
+
 def test_optimizer_state_round_trip(reference_run):
     """The reference's AdamW state_dict -> MLX optimizer -> the same state_dict (moments, step, groups)."""
     from dsfs.checkpointing import latest_checkpoint
@@ -101,10 +115,11 @@ def test_optimizer_state_round_trip(reference_run):
     state = load_trainer_state(ckpt)
     model = Model.from_pretrained(ckpt)
     cfg = model.config
-    opt = make_mlx_optimizer(3e-3, 0.1)
+    groups = optimizer_groups(cfg, 3e-3, 0.1)
+    opt = make_mlx_optimizer(groups)
     opt.init(model.trainable_parameters())
-    optimizer_state_from_torch(opt, state["optimizer"], cfg, 3e-3, 0.1)
-    back = optimizer_state_to_torch(opt, cfg, 3e-3, 0.1)
+    optimizer_state_from_torch(opt, state["optimizer"], groups)
+    back = optimizer_state_to_torch(opt, groups)
     want = state["optimizer"]
     assert [g["params"] for g in back["param_groups"]] == [g["params"] for g in want["param_groups"]]
     assert [g["weight_decay"] for g in back["param_groups"]] == [0.1, 0.0]
