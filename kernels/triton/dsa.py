@@ -34,9 +34,10 @@ Kernels:
   query share the index set, so every gathered (BLOCK_N, D) key/value block serves BLOCK_H heads
   (BLOCK_H = next power of two of H/Hk, at least 16, at most 64; 16 for float32 or padded head dims over 256).
   Online softmax as in `kernels.triton.attention`; the backward pass recomputes the probabilities from the
-  saved log-sum-exp and scatters dk, dv with float32 ``tl.atomic_add`` (so their summation order, hence the last bits, may vary
-  between runs on a GPU), then casts them to the input dtype. Index entries outside [0, S) (-1: unused slot)
-  are skipped; a query with no valid entry gets a zero output. Indices must be distinct within a query.
+  saved log-sum-exp and scatters dk, dv with float32 ``tl.atomic_add`` (so their summation order, hence the
+  last bits, may vary between runs on a GPU), then casts them to the input dtype. Index entries outside [0, S)
+  (-1: unused slot) are skipped; a query with no valid entry gets a zero output. Indices must be distinct
+  within a query.
 
 Float32 dots run in IEEE float32; bfloat16 dot operands are upcast under the interpreter (see
 `kernels.triton.attention`). Block sizes on a GPU are untuned and not yet run there; every kernel was compiled
