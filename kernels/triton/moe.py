@@ -57,6 +57,7 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, idx_ptr, w_ptr, scores_ptr, N, scale
     tl.store(scores_ptr + offs, s, mask=m2)
     bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
     choice = tl.where(cmask[None, :], s + bias[None, :], float("-inf"))
+    choice = tl.where(choice != choice, float("inf"), choice)  # NaN ranks first, as in torch.topk: ids in range
     if N_GROUP > 1:
         # group score = sum of the group's two largest biased scores; keep the TOPK_GROUP best groups
         gsize: tl.constexpr = E // N_GROUP
@@ -160,7 +161,8 @@ def route_forward(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group:
 
     Ties: among equal biased scores (or equal group scores) the lower expert (group) index wins, as
     ``torch.topk`` orders distinct values; torch itself does not promise an order for exact ties.
-    NaN logits give undefined picks.
+    A NaN biased score ranks above every number, as in ``torch.topk``: its expert is picked (NaN experts in
+    index order) and its NaN weight reaches the output; every id is in [0, E) whatever the logits.
 
     One program routes BLOCK_N tokens, BLOCK_N * next_pow2(E) * max(next_pow2(n_group), next_pow2(K)) <= 4096
     (16384 interpreted; BLOCK_N <= 64), with all E experts of a token in registers, so E is limited by register

@@ -86,6 +86,35 @@ def test_route_ties_pick_lower_index():
     assert idx.tolist() == [[0, 1], [5, 4], [0, 1]]  # groups {4,5} and {6,7} tie: {4,5} wins
 
 
+@pytest.mark.parametrize("g,tg", [(1, 1), (4, 2)], ids=["flat", "groups"])
+def test_route_nan_logits_pick_in_range_and_propagate(g, tg):
+    """A NaN logit ranks first, as in ``torch.topk`` (the reference): its expert is picked and its NaN weight
+    reaches the output, so a diverged router shows as a NaN loss. Every id stays in [0, E) whatever the logits:
+    runtime_cuda's experts skip the id check, and an out-of-range id would become a wild address there."""
+    e, k = 10 if g == 1 else 16, 3
+    logits = torch.randn(4, e, dtype=torch.float64)
+    logits[1, 5] = float("nan")
+    logits[2] = float("nan")
+    bias = torch.randn(e, dtype=torch.float64) * 0.1
+    for norm in (True, False):
+        idx, w, _ = moe.route_forward(logits.float().to(DEVICE), bias.float().to(DEVICE), k, g, tg, norm, 2.5)
+        ref_idx, ref_w, _ = _route_ref(logits, bias, k, g, tg, norm, 2.5)
+        idx, w = idx.cpu(), w.cpu()
+        assert ((idx >= 0) & (idx < e)).all(), f"ids out of range: {idx.tolist()}"
+        assert torch.equal(idx[[0, 1, 3]], ref_idx[[0, 1, 3]]), "a NaN logit must rank first, as in torch.topk"
+        assert torch.equal(w.isnan(), ref_w.isnan()), "NaN weights must propagate as in the reference"
+
+
+def _route_ref(logits, bias, k, g, tg, norm, rsf):
+    """`reference.moe.Router.forward` after its GEMM, on given logits."""
+    r = _router(logits.shape[1], g, tg, k, norm, rsf)
+    r.e_score_correction_bias.copy_(bias.float())
+    r = r.double()
+    r.logits = lambda x: x
+    with torch.no_grad():
+        return r(logits)
+
+
 # ----------------------------------------------------------------------------- permutation
 
 
