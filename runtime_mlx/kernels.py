@@ -423,6 +423,7 @@ def moe_route_mlx(logits, bias, top_k, n_group, topk_group, norm_topk_prob, rout
     """Pure MLX `moe_route` (same contract)."""
     scores = mx.sigmoid(_f32(logits))
     choice = mx.stop_gradient(scores) + _f32(bias)
+    choice = mx.where(mx.isnan(choice), mx.inf, choice)  # a NaN ranks first, as in torch.topk
     n, e = choice.shape
     if n_group > 1:
         grouped = choice.reshape(n, n_group, e // n_group)
@@ -482,7 +483,8 @@ def moe_route(logits: mx.array, bias: mx.array, top_k: int, n_group: int, topk_g
     """DeepSeek-V3 router (``noaux_tc``), as `reference.moe.Router` after its linear layer.
 
     ``logits`` (N, E) float (``x @ W^T``), ``bias`` (E,) float32 (``e_score_correction_bias``). Returns
-    ``topk_idx`` (N, K) int32, sorted by descending biased score (ties to the lower expert id),
+    ``topk_idx`` (N, K) int32, sorted by descending biased score (ties to the lower expert id; a NaN score ranks
+    above every number, as in ``torch.topk``, so a NaN logit's expert is picked and its NaN weight shows),
     ``topk_weight`` (N, K) float32 and ``scores`` (N, E) float32 = sigmoid(logits).
     Selection ranks ``scores + bias``: a group's score is the sum of its top-2 biased scores; groups outside
     the top ``topk_group`` are excluded; then the top-K experts. Weights are the unbiased scores of those

@@ -5,7 +5,7 @@
 // One thread per token; its E scores live in registers. Template: E experts, K chosen, G groups,
 // KG kept groups, NORM (renormalize the weights), N tokens.
 // Inputs: logits (N, E) T, bias (E,) float32. Outputs: topk_idx (N, K) int32 (descending biased score,
-// ties to the lower id), topk_weight (N, K) float32 (unscaled: the caller multiplies by
+// ties to the lower id, a NaN above every number as in torch.topk), topk_weight (N, K) float32 (unscaled: the caller multiplies by
 // routed_scaling_factor), scores (N, E) float32 = sigmoid(logits).
 uint n = thread_position_in_grid.x;
 if (n >= uint(N)) {
@@ -16,6 +16,9 @@ float c[E];
 for (int e = 0; e < E; e++) {
   s[e] = 1.0f / (1.0f + metal::exp(-float(logits[n * E + e])));
   c[e] = s[e] + bias[e];
+  if (metal::isnan(c[e])) {
+    c[e] = INFINITY;  // a NaN ranks first, as in torch.topk: its expert is picked and its NaN weight shows
+  }
   scores[n * E + e] = s[e];
 }
 if (G > 1) {

@@ -84,6 +84,22 @@ def test_moe_route(cfg):
     assert_close(to_torch(ms), scores, what="scores")
 
 
+@pytest.mark.parametrize("cfg", [(10, 3, 1, 1), (16, 3, 4, 2)], ids=["flat", "groups"])
+def test_moe_route_nan_logit(cfg):
+    """A NaN logit ranks first, as in torch.topk (the reference): its expert is picked and the NaN weight shows."""
+    e, top_k, n_group, topk_group = cfg
+    logits, bias = torch.randn(4, e, dtype=torch.float64), torch.randn(e, dtype=torch.float64) * 0.1
+    logits[1, 5] = float("nan")
+    logits[2] = float("nan")
+    idx, w, _ = ref_route(logits, bias, top_k, n_group, topk_group, True, 2.5)
+    midx, mw, _ = twice(K._moe_route_metal, to_mx(logits.float()), to_mx(bias.float()), top_k, n_group,
+                        topk_group, True, 2.5)
+    midx = to_torch(midx).long()
+    assert ((midx >= 0) & (midx < e)).all()
+    assert torch.equal(midx[[0, 1, 3]], idx[[0, 1, 3]])
+    assert torch.equal(to_torch(mw).isnan(), w.isnan())
+
+
 @pytest.mark.parametrize("shape,dtype", [((2, 3, 3, 37, 40, 8), torch.float32),
                                          ((1, 2, 1, 70, 64, 16), torch.bfloat16)])
 def test_mla_decode(shape, dtype):

@@ -113,6 +113,23 @@ def test_moe_route(path, cfg):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cfg", [(10, 3, 1, 1), (16, 3, 4, 2)], ids=["flat", "groups"])
+def test_moe_route_nan_logit(path, cfg):
+    """A NaN logit ranks first, as in torch.topk (the reference): its expert is picked and the NaN weight shows
+    (a diverged router must give a NaN loss, not a finite one)."""
+    e, top_k, n_group, topk_group = cfg
+    logits, bias = torch.randn(4, e, dtype=torch.float64), torch.randn(e, dtype=torch.float64) * 0.1
+    logits[1, 5] = float("nan")
+    logits[2] = float("nan")
+    idx, w, _ = ref_route(logits, bias, top_k, n_group, topk_group, True, 2.5)
+    midx, mw, _ = K.moe_route(to_mx(logits.float()), to_mx(bias.float()), top_k, n_group, topk_group, True, 2.5)
+    midx = to_torch(midx).long()
+    assert ((midx >= 0) & (midx < e)).all()
+    assert torch.equal(midx[[0, 1, 3]], idx[[0, 1, 3]])
+    assert torch.equal(to_torch(mw).isnan(), w.isnan())
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", [(2, 3, 1, 37, 40, 8), (1, 2, 3, 19, 33, 6)])
 def test_mla_decode(path, shape):
     b, h, t, s, r, dr = shape
