@@ -592,6 +592,7 @@ def indexer_topk_mlx(scores, topk):
     """Pure MLX top-k selection over ``scores`` (B, T, S): see `indexer_topk`."""
     _, t, s = scores.shape
     kk = min(topk, s)
+    scores = mx.where(mx.isnan(scores), mx.inf, scores)  # a NaN ranks first, as in torch.sort
     masked = mx.where(_visible(t, s), scores, -mx.inf)
     idx = mx.argsort(-masked, axis=-1)[..., :kk].astype(mx.int32)  # stable: ties go to the earlier key
     n_visible = mx.clip(mx.arange(t) + (s - t) + 1, 0, s)
@@ -664,9 +665,10 @@ def indexer_topk(q: mx.array, k: mx.array, w: mx.array, scale: float, topk: int)
     """The indexer's causal top-k key set per query, as `reference.dsa.Indexer.select` (as indices).
 
     Shapes as `indexer_scores`. Returns ``idx`` (B, T, K) int32 with K = min(topk, S): the visible keys
-    (``s <= S - T + t``) of largest score, in descending score order, exact ties to the earlier key; a query
-    with fewer than K visible keys keeps all of them and pads with -1. `indexer_mask` turns it into the boolean
-    (B, T, S) selection. Raises ValueError on bad shapes or topk < 1. Source: DeepSeek-V3.2-Exp report sec. 2.1.
+    (``s <= S - T + t``) of largest score, in descending score order, exact ties to the earlier key (a NaN score
+    ranks first, as in ``torch.sort``); a query with fewer than K visible keys keeps all of them and pads with -1.
+    `indexer_mask` turns it into the boolean (B, T, S) selection. Raises ValueError on bad shapes or topk < 1.
+    Source: DeepSeek-V3.2-Exp report sec. 2.1.
     """
     _check_indexer(q, k, w)
     if topk < 1:

@@ -26,7 +26,8 @@ scores[i] = total;
 // @kernel indexer_topk
 // One threadgroup of TILE threads per query row (b, t). Query t sees the nvis = S - TQ + t + 1 first keys.
 // Each visible key s counts the visible keys ranked before it (higher score, or equal score and earlier);
-// scores are streamed through a TILE-float threadgroup tile. A key of rank < K writes s to slot rank;
+// scores are streamed through a TILE-float threadgroup tile; a NaN counts as +inf (torch.sort puts NaN first),
+// so the ranks are a permutation of 0..nvis-1 whatever the scores. A key of rank < K writes s to slot rank;
 // slots nvis..K-1 get -1. Input: scores (B, TQ, S) float32. Output: topk_idx (B, TQ, K) int32.
 uint row = threadgroup_position_in_grid.x;
 uint tid = thread_position_in_threadgroup.x;
@@ -37,11 +38,13 @@ for (uint base = 0; base < nvis; base += TILE) {
   uint s = base + tid;
   bool mine = s < nvis;
   float v = mine ? scores[row * S + s] : 0.0f;
+  v = metal::isnan(v) ? INFINITY : v;  // a NaN ranks first, as in torch.sort: ranks stay a permutation
   uint rank = 0;
   for (uint cb = 0; cb < nvis; cb += TILE) {
     metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
     if (cb + tid < nvis) {
-      tile[tid] = scores[row * S + cb + tid];
+      float u = scores[row * S + cb + tid];
+      tile[tid] = metal::isnan(u) ? INFINITY : u;
     }
     metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
     uint lim = metal::min(uint(TILE), nvis - cb);

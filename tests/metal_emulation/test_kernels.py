@@ -130,6 +130,27 @@ def test_indexer():
     assert_close(to_torch(scores), ref_scores, what="scores")
 
 
+def _topk_ref(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """`reference.dsa.Indexer.select` as ordered indices: stable descending sort of the visible keys (NaN first,
+    as torch sorts it), -1 past the visible count."""
+    _, t, s = scores.shape
+    visible = torch.arange(s)[None, :] <= torch.arange(t)[:, None] + (s - t)
+    idx = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    idx = idx[..., :min(topk, s)]
+    return torch.where(torch.arange(idx.shape[-1]) < visible.sum(-1)[:, None], idx, -1).int()
+
+
+def test_indexer_topk_nan_scores():
+    """NaN scores (from a diverged model) rank first, as torch.sort puts them: the ranks stay a permutation, so
+    no two keys write one slot (a race) and no slot is left unwritten (a wild index for the mask)."""
+    scores = torch.randn(1, 3, 140)
+    scores[0, 0, [2, 50]] = float("nan")
+    scores[0, 2] = float("nan")  # a whole row
+    for topk in (5, 200):
+        idx = twice(K._indexer_topk_metal, to_mx(scores), topk)
+        assert torch.equal(to_torch(idx), _topk_ref(scores, topk)), f"topk={topk}"
+
+
 @pytest.mark.parametrize("shape,bs,dtype", [((3, 300), 128, torch.float32), ((5, 70), 32, torch.bfloat16)])
 def test_act_quant(shape, bs, dtype):
     x = spread(*shape).to(dtype)

@@ -158,6 +158,18 @@ def test_indexer(path, shape):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_indexer_topk_nan_scores(path):
+    """NaN scores (a diverged model) rank first, as torch.sort puts them (the reference's stable sort)."""
+    b, h, t, s, d = 1, 2, 3, 30, 8
+    q, k = torch.randn(b, h, t, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
+    w = torch.randn(b, t, h, dtype=torch.float64)
+    k[0, [4, 9]] = float("nan")  # keys 4 and 9 score NaN for every query
+    _, ref_sel = ref_indexer(q, k, w, 1.0, 6)
+    idx = K.indexer_topk(*(to_mx(a.float()) for a in (q, k, w)), 1.0, 6)
+    assert torch.equal(to_torch(K.indexer_mask(idx, s)), ref_sel)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape,bs", [((3, 5, 300), 128), ((7, 64), 32), ((2, 1), 128)])
 def test_act_quant(path, shape, bs):
     x = spread(*shape)
