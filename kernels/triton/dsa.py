@@ -29,7 +29,8 @@ Kernels:
   keeps a chunk's best K_P = max(2, next_pow2(k)), and the elementwise max of the running best (descending)
   and the chunk's best (flipped to ascending) is a bitonic sequence holding the best K_P of both, which
   ``tl.bitonic_merge`` sorts. Work is O(visible * log^2 K_P) per query; CHUNK = max(K_P, 16) under the
-  interpreter, max(K_P, 1024) on a GPU. Scores must not be NaN. A full Triton top-k, so no ``torch.topk``.
+  interpreter, max(K_P, 1024) on a GPU. A NaN score of either sign ranks above every number, as torch.sort
+  puts it. A full Triton top-k, so no ``torch.topk``.
 - `_sparse_fwd` / `_sparse_bwd`: grid (T, B*Hk, cdiv(H/Hk, BLOCK_H)): the heads of a key group for one
   query share the index set, so every gathered (BLOCK_N, D) key/value block serves BLOCK_H heads
   (BLOCK_H = next power of two of H/Hk, at least 16, at most 64; 16 for float32 or padded head dims over 256).
@@ -85,7 +86,7 @@ def _indexer_topk(SCORES, OUT, T, S, NK, offset, K_P: tl.constexpr, CHUNK: tl.co
         j = start + tl.arange(0, CHUNK)
         x = tl.load(SCORES + j, mask=j < visible, other=0.0)
         x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with 0.0, as in torch.sort
-        bits = x.to(tl.int32, bitcast=True)
+        bits = tl.where(x != x, 0x7FC00000, x.to(tl.int32, bitcast=True))  # any NaN: above +inf, as torch.sort
         order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed integers
         key = tl.where(j < visible, (order.to(tl.int64) << 32) + (2**31 - 1 - j), none)
         top = tl.topk(key, K_P)
@@ -209,8 +210,8 @@ def indexer_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
     """Causal top-k selection: int64 (B, T, k) key indices, ``k = min(topk, S)``, best first, -1 for slots a
     query cannot fill.
 
-    ``scores`` (B, T, S) float32 (from `indexer_scores`; no NaN); the T queries are the last T of the S keys,
-    so query ``t`` picks among keys ``j <= t + S - T``; ties go to the earlier key (the same set as
+    ``scores`` (B, T, S) float32 (from `indexer_scores`); the T queries are the last T of the S keys, so query
+    ``t`` picks among keys ``j <= t + S - T``; ties go to the earlier key and a NaN ranks first (the same set as
     `reference.dsa.Indexer.select`, in the order of its stable descending sort). Raises ``TypeError`` for a
     non-tensor or a dtype other than float32, ``ValueError`` for a wrong rank, ``S < T``, ``topk < 1``, an
     empty input, a CPU tensor outside the interpreter or a non-contiguous input.

@@ -90,6 +90,17 @@ def test_topk_ties():
     assert torch.equal(indexer_topk(scores, 9), _ref_topk(scores, 9))
 
 
+def test_topk_nan_scores_rank_first():
+    """NaN scores of either sign rank first, as torch.sort puts them (a NaN made on a CPU carries the sign bit)."""
+    scores = torch.randn(1, 3, 40, device=DEVICE)
+    scores[0, 0, 3] = float("nan")
+    scores[0, 1, [5, 20]] = -float("nan")
+    scores[0, 2, 7] = -float("nan")
+    assert scores[0, 1, 5].signbit() and not scores[0, 0, 3].signbit()
+    for topk in (4, 50):
+        assert torch.equal(indexer_topk(scores, topk), _ref_topk(scores, topk)), f"topk={topk}"
+
+
 # ----------------------------------------------------------------------------- sparse attention
 
 
