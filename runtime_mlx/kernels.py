@@ -617,8 +617,9 @@ def indexer_scores_launch(q, k, w, scale) -> Launch:
 def indexer_topk_launch(scores, topk) -> Launch:
     """One threadgroup of 128 threads per query row (b, t): grid (B*T*128, 1, 1). Each thread ranks its keys
     against all visible keys, streamed through a 128-float threadgroup tile; a key of rank < K writes its id
-    to slot rank: O(S^2) comparisons per query, fine for decode (T = 1) and training lengths, slow for long
-    prefills. Output (B, T, min(topk, S)) int32."""
+    to slot rank: O(S^2) comparisons per query, S^2 / 128 per thread. Fine for short contexts; not for long
+    ones, decode included: a decode step has only B*T threadgroups, so at S = 32K each thread makes about 8M
+    comparisons while the rest of the GPU idles. Output (B, T, min(topk, S)) int32."""
     b, t, s = scores.shape
     kk = min(topk, s)
     return Launch(SPECS["indexer_topk"], [scores], [("TQ", t), ("S", s), ("K", kk), ("TILE", _IDX_TG)],
