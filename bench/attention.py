@@ -6,13 +6,14 @@ heads; MLA with kv_lora_rank 128, q_lora_rank 192, qk_nope 64, qk_rope 32, v 64;
 
 - `Prefill`: one layer on (1, T, 256) for T in a sweep, forward and forward+backward (gradients of the layer's
   parameters); causal. Seconds per call.
-- `Decode`: one new token per sequence (batch 4) against a cache of L tokens, forward only. Seconds per step.
+- `Decode`: one new token (batch 1) against a cache of L tokens, forward only. Seconds per step.
 - `KVCacheSize`: bytes the cache holds per token per layer (one sequence), measured on the reference's cache.
 
 MLA "naive" up-projects the latent into per-head keys and values; "absorbed" folds the up-projections into the
 query and output and attends over the latent (the reference forces each form). The peers have one form each:
-transformers' DeepseekV3Attention is timed as naive, mlx-lm's DeepseekV3Attention (absorbed when decoding one
-token, latent-projected keys otherwise) is timed under both rows; their DSA rows are DeepseekV32Attention.
+transformers' DeepseekV3Attention (which expands the latent into per-head keys and values, also when decoding)
+is timed as naive; mlx-lm's DeepseekV3Attention as naive in prefill (it up-projects the latent into per-head keys)
+and as absorbed in decode (one token attends over the latent); their DSA rows are DeepseekV32Attention.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .common import BACKENDS, Suite, skip
 KINDS = ["mha", "mqa", "gqa", "mla_naive", "mla_absorbed", "dsa"]
 SEQ_LENS = [128, 256, 512, 1024]
 CACHE_LENS = [128, 512, 2048]
-DECODE_BATCH = 4
+DECODE_BATCH = 1
 MLA_SHAPE = dict(q_lora_rank=192)
 
 
@@ -44,11 +45,14 @@ class Layer:
     time: ``prefill(x)`` (causal, no cache), ``fill(x)`` (prefill into a fresh cache) and ``decode(x)`` (one step
     that leaves the cache as ``fill`` left it)."""
 
-    def __init__(self, backend: str, kind: str, path: str):
+    def __init__(self, backend: str, kind: str, path: str, decode: bool = False):
         if backend in common.PEERS and kind in ("mha", "mqa", "gqa"):
             skip(f"{backend}: DeepSeek-V3 has no {kind} attention")
         if backend == "transformers" and kind == "mla_absorbed":
             skip("transformers: DeepseekV3Attention has no absorbed form")
+        if backend == "mlx_lm" and kind == ("mla_naive" if decode else "mla_absorbed"):
+            skip(f"mlx_lm: its {'decode step is absorbed' if decode else 'prefill up-projects the latent'}, timed as "
+                 f"{'mla_absorbed' if decode else 'mla_naive'}")
         self.backend, self.kind = backend, kind
         self.model = common.load_model(backend, path)
         self.attn = self.model.model.layers[0].self_attn
@@ -149,14 +153,14 @@ class Prefill(Suite):
 
 
 class Decode(Suite):
-    """One decode step of one attention layer: (4, 1, 256) new tokens against a cache of L tokens (seconds)."""
+    """One decode step of one attention layer: a (1, 1, 256) new token against a cache of L tokens (seconds)."""
 
     params = [BACKENDS, KINDS, CACHE_LENS]
     param_names = ["backend", "kind", "cache_len"]
 
     def setup(self, backend, kind, cache_len):
         common.require(backend)
-        self.layer = Layer(backend, kind, common.checkpoint(attention_config(kind)))
+        self.layer = Layer(backend, kind, common.checkpoint(attention_config(kind)), decode=True)
         self.layer.fill(common.array(backend, (DECODE_BATCH, cache_len, 256), seed=1))
         self.x = common.array(backend, (DECODE_BATCH, 1, 256), seed=2)
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# CI smoke run of the asv suites (bench/README.md): `asv check` (every suite imports, every benchmark's signature
+# matches its parameters), then one sample of a small subset, one cheap parameter set per suite on every
+# backend, in the current environment without saving results. Exits non-zero if any benchmark fails; a backend
+# that cannot run here is skipped, not failed. About 1-2 minutes on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUBSET=(
+  "attention\.Prefill\.time_forward\(.*, 'mla_naive', 128\)"
+  "attention\.Decode\.time_decode\(.*, 'dsa', 128\)"
+  "attention\.KVCacheSize"
+  "moe\.FFN\.time_forward_backward\(.*, 'deepseek_8', 256\)"
+  "moe\.Router\.time_router\(.*, 'deepseek_64', 256\)"
+  "layers\.Op\.time_forward_backward\(.*, 'rms_norm', 512\)"
+  "fp8\.FP8\.time_forward\(.*, 'weight_dequant', 512\)"
+  "model\.DecodeStep\.track_tokens_per_s\(.*, 128\)"
+)
+BENCH=()
+for regex in "${SUBSET[@]}"; do BENCH+=(--bench "$regex"); done
+
+uv run asv check --python=same
+# asv run exits 2 when a benchmark failed; --dry-run keeps .asv/results untouched.
+uv run asv run --python=same --quick --dry-run --show-stderr "${BENCH[@]}"
