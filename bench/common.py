@@ -31,7 +31,7 @@ OURS = ("reference", "cuda", "mlx")
 PEERS = ("transformers", "mlx_lm")
 MLX_BACKENDS = ("mlx", "mlx_lm")
 
-# A small DeepSeek-V3 block: the "tiny" preset's widths, one decoder layer; suites override fields.
+# A small DeepSeek-V3 block (hidden 256, 4 heads, MLA, 8 experts), one decoder layer; suites override fields.
 BASE_CONFIG = dict(
     vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=1,
     num_attention_heads=4, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
