@@ -160,6 +160,7 @@ def plot(benchmarks, vals, path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     kinds = benchmarks[keys[0]]["params"][benchmarks[keys[0]]["param_names"].index("kind")]
     kinds = [param_value(k) for k in kinds]
@@ -170,9 +171,11 @@ def plot(benchmarks, vals, path: Path) -> bool:
         for ax, kind in zip(row, kinds, strict=True):
             for b in BACKENDS:
                 pts = sorted((c[xi], v) for c, v in vals[key].items() if c[bi] == b and c[ki] == kind and ok(v))
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=b)
-            ax.set(xscale="log", yscale="log", title=f"{kind}", xlabel=SWEEPS[key])
+                if pts:  # one colour per backend in every panel
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=b, color=f"C{BACKENDS.index(b)}")
+            xs = sorted({c[xi] for c in vals[key]})
+            ax.set(xscale="log", yscale="log", title=f"{kind}", xlabel=SWEEPS[key], xticks=xs, xticklabels=xs)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
         row[0].set_ylabel(re.sub(r"^attention\.|time_", "", key) + " (s)")
     handles = {}
