@@ -57,9 +57,12 @@ class Experts(nn.Module):
         """Grouped matmul: rows ``xs`` (M, H) sorted by expert, ``counts[e]`` rows for expert ``e``;
         returns each row's expert output (M, H). Empty segments are skipped."""
         outs = []
+        # unbind once: indexing the stacked parameter per expert would make each backward allocate and fill a
+        # zero gradient of the whole (E, I, H) tensor per expert (3E fills of E*I*H, quadratic in E)
+        gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
         for e, seg in enumerate(xs.split(counts)):
             if counts[e]:
-                outs.append(swiglu(seg @ self.gate_proj[e].t(), seg @ self.up_proj[e].t()) @ self.down_proj[e].t())
+                outs.append(swiglu(seg @ gate[e].t(), seg @ up[e].t()) @ down[e].t())
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
 
 
