@@ -107,6 +107,12 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+@torch.compiler.disable  # a host read: a silent graph break under torch.compile, not a traced .item()
+def count_valid(targets: torch.Tensor) -> int:
+    """Number of targets != -100 (``IGNORE_INDEX``), as a Python int."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
 class Model(nn.Module):
     """DeepSeek-V3 / V3.2 causal LM (and its MHA/GQA/dense/softmax-MoE variants) in plain PyTorch.
 
@@ -158,6 +164,7 @@ class Model(nn.Module):
                 m.update_bias(g)
 
     # ---------------------------------------------------------------- forward
+    @torch.compiler.disable  # host-side validation (reads min/max): a silent graph break, not a traced .item()
     def _check_input_ids(self, input_ids: torch.Tensor, offset: int) -> None:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(
@@ -224,7 +231,7 @@ class Model(nn.Module):
         loss = lm_loss + aux
         if mtp_losses:
             loss = loss + mtp_weight * torch.stack(mtp_losses).mean()
-        return LossOutput(loss, lm_loss, mtp_losses, aux, int((targets != IGNORE_INDEX).sum()))
+        return LossOutput(loss, lm_loss, mtp_losses, aux, count_valid(targets))
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
