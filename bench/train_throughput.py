@@ -43,21 +43,10 @@ def batches(n: int, b: int, t: int, seed: int = 0):
         return [(x[:, :-1].contiguous(), x[:, 1:].contiguous()) for x in ids]
 
 
-def tokens_per_second(step, data, warmup: int) -> float:
-    """Run ``step`` over ``data``; return tokens/s over the batches after ``warmup``."""
-    for x, y in data[:warmup]:
-        step(x, y)
-    t0 = time.perf_counter()
-    for x, y in data[warmup:]:
-        step(x, y)
-    dt = time.perf_counter() - t0
-    return sum(x.numel() for x, _ in data[warmup:]) / dt
-
-
 def reference_step(mtp: int, compile: bool):
     torch.manual_seed(0)
     model = Model(ModelConfig(**SHAPE, num_nextn_predict_layers=mtp)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
     loss_fn = compiled_loss(model) if compile else model.loss
 
     def step(x, y):
@@ -78,7 +67,7 @@ def transformers_step(compile: bool):
                            num_key_value_heads=SHAPE["num_attention_heads"], rope_interleave=True,
                            num_mtp_layers=0)
     model = DeepseekV3ForCausalLM(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
     fwd = torch.compile(model) if compile else model
 
     def step(x, y):
@@ -90,9 +79,33 @@ def transformers_step(compile: bool):
     return step
 
 
+def interleaved(steppers: dict, data, warmup: int, rounds: int) -> tuple[dict, dict]:
+    """Train every model of ``steppers`` (name -> step function) on the same batches, interleaved: after
+    ``warmup`` untimed steps each, the timed batches are cut into ``rounds`` slices and every model runs each
+    slice in turn (the order rotating per round), so a change in the machine's load falls on all of them alike.
+    Returns tokens/s per model over all timed steps, and each model's per-round times (s)."""
+    for step in steppers.values():
+        for x, y in data[:warmup]:
+            step(x, y)
+    timed = data[warmup:]
+    per = max(1, len(timed) // rounds)
+    names = list(steppers)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        chunk = timed[r * per:(r + 1) * per]
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            for x, y in chunk:
+                steppers[n](x, y)
+            times[n].append(time.perf_counter() - t0)
+    tokens = sum(x.numel() for x, _ in timed[:per * rounds])
+    return {n: tokens / sum(ts) for n, ts in times.items()}, times
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per model")
+    p.add_argument("--rounds", type=int, default=8, help="interleaving rounds the timed steps are cut into")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
@@ -112,19 +125,19 @@ def main(argv=None):
             ("reference, MTP 0 (torch.compile)", lambda: reference_step(0, True)),
             ("reference, MTP 1 (torch.compile)", lambda: reference_step(1, True)),
         ]
-    results = {}
-    for name, make in rows:
-        t0 = time.perf_counter()
-        tps = tokens_per_second(make(), data, args.warmup)
-        results[name] = tps
-        print(f"{name:45s} {tps:8.0f} tokens/s   ({time.perf_counter() - t0:.0f} s incl. warm-up)", flush=True)
-    base = results[rows[0][0]]
-    print("\nratio to transformers (same config, same steps):")
+    t0 = time.perf_counter()
+    steppers = {name: make() for name, make in rows}
+    results, times = interleaved(steppers, data, args.warmup, args.rounds)
+    base = rows[0][0]
+    print(f"{args.rounds} rounds of {args.steps // args.rounds} steps per model, interleaved "
+          f"({time.perf_counter() - t0:.0f} s in all)\n")
+    print(f"{'model':45s} {'tokens/s':>9s}  {'ratio':>6s}  {'per-round ratio, min..max':>25s}")
     for name, tps in results.items():
-        print(f"  {name:45s} {tps / base:5.2f}x")
+        per_round = sorted(b / a for a, b in zip(times[name], times[base], strict=True))
+        print(f"{name:45s} {tps:9.0f}  {tps / results[base]:5.2f}x  {per_round[0]:11.2f}x .. {per_round[-1]:.2f}x")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"tokens_per_s": results, "args": vars(args), "torch": torch.__version__,
+        json.dump({"tokens_per_s": results, "round_times_s": times, "args": vars(args), "torch": torch.__version__,
                    "machine": platform.processor() or platform.machine(), "threads": args.threads}, f, indent=2)
 
 

@@ -173,8 +173,10 @@ def compiled_loss(model: nn.Module) -> Callable:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay on matrices only, betas (0.9, 0.95)) over ``param_groups``."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=BETAS)
+    """AdamW (decoupled weight decay on matrices only, betas (0.9, 0.95)) over ``param_groups``; PyTorch's fused
+    implementation (one kernel over all parameters) when they all live on CPU or CUDA."""
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=BETAS, fused=fused or None)
 
 
 def optimizer_groups(cfg: ModelConfig, lr: float, weight_decay: float) -> list[dict]:

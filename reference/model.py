@@ -16,6 +16,7 @@ from torch import nn
 from .attention import Attention
 from .cache import KVCache
 from .config import ModelConfig
+from .cross_entropy import linear_cross_entropy
 from .dsa import DSA
 from .mla import MLA
 from .moe import DeepSeekMoE, MoE
@@ -217,7 +218,7 @@ class Model(nn.Module):
             raise ValueError(
                 f"targets: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(targets.shape)}")
         h = self.hidden_states(input_ids)
-        lm_loss = masked_cross_entropy(self.lm_head(h), targets)
+        lm_loss = self.lm_loss(h, targets)
         mtp_losses = []
         b, t = input_ids.shape
         cos, sin = self.rotary(t, 0, h.device, h.dtype)
@@ -226,12 +227,29 @@ class Model(nn.Module):
             ahead = torch.cat((input_ids[:, k:], pad), dim=1)
             tgt = torch.cat((targets[:, k:], torch.full_like(pad, IGNORE_INDEX)), dim=1)
             h = layer(layer.combine(h, self.model.embed_tokens(ahead)), cos, sin)
-            mtp_losses.append(masked_cross_entropy(self.lm_head(layer.shared_head.norm(h)), tgt))
+            mtp_losses.append(self.lm_loss(layer.shared_head.norm(h), tgt))
         aux = sum((m.aux_loss for m in self.moe_layers() if m.aux_loss is not None), h.new_zeros(()))
         loss = lm_loss + aux
         if mtp_losses:
             loss = loss + mtp_weight * torch.stack(mtp_losses).mean()
         return LossOutput(loss, lm_loss, mtp_losses, aux, count_valid(targets))
+
+    cross_entropy = staticmethod(linear_cross_entropy)
+    """The fused head + cross-entropy `lm_loss` calls (a runtime overrides it with its kernel)."""
+
+    def lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the output head on ``h`` (B, T, hidden) against ``targets`` (B, T) int64
+        (-100 ignored; 0 with gradient 0 when none is valid): `masked_cross_entropy` of ``lm_head(h)``, fused
+        with the head and chunked (`reference.cross_entropy.linear_cross_entropy`), so training never holds
+        the (B, T, vocab) logits. Under autocast the head's operands are cast to the autocast dtype, as
+        ``lm_head`` would be; the softmax runs in float32."""
+        flat, weight = h.reshape(-1, h.shape[-1]), self.lm_head.weight
+        if torch.is_autocast_enabled(h.device.type):
+            dtype = torch.get_autocast_dtype(h.device.type)
+            flat, weight = flat.to(dtype), weight.to(dtype)
+        total = self.cross_entropy(flat.contiguous(), weight, targets.reshape(-1).contiguous(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()

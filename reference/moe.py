@@ -47,15 +47,28 @@ class Experts(nn.Module):
         flat = topk_idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)
         ys = self.grouped_swiglu(x.index_select(0, token), counts)
         ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)
         return x.new_zeros(n, x.shape[1]).index_add(0, token, ys.to(x.dtype))  # autocast: ys may be bf16
 
+    def grouped_swiglu(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Grouped matmul: rows ``xs`` (M, H) sorted by expert, ``counts[e]`` (an (E,) int tensor) rows for
+        expert ``e``; returns each row's expert output (M, H).
+
+        Through `torch.nn.functional.grouped_mm` where it applies (CPU, float32/bf16/fp16, rows 16-byte
+        aligned): one call per projection, shapes independent of the routing, so ``torch.compile`` keeps the
+        whole layer in one graph. Elsewhere one matmul per non-empty expert segment.
+        """
+        if _grouped_mm_applies(xs, self.gate_proj):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate = F.grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)
+            up = F.grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs)
+            return F.grouped_mm(swiglu(gate, up), self.down_proj.transpose(1, 2), offs=offs)
+        return self._grouped_swiglu_loop(xs, counts.tolist())
+
     @torch.compiler.disable  # data-dependent segment sizes: keep torch.compile from specializing on them
-    def grouped_swiglu(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Grouped matmul: rows ``xs`` (M, H) sorted by expert, ``counts[e]`` rows for expert ``e``;
-        returns each row's expert output (M, H). Empty segments are skipped."""
+    def _grouped_swiglu_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs = []
         # unbind once: indexing the stacked parameter per expert would make each backward allocate and fill a
         # zero gradient of the whole (E, I, H) tensor per expert (3E fills of E*I*H, quadratic in E)
@@ -64,6 +77,19 @@ class Experts(nn.Module):
             if counts[e]:
                 outs.append(swiglu(seg @ gate[e].t(), seg @ up[e].t()) @ down[e].t())
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+
+
+def _grouped_mm_applies(xs: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` (PyTorch >= 2.8) runs ``xs`` against the (E, I, H) stack ``w`` here: on CPU it takes
+    float32/bf16/fp16 with every row stride a multiple of 16 bytes (CUDA needs sm90+ and bf16: not used), and
+    outside autocast."""
+    if not hasattr(F, "grouped_mm") or xs.device.type != "cpu" or xs.dtype != w.dtype:
+        return False
+    if torch.is_autocast_enabled("cpu"):  # autocast does not cast grouped_mm's operands; the matmuls do
+        return False
+    if xs.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return all(d * xs.element_size() % 16 == 0 for d in w.shape[1:])
 
 
 class Router(nn.Module):

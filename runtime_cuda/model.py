@@ -76,10 +76,5 @@ class Model(ref_model.Model):
         super().__init__(config)
         use_triton(self)
 
-    def lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the output head on ``h`` (B, T, hidden) against ``targets`` (B, T) (-100
-        ignored; 0 when none is valid), fused and chunked."""
-        flat = h.reshape(-1, h.shape[-1]).contiguous()
-        total = linear_cross_entropy(flat, self.lm_head.weight, targets.reshape(-1).contiguous(),
-                                     ignore_index=ref_model.IGNORE_INDEX, reduction="sum")
-        return total / (targets != ref_model.IGNORE_INDEX).sum().clamp(min=1)
+    cross_entropy = staticmethod(linear_cross_entropy)
+    """The LM loss's fused head + cross-entropy: the Triton kernel (`kernels.triton.cross_entropy`)."""

@@ -113,7 +113,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                                                               ignore_index, WRITE_GRAD=write_grad, BLOCK_N=block_n,
                                                               BLOCK_V=block_v)
         if grad_hidden:
-            torch.matmul(logits, weight, out=d_hidden[s:e])
+            d_hidden[s:e] = logits @ weight  # under autocast the product is bf16: cast into d_hidden's dtype
         if grad_weight:
             d_weight += (logits.T @ h).float()
     return loss, d_hidden, d_weight
