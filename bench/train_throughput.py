@@ -1,13 +1,19 @@
 """Training throughput of the reference model vs transformers' DeepseekV3ForCausalLM, in one run.
 
-Both models get the same configuration (hidden 256, 4 layers, MLA, 8 routed experts top-2 + 1 shared, the
-first layer dense; vocab 4096), the same batches (16 x 256 tokens of the prepared TinyStories sample, or random
-tokens) and the same optimizer (AdamW lr 2e-3), and train the same number of steps; tokens/s is measured after
-warm-up steps (which also absorb torch.compile's compilation; the reference is compiled as `dsfs train` does it, through
-`dsfs.train.compiled_loss`). MTP is off for the like-for-like comparison (transformers does not train MTP);
-the reference with MTP depth 1 is timed as well.
+Both models get the same configuration (``--shape tiny``: the model `uv run dsfs train` trains by default;
+``--shape issue``: hidden 256, 4 layers, MLA, 8 routed experts top-2 + 1 shared, the first layer dense; vocab
+4096 in both), the same batches (16 x 256 tokens of the prepared TinyStories sample, or random tokens) and the
+same optimizer (AdamW lr 2e-3, PyTorch's fused implementation, as `dsfs train` uses), and train the same number
+of steps. The reference is compiled as `dsfs train` does it (`dsfs.train.compiled_loss`); warm-up steps absorb the
+compilation. MTP is off for the like-for-like comparison (transformers does not train MTP); the reference with
+MTP depth 1 is timed as well.
 
-    uv run python bench/train_throughput.py --steps 20            # prints a table, writes bench/results/
+The models train interleaved: the timed steps are cut into rounds and every model runs each round in turn, so a
+change in the machine's load (runs here spread by +-15% from one minute to the next) falls on all of them alike.
+Besides each model's tokens/s over all rounds, the table gives the range of its per-round ratios.
+
+    uv run python bench/train_throughput.py                 # prints the table, writes bench/results/*.json
+    uv run python bench/train_throughput.py --shape issue
 """
 
 from __future__ import annotations
@@ -21,13 +27,21 @@ import time
 
 import torch
 
+from dsfs.presets import MODEL_PRESETS
 from dsfs.train import compiled_loss
 from reference import Model, ModelConfig
 
-SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
-             moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-             first_k_dense_replace=1, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-             max_position_embeddings=1024)
+SHAPES = {
+    # the model `uv run dsfs train` trains by default (MTP set per row below)
+    "tiny": {**MODEL_PRESETS["tiny"], "vocab_size": 4096},
+    # the transformers example of issue 3: hidden 256, 4 layers, 8 routed experts top-2 (8.5M parameters)
+    "issue": dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=768, moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2,
+                  n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=64,
+                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=1024,
+                  n_group=1, topk_group=1, routed_scaling_factor=1.0),
+}
+SHAPE = dict(SHAPES["tiny"])  # the shape being timed (main sets it from --shape)
 
 
 def batches(n: int, b: int, t: int, seed: int = 0):
@@ -45,7 +59,7 @@ def batches(n: int, b: int, t: int, seed: int = 0):
 
 def reference_step(mtp: int, compile: bool):
     torch.manual_seed(0)
-    model = Model(ModelConfig(**SHAPE, num_nextn_predict_layers=mtp)).train()
+    model = Model(ModelConfig(**{**SHAPE, "num_nextn_predict_layers": mtp})).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
     loss_fn = compiled_loss(model) if compile else model.loss
 
@@ -63,9 +77,8 @@ def transformers_step(compile: bool):
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.manual_seed(0)
-    cfg = DeepseekV3Config(**{k: v for k, v in SHAPE.items()}, q_lora_rank=None, n_group=1, topk_group=1,
-                           num_key_value_heads=SHAPE["num_attention_heads"], rope_interleave=True,
-                           num_mtp_layers=0)
+    cfg = DeepseekV3Config(**{**SHAPE, "num_nextn_predict_layers": 0, "num_mtp_layers": 0},
+                           num_key_value_heads=SHAPE["num_attention_heads"], rope_interleave=True)
     model = DeepseekV3ForCausalLM(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
     fwd = torch.compile(model) if compile else model
@@ -109,11 +122,15 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                   help="tiny: the default dsfs train model; issue: hidden 256 as issue 3's transformers example")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_throughput.json"))
+    p.add_argument("--out", default=None, help="JSON results (default: bench/results/train_throughput_<shape>.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    SHAPE.clear()
+    SHAPE.update(SHAPES[args.shape])
     data = batches(args.warmup + args.steps, args.batch_size, args.seq_len)
     rows = [
         ("transformers DeepseekV3ForCausalLM (eager)", lambda: transformers_step(False)),
@@ -135,8 +152,9 @@ def main(argv=None):
     for name, tps in results.items():
         per_round = sorted(b / a for a, b in zip(times[name], times[base], strict=True))
         print(f"{name:45s} {tps:9.0f}  {tps / results[base]:5.2f}x  {per_round[0]:11.2f}x .. {per_round[-1]:.2f}x")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"train_throughput_{args.shape}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump({"tokens_per_s": results, "round_times_s": times, "args": vars(args), "torch": torch.__version__,
                    "machine": platform.processor() or platform.machine(), "threads": args.threads}, f, indent=2)
 

@@ -84,6 +84,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     attention_bias: bool = False
     initializer_range: float = 0.02
+    hidden_dropout: float = 0.0  # training only: dropout on each attention / FFN output before its residual add
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
@@ -151,6 +152,8 @@ class ModelConfig:
         if (self.model_type == "deepseek_v32") != (self.attention_type == "dsa"):
             bad(f"model_type={self.model_type!r} with attention_type={self.attention_type!r}: "
                 "'deepseek_v32' goes with 'dsa' and only with it")
+        if not 0.0 <= self.hidden_dropout < 1.0:
+            bad(f"hidden_dropout={self.hidden_dropout}; expected a probability in [0, 1)")
         if self.hidden_act != "silu":
             bad(f"hidden_act={self.hidden_act!r}; only 'silu' (SwiGLU) is supported")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -32,6 +32,8 @@ class DecoderLayer(nn.Module):
 
     Attention is `Attention` (mha/mqa/gqa), `MLA` or `DSA`; the FFN is the dense `MLP` for the first
     ``first_k_dense_replace`` layers (or ``moe_type='dense'``), else `DeepSeekMoE` or the standard `MoE`.
+    In training mode with ``config.hidden_dropout > 0``, each sublayer's output goes through dropout before its
+    residual add (the residual dropout of Vaswani et al. 2017, section 5.4); eval mode is unaffected.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -45,10 +47,17 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(c.hidden_size, c.intermediate_size)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_dropout = c.hidden_dropout
 
     def forward(self, x, cos, sin, cache=None, offset: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, offset)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, offset))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+    def dropout(self, y: torch.Tensor) -> torch.Tensor:
+        """Residual dropout of a sublayer output (identity in eval mode or at ``hidden_dropout`` 0)."""
+        if self.training and self.hidden_dropout > 0:
+            return F.dropout(y, self.hidden_dropout, training=True)
+        return y
 
 
 class SharedHead(nn.Module):

@@ -34,7 +34,8 @@ IGNORE_INDEX = -100
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``h = x + attn(input_layernorm(x))``; ``h + mlp(post_attention_layernorm(h))``.
     Attention is `Attention` (mha/mqa/gqa), `MLA` or `DSA`; the FFN the dense `MLP` for the first
-    ``first_k_dense_replace`` layers (or ``moe_type='dense'``), else `DeepSeekMoE` or the standard `MoE`."""
+    ``first_k_dense_replace`` layers (or ``moe_type='dense'``), else `DeepSeekMoE` or the standard `MoE`.
+    In training mode, ``config.hidden_dropout`` > 0 drops each sublayer output before its residual add."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, rope: RoPE):
         super().__init__()
@@ -47,12 +48,13 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(c.hidden_size, c.intermediate_size)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout)  # identity in eval mode and at p = 0
 
     def __call__(self, x: mx.array, cache=None, offset: int = 0, stats: dict | None = None) -> mx.array:
         """``x`` (B, T, hidden) -> (B, T, hidden); ``stats``: MoE loads and balance losses go there."""
-        x = x + self.self_attn(self.input_layernorm(x), cache, offset)
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cache, offset))
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h) if isinstance(self.mlp, MLP) else self.mlp(h, stats))
+        return x + self.dropout(self.mlp(h) if isinstance(self.mlp, MLP) else self.mlp(h, stats))
 
 
 class SharedHead(nn.Module):

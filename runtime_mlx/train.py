@@ -142,8 +142,9 @@ class MLXTrainer:
             return norm
 
         micro = nn.value_and_grad(model, loss_fn)
+        self.dropout = model.config.hidden_dropout > 0
         if compile:
-            state = [model.state, self.opt.state]
+            state = [model.state, self.opt.state, mx.random.state]  # the random state: dropout masks
             micro = mx.compile(micro, inputs=state, outputs=state)
             update = mx.compile(update, inputs=state, outputs=state)
         self._micro, self._update = micro, update
@@ -158,7 +159,11 @@ class MLXTrainer:
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, accum: int) -> dict:
         """Loss and gradients of one (B, T) int64 batch ``x`` with targets ``y``; ``1 / accum`` of the gradients
         (and all of the expert loads) are added to those kept for `optimizer_step`. Returns floats ``loss``,
-        ``lm_loss``, ``aux_loss`` and ``mtp_loss`` (the mean over MTP depths; ``None`` without MTP)."""
+        ``lm_loss``, ``aux_loss`` and ``mtp_loss`` (the mean over MTP depths; ``None`` without MTP). With dropout,
+        the masks' MLX key is drawn from torch's global generator, which the training loop checkpoints: a
+        resumed run draws the same masks."""
+        if self.dropout:
+            mx.random.seed(int(torch.randint(0, 2**31 - 1, ())))
         outs, g = self._micro(_to_mx(x), _to_mx(y))
         g = tree_map(lambda a: a / accum, g) if accum > 1 else g
         self._grads = g if self._grads is None else tree_map(mx.add, self._grads, g)

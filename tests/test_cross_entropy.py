@@ -59,3 +59,46 @@ def test_low_precision_loss_is_float32():
     out = linear_cross_entropy(hidden.detach().bfloat16(), weight.detach().bfloat16(), targets)
     assert out.dtype == torch.float32
     assert_close(out, linear_cross_entropy(hidden, weight, targets), torch.bfloat16)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 22, 64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_chunks_are_ragged_and_exact(chunk_size, reduction):
+    """The fused path (scalar reductions): any chunking, float32 on fresh inputs, gradients formed in forward
+    and scaled by the incoming gradient."""
+    torch.manual_seed(chunk_size)
+    hidden = torch.randn(23, 24, requires_grad=True)
+    weight = torch.randn(37, 24, requires_grad=True)
+    targets = torch.randint(0, 37, (23,))
+    targets[3::5] = -100
+    out = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=chunk_size)
+    (out, dh, dw), g = _grads(out, (hidden, weight))
+    ref = F.cross_entropy(hidden @ weight.T, targets, reduction=reduction)
+    dh_ref, dw_ref = torch.autograd.grad(ref, (hidden, weight), g)
+    assert_close(out, ref, torch.float32)
+    assert_close(dh, dh_ref, torch.float32, what="d_hidden")
+    assert_close(dw, dw_ref, torch.float32, what="d_weight")
+
+
+def test_fused_partial_gradients_no_grad_and_bad_shapes():
+    hidden, weight, targets = _inputs()
+    frozen = weight.detach()
+    dh, = torch.autograd.grad(linear_cross_entropy(hidden, frozen, targets), hidden)
+    dh_ref, = torch.autograd.grad(F.cross_entropy(hidden @ frozen.T, targets), hidden)
+    assert_close(dh, dh_ref, torch.float64, what="d_hidden, weight frozen")
+    with torch.no_grad():
+        out = linear_cross_entropy(hidden, weight, targets)
+    assert not out.requires_grad
+    assert_close(out, F.cross_entropy(hidden @ weight.T, targets), torch.float64)
+    with pytest.raises(ValueError, match=r"hidden \(N, H\)"):
+        linear_cross_entropy(hidden, weight[:, :-1], targets)
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(hidden, weight, targets[:-1])
+
+
+def test_fused_under_autocast_stays_float32():
+    """autocast is off inside: the head and softmax run in float32 of the given operands."""
+    hidden, weight, targets = (t.float() if t.is_floating_point() else t for t in _inputs())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(hidden, weight, targets)
+    assert_close(out, F.cross_entropy(hidden @ weight.T, targets), torch.float32)

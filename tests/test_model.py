@@ -121,6 +121,26 @@ def test_all_labels_ignored_gives_zero_loss_and_zero_grads(attention_type):
         assert torch.equal(p.grad, torch.zeros_like(p)), f"{name}: nonzero grad"
 
 
+def test_hidden_dropout_only_in_training():
+    """Residual dropout: train-mode outputs change with the mask, eval mode equals the same weights without
+    dropout; the gradient flows through the kept units only. An out-of-range probability is refused."""
+    model = _model("mla", hidden_dropout=0.5)
+    plain = _model("mla")
+    plain.load_state_dict(model.state_dict())
+    ids = rand_ids(model.config, 2, 9)
+    model.eval()
+    assert torch.equal(model(ids), plain.eval()(ids))
+    model.train()
+    torch.manual_seed(0)
+    a = model(ids)
+    b = model(ids)
+    torch.manual_seed(0)
+    assert not torch.equal(a, b) and torch.equal(a, model(ids))  # a new mask per call, drawn from torch's RNG
+    assert rel_err(a, plain.train()(ids)) > 1e-2
+    with pytest.raises(ValueError, match="hidden_dropout"):
+        make_config("mla", hidden_dropout=1.0)
+
+
 def test_mtp_loss_divided_by_its_own_count():
     model = _model("mla", num_nextn_predict_layers=2)
     c = model.config

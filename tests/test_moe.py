@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference.moe import DeepSeekMoE, Experts, MoE
+from reference.moe import DeepSeekMoE, Experts, MoE, _grouped_mm_applies
 from reference.swiglu import MLP, swiglu
 from tests.reference_utils import (
     expert_ffn,
@@ -217,6 +217,33 @@ def test_experts_equal_naive_loop_float64(n_tok, k):
     exp = torch.autograd.grad(ref, params, g)
     for name, a, b in zip(["x", "w", "gate", "up", "down"], got, exp, strict=True):
         assert_close(a, b, torch.float64, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("hidden, inter, applies", [(16, 12, True), (12, 20, True), (10, 6, False)])
+def test_grouped_mm_path_equals_float64_loop(hidden, inter, applies):
+    """float32 experts take `F.grouped_mm` when every row is 16-byte aligned (else the per-expert loop): both
+    equal the float64 loop on fresh inputs, with one expert left empty (its gradient exactly 0)."""
+    torch.manual_seed(hidden + inter)
+    experts = randomize_(Experts(5, hidden, inter))
+    x = torch.randn(11, hidden, requires_grad=True)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(11)])  # expert 4 gets no token
+    w = torch.rand(11, 2, requires_grad=True)
+    assert _grouped_mm_applies(x, experts.gate_proj) == applies
+    y = experts(x, idx, w)
+    ref_experts = Experts(5, hidden, inter).double()
+    ref_experts.load_state_dict(experts.state_dict())
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = naive_experts(ref_experts, x64, idx, w64)
+    assert_close(y, ref, torch.float32)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, w, experts.gate_proj, experts.up_proj, experts.down_proj], g)
+    exp = torch.autograd.grad(ref, [x64, w64, ref_experts.gate_proj, ref_experts.up_proj, ref_experts.down_proj],
+                              g.double())
+    for name, a, b in zip(["x", "w", "gate", "up", "down"], got, exp, strict=True):
+        assert_close(a, b, torch.float32, what=f"grad {name}")
+    assert all(torch.equal(p[4], torch.zeros_like(p[4])) for p in got[2:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _grouped_mm_applies(x, experts.gate_proj)  # autocast casts the loop's matmuls, not grouped_mm
 
 
 def test_gradcheck_experts():

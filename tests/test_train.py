@@ -118,8 +118,10 @@ def test_loss_falls_and_outputs_are_written(data_dir, tmp_path):
     assert any(b.abs().sum() > 0 for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
 
 
-def test_resume_is_exact(data_dir, tmp_path):
-    kw = dict(max_steps=12, eval_every=4, warmup_steps=3)
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["plain", "dropout"])
+def test_resume_is_exact(data_dir, tmp_path, dropout):
+    kw = dict(max_steps=12, eval_every=4, warmup_steps=3,
+              model_overrides={**MICRO_MODEL, "hidden_dropout": dropout})  # dropout masks come from the saved RNG
     micro_train(data_dir, tmp_path / "a", **kw)
 
     def ctrl_c_at_6(rec):

@@ -61,6 +61,23 @@ def test_logits_loss_and_grads_match_reference(case):
     print(f"\n[mlx] {case}: logits rel err {err:.1e}, worst per-parameter grad rel err {worst:.1e}")
 
 
+def test_hidden_dropout_only_in_training():
+    """Residual dropout as the reference: eval mode equals the reference; train mode draws a new mask per call
+    from MLX's key (reproducible under ``mx.random.seed``) and about ``p`` of a sublayer's units are dropped."""
+    ref, model = model_pair(make_config("mla", hidden_dropout=0.5))
+    ids = torch.randint(0, ref.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert_close(to_torch(model(to_mx(ids))), ref(ids), what="eval logits with hidden_dropout")
+    model.train()
+    mx.random.seed(3)
+    a = to_torch(model(to_mx(ids)))
+    b = to_torch(model(to_mx(ids)))
+    mx.random.seed(3)
+    assert not torch.equal(a, b) and torch.equal(a, to_torch(model(to_mx(ids))))
+    y = to_torch(model.model.layers[0].dropout(mx.ones((64, 64))))
+    assert abs(float((y == 0).float().mean()) - 0.5) < 0.05 and set(y.unique().tolist()) == {0.0, 2.0}
+
+
 def test_loss_parts_and_counts():
     ref, model = model_pair(_config("mla_deepseek_mtp2_aux"), train=True)
     ids = torch.randint(0, 97, (2, 9))
