@@ -149,7 +149,7 @@ def _run_train(args) -> int:
         keep_last=args.keep_last, save_every=args.save_every, overwrite=args.overwrite, verbose=not args.quiet,
         time_budget_s=args.time_budget, **{f: getattr(args, f) for f in fields},
     )
-    note = " (stopped by --time-budget; continue with --resume)" if s["stopped"] == "time_budget" else ""
+    note = " (stopped by the time budget; continue with --resume)" if s["stopped"] == "time_budget" else ""
     print(f"steps {s['steps']}{note}, {s['tokens']:,} tokens, {s['tokens_per_s']:,.0f} tokens/s, "
           f"{s['elapsed_s']:.1f} s, backend {s['backend']} on {s['device']}")
     print(f"val loss {s['val_loss']:.4f} nats/token, perplexity {s['val_ppl']:.2f}")

@@ -162,9 +162,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def compiled_loss(model: nn.Module) -> Callable:
-    """``torch.compile(model.loss)``. Dynamo's recompile limits are raised: the expert grouped matmul is a
-    graph break (its segment sizes depend on the routing), so each decoder-layer type (dense, MoE, MTP) is
-    compiled on its own, more variants than the default limit of 8 allows."""
+    """``torch.compile(model.loss)``. On CPU the experts run through ``F.grouped_mm`` and the whole forward is one
+    graph (the input check and the valid-token count stay outside it). Where the per-expert loop runs instead
+    (CUDA, float64, autocast) it is a graph break with routing-dependent segment sizes, so each decoder-layer
+    type is compiled on its own, more variants than Dynamo's default limit of 8 allows: the limits are raised."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -259,8 +260,11 @@ class TorchTrainer:
         return self.opt.state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
-        """Load an optimizer ``state_dict`` (``ValueError`` / ``KeyError`` when it does not fit this model)."""
+        """Load an optimizer ``state_dict`` (``ValueError`` / ``KeyError`` when it does not fit this model). The
+        implementation choice (fused or not) stays this optimizer's: the saved groups carry the writer's."""
         self.opt.load_state_dict(sd)
+        for g in self.opt.param_groups:
+            g["fused"] = self.opt.defaults.get("fused")
 
 
 def make_trainer(be: Backend, cfg: ModelConfig, tc: dict, ckpt: Path | None, compile: bool | str):

@@ -152,8 +152,8 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 def load_model(cls, path, device=None, dtype=None):
     """Build ``cls(config)`` from ``path``/config.json and load its weights (strictly: every parameter
-    present with the right shape). Raises ``FileNotFoundError`` / ``ValueError`` naming missing, unexpected or
-    mis-shaped tensors."""
+    present with the right shape), in eval mode. Raises ``FileNotFoundError`` / ``ValueError`` naming missing,
+    unexpected or mis-shaped tensors."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
@@ -177,7 +177,7 @@ def load_model(cls, path, device=None, dtype=None):
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
-    return model
+    return model.eval()  # as transformers' from_pretrained: inference mode (no dropout, no MoE load counting)
 
 
 def save_model(model, path, tokenizer_file=None) -> None:

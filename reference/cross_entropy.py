@@ -9,7 +9,8 @@ way Liger-Kernel's fused linear cross-entropy works: each chunk's logits are for
 turned in place into their gradient ``softmax - onehot``, which is multiplied into the gradients of ``hidden``
 and ``weight`` at once (the loss is the last op of the graph, so backward only scales them by the incoming
 scalar). The (N, V) logits and their (N, V) softmax never exist whole, and backward needs no second pass over
-them. "none" (a per-token gradient) takes the direct formula through autograd. Both are checked against
+them (so it is differentiable once: no double backward). "none" (a per-token gradient) takes the direct
+formula through autograd. Both are checked against
 `F.cross_entropy` on the full logits (tests/test_cross_entropy.py); `kernels.triton.cross_entropy` is tested
 against this.
 """
@@ -32,7 +33,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     float or None. Returns the loss in at least float32: (N,) for "none" (0 at ignored tokens), else a scalar:
     the weighted sum, or for "mean" that sum / sum of the non-ignored tokens' weights. ``chunk_size``: rows per
     chunk of the fused path (default: about 8 MiB of float32 logits per chunk). Gradients flow to ``hidden``
-    and ``weight`` (not to ``token_weights``). Raises ValueError for an unknown reduction or mismatched shapes.
+    and ``weight`` (not to ``token_weights``); under ``no_grad`` none are formed. Raises ValueError for an unknown
+    reduction, a non-positive ``chunk_size`` or mismatched shapes.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -40,7 +42,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"expected hidden (N, H), weight (V, H), targets (N,); got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
     if token_weights is not None:
+        if token_weights.shape != targets.shape:
+            raise ValueError(f"token_weights: expected shape {tuple(targets.shape)} like targets, "
+                             f"got {tuple(token_weights.shape)}")
         token_weights = token_weights.detach()
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if reduction == "none":
         with torch.autocast(hidden.device.type, enabled=False):
             logits = at_least_fp32(hidden) @ at_least_fp32(weight).T
@@ -51,7 +58,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_size is None:
         chunk_size = max(16, (1 << 21) // max(1, weight.shape[0]))
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, token_weights, ignore_index,
-                                          reduction == "mean", chunk_size)
+                                          reduction == "mean", chunk_size, torch.is_grad_enabled())
 
 
 def _weights(valid: torch.Tensor, token_weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -65,8 +72,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """The scalar reductions, fused and chunked; gradients are formed in forward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, ignore_index, mean, chunk_size):
-        need = ctx.needs_input_grad
+    def forward(ctx, hidden, weight, targets, token_weights, ignore_index, mean, chunk_size, grad_enabled):
+        need = [grad_enabled and n for n in ctx.needs_input_grad[:2]]  # needs_input_grad ignores no_grad
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = at_least_fp32(hidden), at_least_fp32(weight)
             valid = targets != ignore_index
@@ -98,8 +105,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved gradients are constants: no double backward
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         dh = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
         dw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None

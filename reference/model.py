@@ -250,8 +250,9 @@ class Model(nn.Module):
         """Mean cross-entropy of the output head on ``h`` (B, T, hidden) against ``targets`` (B, T) int64
         (-100 ignored; 0 with gradient 0 when none is valid): `masked_cross_entropy` of ``lm_head(h)``, fused
         with the head and chunked (`reference.cross_entropy.linear_cross_entropy`), so training never holds
-        the (B, T, vocab) logits. Under autocast the head's operands are cast to the autocast dtype, as
-        ``lm_head`` would be; the softmax runs in float32."""
+        the (B, T, vocab) logits. Under autocast the head's operands are rounded to the autocast dtype, as
+        ``lm_head``'s would be; the reference then multiplies them and takes the softmax in float32 (``forward``
+        returns the autocast dtype's logits)."""
         flat, weight = h.reshape(-1, h.shape[-1]), self.lm_head.weight
         if torch.is_autocast_enabled(h.device.type):
             dtype = torch.get_autocast_dtype(h.device.type)

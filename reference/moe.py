@@ -47,7 +47,7 @@ class Experts(nn.Module):
         flat = topk_idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = expert_counts(flat, self.num_experts)
         ys = self.grouped_swiglu(x.index_select(0, token), counts)
         ys = ys * topk_weight.reshape(-1)[order, None].to(ys.dtype)
         return x.new_zeros(n, x.shape[1]).index_add(0, token, ys.to(x.dtype))  # autocast: ys may be bf16
@@ -77,6 +77,13 @@ class Experts(nn.Module):
             if counts[e]:
                 outs.append(swiglu(seg @ gate[e].t(), seg @ up[e].t()) @ down[e].t())
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+
+
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert: (E,) int64 counts of the expert ids ``ids`` (any shape, values in [0, E)). A
+    scatter-add rather than ``torch.bincount``, whose data-dependent output size breaks ``torch.compile`` graphs."""
+    flat = ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def _grouped_mm_applies(xs: torch.Tensor, w: torch.Tensor) -> bool:
@@ -165,7 +172,7 @@ class DeepSeekMoE(nn.Module):
         self.aux_loss = None
         if self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(topk_idx.reshape(-1), minlength=self.n_routed).to(self.expert_load)
+                self.expert_load += expert_counts(topk_idx.reshape(-1), self.n_routed).to(self.expert_load)
             if self.alpha > 0:
                 self.aux_loss = self.sequence_balance_loss(scores.view(b, t, -1), topk_idx.view(b, t, -1))
         return y
@@ -216,6 +223,6 @@ class MoE(nn.Module):
         y = self.experts(flat, idx, w).view(b, t, h)
         self.aux_loss = None
         if self.training and self.alpha > 0:
-            f = torch.bincount(idx.reshape(-1), minlength=self.n_routed).float() / idx.numel()
+            f = expert_counts(idx.reshape(-1), self.n_routed).float() / idx.numel()
             self.aux_loss = self.alpha * self.n_routed * (f * probs.mean(0)).sum()
         return y

@@ -103,6 +103,7 @@ def load_model(cls, path, dtype: mx.Dtype | None = None):
     if dtype is not None:
         model.set_dtype(dtype)
     mx.eval(model.parameters())
+    model.eval()  # as transformers' from_pretrained: inference mode (no dropout)
     return model
 
 

@@ -90,6 +90,13 @@ def test_fused_partial_gradients_no_grad_and_bad_shapes():
         linear_cross_entropy(hidden, weight[:, :-1], targets)
     with pytest.raises(ValueError, match="targets"):
         linear_cross_entropy(hidden, weight, targets[:-1])
+    with pytest.raises(ValueError, match="token_weights"):
+        linear_cross_entropy(hidden, weight, targets, token_weights=torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(hidden, weight, targets, chunk_size=0)
+    dh, = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|does not require grad"):
+        dh.sum().backward()  # gradients formed in forward: differentiable once, and it says so
 
 
 def test_fused_under_autocast_stays_float32():

@@ -305,7 +305,8 @@ def test_save_load_round_trip(tmp_path, attention_type, kw):
     assert set(os.listdir(ckpt)) == expected
     assert os.listdir(tmp_path) == ["ckpt"], "temporary directory left behind"
 
-    loaded = Model.from_pretrained(ckpt).eval()
+    loaded = Model.from_pretrained(ckpt)
+    assert not loaded.training  # as transformers: loaded for inference (no dropout, no load counting)
     _assert_same_state(model, loaded)
     ids = rand_ids(model.config, 3, 7)
     assert torch.equal(loaded(ids), model(ids))

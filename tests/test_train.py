@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from dsfs import checkpointing, cli, data
 from dsfs.checkpointing import CheckpointError
 from dsfs.data import DataError
-from dsfs.train import BackendError, lr_at, make_optimizer, param_groups, resolve_backend, train
-from reference import Model
+from dsfs.train import BackendError, TorchTrainer, lr_at, make_optimizer, param_groups, resolve_backend, train
+from reference import Model, ModelConfig
 
 MICRO_MODEL = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, moe_intermediate_size=32,
@@ -185,6 +185,21 @@ def _micro_model(vocab=300) -> Model:
     from reference import ModelConfig
 
     return Model(ModelConfig(vocab_size=vocab, **MICRO_MODEL))
+
+
+def test_resumed_optimizer_keeps_its_fused_implementation():
+    """The saved param groups carry the writer's choice (an MLX run's groups are never fused): loading them keeps
+    this process's fused AdamW, and the moments come through."""
+    model = Model(ModelConfig(vocab_size=300, **MICRO_MODEL))
+    plain = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=False)
+    model.loss(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)).loss.backward()
+    plain.step()
+    trainer = TorchTrainer(model, torch.device("cpu"), 1e-3, 0.1, 1.0, 0.3, compile=False)
+    assert all(g["fused"] for g in trainer.opt.param_groups)
+    trainer.load_state_dict(plain.state_dict())
+    assert all(g["fused"] for g in trainer.opt.param_groups)
+    p = model.lm_head.weight
+    assert torch.equal(trainer.opt.state[p]["exp_avg"], plain.state[p]["exp_avg"])
 
 
 def test_checkpoint_save_is_atomic_and_prunes(tmp_path, monkeypatch):
