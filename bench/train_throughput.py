@@ -101,7 +101,8 @@ def interleaved(steppers: dict, data, warmup: int, rounds: int) -> tuple[dict, d
         for x, y in data[:warmup]:
             step(x, y)
     timed = data[warmup:]
-    per = max(1, len(timed) // rounds)
+    rounds = max(1, min(rounds, len(timed)))  # no empty round (its time would be 0)
+    per = len(timed) // rounds
     names = list(steppers)
     times = {n: [] for n in names}
     for r in range(rounds):
@@ -146,7 +147,7 @@ def main(argv=None):
     steppers = {name: make() for name, make in rows}
     results, times = interleaved(steppers, data, args.warmup, args.rounds)
     base = rows[0][0]
-    print(f"{args.rounds} rounds of {args.steps // args.rounds} steps per model, interleaved "
+    print(f"{len(times[base])} rounds of {args.steps // len(times[base])} steps per model, interleaved "
           f"({time.perf_counter() - t0:.0f} s in all)\n")
     print(f"{'model':45s} {'tokens/s':>9s}  {'ratio':>6s}  {'per-round ratio, min..max':>25s}")
     for name, tps in results.items():

@@ -142,7 +142,7 @@ class MLXTrainer:
             return norm
 
         micro = nn.value_and_grad(model, loss_fn)
-        self.dropout = model.config.hidden_dropout > 0
+        self._reseed = model.config.hidden_dropout > 0  # dropout masks: a fresh MLX key per micro-step
         if compile:
             state = [model.state, self.opt.state, mx.random.state]  # the random state: dropout masks
             micro = mx.compile(micro, inputs=state, outputs=state)
@@ -162,7 +162,7 @@ class MLXTrainer:
         ``lm_loss``, ``aux_loss`` and ``mtp_loss`` (the mean over MTP depths; ``None`` without MTP). With dropout,
         the masks' MLX key is drawn from torch's global generator, which the training loop checkpoints: a
         resumed run draws the same masks."""
-        if self.dropout:
+        if self._reseed:
             mx.random.seed(int(torch.randint(0, 2**31 - 1, ())))
         outs, g = self._micro(_to_mx(x), _to_mx(y))
         g = tree_map(lambda a: a / accum, g) if accum > 1 else g
