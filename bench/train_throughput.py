@@ -3,10 +3,11 @@
 Both models get the same configuration (``--shape tiny``: the model `uv run dsfs train` trains by default;
 ``--shape issue``: hidden 256, 4 layers, MLA, 8 routed experts top-2 + 1 shared, the first layer dense; vocab
 4096 in both), the same batches (16 x 256 tokens of the prepared TinyStories sample, or random tokens) and the
-same optimizer (AdamW lr 2e-3, PyTorch's fused implementation, as `dsfs train` uses), and train the same number
-of steps. The reference is compiled as `dsfs train` does it (`dsfs.train.compiled_loss`); warm-up steps absorb the
-compilation. MTP is off for the like-for-like comparison (transformers does not train MTP); the reference with
-MTP depth 1 is timed as well.
+same optimizer, and train the same number of steps. ``--optimizer adamw`` (default): AdamW lr 2e-3, PyTorch's
+fused implementation; ``--optimizer muon``: `reference.muon.Muon` (what `dsfs train` uses for the tiny preset) on
+the hidden matrices of both models, AdamW on embeddings, LM head, routers and vectors. The reference is compiled
+as `dsfs train` does it (`dsfs.train.compiled_loss`); warm-up steps absorb the compilation. MTP is off for the
+like-for-like comparison (transformers does not train MTP); the reference with MTP depth 1 is timed as well.
 
 The models train interleaved: the timed steps are cut into rounds and every model runs each round in turn, so a
 change in the machine's load (runs here spread by +-15% from one minute to the next) falls on all of them alike.
@@ -14,6 +15,7 @@ Besides each model's tokens/s over all rounds, the table gives the range of its 
 
     uv run python bench/train_throughput.py                 # prints the table, writes bench/results/*.json
     uv run python bench/train_throughput.py --shape issue
+    uv run python bench/train_throughput.py --optimizer muon
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from dsfs.presets import MODEL_PRESETS
 from dsfs.train import compiled_loss
 from reference import Model, ModelConfig
+from reference.muon import Muon
 
 SHAPES = {
     # the model `uv run dsfs train` trains by default (MTP set per row below)
@@ -42,6 +45,20 @@ SHAPES = {
                   n_group=1, topk_group=1, routed_scaling_factor=1.0),
 }
 SHAPE = dict(SHAPES["tiny"])  # the shape being timed (main sets it from --shape)
+OPTIMIZER = ["adamw"]  # the optimizer of every model (main sets it from --optimizer)
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``OPTIMIZER[0]`` at lr 2e-3 over ``model``: fused AdamW on everything, or Muon on the matrices other than
+    embeddings, LM head and routers (found by name, the same in both models: ``embed_tokens``, ``lm_head``,
+    ``mlp.gate.weight``) with fused AdamW on those and on vectors."""
+    if OPTIMIZER[0] == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
+    muon, adam = [], []
+    for name, p in model.named_parameters():
+        aux = p.ndim < 2 or "embed_tokens" in name or "lm_head" in name or name.endswith("mlp.gate.weight")
+        (adam if aux else muon).append(p)
+    return Muon([{"params": muon}, {"params": adam, "use_muon": False}], lr=2e-3, fused=True)
 
 
 def batches(n: int, b: int, t: int, seed: int = 0):
@@ -60,7 +77,7 @@ def batches(n: int, b: int, t: int, seed: int = 0):
 def reference_step(mtp: int, compile: bool):
     torch.manual_seed(0)
     model = Model(ModelConfig(**{**SHAPE, "num_nextn_predict_layers": mtp})).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
+    opt = make_optimizer(model)
     loss_fn = compiled_loss(model) if compile else model.loss
 
     def step(x, y):
@@ -80,7 +97,7 @@ def transformers_step(compile: bool):
     cfg = DeepseekV3Config(**{**SHAPE, "num_nextn_predict_layers": 0, "num_mtp_layers": 0},
                            num_key_value_heads=SHAPE["num_attention_heads"], rope_interleave=True)
     model = DeepseekV3ForCausalLM(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
+    opt = make_optimizer(model)
     fwd = torch.compile(model) if compile else model
 
     def step(x, y):
@@ -125,6 +142,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
                    help="tiny: the default dsfs train model; issue: hidden 256 as issue 3's transformers example")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw", help="the optimizer of every model")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--out", default=None, help="JSON results (default: bench/results/train_throughput_<shape>.json)")
@@ -132,6 +150,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     SHAPE.clear()
     SHAPE.update(SHAPES[args.shape])
+    OPTIMIZER[0] = args.optimizer
     data = batches(args.warmup + args.steps, args.batch_size, args.seq_len)
     rows = [
         ("transformers DeepseekV3ForCausalLM (eager)", lambda: transformers_step(False)),
@@ -153,7 +172,9 @@ def main(argv=None):
     for name, tps in results.items():
         per_round = sorted(b / a for a, b in zip(times[name], times[base], strict=True))
         print(f"{name:45s} {tps:9.0f}  {tps / results[base]:5.2f}x  {per_round[0]:11.2f}x .. {per_round[-1]:.2f}x")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"train_throughput_{args.shape}.json")
+    suffix = "" if args.optimizer == "adamw" else f"_{args.optimizer}"
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"train_throughput_{args.shape}{suffix}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"tokens_per_s": results, "round_times_s": times, "args": vars(args), "torch": torch.__version__,

@@ -119,9 +119,11 @@ def add_train(sub) -> None:
         ("min-lr-ratio", float, "final lr / peak lr"), ("warmup-steps", int, "linear warmup steps"),
         ("grad-accum", int, "micro-batches per step"), ("eval-every", int, "steps between evaluations"),
         ("eval-batches", int, "validation batches per evaluation"), ("mtp-weight", float, "MTP loss weight"),
-        ("weight-decay", float, "AdamW decoupled decay on matrices"), ("grad-clip", float, "max grad norm (0: off)"),
+        ("weight-decay", float, "decoupled decay on matrices"), ("grad-clip", float, "max grad norm (0: off)"),
     ]:
         g.add_argument(f"--{name}", type=typ, metavar="X", help=help_)
+    g.add_argument("--optimizer", choices=["adamw", "muon"], help="adamw, or muon: Muon on the hidden matrices "
+                   "with AdamW on embeddings, head, routers and norms (Moonlight)")
     g.add_argument("--time-budget", type=float, metavar="S", help="stop after S seconds of training, evaluate, "
                    "checkpoint and write final/ (resume later with --resume)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice; "
@@ -142,7 +144,7 @@ def _run_train(args) -> int:
             raise DataError(f"--threads {args.threads}: expected >= 1")
         torch.set_num_threads(args.threads)
     fields = ("max_steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "grad_accum",
-              "eval_every", "eval_batches", "mtp_weight", "weight_decay", "grad_clip")
+              "eval_every", "eval_batches", "mtp_weight", "weight_decay", "grad_clip", "optimizer")
     s = train(
         args.preset, args.data, args.out, resume=args.resume, backend=args.backend, seed=args.seed,
         compile={"auto": "auto", "on": True, "off": False}[args.compile],

@@ -37,11 +37,11 @@ TRAIN_PRESETS: dict[str, dict] = {
     # at ~6,600 tokens/s compiled). The time budget caps a slow machine's run at 9 min 10 s of training.
     "tiny": dict(batch_size=8, seq_len=256, lr=4e-3, min_lr_ratio=0.1, warmup_steps=60, max_steps=1600,
                  time_budget_s=550, weight_decay=0.1, grad_clip=1.0, grad_accum=1, eval_every=100,
-                 eval_batches=12, mtp_weight=0.3),
+                 eval_batches=12, mtp_weight=0.3, optimizer="muon"),
     "small": dict(batch_size=32, seq_len=512, lr=1e-3, min_lr_ratio=0.1, warmup_steps=200, max_steps=5000,
                   time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=1, eval_every=250,
-                  eval_batches=32, mtp_weight=0.3),
+                  eval_batches=32, mtp_weight=0.3, optimizer="adamw"),
     "base": dict(batch_size=32, seq_len=1024, lr=6e-4, min_lr_ratio=0.1, warmup_steps=500, max_steps=20000,
                  time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=4, eval_every=500,
-                 eval_batches=32, mtp_weight=0.3),
+                 eval_batches=32, mtp_weight=0.3, optimizer="adamw"),
 }

@@ -58,6 +58,7 @@ from dsfs.data import DataError
 from dsfs.generate import autocast, eval_starts
 from dsfs.presets import MODEL_PRESETS, TRAIN_PRESETS
 from reference import Model, ModelConfig
+from reference.muon import Muon
 
 TRAIN_FIELDS = tuple(TRAIN_PRESETS["tiny"])
 BETAS = (0.9, 0.95)
@@ -149,16 +150,36 @@ def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio:
     return lo + (lr - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices (parameters with ``ndim >= 2`` other than embeddings, so also stacked
-    expert weights and the router) get ``weight_decay``; norms, biases and embeddings (and an LM head tied to
-    them) get none."""
+OPTIMIZERS = ("adamw", "muon")
+
+
+def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw") -> list[dict]:
+    """The optimizer's parameter groups. ``"adamw"``: two groups, matrices (parameters with ``ndim >= 2`` other
+    than embeddings, so also stacked expert weights and the router) get ``weight_decay``; norms, biases and
+    embeddings (and an LM head tied to them) get none. ``"muon"`` (`reference.muon.Muon`): the hidden matrices
+    (attention and MLP projections, stacked experts, the MTP ``eh_proj``) form a first group with
+    ``use_muon=True``; the LM head and the routers (AdamW with decay) and the no-decay group above stay with
+    AdamW (``use_muon=False``), as in Moonlight (Liu et al. 2025, sec. 2.2). Raises ``ValueError`` for another
+    ``optimizer``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    adam_only = {id(model.lm_head.weight)} | {id(m.gate.weight) for m in model.moe_layers()}
+    muon, decay, no_decay = [], [], []
     for p in model.parameters():  # shared (tied) parameters are listed once
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and id(p) not in emb else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in emb:
+            no_decay.append(p)
+        elif optimizer == "muon" and id(p) not in adam_only:
+            muon.append(p)
+        else:
+            decay.append(p)
+    if optimizer == "adamw":
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": muon, "weight_decay": weight_decay, "use_muon": True},
+            {"params": decay, "weight_decay": weight_decay, "use_muon": False},
+            {"params": no_decay, "weight_decay": 0.0, "use_muon": False}]
 
 
 def compiled_loss(model: nn.Module) -> Callable:
@@ -173,14 +194,19 @@ def compiled_loss(model: nn.Module) -> Callable:
     return torch.compile(model.loss)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay on matrices only, betas (0.9, 0.95)) over ``param_groups``; PyTorch's fused
-    implementation (one kernel over all parameters) when they all live on CPU or CUDA."""
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=BETAS, fused=fused or None)
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, optimizer: str = "adamw") -> torch.optim.Optimizer:
+    """The training optimizer over `param_groups` (betas (0.9, 0.95)): ``"adamw"``, ``torch.optim.AdamW`` with
+    decoupled weight decay on matrices only; ``"muon"``, `reference.muon.Muon` (Muon on the hidden matrices,
+    AdamW on the rest, one learning rate). AdamW runs PyTorch's fused implementation (one kernel over all
+    parameters) when they all live on CPU or CUDA. Raises ``ValueError`` for another ``optimizer``."""
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) or None
+    groups = param_groups(model, weight_decay, optimizer)
+    if optimizer == "muon":
+        return Muon(groups, lr=lr, betas=BETAS, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=fused)
 
 
-def optimizer_groups(cfg: ModelConfig, lr: float, weight_decay: float) -> list[dict]:
+def optimizer_groups(cfg: ModelConfig, lr: float, weight_decay: float, optimizer: str = "adamw") -> list[dict]:
     """The reference optimizer's ``state_dict()["param_groups"]`` for a model of ``cfg`` (hyperparameters of
     `make_optimizer`), with the parameters' ``named_parameters`` names in ``params`` in place of their indices:
     what a non-torch backend needs to read and write the optimizer state in the reference's layout. Built on
@@ -188,7 +214,7 @@ def optimizer_groups(cfg: ModelConfig, lr: float, weight_decay: float) -> list[d
     with torch.device("meta"):
         ref = Model(cfg)
     names = {id(p): n for n, p in ref.named_parameters()}
-    opt = make_optimizer(ref, lr, weight_decay)
+    opt = make_optimizer(ref, lr, weight_decay, optimizer)
     return [{**g, "params": [names[id(p)] for p in pg["params"]]}
             for g, pg in zip(opt.state_dict()["param_groups"], opt.param_groups, strict=True)]
 
@@ -199,7 +225,8 @@ def optimizer_groups(cfg: ModelConfig, lr: float, weight_decay: float) -> list[d
 class TorchTrainer:
     """The per-step work of `train` for a torch model with the ``reference.Model`` API.
 
-    ``model`` is moved to ``device`` in train mode; AdamW of `make_optimizer` (``lr``, ``weight_decay``); the loss
+    ``model`` is moved to ``device`` in train mode; the ``optimizer`` of `make_optimizer` (``lr``,
+    ``weight_decay``); the loss
     runs through `compiled_loss` when ``compile``, under bf16 autocast on CUDA; gradients are clipped to
     ``grad_clip`` (0: no clipping); ``mtp_weight`` weighs the MTP loss; the MoE correction biases are updated
     after each optimizer step. ``runtime_mlx.train.MLXTrainer`` has the same interface. Attributes for the
@@ -208,9 +235,9 @@ class TorchTrainer:
     """
 
     def __init__(self, model: nn.Module, device: torch.device, lr: float, weight_decay: float, grad_clip: float,
-                 mtp_weight: float, compile: bool):
+                 mtp_weight: float, compile: bool, optimizer: str = "adamw"):
         self.model, self.device, self.mtp_weight = model.to(device).train(), device, mtp_weight
-        self.opt = make_optimizer(self.model, lr, weight_decay)
+        self.opt = make_optimizer(self.model, lr, weight_decay, optimizer)
         self.loss_fn = compiled_loss(self.model) if compile else self.model.loss
         self.clip = grad_clip if grad_clip > 0 else float("inf")
         self.device_type, self.n_params = device.type, sum(p.numel() for p in self.model.parameters())
@@ -277,12 +304,13 @@ def make_trainer(be: Backend, cfg: ModelConfig, tc: dict, ckpt: Path | None, com
         from runtime_mlx.train import MLXTrainer, from_reference
 
         model = load_model_dir(ckpt, be.model_cls) if ckpt is not None else from_reference(Model(cfg))
-        groups = optimizer_groups(cfg, tc["lr"], tc["weight_decay"])
+        groups = optimizer_groups(cfg, tc["lr"], tc["weight_decay"], tc["optimizer"])
         return MLXTrainer(model, groups, tc["grad_clip"], tc["mtp_weight"], compile=bool(compile))
     if compile == "auto":
         compile = be.device.type in ("cpu", "cuda")
     model = load_model_dir(ckpt, be.model_cls) if ckpt is not None else be.model_cls(cfg)
-    return TorchTrainer(model, be.device, tc["lr"], tc["weight_decay"], tc["grad_clip"], tc["mtp_weight"], compile)
+    return TorchTrainer(model, be.device, tc["lr"], tc["weight_decay"], tc["grad_clip"], tc["mtp_weight"], compile,
+                        tc["optimizer"])
 
 
 def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int) -> np.ndarray:
@@ -305,6 +333,8 @@ def _check_train_config(tc: dict, max_pos: int) -> None:
     for k in ("lr", "weight_decay", "grad_clip", "mtp_weight", "min_lr_ratio"):
         if not isinstance(tc[k], int | float) or not math.isfinite(tc[k]) or tc[k] < 0:
             raise DataError(f"{k}={tc[k]!r}: expected a finite number >= 0")
+    if tc["optimizer"] not in OPTIMIZERS:
+        raise DataError(f"optimizer={tc['optimizer']!r}: expected one of {', '.join(OPTIMIZERS)}")
     if tc["lr"] <= 0:
         raise DataError(f"lr={tc['lr']}: expected > 0")
     if tc["time_budget_s"] is not None and tc["time_budget_s"] < 0:
@@ -432,7 +462,8 @@ def train(
     ``overwrite`` (which deletes its checkpoints, final model and metrics). ``overrides``: values for the
     ``TRAIN_PRESETS`` fields (``batch_size``, ``seq_len``, ``lr``, ``min_lr_ratio``, ``warmup_steps``,
     ``max_steps``, ``time_budget_s``, ``weight_decay``, ``grad_clip``, ``grad_accum``, ``eval_every``,
-    ``eval_batches``, ``mtp_weight``); ``None`` values are ignored. On resume the checkpoint's training
+    ``eval_batches``, ``mtp_weight``, ``optimizer``: ``"adamw"`` or ``"muon"``, see `make_optimizer`); ``None``
+    values are ignored. On resume the checkpoint's training
     config is the base instead of the preset. ``model_overrides``: ``ModelConfig`` fields over the preset's
     (tests use a micro model; default on resume: the checkpoint's). ``vocab_size`` and bos/eos/pad ids always
     come from the data's meta.json.
@@ -504,7 +535,11 @@ def train(
     tokenizer_file = data_dir / meta.get("tokenizer", "tokenizer.json")
 
     # ---- configs
-    tc = dict(state["train_config"] if state is not None else TRAIN_PRESETS[preset])
+    # checkpoints written before the optimizer became a field were AdamW runs
+    tc = dict({"optimizer": "adamw", **state["train_config"]} if state is not None else TRAIN_PRESETS[preset])
+    if state is not None and overrides.get("optimizer") not in (None, tc["optimizer"]):
+        raise CheckpointError(f"{ckpt} was trained with optimizer {tc['optimizer']}; it cannot continue with "
+                              f"{overrides['optimizer']} (its optimizer state is {tc['optimizer']}'s)")
     tc.update({k: v for k, v in overrides.items() if v is not None})
     cfg = model_config(preset, meta, model_overrides)
     _check_train_config(tc, cfg.max_position_embeddings)

@@ -43,18 +43,20 @@ def to_hf_names(weights: dict, cfg: ModelConfig, unstack: Callable, copy: Callab
     """Our parameter names -> (main, mtp) dicts of Hugging Face names; the arrays are not touched.
 
     ``weights``: our names (``state_dict`` names, with the MoE correction biases) -> arrays of any library;
-    ``rotary.*`` buffers and a tied ``lm_head.weight`` are dropped. Stacked experts
+    ``rotary.*`` buffers are dropped. A tied head is written as ``lm_head.weight``, ``copy(a)`` of the embedding:
+    transformers ties it again from ``tie_word_embeddings``, and mlx_lm's deepseek_v3, which always has an
+    ``lm_head``, finds its weight. Stacked experts
     ``...mlp.experts.{gate,up,down}_proj`` (E, ...) become ``...mlp.experts.{e}.{proj}.weight`` through
     ``unstack(a)`` (a sequence of E arrays); ``mtp.{k}.*`` become ``model.layers.{num_hidden_layers + k}.*``,
     each MTP layer with ``copy(a)`` of the embedding and the head (the embedding when tied), as the released
     DeepSeek-V3 weights. Raises ``KeyError`` when ``weights`` lacks ``model.embed_tokens.weight`` (or an untied
-    ``lm_head.weight``) and the config has MTP layers.
+    ``lm_head.weight``) and the config has MTP layers or a tied head.
     """
     n = cfg.num_hidden_layers
     main, mtp = {}, {}
     for name, a in weights.items():
         if name.startswith("rotary.") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
-            continue
+            continue  # the tied head is added below, as a copy
         out = main
         m = _MTP_RE.match(name)
         if m:
@@ -65,6 +67,8 @@ def to_hf_names(weights: dict, cfg: ModelConfig, unstack: Callable, copy: Callab
                 out[f"{base}.{e}.{proj}.weight"] = w
         else:
             out[name] = a
+    if cfg.tie_word_embeddings:
+        main["lm_head.weight"] = copy(weights["model.embed_tokens.weight"])
     for k in range(cfg.num_nextn_predict_layers):
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         mtp[f"model.layers.{n + k}.embed_tokens.weight"] = copy(weights["model.embed_tokens.weight"])

@@ -1,15 +1,16 @@
 """The MLX backend of ``dsfs train --backend mlx``: `MLXTrainer`, the per-step work that the one training loop
 (`dsfs.train.train`: schedule, batches, accumulation sums, evaluation cadence, metrics, checkpoints, resume) drives.
 
-AdamW as the reference's (betas, eps and weight decay of each of its parameter groups: decoupled decay on matrices
-only, none on norms, biases, embeddings; bias-corrected) through ``mlx.optimizers.MultiOptimizer``,
+The reference's optimizer, group by group, through ``mlx.optimizers.MultiOptimizer``: AdamW (betas, eps and weight
+decay of each parameter group: decoupled decay on matrices only, none on norms, biases, embeddings;
+bias-corrected), and for ``--optimizer muon`` `runtime_mlx.muon.Muon` on the hidden matrices,
 ``optim.clip_grad_norm``, the MTP loss weight, and the auxiliary-loss-free MoE bias update applied eagerly after
 each optimizer step (the loads come out of the compiled micro-step). The micro-step (``nn.value_and_grad`` of
 `runtime_mlx.Model.loss`) and the update are each one ``mx.compile``d function: every shape in the model is static
 (the experts' ``gather_mm`` runs over all N*K token copies), so the MoE compiles without graph breaks.
 
 Carries over between backends (a run started with one continues with the other): the optimizer state goes to and
-from the layout of ``torch.optim.AdamW.state_dict()`` of the reference's optimizer (moments, step, groups; the
+from the layout of the reference optimizer's ``state_dict()`` (moments, step, groups; the
 caller passes that optimizer's groups), and a fresh run starts from the reference model's initial weights
 (`from_reference`); weights go through the Hugging Face checkpoint (`runtime_mlx.Model.save_pretrained`).
 
@@ -35,6 +36,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from . import kernels
 from .checkpoint import load_torch_state_dict
 from .model import Model
+from .muon import Muon
 
 BLAS_NOTE = ("note: MLX's Linux CPU wheel links a slow reference BLAS; about 20x faster with OpenBLAS: apt-get install "
              "libopenblas0-pthread, then LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 dsfs train ...")
@@ -50,30 +52,39 @@ def from_reference(ref: torch.nn.Module) -> Model:
     return model
 
 
+def _group_optimizer(g: dict) -> optim.Optimizer:
+    if g.get("use_muon"):
+        return Muon(learning_rate=g["lr"], momentum=g["momentum"], weight_decay=g["weight_decay"],
+                    nesterov=g["nesterov"], ns_steps=g["ns_steps"])
+    return optim.AdamW(learning_rate=g["lr"], betas=list(g["betas"]), eps=g["eps"], weight_decay=g["weight_decay"],
+                       bias_correction=True)
+
+
 def make_mlx_optimizer(groups: list[dict]) -> optim.MultiOptimizer:
-    """One bias-corrected MLX AdamW per parameter group of the reference optimizer, with its ``lr``, ``betas``,
-    ``eps`` and ``weight_decay``. ``groups``: ``torch.optim.AdamW.state_dict()["param_groups"]`` with parameter
-    names (the reference's ``named_parameters`` names, which are this model's) in place of indices in ``params``;
-    a parameter named by no group but the last goes to the last."""
-    opts = [optim.AdamW(learning_rate=g["lr"], betas=list(g["betas"]), eps=g["eps"], weight_decay=g["weight_decay"],
-                        bias_correction=True) for g in groups]
+    """One MLX optimizer per parameter group of the reference optimizer: bias-corrected AdamW with the group's
+    ``lr``, ``betas``, ``eps`` and ``weight_decay``, or, for a ``use_muon`` group of `reference.muon.Muon`,
+    `runtime_mlx.muon.Muon` with its ``momentum``, ``nesterov``, ``ns_steps`` and ``weight_decay``. ``groups``:
+    the reference optimizer's ``state_dict()["param_groups"]`` with parameter names (the reference's
+    ``named_parameters`` names, which are this model's) in place of indices in ``params``; a parameter named
+    by no group but the last goes to the last."""
     filters = [lambda path, a, names=frozenset(g["params"]): path in names for g in groups[:-1]]
-    return optim.MultiOptimizer(opts, filters=filters)
+    return optim.MultiOptimizer([_group_optimizer(g) for g in groups], filters=filters)
 
 
 def optimizer_state_to_torch(opt: optim.MultiOptimizer, groups: list[dict]) -> dict:
-    """The MLX AdamW state as the reference's ``torch.optim.AdamW.state_dict()``: ``param_groups`` are ``groups``
+    """The MLX optimizer state as the reference optimizer's ``state_dict()``: ``param_groups`` are ``groups``
     (see `make_mlx_optimizer`) with indices numbered across groups in place of names; ``state`` has one entry
-    (``step`` float32 scalar, ``exp_avg``, ``exp_avg_sq`` float32 tensors) per index whose parameter has moments."""
-    flat = {}
-    for o in opt.optimizers:
-        flat.update(tree_flatten(o.state))
-    step = float(opt.optimizers[0].state["step"].item())
+    per index whose parameter has state: AdamW's ``step`` (float32 scalar), ``exp_avg`` and ``exp_avg_sq``, or
+    Muon's ``momentum_buffer`` (float32 tensors)."""
     state, param_groups, i = {}, [], 0
-    for g in groups:
+    for g, o in zip(groups, opt.optimizers, strict=True):
+        flat = dict(tree_flatten(o.state))
+        step = float(o.state["step"].item())
         param_groups.append({**g, "params": list(range(i, i + len(g["params"])))})
         for n in g["params"]:
-            if f"{n}.m" in flat:
+            if f"{n}.momentum_buffer" in flat:
+                state[i] = {"momentum_buffer": torch.from_numpy(np.array(flat[f"{n}.momentum_buffer"]))}
+            elif f"{n}.m" in flat:
                 state[i] = {"step": torch.tensor(step), "exp_avg": torch.from_numpy(np.array(flat[f"{n}.m"])),
                             "exp_avg_sq": torch.from_numpy(np.array(flat[f"{n}.v"]))}
             i += 1
@@ -81,24 +92,31 @@ def optimizer_state_to_torch(opt: optim.MultiOptimizer, groups: list[dict]) -> d
 
 
 def optimizer_state_from_torch(opt: optim.MultiOptimizer, sd: dict, groups: list[dict]) -> None:
-    """Load the reference's ``AdamW.state_dict()`` ``sd`` into ``opt`` (already initialized), in place (so compiled
-    functions that captured ``opt.state`` see it). ``groups``: as `make_mlx_optimizer`. Raises ``ValueError``
-    when ``sd`` does not fit this model (group sizes or shapes)."""
+    """Load the reference optimizer's ``state_dict()`` ``sd`` (AdamW, or Muon with its AdamW groups) into
+    ``opt`` (already initialized), in place (so compiled functions that captured ``opt.state`` see it).
+    ``groups``: as `make_mlx_optimizer`. Raises ``ValueError`` when ``sd`` does not fit this model (group sizes
+    or kinds, shapes)."""
     if [len(g["params"]) for g in sd["param_groups"]] != [len(g["params"]) for g in groups]:
         raise ValueError("optimizer state has other parameter groups than this model")
+    if [bool(g.get("use_muon")) for g in sd["param_groups"]] != [bool(g.get("use_muon")) for g in groups]:
+        raise ValueError("optimizer state is another optimizer's (Muon and AdamW groups differ)")
     names = [n for g in groups for n in g["params"]]
-    moments, step = {}, 0
+    loaded, step = {}, 0
     for i, s in sd["state"].items():
-        moments[f"{names[int(i)]}.m"] = mx.array(s["exp_avg"].float().numpy())
-        moments[f"{names[int(i)]}.v"] = mx.array(s["exp_avg_sq"].float().numpy())
-        step = int(float(s["step"]))
+        n = names[int(i)]
+        if "momentum_buffer" in s:
+            loaded[f"{n}.momentum_buffer"] = mx.array(s["momentum_buffer"].float().numpy())
+        else:
+            loaded[f"{n}.m"] = mx.array(s["exp_avg"].float().numpy())
+            loaded[f"{n}.v"] = mx.array(s["exp_avg_sq"].float().numpy())
+            step = int(float(s["step"]))
     for o in opt.optimizers:
         flat = dict(tree_flatten(o.state))
         for k in flat:
-            if k in moments:
-                if moments[k].shape != flat[k].shape:
-                    raise ValueError(f"optimizer state: {k} has shape {moments[k].shape}, expected {flat[k].shape}")
-                flat[k] = moments[k]
+            if k in loaded:
+                if loaded[k].shape != flat[k].shape:
+                    raise ValueError(f"optimizer state: {k} has shape {loaded[k].shape}, expected {flat[k].shape}")
+                flat[k] = loaded[k]
         flat["step"] = mx.array(step, dtype=flat["step"].dtype)
         o.state.update(tree_unflatten(list(flat.items())))
 
@@ -174,8 +192,8 @@ class MLXTrainer:
         return {"loss": outs[0].item(), "lm_loss": outs[1].item(), "mtp_loss": mtp, "aux_loss": outs[2].item()}
 
     def optimizer_step(self, lr: float) -> float:
-        """Clip the accumulated gradients, apply AdamW at learning rate ``lr``, update the MoE correction biases from
-        the accumulated loads, and clear both. Returns the global gradient norm before clipping."""
+        """Clip the accumulated gradients, apply the optimizer at learning rate ``lr``, update the MoE correction
+        biases from the accumulated loads, and clear both. Returns the global gradient norm before clipping."""
         self.opt.learning_rate = lr
         norm = self._update(self._grads)
         if self._loads:
@@ -199,11 +217,11 @@ class MLXTrainer:
         return total / len(windows)
 
     def state_dict(self) -> dict:
-        """The optimizer state in the reference's ``AdamW.state_dict()`` layout (`optimizer_state_to_torch`)."""
+        """The optimizer state in the reference optimizer's ``state_dict()`` layout (`optimizer_state_to_torch`)."""
         return optimizer_state_to_torch(self.opt, self.groups)
 
     def load_state_dict(self, sd: dict) -> None:
-        """Load a reference ``AdamW.state_dict()`` (`optimizer_state_from_torch`; ``ValueError`` when it does not
+        """Load a reference optimizer's ``state_dict()`` (`optimizer_state_from_torch`; ``ValueError`` when it does not
         fit)."""
         optimizer_state_from_torch(self.opt, sd, self.groups)
         mx.eval(self.opt.state)

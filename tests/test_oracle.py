@@ -35,6 +35,7 @@ CASES = {
                             first_k_dense_replace=0, routed_scaling_factor=2.5),
     "n_group1_dense1_shared2": dict(n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=False),
     "yarn_factor40": dict(q_lora_rank=24, rope_scaling=YARN),
+    "tied_mtp": dict(tie_word_embeddings=True, num_nextn_predict_layers=1),
     "v32_dsa_topk4": dict(model_type="deepseek_v32", attention_type="dsa", q_lora_rank=24, index_topk=4,
                           index_n_heads=4, index_head_dim=16),
 }
@@ -42,14 +43,14 @@ CASES = {
 
 @torch.no_grad()
 def randomize(model: Model, gen: torch.Generator) -> None:
-    """O(1) activations: matrices N(0, 1/fan_in), embeddings N(0, 1), norm gains 1 + N(0, 0.1^2), biases
-    N(0, 0.1^2); routing correction bias U(0, 0.1) (positive, so mlx-lm's zero-fill of dropped groups and
-    transformers' -inf agree)."""
+    """O(1) activations: matrices N(0, 1/fan_in), embeddings N(0, 1) (untied; a tied one is a head matrix), norm
+    gains 1 + N(0, 0.1^2), biases N(0, 0.1^2); routing correction bias U(0, 0.1) (positive, so mlx-lm's
+    zero-fill of dropped groups and transformers' -inf agree)."""
     for name, p in model.named_parameters():
         if p.ndim == 1:
             base = 0.0 if name.endswith("bias") else 1.0
             p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
-        elif "embed" in name:
+        elif "embed" in name and not model.config.tie_word_embeddings:  # tied: it is the head too
             p.copy_(torch.randn(p.shape, generator=gen))
         else:
             p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)

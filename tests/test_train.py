@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from dsfs import checkpointing, cli, data
-from dsfs.checkpointing import CheckpointError
+from dsfs.checkpointing import CheckpointError, load_trainer_state
 from dsfs.data import DataError
 from dsfs.train import BackendError, TorchTrainer, lr_at, make_optimizer, param_groups, resolve_backend, train
 from reference import Model, ModelConfig
+from reference.muon import Muon
 
 MICRO_MODEL = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, moe_intermediate_size=32,
@@ -118,9 +119,10 @@ def test_loss_falls_and_outputs_are_written(data_dir, tmp_path):
     assert any(b.abs().sum() > 0 for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["plain", "dropout"])
-def test_resume_is_exact(data_dir, tmp_path, dropout):
-    kw = dict(max_steps=12, eval_every=4, warmup_steps=3,
+@pytest.mark.parametrize(("dropout", "optimizer"), [(0.0, "adamw"), (0.1, "adamw"), (0.0, "muon")],
+                         ids=["plain", "dropout", "muon"])
+def test_resume_is_exact(data_dir, tmp_path, dropout, optimizer):
+    kw = dict(max_steps=12, eval_every=4, warmup_steps=3, optimizer=optimizer,
               model_overrides={**MICRO_MODEL, "hidden_dropout": dropout})  # dropout masks come from the saved RNG
     micro_train(data_dir, tmp_path / "a", **kw)
 
@@ -176,6 +178,23 @@ def test_lr_schedule_and_weight_decay_groups():
     assert all(p.ndim == 1 for p in no_decay["params"] if names[id(p)] != "model.embed_tokens.weight")
     assert len(dn) + len(nn_) == len(list(model.parameters()))
     assert make_optimizer(model, 1e-3, 0.1).defaults["betas"] == (0.9, 0.95)
+
+
+def test_muon_param_groups():
+    """Muon takes the hidden matrices (attention, MLPs, stacked experts, MTP projection); AdamW keeps the
+    embedding, LM head, routers and vectors (Moonlight's split), with decay on matrices only."""
+    model = Model(ModelConfig(vocab_size=300, **MICRO_MODEL))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon, decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, 0.1, "muon"))
+    assert "model.layers.1.mlp.experts.gate_proj" in muon and "mtp.0.eh_proj.weight" in muon
+    assert "model.layers.0.self_attn.kv_b_proj.weight" in muon and "model.layers.0.mlp.down_proj.weight" in muon
+    assert decay == {"lm_head.weight", "model.layers.1.mlp.gate.weight", "mtp.0.mlp.gate.weight"}
+    assert "model.embed_tokens.weight" in no_decay and "model.norm.weight" in no_decay
+    assert len(muon) + len(decay) + len(no_decay) == len(list(model.parameters()))
+    opt = make_optimizer(model, 1e-3, 0.1, "muon")
+    assert isinstance(opt, Muon) and [g["use_muon"] for g in opt.param_groups] == [True, False, False]
+    with pytest.raises(ValueError, match="optimizer='sgd': expected one of adamw, muon"):
+        param_groups(model, 0.1, "sgd")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -248,6 +267,20 @@ def test_resume_rejects_other_model_config(data_dir, short_run, tmp_path):
     out = _copy_run(short_run, tmp_path)
     with pytest.raises(CheckpointError, match="hidden_size: checkpoint 32, requested 48"):
         micro_train(data_dir, out, resume=True, model_overrides={**MICRO_MODEL, "hidden_size": 48})
+
+
+def test_resume_rejects_other_optimizer_and_reads_old_checkpoints_as_adamw(data_dir, short_run, tmp_path):
+    out = _copy_run(short_run, tmp_path)
+    ran = load_trainer_state(out / "checkpoints/step_000004")["train_config"]["optimizer"]
+    other = "muon" if ran == "adamw" else "adamw"
+    with pytest.raises(CheckpointError, match=f"trained with optimizer {ran}; it cannot continue with {other}"):
+        micro_train(data_dir, out, resume=True, optimizer=other)
+    if ran == "adamw":  # a checkpoint from before the field existed continues as the AdamW run it was
+        path = out / "checkpoints/step_000004/trainer_state.pt"
+        state = torch.load(path, weights_only=False)
+        del state["train_config"]["optimizer"]
+        torch.save(state, path)
+        assert micro_train(data_dir, out, resume=True, max_steps=5)["steps"] == 5
 
 
 def test_resume_rejects_other_data(data_dir, short_run, tmp_path):

@@ -24,7 +24,7 @@ from tests.mlx.utils import mx, to_mx, to_torch
 from tests.test_train import MICRO_MODEL, MICRO_TRAIN, make_data_dir, read_metrics
 from tests.tolerance import assert_close
 
-STEPS = dict(MICRO_TRAIN, max_steps=4, eval_every=2, eval_batches=1)
+STEPS = dict(MICRO_TRAIN, max_steps=4, eval_every=2, eval_batches=1, optimizer="adamw")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_cli_mlx_run_matches_reference_and_reference_resumes_it(data_dir, refere
     capsys.readouterr()
     rc = cli.main(["train", "--backend", "mlx", "--data", str(data_dir), "--out", str(out), "--max-steps", "2",
                    "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--warmup-steps", "4",
-                   "--eval-every", "2", "--eval-batches", "1", "-q"])
+                   "--eval-every", "2", "--eval-batches", "1", "--optimizer", "adamw", "-q"])
     printed = capsys.readouterr().out
     assert rc == 0 and "backend mlx" in printed and "steps 2," in printed
     state = load_trainer_state(out / "checkpoints" / "step_000002")
@@ -180,3 +180,47 @@ def test_dropout_run_is_reproducible_and_resumes_exactly(data_dir, tmp_path):
               **{**STEPS, **kw})
     train(data_dir=data_dir, out_dir=tmp_path / "r", resume=True, backend="mlx", verbose=False)
     assert [r["loss"] for r in read_metrics(tmp_path / "r")[0]] == [r["loss"] for r in ta]
+
+
+def test_muon_run_matches_reference_and_carries_over(data_dir, tmp_path):
+    """``--optimizer muon``: the MLX run follows the reference run step by step; the reference's Muon state
+    (momentum buffers + the AdamW groups' moments) round-trips through the MLX optimizer, and MLX resumes the
+    reference run's step-2 checkpoint onto the same losses."""
+    import shutil
+
+    from dsfs.checkpointing import latest_checkpoint
+
+    _train(data_dir, tmp_path / "ref", "reference", optimizer="muon")
+    _train(data_dir, tmp_path / "mlx", "mlx", optimizer="muon")
+    theirs, theirs_val = read_metrics(tmp_path / "ref")
+    for a, b in zip(read_metrics(tmp_path / "mlx")[0], theirs, strict=True):
+        for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-4), (k, a, b)
+
+    ckpt = tmp_path / "ref/checkpoints/step_000002"
+    state = load_trainer_state(ckpt)
+    groups = optimizer_groups(Model.from_pretrained(ckpt).config, 3e-3, 0.1, "muon")
+    opt = make_mlx_optimizer(groups)
+    opt.init(Model.from_pretrained(ckpt).trainable_parameters())
+    optimizer_state_from_torch(opt, state["optimizer"], groups)
+    back, want = optimizer_state_to_torch(opt, groups), state["optimizer"]
+    assert [g["use_muon"] for g in back["param_groups"]] == [True, False, False]
+    assert sorted(back["state"]) == sorted(want["state"])
+    for i, s in want["state"].items():
+        assert s.keys() == back["state"][i].keys()
+        for k, v in s.items():
+            assert torch.equal(back["state"][i][k], v), (i, k)
+    as_adamw = [{**g, "use_muon": False} for g in state["optimizer"]["param_groups"]]
+    with pytest.raises(ValueError, match="another optimizer's"):
+        optimizer_state_from_torch(opt, {**state["optimizer"], "param_groups": as_adamw}, groups)
+
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ref", out)
+    shutil.rmtree(latest_checkpoint(out))  # keep step 2
+    s = train(data_dir=data_dir, resume=out / "checkpoints" / "step_000002", out_dir=out, backend="mlx",
+              verbose=False, max_steps=4)
+    assert s["backend"] == "mlx" and s["steps"] == 4
+    ours, ours_val = read_metrics(out)
+    for a, b in zip(ours, theirs, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+    assert math.isclose(ours_val[-1]["val_loss"], theirs_val[-1]["val_loss"], rel_tol=1e-4)
