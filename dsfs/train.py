@@ -1,5 +1,5 @@
-"""Pretraining loop behind ``dsfs train``: AdamW, warmup + cosine schedule, MTP loss, bias-based MoE balancing,
-periodic validation, metrics, loss plot, atomic checkpoints and exact resume.
+"""Pretraining loop behind ``dsfs train``: Muon or AdamW (`make_optimizer`), warmup + cosine schedule, MTP loss,
+bias-based MoE balancing, periodic validation, metrics, loss plot, atomic checkpoints and exact resume.
 
 Writes into the run directory ``out`` (default ``runs/<preset>``)::
 
@@ -17,7 +17,8 @@ the step, the data generator state and the RNG states, and the learning rate is 
 `train` is the one loop for every backend; the per-step work goes through a trainer: `TorchTrainer` for torch
 models (the reference, ``runtime_cuda``) and ``runtime_mlx.train.MLXTrainer`` (imported only for ``--backend
 mlx``), both with ``micro_step``, ``optimizer_step``, ``evaluate``, ``state_dict`` and ``load_state_dict``.
-Checkpoints store the optimizer state in the reference AdamW's layout, so a run continues on another backend.
+Checkpoints store the optimizer state in the reference optimizer's layout, so a run continues on another
+backend.
 """
 
 from __future__ import annotations
@@ -226,12 +227,12 @@ class TorchTrainer:
     """The per-step work of `train` for a torch model with the ``reference.Model`` API.
 
     ``model`` is moved to ``device`` in train mode; the ``optimizer`` of `make_optimizer` (``lr``,
-    ``weight_decay``); the loss
-    runs through `compiled_loss` when ``compile``, under bf16 autocast on CUDA; gradients are clipped to
-    ``grad_clip`` (0: no clipping); ``mtp_weight`` weighs the MTP loss; the MoE correction biases are updated
-    after each optimizer step. ``runtime_mlx.train.MLXTrainer`` has the same interface. Attributes for the
-    loop: ``model`` (``save_pretrained``), ``device_type``, ``n_params``, ``label`` (for the start line),
-    ``note`` (a line to print, or ``None``), ``summary`` (extra fields of the run summary).
+    ``weight_decay``); the loss runs through `compiled_loss` when ``compile``, under bf16 autocast on CUDA;
+    gradients are clipped to ``grad_clip`` (0: no clipping); ``mtp_weight`` weighs the MTP loss; the MoE
+    correction biases are updated after each optimizer step. ``runtime_mlx.train.MLXTrainer`` has the same
+    interface. Attributes for the loop: ``model`` (``save_pretrained``), ``device_type``, ``n_params``,
+    ``label`` (for the start line), ``note`` (a line to print, or ``None``), ``summary`` (extra fields of the
+    run summary).
     """
 
     def __init__(self, model: nn.Module, device: torch.device, lr: float, weight_decay: float, grad_clip: float,
@@ -463,9 +464,9 @@ def train(
     ``TRAIN_PRESETS`` fields (``batch_size``, ``seq_len``, ``lr``, ``min_lr_ratio``, ``warmup_steps``,
     ``max_steps``, ``time_budget_s``, ``weight_decay``, ``grad_clip``, ``grad_accum``, ``eval_every``,
     ``eval_batches``, ``mtp_weight``, ``optimizer``: ``"adamw"`` or ``"muon"``, see `make_optimizer`); ``None``
-    values are ignored. On resume the checkpoint's training
-    config is the base instead of the preset. ``model_overrides``: ``ModelConfig`` fields over the preset's
-    (tests use a micro model; default on resume: the checkpoint's). ``vocab_size`` and bos/eos/pad ids always
+    values are ignored. On resume the checkpoint's training config is the base instead of the preset.
+    ``model_overrides``: ``ModelConfig`` fields over the preset's (tests use a micro model; default on resume:
+    the checkpoint's). ``vocab_size`` and bos/eos/pad ids always
     come from the data's meta.json.
 
     Each optimizer step consumes ``grad_accum`` batches of ``batch_size x seq_len`` tokens drawn by

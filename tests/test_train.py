@@ -94,7 +94,7 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
 
 def test_loss_falls_and_outputs_are_written(data_dir, tmp_path):
     out = tmp_path / "run"
-    s = micro_train(data_dir, out)
+    s = micro_train(data_dir, out, min_lr_ratio=0.1)
     train_recs, evals = read_metrics(out)
     assert [r["step"] for r in train_recs] == list(range(1, 41))
     assert [r["step"] for r in evals] == [0, 20, 40]
