@@ -159,9 +159,10 @@ def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw"
     than embeddings, so also stacked expert weights and the router) get ``weight_decay``; norms, biases and
     embeddings (and an LM head tied to them) get none. ``"muon"`` (`reference.muon.Muon`): the hidden matrices
     (attention and MLP projections, stacked experts, the MTP ``eh_proj``) form a first group with
-    ``use_muon=True``; the LM head and the routers (AdamW with decay) and the no-decay group above stay with
-    AdamW (``use_muon=False``), as in Moonlight (Liu et al. 2025, sec. 2.2). Raises ``ValueError`` for another
-    ``optimizer``."""
+    ``use_muon=True``; the LM head (AdamW with decay) and the no-decay group above stay with AdamW
+    (``use_muon=False``), as in Moonlight (Liu et al. 2025, sec. 2.2). The routers stay with AdamW too, this
+    project's choice: a router's (E, H) rows score experts one by one rather than form a hidden linear map.
+    Raises ``ValueError`` for another ``optimizer``."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -291,8 +292,13 @@ class TorchTrainer:
         """Load an optimizer ``state_dict`` (``ValueError`` / ``KeyError`` when it does not fit this model). The
         implementation choice (fused or not) stays this optimizer's: the saved groups carry the writer's."""
         self.opt.load_state_dict(sd)
+        fused = self.opt.defaults.get("fused")
         for g in self.opt.param_groups:
-            g["fused"] = self.opt.defaults.get("fused")
+            g["fused"] = fused
+            for p in g["params"] if fused else ():  # the fused kernel wants its step counts on the device
+                st = self.opt.state.get(p, {})
+                if "step" in st:
+                    st["step"] = st["step"].to(p.device, torch.float32)
 
 
 def make_trainer(be: Backend, cfg: ModelConfig, tc: dict, ckpt: Path | None, compile: bool | str):

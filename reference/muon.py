@@ -53,6 +53,18 @@ def zeropower_via_newtonschulz5(g: Tensor, steps: int = 5, eps: float = 1e-7) ->
     return (x.mT if tall else x).reshape(g.shape)
 
 
+def _check_hyperparameters(g: dict) -> None:
+    if not g["lr"] > 0:
+        raise ValueError(f"lr={g['lr']}: expected > 0")
+    if not 0.0 <= g["momentum"] < 1.0:
+        raise ValueError(f"momentum={g['momentum']}: expected in [0, 1)")
+    if not all(0.0 <= b < 1.0 for b in g["betas"]):
+        raise ValueError(f"betas={g['betas']}: expected each in [0, 1)")
+    if g["weight_decay"] < 0 or g["eps"] < 0 or g["ns_steps"] < 1:
+        raise ValueError(f"weight_decay={g['weight_decay']}, eps={g['eps']}, ns_steps={g['ns_steps']}: expected "
+                         ">= 0, >= 0, >= 1")
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for the parameter groups with ``use_muon=True``, AdamW for the others (module docstring).
 
@@ -74,18 +86,12 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, fused: bool | None = None):
-        if not lr > 0:
-            raise ValueError(f"lr={lr}: expected > 0")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum={momentum}: expected in [0, 1)")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas={betas}: expected each in [0, 1)")
-        if weight_decay < 0 or eps < 0 or ns_steps < 1:
-            raise ValueError(f"weight_decay={weight_decay}, eps={eps}, ns_steps={ns_steps}: expected >= 0, >= 0, >= 1")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         betas=betas, eps=eps, use_muon=True, fused=fused)
+        _check_hyperparameters(defaults)
         super().__init__(params, defaults)
         for g in self.param_groups:
+            _check_hyperparameters(g)  # a group may override any of them
             for p in g["params"]:
                 if p.is_complex() or p.is_sparse:
                     raise ValueError(f"Muon: complex or sparse parameter of shape {tuple(p.shape)} not supported")

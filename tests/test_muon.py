@@ -141,5 +141,7 @@ def test_muon_refuses_bad_input():
         Muon([torch.zeros(2, 2, requires_grad=True)], momentum=1.0)
     with pytest.raises(ValueError, match="lr=0"):
         Muon([torch.zeros(2, 2, requires_grad=True)], lr=0)
+    with pytest.raises(ValueError, match="momentum=1.5"):  # a group's own value is checked too
+        Muon([{"params": [torch.zeros(2, 2, requires_grad=True)], "momentum": 1.5}])
     with pytest.raises(ValueError, match="complex"):
         Muon([torch.zeros(2, 2, dtype=torch.complex64, requires_grad=True)])
