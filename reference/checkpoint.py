@@ -9,6 +9,11 @@ extra layers; both then open the directory unchanged. Reading accepts sharded ch
 (``model.safetensors.index.json``), per-expert or stacked (``experts.gate_up_proj``) expert weights, and
 FP8 weights with ``weight_scale_inv`` (dequantized in 128x128 blocks).
 
+A checkpoint whose ``config.json`` asks for more MTP depths than its files hold (``transformers`` never writes
+MTP weights, yet its ``DeepseekV3Config`` defaults to ``num_nextn_predict_layers`` 1) loads with a warning that
+names the missing depths (`config_for_weights`): without them (``missing_mtp="drop"``, for inference; the model's
+config then says so, and so does what it saves) or with them freshly initialized (``"init"``, for training).
+
 The name mapping (`to_hf_names`, `from_hf_names`) works on names only: the array operations it needs (stack,
 unstack, copy, FP8 dequantization) are passed in, so `runtime_mlx.checkpoint` maps MLX arrays with it too.
 """
@@ -20,13 +25,14 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, hf_to_fields, read_config_json
 
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _PACKED_RE = re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$")
@@ -34,6 +40,7 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _MTP_RE = re.compile(r"^mtp\.(\d+)\.(.*)$")
 _MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 _STACKED = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")
+MISSING_MTP = ("drop", "init")
 
 
 # ---------------------------------------------------------------- name mapping (any array library)
@@ -154,19 +161,67 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_model(cls, path, device=None, dtype=None):
+def mtp_depths(names: Iterable[str], num_hidden_layers: int) -> list[int]:
+    """The MTP depths that Hugging Face tensor ``names`` hold: every k with a ``model.layers.{num_hidden_layers +
+    k}.*`` tensor, sorted."""
+    depths = {int(m.group(1)) - num_hidden_layers for m in map(_LAYER_RE.match, names) if m}
+    return sorted(k for k in depths if k >= 0)
+
+
+def config_for_weights(path, names: Iterable[str], missing_mtp: str = "drop") -> tuple[ModelConfig, list[int]]:
+    """The config to build for the checkpoint directory ``path`` whose tensors are named ``names`` (Hugging Face
+    names), and the MTP depths the model must keep freshly initialized.
+
+    When ``config.json`` asks for D MTP depths (``num_nextn_predict_layers``) and the files hold fewer, a
+    ``UserWarning`` names the missing depths and their layers, and ``missing_mtp`` decides: ``"drop"`` builds
+    the model with the depths the files hold (they must be 0..m-1), ``"init"`` keeps all D and returns the
+    missing ones (their weights keep the model's fresh initialization, drawn from the caller's RNG). Depths
+    beyond D are ignored. Raises ``ValueError`` for another ``missing_mtp``, for a gap in the held depths under
+    ``"drop"`` (naming the missing depth), or from `ModelConfig.from_dict`; ``FileNotFoundError`` without
+    ``config.json``.
+    """
+    if missing_mtp not in MISSING_MTP:
+        raise ValueError(f"missing_mtp={missing_mtp!r}; expected one of {MISSING_MTP}")
+    fields = hf_to_fields(read_config_json(path))
+    n = fields.get("num_hidden_layers", ModelConfig.num_hidden_layers)
+    wanted = fields.get("num_nextn_predict_layers", ModelConfig.num_nextn_predict_layers)
+    if not isinstance(n, int) or not isinstance(wanted, int):
+        return ModelConfig.from_dict(fields), []  # raises, naming the field
+    held = [k for k in mtp_depths(names, n) if k < wanted]
+    missing = [k for k in range(wanted) if k not in held]
+    if not missing:
+        return ModelConfig.from_dict(fields), []
+    if missing_mtp == "drop":
+        if held != list(range(len(held))):
+            raise ValueError(f"checkpoint {os.fspath(path)!r}: MTP depths {held} are not consecutive from 0: depth "
+                             f"{missing[0]} (model.layers.{n + missing[0]}.*) is missing")
+        fields["num_nextn_predict_layers"] = len(held)
+    s = "" if len(missing) == 1 else "s"
+    which = ", ".join(f"{k}: model.layers.{n + k}.*" for k in missing)
+    has = f"depth{'' if len(held) == 1 else 's'} {held}" if held else "none"
+    action = f"loading without {'it' if s == '' else 'them'}" if missing_mtp == "drop" else "initialized fresh"
+    warnings.warn(f"checkpoint {os.fspath(path)!r}: config.json asks for {wanted} MTP depth"
+                  f"{'' if wanted == 1 else 's'} but the weights hold {has} (missing depth{s} {which}); {action}",
+                  stacklevel=3)
+    return ModelConfig.from_dict(fields), missing if missing_mtp == "init" else []
+
+
+def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop"):
     """Build ``cls(config)`` from ``path``/config.json and load its weights (strictly: every parameter
-    present with the right shape), in eval mode. Raises ``FileNotFoundError`` / ``ValueError`` naming missing,
-    unexpected or mis-shaped tensors."""
+    present with the right shape), in eval mode. MTP depths that config.json asks for and the files lack are
+    dropped or initialized fresh, with a warning (``missing_mtp``, see `config_for_weights`). Raises
+    ``FileNotFoundError`` / ``ValueError`` naming missing, unexpected or mis-shaped tensors."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    cfg = ModelConfig.from_json(path)
+    hf = read_safetensors(path)
+    cfg, fresh = config_for_weights(path, hf, missing_mtp)
     model = cls(cfg)
-    sd = from_hf_state_dict(read_safetensors(path), cfg)
+    sd = from_hf_state_dict(hf, cfg)
     expected = model.state_dict()
+    fresh_names = tuple(f"mtp.{k}." for k in fresh)
     missing = sorted(k for k in expected if k not in sd and not k.startswith("rotary.")
-                     and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
+                     and not (cfg.tie_word_embeddings and k == "lm_head.weight") and not k.startswith(fresh_names))
     unexpected = sorted(k for k in sd if k not in expected)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path!r} does not match its config.json: missing {missing[:6]}"

@@ -4,6 +4,10 @@
 the names of ``transformers.DeepseekV3Config`` (and the official ``config.json`` of deepseek-ai/DeepSeek-V3);
 V3.2 adds the lightning-indexer fields ``index_n_heads``, ``index_head_dim``, ``index_topk``. Two fields are
 our own: ``attention_type`` (mha, mqa, gqa, mla, dsa) and ``moe_type`` (dense, standard, deepseek).
+
+A ``config.json`` written by ``transformers`` or shipped by DeepSeek is read as ``transformers`` reads it
+(`hf_to_fields`): values it accepts and reads in a defined way load the same way here; only what cannot be
+built is refused, naming the field.
 """
 
 from __future__ import annotations
@@ -25,9 +29,63 @@ _ROPE_SCALING_KEYS = {
 _PASSTHROUGH_KEYS = {
     "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map", "use_cache",
     "pretraining_tp", "ep_size", "moe_layer_freq", "attention_dropout", "output_router_logits",
-    "quantization_config", "mlp_layer_types", "layer_types", "qk_head_dim", "mlp_bias",
-    "indexer_rope_interleave", "rope_parameters", "num_mtp_layers", "aux_loss_alpha_is_seq",
+    "mlp_layer_types", "layer_types", "qk_head_dim", "mlp_bias",
+    "indexer_rope_interleave", "rope_parameters", "aux_loss_alpha_is_seq",
 }
+FP8_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+
+
+def hf_to_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A ``config.json`` dict as ``transformers`` reads it -> a dict of `ModelConfig` field names (plus the
+    pass-through keys), without validating the values. Returns a new dict; idempotent.
+
+    - ``model_type`` 'deepseek_v32' implies ``attention_type`` 'dsa';
+    - ``rope_parameters`` (transformers 5) gives ``rope_theta`` and, unless ``rope_scaling`` is set, its scaling;
+    - ``num_mtp_layers`` (transformers' ``DeepseekV3Config`` alias) is ``num_nextn_predict_layers``;
+    - V3.2's ``mlp_layer_types`` (a list of 'dense'/'sparse' per layer, which transformers' V3.2 model follows
+      in place of ``first_k_dense_replace``) and ``layer_types`` ('indexed_attention') are checked and dropped:
+      ``first_k_dense_replace`` then says the same, and transformers rebuilds both lists from it;
+    - ``quantization_config`` (DeepSeek's FP8: e4m3, 128x128 weight blocks) is checked and dropped: the
+      loaders dequantize the weights, so the model and what it saves are unquantized.
+
+    Raises ``ValueError`` naming the field for a value that cannot be built: ``num_mtp_layers`` disagreeing
+    with ``num_nextn_predict_layers``, ``mlp_layer_types`` not of the form dense... then sparse... over
+    ``num_hidden_layers`` entries, ``layer_types`` other than 'indexed_attention', or a ``quantization_config``
+    other than FP8 e4m3 with ``weight_block_size`` [128, 128].
+    """
+    d = dict(d)
+
+    def bad(msg: str):
+        raise ValueError(f"ModelConfig: {msg}")
+
+    if d.get("model_type") == "deepseek_v32":
+        d.setdefault("attention_type", "dsa")
+    rp = d.get("rope_parameters")
+    if isinstance(rp, dict):
+        d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+        if rp.get("rope_type", "default") != "default" and "rope_scaling" not in d:
+            d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    if "num_mtp_layers" in d:
+        mtp = d.pop("num_mtp_layers")
+        if d.setdefault("num_nextn_predict_layers", mtp) != mtp:
+            bad(f"num_mtp_layers={mtp} and num_nextn_predict_layers={d['num_nextn_predict_layers']} disagree")
+    if d.get("model_type") == "deepseek_v32":
+        types, n = d.pop("mlp_layer_types", None), d.get("num_hidden_layers")
+        if types is not None:
+            k = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+            if len(types) != n or any(t != "sparse" for t in types[k:]):
+                bad(f"mlp_layer_types={types}; expected num_hidden_layers={n} entries, 'dense' ones first, "
+                    "then 'sparse'")
+            fk = d.get("first_k_dense_replace")
+            if not isinstance(fk, int) or min(max(fk, 0), n) != k:
+                d["first_k_dense_replace"] = k  # transformers' V3.2 follows mlp_layer_types
+        layer_types = d.pop("layer_types", None)
+        if layer_types is not None and set(layer_types) - {"indexed_attention"}:
+            bad(f"layer_types={layer_types}; only 'indexed_attention' layers are supported")
+    qc = d.pop("quantization_config", None)
+    if qc is not None and any(qc.get(k) != v for k, v in FP8_QUANTIZATION.items()):
+        bad(f"quantization_config={qc}; expected DeepSeek's FP8 layout {FP8_QUANTIZATION}")
+    return d
 
 
 @dataclass
@@ -122,8 +180,15 @@ class ModelConfig:
         return self.attention_type in ("mla", "dsa")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """Layer ``layer_idx`` uses a MoE FFN (not the dense SwiGLU): ``layer_idx >= first_k_dense_replace``."""
+        """Layer ``layer_idx`` uses a MoE FFN (not the dense SwiGLU): ``layer_idx >= first_k_dense_replace``, as
+        transformers reads it (``first_k_dense_replace >= num_hidden_layers``: every layer dense). MTP depth k is
+        layer ``num_hidden_layers + k``."""
         return self.moe_type != "dense" and layer_idx >= self.first_k_dense_replace
+
+    @property
+    def has_moe_layers(self) -> bool:
+        """Some decoder or MTP layer uses a MoE FFN (the routing fields are read only then)."""
+        return self.is_moe_layer(self.num_hidden_layers + self.num_nextn_predict_layers - 1)
 
     def softmax_scale(self, head_dim: int) -> float:
         """Attention softmax scale ``head_dim**-0.5 * mscale**2`` (YaRN, DeepSeek-V3 ``mscale_all_dim``)."""
@@ -185,22 +250,25 @@ class ModelConfig:
                 bad(f"index_head_dim={self.index_head_dim} < qk_rope_head_dim={self.qk_rope_head_dim}")
             if self.index_n_heads < 1 or self.index_topk < 1:
                 bad(f"index_n_heads={self.index_n_heads}, index_topk={self.index_topk}; expected >= 1")
-        if self.moe_type != "dense":
+        fk = self.first_k_dense_replace
+        if not isinstance(fk, int) or isinstance(fk, bool):
+            bad(f"first_k_dense_replace={fk!r}; expected an integer (layers from it on are MoE layers)")
+        if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
+            bad(f"num_nextn_predict_layers={self.num_nextn_predict_layers!r}; expected an integer >= 0")
+        if self.has_moe_layers:  # as transformers: routing fields of a model without MoE layers are never read
             e, g, tg, k = self.n_routed_experts, self.n_group, self.topk_group, self.num_experts_per_tok
             if e < 1 or k < 1 or k > e:
                 bad(f"num_experts_per_tok={k} with n_routed_experts={e}; expected 1 <= k <= n_routed_experts")
-            if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-                bad(f"first_k_dense_replace={self.first_k_dense_replace}; expected 0..num_hidden_layers")
             if self.moe_intermediate_size < 1:
                 bad(f"moe_intermediate_size={self.moe_intermediate_size}; expected >= 1")
-        if self.moe_type == "deepseek":
+        if self.has_moe_layers and self.moe_type == "deepseek":
             if self.scoring_func != "sigmoid":
                 bad(f"scoring_func={self.scoring_func!r}; DeepSeekMoE uses 'sigmoid'")
             if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
                 bad(f"topk_method={self.topk_method!r}; expected 'noaux_tc'")
-            if g < 1 or e % g:
+            if not isinstance(g, int) or g < 1 or e % g:
                 bad(f"n_routed_experts={e} is not divisible by n_group={g} (n_routed_experts % n_group != 0)")
-            if not 1 <= tg <= g:
+            if not isinstance(tg, int) or not 1 <= tg <= g:
                 bad(f"topk_group={tg} must be in 1..n_group={g} (topk_group > n_group)")
             if g > 1 and e // g < 2:
                 bad(f"n_routed_experts // n_group = {e // g}; group scores sum each group's top-2, need >= 2")
@@ -209,8 +277,6 @@ class ModelConfig:
                     f"groups of n_routed_experts/n_group={e // g} hold")
             if self.n_shared_experts < 0:
                 bad(f"n_shared_experts={self.n_shared_experts}; expected >= 0")
-        if self.num_nextn_predict_layers < 0:
-            bad(f"num_nextn_predict_layers={self.num_nextn_predict_layers}; expected >= 0")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             kind = rs.get("rope_type", rs.get("type"))
@@ -225,22 +291,14 @@ class ModelConfig:
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a ``config.json`` dict. ``model_type`` 'deepseek_v32' implies ``attention_type`` 'dsa'.
+        """Build from a ``config.json`` dict, read as transformers reads it (`hf_to_fields`).
 
         Keys that other tools write (``architectures``, ``torch_dtype``, ...) are kept in ``extra`` and
         written back. Raises ``ValueError`` for a key that is neither a field nor a known pass-through key,
         or for inconsistent values.
         """
-        d = dict(d)
+        d = hf_to_fields(d)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        if d.get("model_type") == "deepseek_v32":
-            d.setdefault("attention_type", "dsa")
-        # transformers 5 stores rope as `rope_parameters`; accept it when the legacy keys are absent.
-        rp = d.get("rope_parameters")
-        if isinstance(rp, dict):
-            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
-            if rp.get("rope_type", "default") != "default" and "rope_scaling" not in d:
-                d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
         extra = {k: d.pop(k) for k in list(d) if k not in names}
         unknown = [k for k in extra if k not in _PASSTHROUGH_KEYS]
         if unknown:
@@ -262,24 +320,30 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> ModelConfig:
-        """Read ``config.json`` (a file, or a directory that holds one). Raises ``FileNotFoundError``,
-        ``ValueError`` (bad JSON or values)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json at {path!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(d)
+        """Read ``config.json`` (a file, or a directory that holds one; `read_config_json`). Raises
+        ``FileNotFoundError``, ``ValueError`` (bad JSON or values)."""
+        return cls.from_dict(read_config_json(path))
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` to ``path`` (a file path)."""
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of ``config.json`` (``path`` is the file, or a directory that holds one), unvalidated.
+    Raises ``FileNotFoundError`` when absent, ``ValueError`` when it is not a JSON object."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json at {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d

@@ -298,12 +298,15 @@ class Model(nn.Module):
 
     # ---------------------------------------------------------------- checkpoints
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> Model:
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
+                        missing_mtp: str = "drop") -> Model:
         """Load a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``); see
-        `reference.checkpoint.load_model`. Raises ``FileNotFoundError`` or ``ValueError`` naming the problem."""
+        `reference.checkpoint.load_model`. MTP depths that config.json asks for and the files lack (as in every
+        checkpoint ``transformers`` saves) are dropped (``missing_mtp="drop"``) or initialized fresh (``"init"``),
+        with a warning naming them. Raises ``FileNotFoundError`` or ``ValueError`` naming the problem."""
         from .checkpoint import load_model
 
-        return load_model(cls, path, device=device, dtype=dtype)
+        return load_model(cls, path, device=device, dtype=dtype, missing_mtp=missing_mtp)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> None:
         """Write ``config.json`` and ``model.safetensors`` (Hugging Face names, MTP as layers

@@ -5,7 +5,9 @@ Reading: ``config.json``, ``model*.safetensors`` (or the files of ``model.safete
 matrices (``mlp.experts.{e}.gate_proj.weight``) or transformers' packed ``experts.gate_up_proj`` are stacked into
 ``mlp.experts.gate_proj`` (E, I, H) ..., MTP layers ``model.layers.{num_hidden_layers + k}.*`` become
 ``mtp.{k}.*`` (their copies of the embedding and head are dropped: shared). FP8 checkpoints
-(``weight_scale_inv``) are dequantized with `runtime_mlx.kernels.weight_dequant` in 128x128 blocks.
+(``weight_scale_inv``) are dequantized with `runtime_mlx.kernels.weight_dequant` in 128x128 blocks. MTP depths
+that config.json asks for and the files lack are dropped or initialized fresh, with a warning, as in the
+reference (`reference.checkpoint.config_for_weights`).
 
 Writing: ``config.json``, ``model.safetensors`` (main model, experts unstacked), ``mtp.safetensors`` (MTP layers with
 copies of ``embed_tokens`` and ``shared_head.head``, as the released DeepSeek-V3 weights), ``tokenizer.json``;
@@ -24,7 +26,7 @@ import os
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from reference.checkpoint import from_hf_names, to_hf_names, write_model_dir
+from reference.checkpoint import config_for_weights, from_hf_names, to_hf_names, write_model_dir
 from reference.config import ModelConfig
 
 from . import kernels
@@ -67,11 +69,13 @@ def sanitize(weights: dict[str, mx.array], cfg: ModelConfig) -> dict[str, mx.arr
                          lambda w, s: kernels.weight_dequant(w.view(mx.uint8), s.astype(mx.float32)))
 
 
-def load_weights(model, weights: dict[str, mx.array], where: str = "weights") -> None:
+def load_weights(model, weights: dict[str, mx.array], where: str = "weights", fresh: tuple[int, ...] = ()) -> None:
     """Set every parameter of ``model`` from ``weights`` (this model's names), strictly: raises ``ValueError``
-    naming missing, unexpected or mis-shaped arrays. Arrays keep their dtype."""
+    naming missing, unexpected or mis-shaped arrays. Arrays keep their dtype. ``fresh``: MTP depths whose
+    parameters (``mtp.{k}.*``) may be absent and then keep their current values."""
     expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
+    fresh_names = tuple(f"mtp.{k}." for k in fresh)
+    missing = sorted(k for k in set(expected) - set(weights) if not k.startswith(fresh_names))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{where} do not match the config: missing {missing[:6]}{' ...' if len(missing) > 6 else ''}"
@@ -79,7 +83,7 @@ def load_weights(model, weights: dict[str, mx.array], where: str = "weights") ->
     for k, a in weights.items():
         if tuple(a.shape) != tuple(expected[k].shape):
             raise ValueError(f"{where}: {k} has shape {tuple(a.shape)}, config expects {tuple(expected[k].shape)}")
-    model.load_weights(list(weights.items()), strict=True)
+    model.load_weights(list(weights.items()), strict=not fresh)
 
 
 def load_torch_state_dict(model, state_dict: dict) -> None:
@@ -91,15 +95,18 @@ def load_torch_state_dict(model, state_dict: dict) -> None:
     load_weights(model, weights, "reference state_dict")
 
 
-def load_model(cls, path, dtype: mx.Dtype | None = None):
+def load_model(cls, path, dtype: mx.Dtype | None = None, missing_mtp: str = "drop"):
     """Build ``cls(config)`` from ``path``/config.json and load its weights strictly; cast floating weights to
-    ``dtype`` when given (as the reference's ``model.to(dtype)``). Raises ``FileNotFoundError`` / ``ValueError``."""
+    ``dtype`` when given (as the reference's ``model.to(dtype)``). MTP depths that config.json asks for and the
+    files lack are dropped or initialized fresh, with a warning (``missing_mtp``,
+    `reference.checkpoint.config_for_weights`). Raises ``FileNotFoundError`` / ``ValueError``."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    cfg = ModelConfig.from_json(path)
+    hf = read_weights(path)
+    cfg, fresh = config_for_weights(path, hf, missing_mtp)
     model = cls(cfg)
-    load_weights(model, sanitize(read_weights(path), cfg), f"checkpoint {path!r}")
+    load_weights(model, sanitize(hf, cfg), f"checkpoint {path!r}", tuple(fresh))
     if dtype is not None:
         model.set_dtype(dtype)
     mx.eval(model.parameters())

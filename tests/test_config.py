@@ -68,7 +68,9 @@ def test_group_limited_config_valid():
         (dict(model_type="deepseek_v32"), ["model_type", "attention_type"]),
         (dict(hidden_size=0), ["hidden_size"]),
         (dict(num_nextn_predict_layers=-1), ["num_nextn_predict_layers"]),
-        (dict(first_k_dense_replace=3), ["first_k_dense_replace"]),
+        (dict(first_k_dense_replace=None), ["first_k_dense_replace"]),
+        (dict(n_routed_experts=8, n_group=8, topk_group=4, first_k_dense_replace=2, num_nextn_predict_layers=1),
+         ["n_routed_experts", "n_group"]),  # the MTP layer (layer 2) is a MoE layer
         (dict(hidden_act="gelu"), ["hidden_act"]),
     ],
 )
@@ -168,3 +170,63 @@ def test_from_json_bad_values(tmp_path):
     f.write_text(json.dumps(d))
     with pytest.raises(ValueError, match="topk_group"):
         ModelConfig.from_json(f)
+
+
+# ---------------------------------------------------------------- config.json from transformers and DeepSeek
+
+SIZES = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+             num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+             v_head_dim=16, n_routed_experts=8)
+
+
+@pytest.mark.parametrize("family", ["DeepseekV3", "DeepseekV32"])
+def test_transformers_default_configs_read_as_transformers_reads_them(family):
+    """Defaults except sizes: first_k_dense_replace 3 > 2 layers is every layer dense, so n_group 8 (one expert
+    per group) and num_experts_per_tok 8 are never read, as in transformers."""
+    transformers = pytest.importorskip("transformers")
+    d = json.loads(getattr(transformers, f"{family}Config")(**SIZES).to_json_string())
+    c = ModelConfig.from_dict(d)
+    assert (c.first_k_dense_replace, c.n_group, c.topk_group, c.num_experts_per_tok) == (3, 8, 4, 8)
+    assert not c.has_moe_layers and not any(c.is_moe_layer(i) for i in range(3))
+    assert c.num_nextn_predict_layers == (1 if family == "DeepseekV3" else 0)
+    assert c.model_type == ("deepseek_v3" if family == "DeepseekV3" else "deepseek_v32")
+    assert ModelConfig.from_dict(c.to_dict()).to_dict() == c.to_dict()
+    assert "mlp_layer_types" not in c.to_dict() and "layer_types" not in c.to_dict()  # transformers rebuilds them
+
+
+def test_first_k_dense_replace_reads_as_transformers():
+    assert not make_config(first_k_dense_replace=5, n_group=8, topk_group=4).has_moe_layers  # all dense
+    c = make_config(first_k_dense_replace=-1)
+    assert c.is_moe_layer(0) and c.is_moe_layer(1)  # layer_idx >= -1: every layer routes
+    c = make_config(first_k_dense_replace=2, num_nextn_predict_layers=1)
+    assert not c.is_moe_layer(1) and c.is_moe_layer(2) and c.has_moe_layers  # the MTP layer is layer 2
+
+
+def test_v32_mlp_layer_types_win_over_first_k_dense_replace():
+    d = make_config("dsa", first_k_dense_replace=1).to_dict()
+    c = ModelConfig.from_dict({**d, "first_k_dense_replace": 3, "mlp_layer_types": ["dense", "sparse"],
+                               "layer_types": ["indexed_attention"] * 2})
+    assert c.first_k_dense_replace == 1 and "mlp_layer_types" not in c.extra
+    same = ModelConfig.from_dict({**d, "first_k_dense_replace": 7, "mlp_layer_types": ["dense", "dense"]})
+    assert same.first_k_dense_replace == 7  # the same reading: kept as written
+    for key, value in [("mlp_layer_types", ["sparse", "dense"]), ("mlp_layer_types", ["dense"]),
+                       ("layer_types", ["sliding_attention"] * 2)]:
+        with pytest.raises(ValueError, match=key):
+            ModelConfig.from_dict({**d, key: value})
+
+
+def test_num_mtp_layers_alias():
+    d = make_config().to_dict()
+    del d["num_nextn_predict_layers"]
+    assert ModelConfig.from_dict({**d, "num_mtp_layers": 2}).num_nextn_predict_layers == 2
+    with pytest.raises(ValueError, match="num_mtp_layers=2 and num_nextn_predict_layers=1"):
+        ModelConfig.from_dict({**d, "num_mtp_layers": 2, "num_nextn_predict_layers": 1})
+
+
+def test_quantization_config_checked_and_dropped():
+    fp8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    d = make_config().to_dict()
+    assert "quantization_config" not in ModelConfig.from_dict({**d, "quantization_config": fp8}).to_dict()
+    for bad in ({**fp8, "weight_block_size": [64, 64]}, {**fp8, "fmt": "e5m2"}, {"quant_method": "bitsandbytes"}):
+        with pytest.raises(ValueError, match="quantization_config"):
+            ModelConfig.from_dict({**d, "quantization_config": bad})

@@ -14,6 +14,7 @@ import torch
 from dsfs import checkpointing, data
 from dsfs.checkpointing import CheckpointError
 from dsfs.data import DataError
+from dsfs.evaluation import eval_batches
 from dsfs.generate import eval_starts, evaluate, evaluate_checkpoint, generate_text, load_tokenizer
 from reference import Model
 from tests.test_train import _cli, make_data_dir, micro_train
@@ -69,7 +70,7 @@ def test_eval_matches_the_trainer(run, data_dir):
         math.exp(r["loss"]))
     tokens = data.load_tokens(data_dir, "val")
     model = Model.from_pretrained(run / "final")
-    assert evaluate(model, tokens, 4, 32, 2) == evaluate(model, tokens, 4, 32, 2)  # fixed windows
+    assert evaluate(model, eval_batches(tokens, 4, 32, 2)) == r["loss"]  # the same fixed windows
     assert eval_starts(100, 3, 10) == [0, 44, 89]
 
 
@@ -116,3 +117,32 @@ def test_generate_and_eval_on_cuda(run, data_dir):
     cpu = evaluate_checkpoint(run, data_dir, batches=2, batch_size=4, seq_len=32, device="cpu")["loss"]
     gpu = evaluate_checkpoint(run, data_dir, batches=2, batch_size=4, seq_len=32, device="cuda")["loss"]
     assert gpu == pytest.approx(cpu, rel=2e-2)  # bf16 autocast
+
+
+def test_checkpoint_without_tokenizer_and_the_tokenizer_flag(capsys, run, data_dir, tmp_path):
+    """A model directory without tokenizer.json (as transformers saves them): generate and eval name --tokenizer
+    PATH in one line; --tokenizer takes a tokenizer.json file or a directory that holds one."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(run / "final", bare)
+    (bare / "tokenizer.json").unlink()
+    gen = ["generate", "--checkpoint", bare, "--max-new-tokens", 8, "--temperature", 0, "--device", "cpu"]
+    ev = ["eval", "--checkpoint", bare, "--data", data_dir, "--batches", 1, "--batch-size", 2, "--seq-len", 16,
+          "--device", "cpu"]
+    for argv in (gen, ev):
+        rc, _, err = _cli(capsys, *argv)
+        assert rc == 1 and err.count("\n") == 1 and "holds no tokenizer.json: pass --tokenizer PATH" in err, err
+    rc, want, _ = _cli(capsys, "generate", "--checkpoint", run / "final", "--max-new-tokens", 8, "--temperature", 0,
+                       "--device", "cpu")
+    for tok in (data_dir, data_dir / "tokenizer.json"):
+        rc, out, err = _cli(capsys, *gen, "--tokenizer", tok)
+        assert rc == 0 and out == want, err
+    rc, out, err = _cli(capsys, *ev, "--tokenizer", data_dir)
+    assert rc == 0 and "val loss" in out, err
+    rc, _, err = _cli(capsys, *gen, "--tokenizer", tmp_path / "missing.json")
+    assert rc == 1 and err.count("\n") == 1 and "--tokenizer" in err and "no such file" in err
+    other = tmp_path / "other.json"
+    other.write_text((data_dir / "tokenizer.json").read_text().replace("<|pad|>", "<|PAD|>"))
+    rc, _, err = _cli(capsys, *ev, "--tokenizer", other)
+    assert rc == 1 and err.count("\n") == 1 and "tokenizer mismatch" in err

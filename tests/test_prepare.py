@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from collections import Counter
@@ -353,3 +354,71 @@ def test_cli_usage(capsys):
     assert rc == 2 and err.startswith("dsfs: error: argument <verb>: invalid choice")
     rc, _, err = _cli(capsys)
     assert rc == 2 and "prepare" in err
+
+
+# ---------------------------------------------------------------- the default source where ../shared/data is absent
+
+
+class _FakeHubFile(io.BytesIO):
+    """Stands in for `huggingface_hub.HfFileSystem().open(...)`: records the path and the bytes read."""
+
+    opened: list[str] = []
+
+    def __init__(self, path: str, content: bytes):
+        super().__init__(content)
+        self.opened.append(path)
+
+
+def _fake_hub(monkeypatch, content: bytes, n_bytes: int) -> list[str]:
+    monkeypatch.setattr(data, "TINYSTORIES_SAMPLE_BYTES", n_bytes)
+    _FakeHubFile.opened = []
+    monkeypatch.setattr(data, "_open_hub_file", lambda path: _FakeHubFile(path, content))
+    return _FakeHubFile.opened
+
+
+def test_fetch_tinystories_sample_reads_the_slice_and_caches_it(tmp_path, monkeypatch, capsys):
+    content = ("Once upon a time, a café.\n<|endoftext|>\n" * 3000).encode()
+    n = content.index("é".encode(), 40_000) + 1  # the slice ends inside é (2 bytes in UTF-8)
+    opened = _fake_hub(monkeypatch, content, n)
+    dest = data.fetch_tinystories_sample(tmp_path / "cache" / "sample.txt")
+    assert opened == ["datasets/roneneldan/TinyStories/TinyStories-train.txt"]
+    assert dest.read_bytes() == content[: n - 1]  # the slice, without the cut character
+    assert "TinyStories" in capsys.readouterr().err  # the progress bar
+    monkeypatch.setattr(data, "_open_hub_file", lambda path: pytest.fail("read the hub again"))
+    assert data.fetch_tinystories_sample(tmp_path / "cache" / "sample.txt") == dest  # cached
+    assert data.TINYSTORIES_SAMPLE == Path("data_cache/tinystories_sample.txt")
+
+
+def test_default_run_without_shared_data_fetches_the_sample(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEFAULT_INPUT", tmp_path / "no-shared" / "tinystories_sample.txt")
+    monkeypatch.chdir(tmp_path)
+    text = _source_text().encode()
+    _fake_hub(monkeypatch, text + b"<|endoftext|> never read", len(text))
+    out = data.prepare(vocab_size=300, verbose=False)
+    assert out == Path("data_cache/tinystories_sample-v300")
+    meta = data.load_meta(out)
+    assert meta["source"]["path"] == str((tmp_path / "data_cache" / "tinystories_sample.txt").resolve())
+    assert meta["source"]["bytes"] == len(text) and meta["splits"]["val"]["documents"] >= 1
+
+
+@pytest.mark.parametrize("how", ["hub error", "HF_HUB_OFFLINE"])
+def test_default_run_offline_says_how_to_pass_a_local_file(how, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(data, "DEFAULT_INPUT", tmp_path / "no-shared" / "tinystories_sample.txt")
+    monkeypatch.chdir(tmp_path)
+    if how == "hub error":
+        def unreachable(path):
+            raise ConnectionError("Cannot reach https://huggingface.co\nsecond line")
+
+        monkeypatch.setattr(data, "_open_hub_file", unreachable)
+    else:  # the real huggingface_hub, told it is offline: it raises before any request
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="dsfs prepare --input PATH"):
+        data.prepare(verbose=False)
+    for argv in (["prepare", "-q"], ["train", "--out", tmp_path / "run", "-q"]):
+        rc, _, err = _cli(capsys, *argv)
+        assert rc == 1 and err.count("\n") == 1, err
+        assert err.startswith("dsfs: error: no input: ") and "roneneldan/TinyStories" in err
+        assert "`dsfs prepare --input PATH`" in err and "`dsfs train --data DIR`" in err
+    assert not (tmp_path / "data_cache" / "tinystories_sample.txt").exists()

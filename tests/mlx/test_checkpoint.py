@@ -1,24 +1,30 @@
 """runtime_mlx checkpoints: the Hugging Face directory it writes opens in mlx_lm and in the reference with the
 same logits, and it opens the reference's (also FP8 block-quantized and transformers' packed experts); writing
-is atomic; bad directories raise."""
+is atomic; bad directories raise. Checkpoints from elsewhere (see tests/test_checkpoint.py): transformers-saved
+DeepSeek-V3 / V3.2 with default configs and a DeepSeek-V3-shaped FP8 release match transformers' logits."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import warnings
 
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from safetensors.torch import load_file, save_file
 
 from reference import Model as ReferenceModel
 from reference.fp8 import weight_quant
 from runtime_mlx import Model
+from runtime_mlx.checkpoint import to_hf
 from tests.mlx.utils import copy_weights, model_pair, mx, to_mx, to_torch
 from tests.reference_utils import make_config
+from tests.test_checkpoint import CASES, SEQ, draw_ids, hf_checkpoint, write_deepseek_checkpoint
 from tests.tolerance import assert_close
 
 mlx_utils = pytest.importorskip("mlx_lm.utils")
+transformers = pytest.importorskip("transformers")
 
 
 def _config(attention_type="mla", **kw):
@@ -95,6 +101,7 @@ def test_fp8_and_packed_experts(tmp_path):
     assert_close(to_torch(got), expected, what="fp8 + packed experts")
 
 
+@pytest.mark.filterwarnings("ignore:checkpoint .* MTP depth")  # the 3-layer config reads layer 2 as main
 def test_save_is_atomic_and_bad_dirs_raise(tmp_path, monkeypatch):
     _, model = model_pair(_config())
     model.save_pretrained(tmp_path / "ck")
@@ -119,3 +126,62 @@ def test_save_is_atomic_and_bad_dirs_raise(tmp_path, monkeypatch):
     (tmp_path / "ck" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt"):
         Model.from_pretrained(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_default_checkpoint_loads(case, tmp_path):
+    hf = hf_checkpoint(case, tmp_path / "hf")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = Model.from_pretrained(tmp_path / "hf")
+        ids = draw_ids(ReferenceModel.from_pretrained(tmp_path / "hf"))  # DSA: top-k cuts with a margin
+    said = [str(w.message) for w in caught]
+    if CASES[case][0] == "DeepseekV3":  # transformers' default asks for one MTP depth and writes none
+        assert len(said) == 2 and "(missing depth 0: model.layers.2.*); loading without it" in said[0], said
+    else:
+        assert said == []
+    assert model.config.num_nextn_predict_layers == 0 and len(model.mtp) == 0
+    with torch.no_grad():
+        expected = hf(ids).logits
+    got = model(to_mx(ids))
+    err = assert_close(to_torch(got), expected, torch.float32, what=f"runtime_mlx loading transformers' {case}")
+    print(f"\n[mlx checkpoint] transformers {case}: rel err {err:.2e}")
+    model.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = Model.from_pretrained(tmp_path / "ours")
+    assert mx.array_equal(again(to_mx(ids)), got)
+
+
+def test_missing_mtp_init(tmp_path):
+    hf_checkpoint("v3_moe", tmp_path / "hf")
+    mx.random.seed(5)
+    with pytest.warns(UserWarning, match=r"missing depth 0: model\.layers\.2\.\*\); initialized fresh"):
+        model = Model.from_pretrained(tmp_path / "hf", missing_mtp="init")
+    assert model.config.num_nextn_predict_layers == 1
+    mx.random.seed(5)
+    fresh = dict(tree_flatten(Model(model.config).parameters()))
+    for k, v in tree_flatten(model.parameters()):
+        assert mx.array_equal(v, fresh[k]) == k.startswith("mtp.0."), k  # only the MTP depth keeps its init
+    model.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    with pytest.raises(ValueError, match="missing_mtp='skip'; expected one of"):
+        Model.from_pretrained(tmp_path / "hf", missing_mtp="skip")
+
+
+def test_deepseek_release_shape_loads(tmp_path):
+    ck, hf_dir, values = write_deepseek_checkpoint(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = Model.from_pretrained(ck, dtype=mx.float32)  # the unquantized tensors are stored in bf16
+    main, mtp = to_hf(model)
+    got = {**main, **mtp}
+    assert sorted(got) == sorted(values)
+    for name, v in values.items():  # FP8 dequantized in 128x128 blocks; the MTP layer in the MTP module
+        assert torch.equal(to_torch(got[name]).float(), v), name
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    err = assert_close(to_torch(model(to_mx(ids))), expected, torch.float32, what="runtime_mlx, DeepSeek-shaped FP8")
+    print(f"\n[mlx checkpoint] DeepSeek-shaped FP8: rel err {err:.2e}")

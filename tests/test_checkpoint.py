@@ -1,0 +1,253 @@
+"""reference/checkpoint.py: checkpoints from elsewhere.
+
+- ``transformers``-saved DeepSeek-V3 / V3.2 checkpoints with default configs (except sizes) load, and the main
+  model's logits equal transformers' within 1e-5 (float32). Their config asks for an MTP depth the files lack
+  (``num_nextn_predict_layers`` 1), for more dense layers than there are layers (``first_k_dense_replace`` 3),
+  and for routing groups that do not fit the experts (``n_group`` 8) where no layer routes.
+- Missing MTP depths are dropped (the default) or initialized fresh from the caller's RNG, with a warning that
+  names them; a gap in the depths is refused under "drop"; what the model saves matches its config.
+- A tiny checkpoint shaped like DeepSeek-V3's release (FP8 e4m3 weights + 128x128 ``weight_scale_inv``, YaRN,
+  the MTP layer with its embedding and head copies, sharded files with an index) loads with the weights
+  dequantized where the files say, the MTP weights in the MTP module, and transformers' logits on the
+  dequantized weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from reference import Model, ModelConfig
+from reference.checkpoint import to_hf_state_dict
+from reference.fp8 import weight_quant
+from tests.reference_utils import randomize_
+from tests.tolerance import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 97, 11
+SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+             qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, max_position_embeddings=64)
+INDEXER = dict(index_n_heads=8, index_head_dim=16, index_topk=4)  # sizes: index_topk 4 < SEQ, so it selects
+MOE = dict(first_k_dense_replace=1, n_group=2, topk_group=1, num_experts_per_tok=2)  # routing transformers runs
+CASES = {  # (transformers family, config values besides the defaults)
+    "v3_defaults": ("DeepseekV3", {}),
+    "v3_moe": ("DeepseekV3", MOE),
+    "v3_mtp_would_route": ("DeepseekV3", dict(first_k_dense_replace=2)),  # only the absent MTP layer 2 routes
+    "v32_defaults": ("DeepseekV32", INDEXER),
+    "v32_moe": ("DeepseekV32", {**INDEXER, **MOE}),
+}
+
+
+@torch.no_grad()
+def randomize_hf(model, gen: torch.Generator) -> None:
+    """O(1) logits for a transformers model: matrices (and expert stacks) N(0, 1/fan_in), embeddings N(0, 1),
+    norm gains 1 + N(0, 0.1^2), biases N(0, 0.1^2), routing correction biases U(0, 0.1)."""
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            p.copy_((0.0 if name.endswith("bias") else 1.0) + 0.1 * torch.randn(p.shape, generator=gen))
+        elif "embed" in name:
+            p.copy_(torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.1 * torch.rand(b.shape, generator=gen))
+
+
+def hf_checkpoint(case: str, path, seed: int = 0):
+    """Save ``transformers.<family>ForCausalLM(<family>Config(**SIZES, ...))`` with O(1) random weights to
+    ``path``; return the transformers model (eval mode)."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    family, values = CASES[case]
+    config = getattr(transformers, f"{family}Config")(**SIZES, **values)
+    hf = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    randomize_hf(hf, torch.Generator().manual_seed(seed))
+    hf.save_pretrained(path)
+    return hf
+
+
+def draw_ids(model: Model, seed: int = 0) -> torch.Tensor:
+    """(2, SEQ) token ids; for DSA, ids whose indexer top-k cuts have a relative margin > 1e-3 (DESIGN.md)."""
+    from tests.test_oracle import topk_margin
+
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        ids = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
+        if model.config.attention_type != "dsa" or topk_margin(model, ids) > 1e-3:
+            return ids
+    raise AssertionError("could not draw indexer scores without near-ties")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_default_checkpoint_loads(case, tmp_path):
+    hf = hf_checkpoint(case, tmp_path / "hf")
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    if CASES[case][0] == "DeepseekV3":  # transformers' default asks for one MTP depth and writes none
+        assert raw["num_nextn_predict_layers"] == 1
+        with pytest.warns(UserWarning, match=r"asks for 1 MTP depth but the weights hold none \(missing depth 0: "
+                                             r"model\.layers\.2\.\*\); loading without it"):
+            model = Model.from_pretrained(tmp_path / "hf")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = Model.from_pretrained(tmp_path / "hf")
+    c = model.config
+    assert c.num_nextn_predict_layers == 0 and len(model.mtp) == 0
+    assert c.first_k_dense_replace == raw["first_k_dense_replace"]
+    assert [c.is_moe_layer(i) for i in range(2)] == ([False, True] if "moe" in case else [False, False])
+    ids = draw_ids(model)
+    with torch.no_grad():
+        expected, got = hf(ids).logits, model(ids)
+    assert 0.5 < expected.std().item() < 2.0, "weights too small to test"
+    err = assert_close(got, expected, torch.float32, what=f"reference loading transformers' {case}")
+    print(f"\n[checkpoint] transformers {case}: rel err {err:.2e}")
+
+    model.save_pretrained(tmp_path / "ours")  # its config now matches its files: no warning on reload
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = Model.from_pretrained(tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.equal(again(ids), got)
+
+
+def test_missing_mtp_init_draws_from_the_callers_rng_and_saves(tmp_path):
+    hf = hf_checkpoint("v3_moe", tmp_path / "hf")
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match=r"missing depth 0: model\.layers\.2\.\*\); initialized fresh"):
+        model = Model.from_pretrained(tmp_path / "hf", missing_mtp="init")
+    assert model.config.num_nextn_predict_layers == 1 and len(model.mtp) == 1
+    torch.manual_seed(5)
+    fresh = Model(model.config).state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh[k]) == k.startswith("mtp.0."), k  # only the MTP depth keeps its init
+    ids = draw_ids(model)
+    with torch.no_grad():
+        assert_close(model(ids), hf(ids).logits, torch.float32, what="main model with a fresh MTP depth")
+    model.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = Model.from_pretrained(tmp_path / "ours")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_mtp_gap_and_bad_mode(tmp_path):
+    """Depths 0 and 2 of three: "drop" cannot drop a middle depth and names it; "init" fills it in."""
+    cfg = ModelConfig(**{**SIZES, **MOE}, num_nextn_predict_layers=3)
+    torch.manual_seed(0)
+    randomize_(Model(cfg)).save_pretrained(tmp_path / "ck")
+    mtp = load_file(tmp_path / "ck" / "mtp.safetensors")
+    kept = {k: v for k, v in mtp.items() if not k.startswith("model.layers.3.")}
+    save_file(kept, tmp_path / "ck" / "mtp.safetensors")
+    with pytest.raises(ValueError, match=r"MTP depths \[0, 2\] are not consecutive from 0: depth 1 "
+                                         r"\(model\.layers\.3\.\*\) is missing"):
+        Model.from_pretrained(tmp_path / "ck")
+    with pytest.warns(UserWarning, match=r"asks for 3 MTP depths but the weights hold depths \[0, 2\] \(missing "
+                                         r"depth 1: model\.layers\.3\.\*\); initialized fresh"):
+        model = Model.from_pretrained(tmp_path / "ck", missing_mtp="init")
+    assert torch.equal(model.mtp[2].eh_proj.weight, mtp["model.layers.4.eh_proj.weight"])
+    with pytest.raises(ValueError, match="missing_mtp='skip'; expected one of"):
+        Model.from_pretrained(tmp_path / "ck", missing_mtp="skip")
+
+
+# ---------------------------------------------------------------- a checkpoint shaped like DeepSeek-V3's release
+
+# Sizes with quantized matrices 128 wide (kv_b_proj has 128 rows) and ragged ones (hidden 160 = 128 + 32).
+DEEPSEEK_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                 "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 160, "initializer_range": 0.02, "intermediate_size": 200,
+    "kv_lora_rank": 64, "max_position_embeddings": 320, "model_type": "deepseek_v3", "moe_intermediate_size": 64,
+    "moe_layer_freq": 1, "n_group": 2, "n_routed_experts": 8, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 2, "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_key_value_heads": 2,
+    "num_nextn_predict_layers": 1, "q_lora_rank": 136, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 8, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 32, "vocab_size": 131,
+}
+_QUANTIZED = ("_proj.weight",)  # attention and FFN matrices; not the router (gate), eh_proj, embeddings or head
+
+
+def _dequant(w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """128x128 block dequantization written out: every element times its block's scale."""
+    s = scale_inv.repeat_interleave(128, 0).repeat_interleave(128, 1)[: w.shape[0], : w.shape[1]]
+    return w.float() * s
+
+
+def write_deepseek_checkpoint(root):
+    """Under ``root``: the checkpoint directory as DeepSeek ships it (two shards + index, the MTP layer in the
+    second shard) and a copy for transformers with the same values dequantized and no MTP layer. Returns
+    ``(checkpoint dir, transformers' dir, {name: float32 value of every tensor of the checkpoint})``."""
+    fields = {k: v for k, v in DEEPSEEK_CONFIG.items() if k != "quantization_config"}
+    torch.manual_seed(0)
+    randomize_(Model(ModelConfig.from_dict(fields)), router_bias=0.05).save_pretrained(root / "ours")
+    tensors = {**load_file(root / "ours" / "model.safetensors"), **load_file(root / "ours" / "mtp.safetensors")}
+    assert "model.layers.2.embed_tokens.weight" in tensors and "model.layers.2.shared_head.head.weight" in tensors
+    stored, values = {}, {}
+    for name, t in tensors.items():
+        if name.endswith(_QUANTIZED) and "eh_proj" not in name:
+            stored[name], stored[name + "_scale_inv"] = weight_quant(t)
+            values[name] = _dequant(stored[name], stored[name + "_scale_inv"])
+        elif name.endswith("e_score_correction_bias"):
+            stored[name] = values[name] = t
+        else:
+            stored[name] = t.to(torch.bfloat16)
+            values[name] = stored[name].float()
+    assert {tuple(stored[n].shape) for n in stored if n.endswith("kv_b_proj.weight")} == {(128, 64)}
+    assert stored["model.layers.2.mlp.experts.7.down_proj.weight_scale_inv"].shape == (2, 1)  # 160 rows: ragged
+    ck = root / "deepseek"
+    ck.mkdir()
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in stored.items() if ".layers.2." not in k},
+              "model-00002-of-00002.safetensors": {k: v for k, v in stored.items() if ".layers.2." in k}}
+    for file, part in shards.items():
+        save_file(part, ck / file, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: f for f, part in shards.items() for k in part}}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    (ck / "config.json").write_text(json.dumps(DEEPSEEK_CONFIG))
+    # transformers cannot open FP8 on a CPU without accelerate: it gets the same values, dequantized
+    hf = root / "dequantized"
+    hf.mkdir()
+    save_file({k: v for k, v in values.items() if ".layers.2." not in k}, hf / "model.safetensors")
+    (hf / "config.json").write_text(json.dumps(fields))
+    return ck, hf, values
+
+
+def test_deepseek_release_shape_loads(tmp_path):
+    ck, hf_dir, values = write_deepseek_checkpoint(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the MTP layer is there: nothing to warn about
+        model = Model.from_pretrained(ck)
+    c = model.config
+    assert c.num_nextn_predict_layers == 1 and c.first_k_dense_replace == 1 and c.rope_scaling["factor"] == 40
+    assert "quantization_config" not in c.to_dict(), "the loaded weights are dequantized"
+    main, mtp = to_hf_state_dict(model)
+    got = {**main, **mtp}
+    assert sorted(got) == sorted(values)
+    for name, v in values.items():  # every tensor, the MTP layer's included, where the files put it
+        assert torch.equal(got[name], v), name
+    assert torch.equal(model.mtp[0].eh_proj.weight, values["model.layers.2.eh_proj.weight"])
+    assert torch.equal(model.mtp[0].self_attn.kv_b_proj.weight, values["model.layers.2.self_attn.kv_b_proj.weight"])
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, c.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, out = hf(ids).logits, model(ids)
+    assert 0.5 < expected.std().item() < 2.0, "weights too small to test"
+    err = assert_close(out, expected, torch.float32, what="reference loading the DeepSeek-shaped FP8 checkpoint")
+    print(f"\n[checkpoint] DeepSeek-shaped FP8: rel err {err:.2e} against transformers on the dequantized weights")
