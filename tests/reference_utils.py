@@ -66,6 +66,12 @@ def make_model(config: ModelConfig, dtype=torch.float32, router_bias: float = 0.
     return model.to(dtype).eval()
 
 
+def tiny_model(attention_type: str = "mla", dtype=torch.float32, router_bias: float = 0.05, **overrides) -> Model:
+    """`make_model` of `make_config` (``attention_type``, ``overrides``) with correction biases of scale
+    ``router_bias``: the model most reference tests draw."""
+    return make_model(make_config(attention_type, **overrides), dtype, router_bias=router_bias)
+
+
 def assert_o1(t: torch.Tensor, what: str = "logits", lo: float = 0.3, hi: float = 3.0) -> float:
     """Assert that ``t`` is not nearly constant: its std lies in [lo, hi]. Returns the std."""
     s = t.detach().double().std().item()

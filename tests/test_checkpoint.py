@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 
 import pytest
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from reference import Model, ModelConfig
 from reference.checkpoint import to_hf_state_dict
 from reference.fp8 import weight_quant
-from tests.reference_utils import randomize_
+from tests.reference_utils import make_config, rand_ids, randomize_, tiny_model
 from tests.tolerance import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -251,3 +252,145 @@ def test_deepseek_release_shape_loads(tmp_path):
     assert 0.5 < expected.std().item() < 2.0, "weights too small to test"
     err = assert_close(out, expected, torch.float32, what="reference loading the DeepSeek-shaped FP8 checkpoint")
     print(f"\n[checkpoint] DeepSeek-shaped FP8: rel err {err:.2e} against transformers on the dequantized weights")
+
+
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize(
+    "attention_type, kw",
+    [("mla", dict(q_lora_rank=12, num_nextn_predict_layers=1)),
+     ("dsa", dict(num_nextn_predict_layers=1)),
+     ("gqa", dict(moe_type="standard", tie_word_embeddings=True)),
+     pytest.param("mla", dict(num_nextn_predict_layers=2), id="mla-mtp2"),
+     pytest.param("mla", dict(num_nextn_predict_layers=1, tie_word_embeddings=True), id="mla-mtp1-tied")],
+)
+def test_save_load_round_trip(tmp_path, attention_type, kw):
+    model = tiny_model(attention_type, router_bias=0.1, **kw)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    mtp = model.config.num_nextn_predict_layers
+    expected = {"config.json", "model.safetensors"} | ({"mtp.safetensors"} if mtp else set())
+    assert set(os.listdir(ckpt)) == expected
+    assert os.listdir(tmp_path) == ["ckpt"], "temporary directory left behind"
+
+    loaded = Model.from_pretrained(ckpt)
+    assert not loaded.training  # as transformers: loaded for inference (no dropout, no load counting)
+    _assert_same_state(model, loaded)
+    ids = rand_ids(model.config, 3, 7)
+    assert torch.equal(loaded(ids), model(ids))
+    a, b = model.loss(ids, ids), loaded.loss(ids, ids)
+    assert torch.equal(a.loss, b.loss) and len(a.mtp_losses) == mtp
+
+    main = load_file(ckpt / "model.safetensors")
+    n = model.config.num_hidden_layers
+    assert not any(k.startswith(f"model.layers.{n}.") for k in main)
+    if model.config.moe_type == "deepseek":
+        assert "model.layers.1.mlp.experts.7.gate_proj.weight" in main
+        assert "model.layers.1.mlp.gate.e_score_correction_bias" in main
+    if attention_type == "dsa":
+        assert "model.layers.0.self_attn.indexer.wk.weight" in main
+        assert json.loads((ckpt / "config.json").read_text())["model_type"] == "deepseek_v32"
+    if attention_type == "mla":
+        assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in main
+    if mtp:
+        extra = load_file(ckpt / "mtp.safetensors")
+        for k in range(mtp):
+            for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                         "embed_tokens.weight", "shared_head.head.weight"):
+                assert f"model.layers.{n + k}.{name}" in extra
+    if model.config.tie_word_embeddings:  # written as a copy (mlx_lm's deepseek_v3 needs it), tied again on load
+        assert torch.equal(main["lm_head.weight"], main["model.embed_tokens.weight"])
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_save_over_existing_checkpoint_is_atomic(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    old = tiny_model("mla", num_nextn_predict_layers=1)
+    old.save_pretrained(ckpt)
+    new = tiny_model("mla", num_nextn_predict_layers=1)
+    new.save_pretrained(ckpt)  # replaces it
+    assert os.listdir(tmp_path) == ["ckpt"]
+    _assert_same_state(Model.from_pretrained(ckpt), new)
+
+    import reference.checkpoint as ckp
+
+    real = ckp.save_file
+
+    def crash_on_mtp(tensors, filename, metadata=None):
+        if str(filename).endswith("mtp.safetensors"):
+            raise OSError("disk full")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckp, "save_file", crash_on_mtp)
+    with pytest.raises(OSError, match="disk full"):
+        old.save_pretrained(ckpt)
+    assert os.listdir(tmp_path) == ["ckpt"], "a crashed save left files behind"
+    _assert_same_state(Model.from_pretrained(ckpt), new)  # the previous checkpoint is intact
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_hf_name_mapping_takes_any_array_library(tie):
+    """`to_hf_names` / `from_hf_names` map names only: numpy arrays (stack and unstack passed in) get the names the
+    torch checkpoint writes, and map back to the reference's state_dict unchanged."""
+    import numpy as np
+
+    from reference.checkpoint import from_hf_names, to_hf_names, to_hf_state_dict
+
+    model = tiny_model("mla", num_nextn_predict_layers=1, tie_word_embeddings=tie)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    main, mtp = to_hf_names(sd, model.config, unstack=list)
+    assert [main.keys(), mtp.keys()] == [d.keys() for d in to_hf_state_dict(model)]
+    back = from_hf_names({**main, **mtp}, model.config, stack=np.stack, dequant=None)
+    want = {k for k in sd if not k.startswith("rotary.") and not (tie and k == "lm_head.weight")}
+    assert back.keys() == want and all(np.array_equal(back[k], sd[k]) for k in want)
+
+
+def test_save_copies_tokenizer(tmp_path):
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text('{"model": {}}')
+    tiny_model("mla").save_pretrained(tmp_path / "ckpt", tokenizer_file=tok)
+    assert (tmp_path / "ckpt" / "tokenizer.json").read_text() == '{"model": {}}'
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_safetensors_raises(tmp_path, damage):
+    ckpt = tmp_path / "ckpt"
+    tiny_model("mla").save_pretrained(ckpt)
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(b"\x13\x00garbage" * 10 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        Model.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [(dict(hidden_size=48), ["shape", "config"]),
+     (dict(n_routed_experts=16), ["experts"]),
+     (dict(num_hidden_layers=3), ["does not match", "missing"]),
+     (dict(q_lora_rank=12), ["missing", "q_a_proj"])],
+)
+def test_config_mismatch_raises(tmp_path, edit, words):
+    ckpt = tmp_path / "ckpt"
+    tiny_model("mla", num_nextn_predict_layers=1).save_pretrained(ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(edit)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as ei:
+        Model.from_pretrained(ckpt)
+    for w in words:
+        assert w in str(ei.value), str(ei.value)
+
+
+def test_missing_checkpoint_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Model.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    make_config().save_json(tmp_path / "empty" / "config.json")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        Model.from_pretrained(tmp_path / "empty")
