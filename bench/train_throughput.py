@@ -6,7 +6,7 @@ Both models get the same configuration (``--shape tiny``: the model `uv run dsfs
 same optimizer, and train the same number of steps. ``--optimizer adamw`` (default): AdamW lr 2e-3, PyTorch's
 fused implementation; ``--optimizer muon``: `reference.muon.Muon` (what `dsfs train` uses for the tiny preset) on
 the hidden matrices of both models, AdamW on embeddings, LM head, routers and vectors. The reference is compiled
-as `dsfs train` does it (`dsfs.train.compiled_loss`); warm-up steps absorb the compilation. MTP is off for the
+as `dsfs train` does it (`dsfs.trainer.compiled_loss`); warm-up steps absorb the compilation. MTP is off for the
 like-for-like comparison (transformers does not train MTP); the reference with MTP depth 1 is timed as well.
 
 The models train interleaved: the timed steps are cut into rounds and every model runs each round in turn, so a
@@ -30,7 +30,7 @@ import time
 import torch
 
 from dsfs.presets import MODEL_PRESETS
-from dsfs.train import compiled_loss
+from dsfs.trainer import compiled_loss
 from reference import Model, ModelConfig
 from reference.muon import Muon
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dsfs.data import DataError
+from dsfs.errors import CheckpointError
 from reference.checkpoint import replace_dir
 
 STATE_FILE = "trainer_state.pt"
@@ -29,10 +29,6 @@ STATE_FORMAT = 1
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
-
-
-class CheckpointError(DataError):
-    """A missing, corrupt or mismatched checkpoint; the message names the directory and what is wrong."""
 
 
 def step_dir_name(step: int) -> str:

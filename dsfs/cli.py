@@ -2,7 +2,7 @@
 
 Each verb is one ``add_<verb>(subparsers)`` function that registers its subparser and sets ``func`` (called
 with the parsed namespace, returns an exit code); listing it in ``COMMANDS`` adds the verb. Bad input (a
-``DataError`` raised by the verb, an ``OSError``, a bad option) exits non-zero with one line on stderr,
+`dsfs.errors.UserError` raised by the verb, an ``OSError``, a bad option) exits non-zero with one line on stderr,
 ``dsfs: error: <reason>``, and no traceback; any other exception is a bug and keeps its traceback.
 """
 
@@ -13,6 +13,7 @@ import sys
 
 from dsfs import data
 from dsfs.data import DataError
+from dsfs.errors import ConfigError, UserError
 
 
 class _UsageError(Exception):
@@ -43,7 +44,8 @@ def add_prepare(sub) -> None:
     src.add_argument(
         "--input",
         metavar="PATH",
-        help=f"source .txt or .jsonl file (default: {data.DEFAULT_INPUT}, when it exists)",
+        help=f"source .txt or .jsonl file (default: {data.DEFAULT_INPUT}, when it exists, else the same first "
+        f"2 MiB of {data.TINYSTORIES_REPO}'s train file, fetched from the Hugging Face hub and cached)",
     )
     src.add_argument(
         "--dataset",
@@ -92,10 +94,11 @@ def add_train(sub) -> None:
         "train",
         help="pretrain a DeepSeek-V3-style model (MLA + DeepSeekMoE + MTP) on prepared token shards",
         description=(
-            "Train a preset model with AdamW (warmup + cosine), the MTP loss and bias-based MoE balancing. "
-            "Writes metrics.jsonl, loss.png, checkpoints/step_N (Hugging Face model + trainer_state.pt) and "
-            "final/ to --out. Ctrl-C saves a checkpoint; --resume continues exactly. Training options default "
-            "to the preset's values (on --resume: the checkpoint's)."
+            "Train a preset model, or start from any checkpoint's weights (--init-from), with AdamW or Muon "
+            "(warmup + cosine), the MTP loss and bias-based MoE balancing. Writes metrics.jsonl, loss.png, "
+            "checkpoints/step_N (Hugging Face model + trainer_state.pt) and final/ to --out. Ctrl-C saves a "
+            "checkpoint; --resume continues exactly. Training options default to the preset's values (on "
+            "--resume: the checkpoint's)."
         ),
     )
     p.add_argument("--preset", choices=list(TRAIN_PRESETS), help="model + training preset (default: tiny, "
@@ -106,8 +109,17 @@ def add_train(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cuda", "mlx"],
                    help="auto: mlx on Apple Silicon, cuda when available, else reference (the plain-PyTorch "
                    "model on CPU); default: %(default)s")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
-                   help="continue the newest checkpoint of --out, or of PATH (a step, checkpoints or run dir)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                       help="continue the newest checkpoint of --out, or of PATH (a step, checkpoints or run dir) "
+                       "exactly: its weights, optimizer state, step and data order")
+    start.add_argument("--init-from", metavar="DIR",
+                       help="start a new run (step 0, fresh optimizer and data order) from the weights and model "
+                       "config of a checkpoint: a model dir (ours or transformers-saved DeepseekV3ForCausalLM), a "
+                       "run's final/ or checkpoints/step_N, or a run dir; the preset gives the training options")
+    p.add_argument("--num-nextn-predict-layers", type=int, metavar="N",
+                   help="MTP depths (0: no MTP); default: the preset's, or with --init-from the checkpoint "
+                   "config's, those its files lack initialized fresh")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="model init and data order (default: 0)")
     p.add_argument("--keep-last", type=int, default=3, metavar="K", help="checkpoints kept (default: 3; 0: all)")
@@ -141,12 +153,16 @@ def _run_train(args) -> int:
 
     if args.threads is not None:
         if args.threads < 1:
-            raise DataError(f"--threads {args.threads}: expected >= 1")
+            raise ConfigError(f"--threads {args.threads}: expected >= 1")
         torch.set_num_threads(args.threads)
+    depths = args.num_nextn_predict_layers
+    if depths is not None and depths < 0:
+        raise ConfigError(f"--num-nextn-predict-layers {depths}: expected >= 0")
     fields = ("max_steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "grad_accum",
               "eval_every", "eval_batches", "mtp_weight", "weight_decay", "grad_clip", "optimizer")
     s = train(
-        args.preset, args.data, args.out, resume=args.resume, backend=args.backend, seed=args.seed,
+        args.preset, args.data, args.out, resume=args.resume, init_from=args.init_from, backend=args.backend,
+        seed=args.seed, model_overrides={"num_nextn_predict_layers": depths} if depths is not None else None,
         compile={"auto": "auto", "on": True, "off": False}[args.compile],
         keep_last=args.keep_last, save_every=args.save_every, overwrite=args.overwrite, verbose=not args.quiet,
         time_budget_s=args.time_budget, **{f: getattr(args, f) for f in fields},
@@ -158,6 +174,10 @@ def _run_train(args) -> int:
     print(f"final model: {s['final_dir']}\ncheckpoint: {s['checkpoint']}\nmetrics: {s['metrics']}\n"
           f"plot: {s['plot']}")
     return 0
+
+
+TOKENIZER_HELP = ("a tokenizer.json file, or a directory that holds one (default: the model directory's; "
+                  "checkpoints from elsewhere may have none)")
 
 
 def add_generate(sub) -> None:
@@ -176,6 +196,7 @@ def add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="rerun the whole prefix each token (no KV cache)")
+    p.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="default: cuda when available, else cpu")
     p.set_defaults(func=_run_generate)
@@ -186,7 +207,7 @@ def _run_generate(args) -> int:
     from dsfs.checkpointing import load_model_dir, resolve_model_dir
 
     model_dir = resolve_model_dir(args.checkpoint)
-    tok = G.load_tokenizer(model_dir)
+    tok = G.load_tokenizer(model_dir, args.tokenizer)
     model = load_model_dir(model_dir, device=G.pick_device(args.device))
     if args.max_new_tokens < 0:
         raise DataError(f"--max-new-tokens {args.max_new_tokens}: expected >= 0")
@@ -215,6 +236,8 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="default: %(default)s")
     p.add_argument("--seq-len", type=int, default=256, metavar="T",
                    help="capped at the model's max_position_embeddings (default: %(default)s)")
+    p.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP + "; it must be the one --data was "
+                   "prepared with")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="default: cuda when available, else cpu")
     p.set_defaults(func=_run_eval)
@@ -227,7 +250,7 @@ def _run_eval(args) -> int:
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
     r = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batches, args.batch_size, args.seq_len,
-                            args.device)
+                            args.device, args.tokenizer)
     print(f"{r['split']} loss {r['loss']:.4f} nats/token, perplexity {r['ppl']:.2f} "
           f"({r['tokens']:,} tokens, {r['model_dir']})")
     return 0
@@ -261,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         print(f"dsfs: error: {e}", file=sys.stderr)
         return 2
-    except (DataError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"dsfs: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

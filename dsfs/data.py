@@ -17,6 +17,11 @@ literal text of a special token (``<think>``, ``<|user|>``, ...) is encoded with
 
 Sources are streamed (read a few times, never held in memory whole) and shards written in chunks, so memory
 stays small even for the full TinyStories train file (about 1.9 GB).
+
+The default source is ``../shared/data/tinystories_sample.txt`` (the first 2 MiB of TinyStories' train file).
+Where it is absent (every user's clone), the default run fetches the same slice, the first 2,097,152 bytes of
+``TinyStories-train.txt`` of the Hugging Face dataset ``roneneldan/TinyStories``, through ``huggingface_hub``
+(an HTTP range request, `fetch_tinystories_sample`) and caches it as ``data_cache/tinystories_sample.txt``.
 """
 
 from __future__ import annotations
@@ -52,12 +57,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = REPO_ROOT.parent / "shared" / "data" / "tinystories_sample.txt"
 TINYSTORIES_REPO = "roneneldan/TinyStories"
 TINYSTORIES_FILES = ("TinyStories-train.txt", "TinyStories-valid.txt")
+TINYSTORIES_SAMPLE_BYTES = 2 * 1024 * 1024  # the shared sample's size: the default run's slice of the train file
+TINYSTORIES_SAMPLE = Path("data_cache") / "tinystories_sample.txt"  # where the fetched slice is cached
+_FETCH_CHUNK = 256 * 1024  # bytes per range request (and progress-bar step)
 _ENCODE_CHUNK = 2048  # documents per encode_batch call
 
-
-class DataError(ValueError):
-    """Bad data-preparation input (missing, empty or malformed file, bad option); the message says where."""
-
+from dsfs.errors import DataError  # noqa: E402 (defined with the other user errors; imported from here too)
 
 # ---------------------------------------------------------------- reading
 
@@ -271,6 +276,62 @@ def download_tinystories() -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def _open_hub_file(path: str):
+    """Open ``path`` (``datasets/<repo>/<file>``) on the Hugging Face hub for reading; each ``read`` is an HTTP
+    range request (``huggingface_hub.HfFileSystem``)."""
+    from huggingface_hub import HfFileSystem
+
+    return HfFileSystem().open(path, "rb", block_size=_FETCH_CHUNK)
+
+
+def _whole_utf8(raw: bytes) -> bytes:
+    """``raw`` without a UTF-8 character that its end cuts (a byte range may end inside one)."""
+    for i in range(1, min(4, len(raw)) + 1):
+        b = raw[-i]
+        if b & 0xC0 != 0x80:  # the last lead (or ASCII) byte
+            need = 1 if b < 0x80 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return raw[:-i] if need > i else raw
+    return raw
+
+
+def fetch_tinystories_sample(dest: str | os.PathLike | None = None, verbose: bool = True) -> Path:
+    """The default run's text where ``../shared/data`` is absent: the first ``TINYSTORIES_SAMPLE_BYTES``
+    (2,097,152) bytes of ``TinyStories-train.txt`` of the hub dataset ``roneneldan/TinyStories``, the slice the
+    shared ``tinystories_sample.txt`` holds, so the default run's results stay comparable. Its last story is cut
+    mid-sentence (and a character the cut splits is dropped).
+
+    Read by HTTP range requests (`_open_hub_file`) with a tqdm progress bar on stderr when ``verbose``, and cached
+    at ``dest`` (default ``data_cache/tinystories_sample.txt`` under the current directory; written atomically):
+    a later call reads the cache and needs no network. Returns ``dest``. Raises ``DataError``, one line that says
+    how to pass a local file, when the hub cannot be reached (offline, ``HF_HUB_OFFLINE=1``) or the read fails.
+    """
+    dest = Path(dest) if dest is not None else TINYSTORIES_SAMPLE
+    if dest.is_file():
+        return dest
+    remote, n = f"datasets/{TINYSTORIES_REPO}/{TINYSTORIES_FILES[0]}", TINYSTORIES_SAMPLE_BYTES
+    chunks: list[bytes] = []
+    try:
+        with (
+            _open_hub_file(remote) as f,
+            tqdm(total=n, unit="B", unit_scale=True, desc="TinyStories", disable=not verbose, file=sys.stderr) as bar,
+        ):
+            while (got := sum(map(len, chunks))) < n and (block := f.read(min(_FETCH_CHUNK, n - got))):
+                chunks.append(block)
+                bar.update(len(block))
+    except Exception as e:  # network, offline mode, auth: all end the same way for the user
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataError(
+            f"no input: {DEFAULT_INPUT} does not exist and fetching the first {n:,} bytes of {TINYSTORIES_FILES[0]} "
+            f"from the Hugging Face hub dataset {TINYSTORIES_REPO} failed ({reason}); pass a local file with "
+            "`dsfs prepare --input PATH`, or a prepared directory with `dsfs train --data DIR`"
+        ) from e
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(_whole_utf8(b"".join(chunks)))
+    tmp.replace(dest)
+    return dest
+
+
 def _write_shards(tmp: Path, docs, tok, dtype: np.dtype, total: int, verbose: bool) -> dict:
     """Encode ``(document, split)`` pairs in chunks, add ids + eos to ``tmp/<split>.bin``; return counts."""
     eos = tok.token_to_id(EOS)
@@ -312,7 +373,8 @@ def prepare(
     """Train a tokenizer on a text source and write packed token shards; return the output directory.
 
     ``input``: a ``.txt`` (``<|endoftext|>``-separated) or ``.jsonl`` file (see ``iter_documents``); default
-    ``../shared/data/tinystories_sample.txt`` relative to the repository root, when it exists.
+    ``../shared/data/tinystories_sample.txt`` relative to the repository root, when it exists, else the same
+    slice of TinyStories fetched from the Hugging Face hub and cached (`fetch_tinystories_sample`).
     ``dataset="tinystories"`` instead downloads ``roneneldan/TinyStories``, whose valid file becomes
     ``val_input``.
     ``out_dir``: default ``data_cache/<input stem>-v<vocab_size>`` under the current directory.
@@ -340,12 +402,7 @@ def prepare(
             raise DataError(f"unknown dataset {dataset!r} (known: tinystories)")
         input, val_input = download_tinystories()
     if input is None:
-        if not DEFAULT_INPUT.is_file():
-            raise DataError(
-                f"no input: the default {DEFAULT_INPUT} does not exist; "
-                "pass --input PATH or --dataset tinystories"
-            )
-        input = DEFAULT_INPUT
+        input = DEFAULT_INPUT if DEFAULT_INPUT.is_file() else fetch_tinystories_sample(verbose=verbose)
     input = Path(input)
     dtype = shard_dtype(vocab_size)
     if val_input is None and not 0.0 < val_fraction < 1.0:

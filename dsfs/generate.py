@@ -1,5 +1,5 @@
-"""Text generation and validation loss: the helpers behind ``dsfs generate`` and ``dsfs eval`` (the trainer
-uses ``evaluate`` too).
+"""Text generation and validation loss: the helpers behind ``dsfs generate`` and ``dsfs eval`` (whose loss is
+`dsfs.evaluation.evaluate`, the trainer's).
 
 Prompts are encoded with the checkpoint's ``tokenizer.json`` and preceded by the eos token: in the packed
 training stream every document follows the previous document's eos, so this is the context the model saw at
@@ -8,19 +8,17 @@ the start of each story (and an empty prompt works).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dsfs.checkpointing import CheckpointError, load_model_dir, resolve_model_dir
 from dsfs.data import DataError, file_sha256, load_meta, load_tokens
+from dsfs.evaluation import eval_batches, eval_starts, evaluate  # noqa: F401 (eval_starts: imported from here too)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -34,65 +32,23 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context elsewhere (CPU and MPS stay float32)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------- evaluation
 
 
-def eval_starts(n_tokens: int, n_windows: int, seq_len: int) -> list[int]:
-    """Start offsets of ``n_windows`` windows of ``seq_len + 1`` tokens spread evenly over ``n_tokens``
-    (first at 0, last at ``n_tokens - seq_len - 1``); the same every call. Windows overlap when the split is
-    short. Raises ``DataError`` when ``n_tokens < seq_len + 1``."""
-    span = n_tokens - seq_len - 1
-    if span < 0:
-        raise DataError(f"only {n_tokens} tokens: too few for seq_len {seq_len} (need at least {seq_len + 1})")
-    if n_windows == 1:
-        return [0]
-    return [i * span // (n_windows - 1) for i in range(n_windows)]
-
-
-@torch.no_grad()
-def evaluate(model, tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int, device=None) -> float:
-    """Mean next-token cross-entropy (nats/token) of the main model over fixed windows of ``tokens``.
-
-    ``n_batches`` batches of ``batch_size`` windows of ``seq_len`` inputs (positions from ``eval_starts``, so
-    every call sees the same tokens); MTP heads and balance losses are not counted. Runs in eval mode under
-    ``no_grad`` (bf16 autocast on CUDA) and restores the model's train/eval mode. ``device``: where batches
-    go (default: the model's). Raises ``DataError`` when ``tokens`` is too short for ``seq_len``.
-    """
-    device = device or next(model.parameters()).device
-    starts = eval_starts(len(tokens), n_batches * batch_size, seq_len)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    try:
-        for b in range(n_batches):
-            rows = [np.asarray(tokens[s : s + seq_len + 1]) for s in starts[b * batch_size : (b + 1) * batch_size]]
-            w = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
-            with autocast(device):
-                logits = model(w[:, :-1])
-            total += F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten()).item()
-    finally:
-        model.train(was_training)
-    return total / n_batches
-
-
-def check_tokenizer(model_dir: str | os.PathLike, data_dir: str | os.PathLike, vocab_size: int) -> None:
-    """Raise ``DataError`` when the data directory's tokenizer differs from the model's: another vocab size
-    than ``vocab_size``, or (when the model directory holds one) a different ``tokenizer.json``."""
+def check_tokenizer(model_dir: str | os.PathLike, data_dir: str | os.PathLike, vocab_size: int,
+                    tokenizer: str | os.PathLike | None = None) -> None:
+    """Raise ``DataError`` when the data directory's tokenizer differs from the model's (`tokenizer_file` of
+    ``model_dir`` and ``tokenizer``): another vocab size than ``vocab_size``, or a different ``tokenizer.json``.
+    ``CheckpointError`` (naming ``--tokenizer PATH``) when the model has no tokenizer to compare."""
+    mine = tokenizer_file(model_dir, tokenizer)
     meta = load_meta(data_dir)
     if meta["vocab_size"] != vocab_size:
         raise DataError(
             f"vocab size mismatch: the model in {model_dir} has vocab_size {vocab_size}, "
             f"the data in {data_dir} has {meta['vocab_size']}"
         )
-    mine, theirs = Path(model_dir) / "tokenizer.json", Path(data_dir) / meta.get("tokenizer", "tokenizer.json")
-    if mine.is_file() and theirs.is_file() and file_sha256(mine) != file_sha256(theirs):
+    theirs = Path(data_dir) / meta.get("tokenizer", "tokenizer.json")
+    if theirs.is_file() and file_sha256(mine) != file_sha256(theirs):
         raise DataError(f"tokenizer mismatch: {mine} differs from {theirs} (the data was prepared with another one)")
 
 
@@ -104,21 +60,27 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     seq_len: int = 256,
     device: str = "auto",
+    tokenizer: str | os.PathLike | None = None,
 ) -> dict:
-    """Load a model (see ``resolve_model_dir``) and ``evaluate`` it on ``split`` of a prepared directory.
+    """Load a model (see ``resolve_model_dir``) whose tokenizer (the model directory's, or ``tokenizer``: see
+    `tokenizer_file`) prepared ``data_dir``, and `dsfs.evaluation.evaluate` it on ``batches`` batches of
+    ``batch_size`` windows (`dsfs.evaluation.eval_batches`) of ``split`` of a prepared directory, as the trainer's
+    evaluations.
 
     ``seq_len`` is capped at the model's ``max_position_embeddings``. Returns ``{"loss", "ppl", "tokens",
     "model_dir", "split"}`` (loss in nats/token, ``tokens`` = inputs scored). Raises ``DataError`` /
-    ``CheckpointError`` for a missing checkpoint or data directory, a tokenizer mismatch or a too-short split.
+    ``CheckpointError`` for a missing checkpoint, tokenizer or data directory, a tokenizer mismatch or a too-short
+    split.
     """
     model_dir = resolve_model_dir(checkpoint)
+    tokenizer_file(model_dir, tokenizer)  # before the model loads: fail fast
     dev = pick_device(device)
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: no such data directory (run dsfs prepare, or pass --data DIR)")
     model = load_model_dir(model_dir, device=dev)
-    check_tokenizer(model_dir, data_dir, model.config.vocab_size)
+    check_tokenizer(model_dir, data_dir, model.config.vocab_size, tokenizer)
     seq_len = min(seq_len, model.config.max_position_embeddings)
-    loss = evaluate(model, load_tokens(data_dir, split), batch_size, seq_len, batches, dev)
+    loss = evaluate(model, eval_batches(load_tokens(data_dir, split), batch_size, seq_len, batches))
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": batches * batch_size * seq_len,
             "model_dir": str(model_dir), "split": split}
 
@@ -140,13 +102,30 @@ class Generation:
         return self.new_tokens / max(self.seconds, 1e-9)
 
 
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The ``tokenizers.Tokenizer`` of a model directory's ``tokenizer.json``; ``CheckpointError`` if absent."""
-    from tokenizers import Tokenizer
-
+def tokenizer_file(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Path:
+    """The ``tokenizer.json`` to use with the model in ``model_dir``: ``tokenizer`` when given (a tokenizer.json
+    file, or a directory that holds one: ``--tokenizer PATH``), else the model directory's. Raises
+    ``CheckpointError`` when that file does not exist; without ``tokenizer`` the one-line message says to pass
+    ``--tokenizer PATH`` (checkpoints saved by ``transformers`` or taken from elsewhere often hold none)."""
+    if tokenizer is not None:
+        path = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+        if not path.is_file():
+            raise CheckpointError(f"--tokenizer {tokenizer}: no such file (expected a tokenizer.json file or a "
+                                  "directory that holds one)")
+        return path
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (the checkpoint was saved without its tokenizer)")
+        raise CheckpointError(f"{model_dir} holds no tokenizer.json: pass --tokenizer PATH (a tokenizer.json file "
+                              "or a directory that holds one, e.g. the dsfs prepare output the model was trained on)")
+    return path
+
+
+def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
+    """The ``tokenizers.Tokenizer`` of `tokenizer_file` (``tokenizer``, else the model directory's
+    ``tokenizer.json``). Raises ``CheckpointError`` when absent (naming ``--tokenizer PATH``) or unreadable."""
+    from tokenizers import Tokenizer
+
+    path = tokenizer_file(model_dir, tokenizer)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:

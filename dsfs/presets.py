@@ -1,10 +1,13 @@
 """Model and training presets for ``dsfs train --preset``.
 
 ``tiny`` (DeepSeekMoE + MLA + MTP depth 1) is sized for 2 CPU cores and 10 minutes; ``small`` and ``base`` are
-for a GPU or an Apple Silicon Mac. Each preset is a ``ModelConfig`` keyword dict plus training defaults.
+for a GPU or an Apple Silicon Mac. Each preset is a ``ModelConfig`` keyword dict (`MODEL_PRESETS`) plus a
+`TrainConfig` (`TRAIN_PRESETS`).
 """
 
 from __future__ import annotations
+
+from dsfs.train_config import TrainConfig
 
 MODEL_PRESETS: dict[str, dict] = {
     # hidden 128: in less wall-clock time it ends where hidden 192 does (bench/results/tiny_preset_sweep.md). The
@@ -33,19 +36,19 @@ MODEL_PRESETS: dict[str, dict] = {
     ),
 }
 
-TRAIN_PRESETS: dict[str, dict] = {
+TRAIN_PRESETS: dict[str, TrainConfig] = {
     # under 10 minutes on 2 CPU cores: 1,300 x 8 x 256 = 2.7M tokens (5.4 epochs of the sample) at ~0.35 s a step
     # with Muon (Newton-Schulz adds ~0.08 s a step here, and gains ~0.1 nats over AdamW at equal steps); weight
     # decay 1.0 against the overfitting; the cosine ends at 0 (Muon's step size is lr times a fixed norm, so only
     # a zero lr removes its noise: 0.04 nats over ending at 0.1 lr); the time budget caps a slow machine's run at
     # 9 min 10 s of training. The sweep behind each value: bench/results/tiny_preset_sweep.md
-    "tiny": dict(batch_size=8, seq_len=256, lr=6e-3, min_lr_ratio=0.0, warmup_steps=60, max_steps=1300,
-                 time_budget_s=550, weight_decay=1.0, grad_clip=1.0, grad_accum=1, eval_every=100,
-                 eval_batches=12, mtp_weight=0.3, optimizer="muon"),
-    "small": dict(batch_size=32, seq_len=512, lr=1e-3, min_lr_ratio=0.1, warmup_steps=200, max_steps=5000,
-                  time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=1, eval_every=250,
-                  eval_batches=32, mtp_weight=0.3, optimizer="adamw"),
-    "base": dict(batch_size=32, seq_len=1024, lr=6e-4, min_lr_ratio=0.1, warmup_steps=500, max_steps=20000,
-                 time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=4, eval_every=500,
-                 eval_batches=32, mtp_weight=0.3, optimizer="adamw"),
+    "tiny": TrainConfig(batch_size=8, seq_len=256, lr=6e-3, min_lr_ratio=0.0, warmup_steps=60, max_steps=1300,
+                        time_budget_s=550, weight_decay=1.0, grad_clip=1.0, grad_accum=1, eval_every=100,
+                        eval_batches=12, mtp_weight=0.3, optimizer="muon"),
+    "small": TrainConfig(batch_size=32, seq_len=512, lr=1e-3, min_lr_ratio=0.1, warmup_steps=200, max_steps=5000,
+                         time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=1, eval_every=250,
+                         eval_batches=32, mtp_weight=0.3, optimizer="adamw"),
+    "base": TrainConfig(batch_size=32, seq_len=1024, lr=6e-4, min_lr_ratio=0.1, warmup_steps=500, max_steps=20000,
+                        time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=4, eval_every=500,
+                        eval_batches=32, mtp_weight=0.3, optimizer="adamw"),
 }

@@ -1,7 +1,9 @@
 """The MLX backend of ``dsfs train --backend mlx``: `MLXTrainer`, the per-step work that the one training loop
-(`dsfs.train.train`: schedule, batches, accumulation sums, evaluation cadence, metrics, checkpoints, resume) drives.
+(`dsfs.loop.TrainingRun`: schedule, batches, accumulation sums, evaluation cadence, metrics, checkpoints, resume)
+drives through the `dsfs.trainer.Trainer` protocol.
 
-The reference's optimizer, group by group, through ``mlx.optimizers.MultiOptimizer``: AdamW (betas, eps and weight
+The reference's optimizer, group by group (`reference.optim.optimizer_groups`), through
+``mlx.optimizers.MultiOptimizer``: AdamW (betas, eps and weight
 decay of each parameter group: decoupled decay on matrices only, none on norms, biases, embeddings;
 bias-corrected), and for ``--optimizer muon`` `runtime_mlx.muon.Muon` on the hidden matrices,
 ``optim.clip_grad_norm``, the MTP loss weight, and the auxiliary-loss-free MoE bias update applied eagerly after
@@ -10,12 +12,11 @@ each optimizer step (the loads come out of the compiled micro-step). The micro-s
 (the experts' ``gather_mm`` runs over all N*K token copies), so the MoE compiles without graph breaks.
 
 Carries over between backends (a run started with one continues with the other): the optimizer state goes to and
-from the layout of the reference optimizer's ``state_dict()`` (moments, step, groups; the
-caller passes that optimizer's groups), and a fresh run starts from the reference model's initial weights
-(`from_reference`); weights go through the Hugging Face checkpoint (`runtime_mlx.Model.save_pretrained`).
+from the layout of the reference optimizer's ``state_dict()`` (moments, step, groups), and a fresh run starts from
+the reference model's initial weights (`from_reference`); weights go through the Hugging Face checkpoint
+(`runtime_mlx.Model.save_pretrained`).
 
-No ``dsfs`` import: what the loop knows (hyperparameters, the reference optimizer's groups, batches as torch
-tensors, evaluation windows as numpy arrays) is passed in.
+No ``dsfs`` import: what the loop knows (hyperparameters, batches as dicts of torch tensors) is passed in.
 
 On Linux, MLX's CPU wheel uses a slow bundled BLAS; preloading OpenBLAS speeds it up about 20x (DESIGN.md):
 ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 dsfs train --backend mlx``.
@@ -32,6 +33,8 @@ import mlx.optimizers as optim
 import numpy as np
 import torch
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from reference.optim import optimizer_groups
 
 from . import kernels
 from .checkpoint import load_torch_state_dict
@@ -129,17 +132,21 @@ def _to_mx(t: torch.Tensor) -> mx.array:
 
 
 class MLXTrainer:
-    """The MLX side of `dsfs.train.train`, with the interface of `dsfs.train.TorchTrainer`.
+    """A `dsfs.trainer.Trainer` for language modelling with a `runtime_mlx.Model`, the MLX twin of
+    `dsfs.trainer.TorchTrainer` (same arguments but the device).
 
-    ``model``: a `runtime_mlx.Model` (put in train mode); ``groups``: the reference optimizer's parameter groups
-    (see `make_mlx_optimizer`); ``grad_clip``: max global gradient norm (0: no clipping); ``mtp_weight``: weight of
-    the MTP loss; ``compile``: ``mx.compile`` the micro-step and the update. Attributes for the loop: ``model``
-    (``save_pretrained``), ``device_type`` ("gpu" or "cpu"), ``n_params``, ``label`` (kernel path and compilation,
-    for the start line), ``note`` (the OpenBLAS hint on a Linux CPU without it, else ``None``), ``summary``
-    (``{"kernel_path": ...}`` for the run summary).
+    ``model``: put in train mode; the optimizer: the reference's (`reference.optim.optimizer_groups` of ``lr``,
+    ``weight_decay``, ``optimizer``: ``"adamw"`` or ``"muon"``) through `make_mlx_optimizer`; ``grad_clip``: max
+    global gradient norm (0: no clipping); ``mtp_weight``: weight of the MTP loss; ``compile``: ``mx.compile`` the
+    micro-step and the update. Attributes for the loop: ``model``, ``device_type`` ("gpu" or "cpu"), ``n_params``,
+    ``label`` (kernel path and compilation, for the start line), ``note`` (the OpenBLAS hint on a Linux CPU
+    without it, else ``None``), ``summary`` (``{"kernel_path": ...}`` for the run summary), ``groups`` (the
+    optimizer's parameter groups by name).
     """
 
-    def __init__(self, model: Model, groups: list[dict], grad_clip: float, mtp_weight: float, compile: bool = True):
+    def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float, mtp_weight: float,
+                 compile: bool = True, optimizer: str = "adamw"):
+        groups = optimizer_groups(model.config, lr, weight_decay, optimizer)
         self.model, self.groups = model, groups
         model.train()
         self.opt = make_mlx_optimizer(groups)
@@ -174,15 +181,15 @@ class MLXTrainer:
         self.note = BLAS_NOTE if slow_blas and self.device_type == "cpu" else None
         self.summary = {"kernel_path": model.kernel_path}
 
-    def micro_step(self, x: torch.Tensor, y: torch.Tensor, accum: int) -> dict:
-        """Loss and gradients of one (B, T) int64 batch ``x`` with targets ``y``; ``1 / accum`` of the gradients
-        (and all of the expert loads) are added to those kept for `optimizer_step`. Returns floats ``loss``,
-        ``lm_loss``, ``aux_loss`` and ``mtp_loss`` (the mean over MTP depths; ``None`` without MTP). With dropout,
-        the masks' MLX key is drawn from torch's global generator, which the training loop checkpoints: a
+    def micro_step(self, batch: dict[str, torch.Tensor], accum: int) -> dict[str, float | None]:
+        """Loss and gradients of ``batch["input_ids"]`` (B, T) int64 with ``batch["targets"]``; ``1 / accum`` of the
+        gradients (and all of the expert loads) are added to those kept for `optimizer_step`. Returns floats
+        ``loss``, ``lm_loss``, ``mtp_loss`` (the mean over MTP depths; ``None`` without MTP) and ``aux_loss``. With
+        dropout, the masks' MLX key is drawn from torch's global generator, which the training loop checkpoints: a
         resumed run draws the same masks."""
         if self._reseed:
             mx.random.seed(int(torch.randint(0, 2**31 - 1, ())))
-        outs, g = self._micro(_to_mx(x), _to_mx(y))
+        outs, g = self._micro(_to_mx(batch["input_ids"]), _to_mx(batch["targets"]))
         g = tree_map(lambda a: a / accum, g) if accum > 1 else g
         self._grads = g if self._grads is None else tree_map(mx.add, self._grads, g)
         loads = list(outs[3 + self.n_mtp :])
@@ -191,30 +198,25 @@ class MLXTrainer:
         mtp = (sum(outs[3 : 3 + self.n_mtp]) / self.n_mtp).item() if self.n_mtp else None
         return {"loss": outs[0].item(), "lm_loss": outs[1].item(), "mtp_loss": mtp, "aux_loss": outs[2].item()}
 
-    def optimizer_step(self, lr: float) -> float:
+    def optimizer_step(self, lr: float) -> dict[str, float]:
         """Clip the accumulated gradients, apply the optimizer at learning rate ``lr``, update the MoE correction
-        biases from the accumulated loads, and clear both. Returns the global gradient norm before clipping."""
+        biases from the accumulated loads, and clear both. Returns ``{"grad_norm"}``: the global gradient norm
+        before clipping."""
         self.opt.learning_rate = lr
         norm = self._update(self._grads)
         if self._loads:
             self.model.update_moe_bias(self._loads)
         mx.eval(norm, self.model.state, self.opt.state)
         self._grads = self._loads = None
-        return norm.item()
+        return {"grad_norm": norm.item()}
 
-    def evaluate(self, windows: np.ndarray) -> float:
-        """Mean next-token cross-entropy (nats/token) of the main model over ``windows`` (n_batches, batch,
-        seq_len + 1) int token ids, one batch at a time, in eval mode (train mode again after)."""
-        self.model.eval()
-        try:
-            total = 0.0
-            for w in windows:
-                w = mx.array(w.astype(np.int32))
-                logits = self.model(w[:, :-1])
-                total += kernels.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)).mean().item()
-        finally:
-            self.model.train()
-        return total / len(windows)
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        """Mean next-token cross-entropy (nats/token) of the main model's logits for ``batch["input_ids"]`` against
+        ``batch["targets"]`` (the model already in eval mode; `dsfs.evaluation.evaluate` averages it over the
+        validation batches)."""
+        logits = self.model(_to_mx(batch["input_ids"]))
+        targets = _to_mx(batch["targets"])
+        return kernels.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).mean().item()
 
     def state_dict(self) -> dict:
         """The optimizer state in the reference optimizer's ``state_dict()`` layout (`optimizer_state_to_torch`)."""

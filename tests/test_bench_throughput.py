@@ -21,11 +21,11 @@ def test_interleaved_rounds_cover_every_model(tmp_path):
 
 def test_muon_rows_split_parameters_as_dsfs_train(tmp_path, monkeypatch):
     """``--optimizer muon`` trains every model with Muon; the bench's by-name split of the reference model is the
-    one `dsfs train` uses (`dsfs.train.param_groups`)."""
+    one `dsfs train` uses (`reference.optim.param_groups`)."""
     import torch
 
-    from dsfs.train import param_groups
     from reference import Model, ModelConfig
+    from reference.optim import param_groups
 
     monkeypatch.setattr(train_throughput, "OPTIMIZER", ["adamw"])  # main sets it; restored after the test
     out = tmp_path / "tt.json"

@@ -1,4 +1,5 @@
-"""`dsfs train`: loss falls, exact resume, atomic checkpoints, resume errors, backend choice, CLI errors.
+"""`dsfs train`: loss falls, exact resume, atomic checkpoints, resume errors, --init-from (our checkpoints and
+transformers-saved ones), the training config, backend choice, the trainer protocol, CLI errors.
 
 A micro model (hidden 32, 2 layers, MLA + DeepSeekMoE with 4 experts + MTP depth 1) trains on a ~100 KB slice
 of the shared TinyStories sample with a ~384-token tokenizer, so each run takes about a second.
@@ -13,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +22,19 @@ import torch
 from safetensors.torch import load_file
 
 from dsfs import checkpointing, cli, data
+from dsfs.backend import resolve_backend
 from dsfs.checkpointing import CheckpointError, load_trainer_state
 from dsfs.data import DataError
-from dsfs.train import BackendError, TorchTrainer, lr_at, make_optimizer, param_groups, resolve_backend, train
+from dsfs.errors import BackendError, ConfigError, UserError
+from dsfs.evaluation import eval_batches, evaluate
+from dsfs.loop import lr_at
+from dsfs.presets import TRAIN_PRESETS
+from dsfs.train import train
+from dsfs.train_config import TrainConfig
+from dsfs.trainer import TorchTrainer, Trainer
 from reference import Model, ModelConfig
 from reference.muon import Muon
+from reference.optim import make_optimizer, param_groups
 
 MICRO_MODEL = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, moe_intermediate_size=32,
@@ -288,7 +298,7 @@ def test_resume_rejects_other_data(data_dir, short_run, tmp_path):
     other = make_data_dir(tmp_path / "other", vocab_size=300)
     with pytest.raises(CheckpointError, match="other data"):
         micro_train(other, out, resume=True)
-    assert issubclass(CheckpointError, DataError)
+    assert issubclass(CheckpointError, UserError) and issubclass(DataError, UserError)
 
 
 def test_fresh_run_refuses_an_occupied_out_dir(data_dir, short_run, tmp_path):
@@ -305,6 +315,140 @@ def test_resume_without_checkpoint(data_dir, tmp_path):
         micro_train(data_dir, tmp_path / "empty", resume=True)
 
 
+# ---------------------------------------------------------------- --init-from
+
+
+def test_init_from_our_final_starts_at_step_0_with_its_weights(data_dir, short_run, tmp_path):
+    """A new run from a finished run's final/: step 0, its weights (the step-0 validation equals the source run's
+    last, bit for bit: same windows), a fresh optimizer; ``num_nextn_predict_layers`` 0 trains without MTP."""
+    out = tmp_path / "ft"
+    s = micro_train(data_dir, out, init_from=short_run / "final", model_overrides=None, max_steps=2, eval_every=2)
+    recs, evals = read_metrics(out)
+    assert s["steps"] == 2 and [r["step"] for r in recs] == [1, 2] and evals[0]["step"] == 0
+    assert evals[0]["val_loss"] == read_metrics(short_run)[1][-1]["val_loss"]
+    assert recs[0]["lr"] == lr_at(0, MICRO_TRAIN["lr"], MICRO_TRAIN["warmup_steps"], 2, 0.0)
+    state = load_trainer_state(out / "checkpoints/step_000002")
+    assert state["init_from"] == str((short_run / "final").resolve()) and state["step"] == 2
+    assert {float(v["step"]) for v in state["optimizer"]["state"].values() if "step" in v} == {2.0}  # a fresh one
+
+    s = micro_train(data_dir, tmp_path / "nomtp", init_from=short_run, model_overrides={"num_nextn_predict_layers": 0},
+                    max_steps=1, eval_every=1)
+    assert read_metrics(tmp_path / "nomtp")[0][0]["mtp_loss"] is None
+    assert Model.from_pretrained(tmp_path / "nomtp/final").config.num_nextn_predict_layers == 0
+    assert not (tmp_path / "nomtp/final/mtp.safetensors").exists()
+    with pytest.raises(UserError, match="not both"):
+        micro_train(data_dir, tmp_path / "x", init_from=short_run, resume=True)
+
+
+def test_init_from_transformers_checkpoint(data_dir, tmp_path, capsys):
+    """``dsfs train --init-from`` a ``DeepseekV3ForCausalLM`` saved by transformers with its default MTP depth 1
+    and no MTP weights: the depth is initialized fresh and the CLI says so; the step-0 validation loss is the
+    transformers model's; final/ holds the MTP weights its config names and the data's tokenizer ids."""
+    transformers = pytest.importorskip("transformers")
+    meta = data.load_meta(data_dir)
+    torch.manual_seed(0)
+    hf_cfg = transformers.DeepseekV3Config(
+        vocab_size=meta["vocab_size"], hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64)
+    hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert hf_cfg.num_nextn_predict_layers == 1
+    val = eval_batches(data.load_tokens(data_dir, "val"), 4, 32, 2)
+    want = evaluate(hf, val, lambda b: torch.nn.functional.cross_entropy(
+        hf(b["input_ids"]).logits.flatten(0, 1), b["targets"].flatten()).item())
+
+    out = tmp_path / "run"
+    rc, _, err = _cli(capsys, "train", "--init-from", tmp_path / "hf", "--data", data_dir, "--out", out,
+                      "--backend", "reference", "--compile", "off", "--max-steps", 2, "--batch-size", 4,
+                      "--seq-len", 32, "--eval-every", 2, "--eval-batches", 2, "--warmup-steps", 1,
+                      "--optimizer", "adamw")
+    assert rc == 0, err
+    assert "MTP depth" in err and "initialized fresh" in err and "bos/eos/pad ids" in err
+    evals = read_metrics(out)[1]
+    assert evals[0]["val_loss"] == pytest.approx(want, rel=1e-5)
+    final = json.loads((out / "final/config.json").read_text())
+    assert final["num_nextn_predict_layers"] == 1 and (out / "final/mtp.safetensors").is_file()
+    assert (final["bos_token_id"], final["eos_token_id"]) == (meta["bos_id"], meta["eos_id"])
+    Model.from_pretrained(out / "final")  # config and files agree: a strict load
+
+
+def test_init_from_run_resumes_exactly(data_dir, short_run, tmp_path):
+    """An --init-from run stopped after step 1 and resumed (its source deleted meanwhile) gives the same losses and
+    weights as an uninterrupted one."""
+    src = tmp_path / "src"
+    shutil.copytree(short_run / "final", src)
+    kw = dict(init_from=src, model_overrides=None, max_steps=6, eval_every=3)
+    micro_train(data_dir, tmp_path / "a", **kw)
+    assert micro_train(data_dir, tmp_path / "b", time_budget_s=0, **kw)["steps"] == 1
+    shutil.rmtree(src)
+    s = train(data_dir=data_dir, out_dir=tmp_path / "b", resume=True, backend="reference", verbose=False,
+              compile=False, time_budget_s=60)
+    assert s["steps"] == 6
+    (ta, ea), (tb, eb) = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    keys = ("step", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "tokens")
+    assert [[r[k] for k in keys] for r in ta] == [[r[k] for k in keys] for r in tb]
+    assert [e["val_loss"] for e in ea] == [e["val_loss"] for e in eb if e["step"] != 1]
+    wa, wb = (load_file(tmp_path / r / "final/model.safetensors") for r in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_init_from_rejects_data_that_does_not_fit(data_dir, short_run, tmp_path):
+    bigger = make_data_dir(tmp_path / "big", vocab_size=420)
+    with pytest.raises(DataError, match="vocab of 420 tokens.*vocab_size 384"):
+        micro_train(bigger, tmp_path / "o", init_from=short_run / "final", model_overrides=None)
+    smaller = make_data_dir(tmp_path / "small", vocab_size=300)
+    with pytest.raises(DataError, match="tokenizer mismatch: .*final/tokenizer.json differs from .*tokenizer.json"):
+        micro_train(smaller, tmp_path / "o", init_from=short_run / "final", model_overrides=None)
+
+
+# ---------------------------------------------------------------- training config and trainer protocol
+
+
+def test_train_config_validates_and_reads_old_checkpoints():
+    tiny = TRAIN_PRESETS["tiny"]
+    assert isinstance(tiny, TrainConfig) and TrainConfig.from_dict(tiny.to_dict()) == tiny
+    assert tiny.replace(lr=None, batch_size=2).batch_size == 2 and tiny.batch_size == 8
+    for field, value, msg in [("batch_size", 0, "batch_size=0: expected an integer >= 1"),
+                              ("warmup_steps", 1.5, "warmup_steps=1.5: expected an integer >= 0"),
+                              ("lr", float("nan"), "lr=nan: expected a finite number >= 0"),
+                              ("lr", 0.0, "lr=0.0: expected > 0"),
+                              ("optimizer", "sgd", "optimizer='sgd': expected one of adamw, muon"),
+                              ("time_budget_s", -1, "time_budget_s=-1: expected None or a number")]:
+        with pytest.raises(ConfigError, match=msg):
+            tiny.replace(**{field: value})
+    with pytest.raises(TypeError, match="unknown training fields"):
+        tiny.replace(batch=3)
+    with pytest.raises(ConfigError, match="seq_len=256 exceeds the model's max_position_embeddings=128"):
+        tiny.check_model(128)
+    old = {k: v for k, v in tiny.to_dict().items() if k != "optimizer"}  # written before the field existed
+    assert TrainConfig.from_dict(old) == tiny.replace(optimizer="adamw")
+    with pytest.raises(ConfigError, match=r"missing fields \['seq_len'\]"):
+        TrainConfig.from_dict({k: v for k, v in old.items() if k != "seq_len"})
+
+
+def assert_is_trainer(trainer) -> None:
+    """``trainer`` satisfies `dsfs.trainer.Trainer`: every attribute, and every method with the protocol's
+    parameter names."""
+    import inspect
+
+    assert isinstance(trainer, Trainer)
+    for name in ("micro_step", "optimizer_step", "eval_loss", "state_dict", "load_state_dict"):
+        want = list(inspect.signature(getattr(Trainer, name)).parameters)[1:]
+        assert list(inspect.signature(getattr(trainer, name)).parameters) == want, name
+
+
+def test_torch_trainer_satisfies_the_protocol():
+    trainer = TorchTrainer(_micro_model(), torch.device("cpu"), 1e-3, 0.1, 1.0, 0.3, compile=False)
+    assert_is_trainer(trainer)
+    batch = eval_batches((torch.arange(400) * 7 % 300).numpy(), 2, 16, 1)[0]
+    assert set(trainer.micro_step(batch, 1)) == {"loss", "lm_loss", "mtp_loss", "aux_loss"}
+    assert set(trainer.optimizer_step(1e-3)) == {"grad_norm"}
+    v = evaluate(trainer.model, [batch, batch], trainer.eval_loss)
+    assert trainer.model.training and v == evaluate(trainer.model, [batch], trainer.eval_loss)
+
+
 # ---------------------------------------------------------------- backend
 
 
@@ -316,12 +460,23 @@ def test_backend_resolution(monkeypatch):
     be = resolve_backend("auto")
     assert (be.name, be.model_cls, be.device.type, be.note) == ("reference", Model, "cpu", None)
     assert resolve_backend("reference").device.type == "cpu"
-    be = resolve_backend("mlx")
-    built = importlib.util.find_spec("mlx") is not None  # runtime_mlx needs mlx; without it the reference stands in
-    assert (be.model_cls.__module__ == "runtime_mlx.model" and be.note is None) if built else (
-        be.model_cls is Model and "runtime_mlx not built yet, using the reference model" in be.note)
+    if importlib.util.find_spec("mlx") is not None:
+        assert resolve_backend("mlx").model_cls.__module__ == "runtime_mlx.model"
     with pytest.raises(BackendError, match="unknown backend"):
         resolve_backend("tpu")
+
+
+def test_backend_import_error_is_shown(monkeypatch):
+    """A runtime that fails to import: asked for by name, an error carrying the ImportError; chosen by ``auto``,
+    the reference with a note naming it."""
+    monkeypatch.setitem(sys.modules, "runtime_mlx", None)  # importing it now raises ImportError
+    with pytest.raises(BackendError, match="backend mlx: runtime_mlx failed to import: .*runtime_mlx"):
+        resolve_backend("mlx")
+    monkeypatch.setattr("sys.platform", "darwin")
+    monkeypatch.setattr("platform.machine", lambda: "arm64")
+    be = resolve_backend("auto")
+    assert (be.name, be.model_cls, be.device.type) == ("reference", Model, "cpu")
+    assert be.note.startswith("backend mlx: runtime_mlx failed to import") and "reference model on cpu" in be.note
 
 
 # ---------------------------------------------------------------- CLI

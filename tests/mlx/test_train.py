@@ -15,13 +15,15 @@ import torch
 
 from dsfs import cli
 from dsfs.checkpointing import load_trainer_state
+from dsfs.evaluation import eval_batches, evaluate
 from dsfs.presets import MODEL_PRESETS
-from dsfs.train import optimizer_groups, train
+from dsfs.train import train
 from reference import Model as ReferenceModel
+from reference.optim import optimizer_groups
 from runtime_mlx import Model
-from runtime_mlx.train import make_mlx_optimizer, optimizer_state_from_torch, optimizer_state_to_torch
+from runtime_mlx.train import MLXTrainer, make_mlx_optimizer, optimizer_state_from_torch, optimizer_state_to_torch
 from tests.mlx.utils import mx, to_mx, to_torch
-from tests.test_train import MICRO_MODEL, MICRO_TRAIN, make_data_dir, read_metrics
+from tests.test_train import MICRO_MODEL, MICRO_TRAIN, assert_is_trainer, make_data_dir, read_metrics
 from tests.tolerance import assert_close
 
 STEPS = dict(MICRO_TRAIN, max_steps=4, eval_every=2, eval_batches=1, optimizer="adamw")
@@ -224,3 +226,35 @@ def test_muon_run_matches_reference_and_carries_over(data_dir, tmp_path):
     for a, b in zip(ours, theirs, strict=True):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
     assert math.isclose(ours_val[-1]["val_loss"], theirs_val[-1]["val_loss"], rel_tol=1e-4)
+
+
+def test_mlx_trainer_satisfies_the_protocol(reference_run):
+    """`MLXTrainer` is a `dsfs.trainer.Trainer`; its evaluation through `dsfs.evaluation.evaluate` is the reference
+    trainer's on the same weights."""
+    from dsfs.data import load_tokens
+
+    final = reference_run / "final"
+    trainer = MLXTrainer(Model.from_pretrained(final), 1e-3, 0.1, 1.0, 0.3, compile=False)
+    assert_is_trainer(trainer)
+    data_dir = load_trainer_state(reference_run / "checkpoints" / "step_000004")["data_dir"]
+    batches = eval_batches(load_tokens(data_dir, "val"), 2, 16, 2)
+    ours = evaluate(trainer.model, batches, trainer.eval_loss)
+    assert trainer.model.training
+    assert math.isclose(ours, evaluate(ReferenceModel.from_pretrained(final), batches), rel_tol=1e-5)
+    assert set(trainer.micro_step(batches[0], 1)) == {"loss", "lm_loss", "mtp_loss", "aux_loss"}
+    assert set(trainer.optimizer_step(1e-3)) == {"grad_norm"}
+
+
+def test_init_from_on_mlx_matches_reference(data_dir, reference_run, tmp_path):
+    """``init_from`` on the MLX backend starts from the same weights (step-0 validation) and follows the reference
+    backend's init-from run, with the checkpoint's MTP depth dropped (``num_nextn_predict_layers`` 0)."""
+    kw = dict(init_from=reference_run / "final", model_overrides={"num_nextn_predict_layers": 0})
+    runs = {b: tmp_path / b for b in ("reference", "mlx")}
+    for backend, out in runs.items():
+        train("tiny", data_dir, out, backend=backend, verbose=False, compile=False, **{**STEPS, **kw})
+    (ta, ea), (tb, eb) = read_metrics(runs["mlx"]), read_metrics(runs["reference"])
+    assert math.isclose(ea[0]["val_loss"], read_metrics(reference_run)[1][-1]["val_loss"], rel_tol=1e-5)
+    for a, b in zip(ta, tb, strict=True):
+        assert a["mtp_loss"] is None and math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
+    assert math.isclose(ea[-1]["val_loss"], eb[-1]["val_loss"], rel_tol=1e-5)
+    assert load_trainer_state(runs["mlx"] / "checkpoints" / "step_000004")["backend"] == "mlx"

@@ -1,0 +1,154 @@
+"""The per-step work of a training loop: the `Trainer` protocol, `TorchTrainer` (torch models with the
+``reference.Model`` API: the reference, ``runtime_cuda``) and `make_trainer`, which also picks
+``runtime_mlx.train.MLXTrainer`` for the MLX runtime.
+
+The loop (`dsfs.loop.TrainingRun`) owns the schedule, the batches, the metrics, the evaluation cadence and the
+checkpoints; a trainer owns the model, the optimizer and the backend's forward and backward. Pretraining feeds
+language-modelling batches; a post-training stage (SFT, DPO, GRPO) plugs in a trainer of its own whose
+``micro_step`` takes its own kind of batch and returns its own metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from dsfs.backend import Backend
+from dsfs.evaluation import Batch, autocast, torch_eval_loss
+from dsfs.train_config import TrainConfig
+from reference.optim import make_optimizer
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What the training loop needs of a trainer (``runtime_mlx.train.MLXTrainer`` and `TorchTrainer` satisfy it).
+
+    Attributes: ``model`` (the trained model: ``save_pretrained(path, tokenizer_file=...)`` for checkpoints, and
+    ``training`` / ``eval()`` / ``train(mode)`` for `dsfs.evaluation.evaluate`), ``device_type`` (``"cpu"``,
+    ``"cuda"``, ``"gpu"``, ...), ``n_params``, ``label`` (appended to the start line, e.g. ``" (torch.compile)"``),
+    ``note`` (one line to print at the start, or ``None``), ``summary`` (extra fields of the run summary).
+
+    A step: ``micro_step(batch, accum)`` once per micro-batch (``batch``: a dict of CPU tensors, the kind of batch
+    this trainer trains on; pretraining's is ``{"input_ids", "targets"}``), accumulating ``1 / accum`` of the
+    gradients, returns metrics as a dict of floats (``None`` for a metric that does not apply, e.g. ``mtp_loss``
+    without MTP) that the loop averages over the micro-batches and logs; ``"loss"``, the optimized objective, is
+    required (the loop stops on a non-finite one). Then ``optimizer_step(lr)`` clips, updates the weights at
+    learning rate ``lr``, clears the gradients and returns metrics of the step (``{"grad_norm": ...}``).
+
+    ``eval_loss(batch)``: the validation loss (a float, lower is better) of one evaluation batch, the model
+    already in eval mode, no gradients. ``state_dict()`` / ``load_state_dict(sd)``: the optimizer state in the
+    reference optimizer's layout, so a run continues on another backend (``ValueError`` / ``KeyError`` when it does
+    not fit the model).
+    """
+
+    model: Any
+    device_type: str
+    n_params: int
+    label: str
+    note: str | None
+    summary: dict
+
+    def micro_step(self, batch: Batch, accum: int) -> dict[str, float | None]: ...
+
+    def optimizer_step(self, lr: float) -> dict[str, float]: ...
+
+    def eval_loss(self, batch: Batch) -> float: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, sd: dict) -> None: ...
+
+
+def compiled_loss(model: nn.Module) -> Callable:
+    """``torch.compile(model.loss)``. On CPU the experts run through ``F.grouped_mm`` and the whole forward is one
+    graph (the input check and the valid-token count stay outside it). Where the per-expert loop runs instead
+    (CUDA, float64, autocast) it is a graph break with routing-dependent segment sizes, so each decoder-layer
+    type is compiled on its own, more variants than Dynamo's default limit of 8 allows: the limits are raised."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    return torch.compile(model.loss)
+
+
+class TorchTrainer:
+    """A `Trainer` for language modelling with a torch model of the ``reference.Model`` API.
+
+    ``model`` is moved to ``device`` in train mode; the optimizer is `reference.optim.make_optimizer` (``lr``,
+    ``weight_decay``, ``optimizer``: ``"adamw"`` or ``"muon"``); the loss runs through `compiled_loss` when
+    ``compile``, under bf16 autocast on CUDA; gradients are clipped to ``grad_clip`` (0: no clipping);
+    ``mtp_weight`` weighs the MTP loss; the MoE correction biases are updated after each optimizer step.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, lr: float, weight_decay: float, grad_clip: float,
+                 mtp_weight: float, compile: bool, optimizer: str = "adamw"):
+        self.model, self.device, self.mtp_weight = model.to(device).train(), device, mtp_weight
+        self.opt = make_optimizer(self.model, lr, weight_decay, optimizer)
+        self.loss_fn = compiled_loss(self.model) if compile else self.model.loss
+        self.clip = grad_clip if grad_clip > 0 else float("inf")
+        self.device_type, self.n_params = device.type, sum(p.numel() for p in self.model.parameters())
+        self.label, self.note, self.summary = " (torch.compile)" if compile else "", None, {}
+
+    def micro_step(self, batch: Batch, accum: int) -> dict[str, float | None]:
+        """Forward and backward of ``loss / accum`` for ``batch["input_ids"]`` (B, T) int64 with ``batch["targets"]``
+        (gradients accumulate in ``.grad``). Returns floats ``loss``, ``lm_loss``, ``mtp_loss`` (the mean over MTP
+        depths; ``None`` without MTP) and ``aux_loss``."""
+        x = batch["input_ids"].to(self.device, non_blocking=True)
+        y = batch["targets"].to(self.device, non_blocking=True)
+        with autocast(self.device):
+            o = self.loss_fn(x, y, mtp_weight=self.mtp_weight)
+        (o.loss / accum).backward()
+        mtp = torch.stack(o.mtp_losses).mean().item() if o.mtp_losses else None
+        return {"loss": o.loss.item(), "lm_loss": o.lm_loss.item(), "mtp_loss": mtp, "aux_loss": float(o.aux_loss)}
+
+    def optimizer_step(self, lr: float) -> dict[str, float]:
+        """Clip the accumulated gradients, step the optimizer at learning rate ``lr``, clear the gradients and update
+        the MoE correction biases. Returns ``{"grad_norm"}``: the global gradient norm before clipping."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.update_moe_bias()
+        return {"grad_norm": grad_norm}
+
+    def eval_loss(self, batch: Batch) -> float:
+        """`dsfs.evaluation.torch_eval_loss` of the model on this trainer's device."""
+        return torch_eval_loss(self.model, batch, self.device)
+
+    def state_dict(self) -> dict:
+        """The optimizer's ``state_dict()``."""
+        return self.opt.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Load an optimizer ``state_dict`` (``ValueError`` / ``KeyError`` when it does not fit this model). The
+        implementation choice (fused or not) stays this optimizer's: the saved groups carry the writer's."""
+        self.opt.load_state_dict(sd)
+        fused = self.opt.defaults.get("fused")
+        for g in self.opt.param_groups:
+            g["fused"] = fused
+            for p in g["params"] if fused else ():  # the fused kernel wants its step counts on the device
+                st = self.opt.state.get(p, {})
+                if "step" in st:
+                    st["step"] = st["step"].to(p.device, torch.float32)
+
+
+def make_trainer(be: Backend, model, tc: TrainConfig, compile: bool | str) -> Trainer:
+    """The language-modelling trainer of backend ``be`` for ``model`` with training config ``tc``.
+
+    ``model``: a torch model with the ``reference.Model`` API (for the MLX runtime it is converted with
+    ``runtime_mlx.train.from_reference``, so every backend starts from the same weights) or a ``runtime_mlx.Model``.
+    ``compile``: ``torch.compile`` the loss (``"auto"``: on cpu and cuda) or ``mx.compile`` the steps (``"auto"``:
+    on). Imports ``runtime_mlx.train`` only for the MLX runtime."""
+    if be.name == "mlx":
+        from runtime_mlx.train import MLXTrainer, from_reference
+
+        if isinstance(model, nn.Module):
+            model = from_reference(model)
+        return MLXTrainer(model, tc.lr, tc.weight_decay, tc.grad_clip, tc.mtp_weight, bool(compile), tc.optimizer)
+    if compile == "auto":
+        compile = be.device.type in ("cpu", "cuda")
+    return TorchTrainer(model, be.device, tc.lr, tc.weight_decay, tc.grad_clip, tc.mtp_weight, compile, tc.optimizer)

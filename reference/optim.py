@@ -1,0 +1,78 @@
+"""Which optimizer updates which parameter of a `reference.Model`: a fact about the model, as nanoGPT's
+``configure_optimizers`` makes it one, so every trainer (``dsfs train``, the MLX trainer, the post-training
+stages) splits the parameters the same way.
+
+`param_groups` is the split (the group order and contents fix the layout of every saved optimizer state, so exact
+resume of existing checkpoints depends on them), `make_optimizer` the torch optimizer over it (AdamW, or
+`reference.muon.Muon`), `optimizer_groups` the same groups by parameter name for a backend without torch modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .model import Model
+from .muon import Muon
+
+OPTIMIZERS = ("adamw", "muon")
+BETAS = (0.9, 0.95)
+
+
+def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw") -> list[dict]:
+    """The optimizer's parameter groups of a `reference.Model` (or a model with its ``lm_head`` and
+    ``moe_layers()``).
+
+    ``"adamw"``: two groups, matrices (parameters with ``ndim >= 2`` other than embeddings, so also stacked expert
+    weights and the router) get ``weight_decay``; norms, biases and embeddings (and an LM head tied to them) get
+    none. ``"muon"`` (`reference.muon.Muon`): the hidden matrices (attention and MLP projections, stacked experts,
+    the MTP ``eh_proj``) form a first group with ``use_muon=True``; the LM head (AdamW with decay) and the no-decay
+    group above stay with AdamW (``use_muon=False``), as in Moonlight (Liu et al. 2025, sec. 2.2). The routers
+    stay with AdamW too, this project's choice: a router's (E, H) rows score experts one by one rather than form a
+    hidden linear map. Parameters appear in ``model.parameters()`` order, shared (tied) ones once, frozen ones
+    (``requires_grad=False``) not at all. Raises ``ValueError`` for another ``optimizer``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    adam_only = {id(model.lm_head.weight)} | {id(m.gate.weight) for m in model.moe_layers()}
+    muon, decay, no_decay = [], [], []
+    for p in model.parameters():  # shared (tied) parameters are listed once
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in emb:
+            no_decay.append(p)
+        elif optimizer == "muon" and id(p) not in adam_only:
+            muon.append(p)
+        else:
+            decay.append(p)
+    if optimizer == "adamw":
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": muon, "weight_decay": weight_decay, "use_muon": True},
+            {"params": decay, "weight_decay": weight_decay, "use_muon": False},
+            {"params": no_decay, "weight_decay": 0.0, "use_muon": False}]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, optimizer: str = "adamw") -> torch.optim.Optimizer:
+    """The training optimizer over `param_groups` (betas ``BETAS``): ``"adamw"``, ``torch.optim.AdamW`` with
+    decoupled weight decay on matrices only; ``"muon"``, `reference.muon.Muon` (Muon on the hidden matrices,
+    AdamW on the rest, one learning rate). AdamW runs PyTorch's fused implementation (one kernel over all
+    parameters) when they all live on CPU or CUDA. Raises ``ValueError`` for another ``optimizer``."""
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) or None
+    groups = param_groups(model, weight_decay, optimizer)
+    if optimizer == "muon":
+        return Muon(groups, lr=lr, betas=BETAS, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=fused)
+
+
+def optimizer_groups(cfg: ModelConfig, lr: float, weight_decay: float, optimizer: str = "adamw") -> list[dict]:
+    """The reference optimizer's ``state_dict()["param_groups"]`` for a model of ``cfg`` (hyperparameters of
+    `make_optimizer`), with the parameters' ``named_parameters`` names in ``params`` in place of their indices:
+    what a non-torch backend needs to build the same optimizer and to read and write its state in the reference's
+    layout. Built on the meta device (no memory, no RNG draws). Raises ``ValueError`` for another ``optimizer``."""
+    with torch.device("meta"):
+        ref = Model(cfg)
+    names = {id(p): n for n, p in ref.named_parameters()}
+    opt = make_optimizer(ref, lr, weight_decay, optimizer)
+    return [{**g, "params": [names[id(p)] for p in pg["params"]]}
+            for g, pg in zip(opt.state_dict()["param_groups"], opt.param_groups, strict=True)]
