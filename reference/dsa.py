@@ -4,8 +4,9 @@ previous tokens, and MLA attends to those only.
 Indexer score (V3.2 report eq. 1): ``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])`` with one shared key
 head ``k = LayerNorm(wk h_s)``, queries ``wq_b`` of MLA's query latent, weights ``weights_proj(h_t) * H**-0.5``,
 scale ``index_head_dim**-0.5``; RoPE with NeoX pairing on the first ``qk_rope_head_dim`` features. The index
-set is ``top-k`` with ``k = min(index_topk, valid)``, causal, shared by all heads. The Hadamard rotation and
-FP8 of the official kernel are orthogonal / precision details and are not applied here (as in transformers).
+set is ``top-k`` with ``k = min(index_topk, valid)``, causal, shared by all heads: the pure function
+`indexer_topk` (the same signature as `kernels.triton.dsa.indexer_topk`). The Hadamard rotation and FP8 of the
+official kernel are orthogonal / precision details and are not applied here (as in transformers).
 """
 
 from __future__ import annotations
@@ -28,6 +29,41 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: flo
     """
     logits = torch.relu(torch.einsum("bthd,bsd->bths", at_least_fp32(q), at_least_fp32(k)) * scale)
     return torch.einsum("bths,bth->bts", logits, at_least_fp32(w))
+
+
+def indexer_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Causal top-k selection of the eq. 1 scores (V3.2 report section 2.1): int64 (B, T, k) key indices,
+    ``k = min(topk, S)``, best first, -1 for slots a query cannot fill.
+
+    ``scores`` (B, T, S) float (`indexer_scores`); the T queries are the last T of the S keys, so query ``t``
+    picks among keys ``j <= t + S - T``, and a query with fewer than ``k`` visible keys keeps all of them. Ties
+    go to the earlier key (-0.0 equals 0.0) and a NaN of either sign ranks above every number: the order of a
+    stable descending sort (DESIGN.md: "Ties in any top-k"), the same in a full pass and in cached decode steps.
+    The same contract as `kernels.triton.dsa.indexer_topk`. Raises ``ValueError`` for scores that are not 3-D,
+    ``S < T`` or ``topk < 1``.
+    """
+    if scores.ndim != 3:
+        raise ValueError(f"indexer_topk: scores must be (B, T, S), got shape {tuple(scores.shape)}")
+    _, t, s = scores.shape
+    if s < t:
+        raise ValueError(f"indexer_topk: causal needs at least as many keys as queries, got S={s} < T={t}")
+    if topk < 1:
+        raise ValueError(f"indexer_topk: topk must be at least 1, got {topk}")
+    visible = causal_mask(t, s, s - t, scores.device)
+    masked = scores.masked_fill(~visible, float("-inf"))
+    # stable: among equal scores (-inf of hidden keys included) the earlier key first, so visible keys lead
+    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., : min(topk, s)]
+    last = torch.arange(t, device=scores.device) + (s - t)  # the last key each query sees
+    return idx.masked_fill(idx > last[:, None], -1)
+
+
+def indices_to_mask(indices: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Boolean (B, T, S) selection, ``S = num_keys``, True at the keys listed in ``indices`` (B, T, k) int64;
+    entries outside [0, S) (-1: an unfilled slot) select nothing."""
+    b, t, _ = indices.shape
+    ok = (indices >= 0) & (indices < num_keys)
+    sel = torch.zeros(b, t, num_keys + 1, dtype=torch.bool, device=indices.device)
+    return sel.scatter_(-1, torch.where(ok, indices, num_keys), True)[..., :num_keys]
 
 
 class Indexer(nn.Module):
@@ -69,15 +105,12 @@ class Indexer(nn.Module):
         return indexer_scores(*self.project(x, q_latent, cos, sin, cache), self.scale)
 
     def select(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Boolean (B, T, S) selection: the causal top-``min(index_topk, S)`` keys of each query, within ``mask``
-        ((T, S) boolean, True = visible). Queries with fewer visible keys keep all of them."""
-        s = scores.shape[-1]
-        k = min(self.topk, s)
-        masked = scores.masked_fill(~mask, float("-inf"))
-        # stable sort: exact ties (common: ReLU zeros) go to the earlier key, the same in full and cached passes
-        idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-        sel = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, idx, True)
-        return sel & mask
+        """Boolean (B, T, S) selection from ``scores`` (B, T, S): `indexer_topk` (the causal top-``min(index_topk,
+        S)`` keys of each query) restricted to ``mask`` ((T, S) or (B, T, S) boolean, True = visible), which also
+        hides its False keys from the ranking. The DSA layer passes the causal mask (queries at the end of the
+        keys), so the restriction changes nothing there."""
+        idx = indexer_topk(scores.masked_fill(~mask, float("-inf")), self.topk)
+        return indices_to_mask(idx, scores.shape[-1]) & mask
 
 
 class DSA(MLA):

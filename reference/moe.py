@@ -5,7 +5,8 @@
 - DeepSeekMoE (DeepSeek-V3 report section 2.1.2): shared experts always on, fine-grained routed experts chosen
   by sigmoid affinities with group-limited routing; the correction bias ``e_score_correction_bias`` only picks
   experts (auxiliary-loss-free balancing, eq. 16) and is updated outside autograd by
-  ``b_i += gamma * sign(mean_load - load_i)``; an optional sequence-wise balance loss (eq. 17-20).
+  ``b_i += gamma * sign(mean_load - load_i)``; an optional sequence-wise balance loss (eq. 17-20). The routing
+  after the router GEMM is the pure function `route` (the same signature as `kernels.triton.moe.route`).
 
 Experts run batched: token-expert pairs are sorted by expert, each expert multiplies its contiguous segment
 (a grouped matmul), and results are scattered back with the routing weights. No per-token Python work.
@@ -99,8 +100,83 @@ def _grouped_mm_applies(xs: torch.Tensor, w: torch.Tensor) -> bool:
     return all(d * xs.element_size() % 16 == 0 for d in w.shape[1:])
 
 
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (..., k) int64 of the ``k`` largest entries of ``x`` (float32 or float64) along its last dim,
+    largest first.
+
+    Equal values rank the lower index first (-0.0 equals 0.0), and a NaN of either sign ranks above every number
+    (NaNs in index order): the order of a stable descending sort (DESIGN.md: "Ties in any top-k"). ``torch.topk``
+    gives the same indices for distinct values but promises no order among ties (on CPU it puts some later
+    indices first), so float32 runs it on unique int64 keys ``order(x) * 2**32 + (E - 1 - j)``, ``order``
+    mapping float32 bits to integers of the same order; under ``torch.compile`` on CPU that costs about what
+    ``torch.topk`` on the values does (a stable sort costs 1.5 to 5 times as much) and leaves the fused sigmoid
+    before it bit for bit as it was. Other dtypes (float64 tests) take the stable sort.
+    """
+    if x.dtype != torch.float32:
+        return x.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    mag = (x.view(torch.int32) & 0x7FFFFFFF).clamp(max=0x7F800001)  # |x| bits; every NaN one value above inf
+    order = torch.where(x < 0, -mag, mag).to(torch.int64)  # float order as integers; -0.0 ties with 0.0
+    key = order * 2**32 + torch.arange(x.shape[-1] - 1, -1, -1, device=x.device)  # equal order: lower j larger
+    return key.topk(k, dim=-1).indices
+
+
+def _check_route_args(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"route: logits must be (N, E), got shape {tuple(logits.shape)}")
+    e = logits.shape[1]
+    if tuple(bias.shape) != (e,):
+        raise ValueError(f"route: bias must have shape ({e},) to match the logits, got {tuple(bias.shape)}")
+    if n_group < 1 or e % n_group:
+        raise ValueError(f"route: n_group={n_group} must be >= 1 and divide the {e} experts")
+    if n_group > 1 and e // n_group < 2:
+        raise ValueError(f"route: groups of {e // n_group} expert(s); group scores sum a group's top-2, need >= 2")
+    if n_group > 1 and not 1 <= topk_group <= n_group:
+        raise ValueError(f"route: topk_group={topk_group} must be in 1..n_group={n_group}")
+    allowed = e if n_group == 1 else topk_group * (e // n_group)
+    if not 1 <= top_k <= allowed:
+        raise ValueError(f"route: top_k={top_k} must be in 1..{allowed} (experts in the kept groups)")
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
+          norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0):
+    """DeepSeek-V3 ``noaux_tc`` routing after the router GEMM (report section 2.1.2, eq. 12-16).
+
+    ``logits`` (N, E) float32 (float64 in a float64 model), ``x W^T``; ``bias`` (E,) of the same dtype, the
+    correction bias ``e_score_correction_bias``, used only to pick experts. Returns ``topk_idx`` (N, K) int64,
+    ``topk_weight`` (N, K) and ``scores`` (N, E), both in the logits' dtype.
+
+    ``scores = sigmoid(logits)`` (eq. 15); selection ranks ``scores + bias`` (eq. 16): with ``n_group > 1`` a
+    group's score is the sum of its two largest biased scores and the groups outside the ``topk_group`` best
+    are excluded (-inf); then the ``top_k`` best experts are taken, best first. Weights are the unbiased scores
+    of those experts, divided by their sum (+1e-20) when ``norm_topk_prob`` (eq. 13), times
+    ``routed_scaling_factor``. Ties: equal biased scores (equal group scores) rank the lower expert (group) index
+    first; a NaN ranks above every number, so its expert is picked and its NaN weight reaches the output.
+
+    Differentiable w.r.t. ``logits`` through ``topk_weight`` and ``scores``; ``bias`` gets no gradient. The
+    same arguments and results as `kernels.triton.moe.route` and `runtime_mlx`'s ``route``. Raises
+    ``ValueError`` for logits that are not 2-D, a bias that is not (E,), ``n_group`` that does not divide E
+    (or leaves groups of one expert), ``topk_group`` outside 1..n_group, or ``top_k`` outside 1..(experts in
+    the kept groups).
+    """
+    _check_route_args(logits, bias, top_k, n_group, topk_group)
+    scores = torch.sigmoid(logits)
+    choice = scores.detach() + bias.detach()
+    if n_group > 1:
+        n, e = choice.shape
+        grouped = choice.view(n, n_group, e // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, topk_indices(group_scores, topk_group), True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
+    topk_idx = topk_indices(choice, top_k)
+    w = scores.gather(1, topk_idx)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return topk_idx, w * routed_scaling_factor, scores
+
+
 class Router(nn.Module):
-    """DeepSeek-V3 router (``noaux_tc``): sigmoid scores, group-limited top-k with the correction bias.
+    """DeepSeek-V3 router (``noaux_tc``): the router GEMM in float32, then `route`.
 
     Parameters: ``weight`` (E, H) float32; buffer ``e_score_correction_bias`` (E,) float32.
     """
@@ -119,27 +195,10 @@ class Router(nn.Module):
             return F.linear(at_least_fp32(x), at_least_fp32(self.weight))
 
     def forward(self, x: torch.Tensor):
-        """``x`` (N, H) -> ``topk_idx`` (N, K) int64, ``topk_weight`` (N, K) float32, ``scores`` (N, E) float32.
-
-        ``scores = sigmoid(x W^T)``; selection ranks ``scores + bias``: a group's score is the sum of its top-2
-        biased scores, groups outside the top ``topk_group`` are excluded (-inf), then the top-K experts are
-        taken. Weights are the unbiased scores of those experts, divided by their sum when ``norm_topk_prob``,
-        times ``routed_scaling_factor``.
-        """
-        scores = torch.sigmoid(self.logits(x))
-        choice = scores.detach() + self.e_score_correction_bias
-        if self.n_group > 1:
-            n, e = choice.shape
-            grouped = choice.view(n, self.n_group, e // self.n_group)
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
-            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
-        topk_idx = choice.topk(self.top_k, dim=-1).indices
-        w = scores.gather(1, topk_idx)
-        if self.norm_topk_prob:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return topk_idx, w * self.routed_scaling_factor, scores
+        """``x`` (N, H) -> ``topk_idx`` (N, K) int64, ``topk_weight`` (N, K) float32, ``scores`` (N, E) float32:
+        `route` of ``logits(x)`` with this layer's bias and config."""
+        return route(self.logits(x), self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                     self.norm_topk_prob, self.routed_scaling_factor)
 
 
 class DeepSeekMoE(nn.Module):
@@ -201,8 +260,8 @@ class DeepSeekMoE(nn.Module):
 class MoE(nn.Module):
     """Standard top-k softmax MoE (B, T, H) -> (B, T, H) with a Switch-style balance loss ``self.aux_loss``
     (``aux_loss_alpha * E * sum_i f_i P_i``, Fedus et al. 2021 eq. 4) in training when ``aux_loss_alpha > 0``.
-    Parameters: ``gate.weight`` (E, H), ``experts``. Weights are the top-k softmax probabilities,
-    renormalized when ``norm_topk_prob``."""
+    Parameters: ``gate.weight`` (E, H), ``experts``. Weights are the top-k softmax probabilities (ties: lower
+    expert index first, `topk_indices`), renormalized when ``norm_topk_prob``."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -217,7 +276,8 @@ class MoE(nn.Module):
         b, t, h = x.shape
         flat = x.reshape(-1, h)
         probs = torch.softmax(at_least_fp32(self.gate(flat)), dim=-1)
-        w, idx = probs.topk(self.top_k, dim=-1)
+        idx = topk_indices(probs, self.top_k)
+        w = probs.gather(1, idx)
         if self.norm_topk_prob:
             w = w / w.sum(-1, keepdim=True)
         y = self.experts(flat, idx, w).view(b, t, h)

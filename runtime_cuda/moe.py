@@ -9,8 +9,9 @@ from reference import moe as ref_moe
 
 
 class Router(ref_moe.Router):
-    """`reference.moe.Router`: the router GEMM stays a torch matmul (float32); sigmoid scores, group-limited
-    top-k with the correction bias and the weights are one kernel (`kernels.triton.moe.route`)."""
+    """`reference.moe.Router`: the router GEMM stays a torch matmul (float32); `reference.moe.route` (sigmoid
+    scores, group-limited top-k with the correction bias, the weights) is one kernel, `kernels.triton.moe.route`,
+    with the same arguments and results."""
 
     def forward(self, x: torch.Tensor):
         return route(self.logits(x).contiguous(), self.e_score_correction_bias, self.top_k, self.n_group,

@@ -7,7 +7,7 @@ import torch
 
 from reference import Model
 from reference.cache import LayerCache
-from reference.dsa import DSA
+from reference.dsa import DSA, indexer_topk, indices_to_mask
 from reference.mla import MLA
 from reference.rope import RotaryEmbedding
 from tests.reference_utils import (
@@ -98,6 +98,62 @@ def test_indexer_select_is_causal_top_k(index_topk):
                 assert visible[chosen].min() >= visible[~chosen].max()
 
 
+def naive_indexer_topk(scores, topk):
+    """`indexer_topk` query by query: the visible keys ``j <= t + S - T`` ranked by (NaN first, higher score,
+    earlier key), the first ``min(topk, S)`` of them, -1 padded."""
+    b, t, s = scores.shape
+    out = torch.full((b, t, min(topk, s)), -1, dtype=torch.int64)
+    for bb in range(b):
+        for i in range(t):
+            row = scores[bb, i].tolist()
+            keys = sorted(range(i + s - t + 1), key=lambda j: (row[j] == row[j], -row[j] if row[j] == row[j] else 0))
+            keys = keys[: min(topk, s)]
+            out[bb, i, : len(keys)] = torch.tensor(keys, dtype=torch.int64)
+    return out
+
+
+@pytest.mark.parametrize("b,t,s,topk", [(2, 5, 29, 5), (1, 4, 13, 20), (1, 1, 40, 8), (2, 7, 7, 3)],
+                         ids=["offset", "topk>S", "decode", "full"])
+def test_indexer_topk_equals_naive(b, t, s, topk):
+    """Causal with the queries at the end of the keys, -1 for slots a query cannot fill, exact ties (scores
+    from nine values, +0.0 and -0.0 among them) to the earlier key, NaN of either sign first, -inf kept."""
+    torch.manual_seed(s + topk)
+    scores = torch.randint(-4, 5, (b, t, s)).float() / 4
+    scores[torch.rand(b, t, s) < 0.2] = -0.0
+    scores[0, -1, 3] = float("nan")
+    scores[0, 0, 0] = -float("nan")
+    scores[-1, -1, 1] = -float("inf")
+    for dtype in (torch.float32, torch.float64):
+        idx = indexer_topk(scores.to(dtype), topk)
+        assert idx.dtype == torch.int64 and idx.shape == (b, t, min(topk, s))
+        assert torch.equal(idx, naive_indexer_topk(scores, topk))
+
+
+def test_indexer_topk_rows_agree_between_full_and_cached_passes():
+    """Query ``i`` of a full pass and the same query alone against its ``i + 1`` keys (a decode step, whose
+    ``k = min(4, i + 1)``): the same keys in the same order, ties included."""
+    scores = torch.randint(-2, 3, (2, 9, 9)).float()
+    full = indexer_topk(scores, 4)
+    for i in range(9):
+        row = indexer_topk(scores[:, i : i + 1, : i + 1], 4)
+        k = row.shape[-1]
+        assert k == min(4, i + 1) and torch.equal(full[:, i : i + 1, :k], row) and (full[:, i, k:] == -1).all()
+
+
+def test_indices_to_mask():
+    idx = torch.tensor([[[2, 0, -1], [1, 3, 2]]])
+    assert indices_to_mask(idx, 4).tolist() == [[[True, False, True, False], [False, True, True, True]]]
+
+
+def test_indexer_topk_bad_arguments_raise():
+    with pytest.raises(ValueError, match=r"scores must be \(B, T, S\)"):
+        indexer_topk(torch.randn(3, 4), 2)
+    with pytest.raises(ValueError, match="S=3 < T=4"):
+        indexer_topk(torch.randn(1, 4, 3), 2)
+    with pytest.raises(ValueError, match="topk must be at least 1, got 0"):
+        indexer_topk(torch.randn(1, 4, 5), 0)
+
+
 def test_indexer_select_respects_given_mask():
     """With a cache offset the mask is (T, S) with S > T: still min(topk, visible) keys, all visible."""
     c, layer, _ = _dsa(4)
@@ -117,9 +173,7 @@ def test_dsa_sparse_equals_masked_naive_and_differs_from_dense(q_len):
     cos, sin = rot(q_len, 0, dtype=torch.float64)
     q_latent = layer.project(x, cos, sin)[4]
     scores = naive_index_scores(layer.indexer, x, q_latent, cos, sin)
-    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
-    idx = scores.masked_fill(~causal, float("-inf")).topk(3, dim=-1).indices
-    select = torch.zeros_like(causal.expand(3, -1, -1)).scatter(-1, idx, True) & causal
+    select = indices_to_mask(indexer_topk(scores, 3), q_len)
     ref = naive_mla(layer, x, cos, sin, select=select)
     out = layer(x, cos, sin)
     dense = _dense_twin(c, layer)(x, cos, sin)

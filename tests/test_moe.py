@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference.moe import DeepSeekMoE, Experts, MoE, _grouped_mm_applies
+from reference.moe import DeepSeekMoE, Experts, MoE, _grouped_mm_applies, route, topk_indices
 from reference.swiglu import MLP, swiglu
 from tests.reference_utils import (
     expert_ffn,
@@ -24,15 +24,22 @@ GROUPED = dict(n_routed_experts=256, n_group=8, topk_group=4, num_experts_per_to
 
 def naive_route(scores, bias, n_group, topk_group, k, norm, rsf):
     """DeepSeek-V3 noaux_tc routing, token by token: group score = sum of the group's top-2 biased scores, keep
-    the top ``topk_group`` groups, take the top ``k`` biased scores there; weights from the unbiased scores."""
+    the top ``topk_group`` groups, take the top ``k`` biased scores there, best first; weights from the unbiased
+    scores. Python's stable ``sorted`` puts equal scores (equal group scores) in index order. Group scores are
+    summed in the scores' dtype, so they tie where the vectorized routing's do. No NaN inputs."""
     n_tok, e = scores.shape
     gsz = e // n_group
     idx, w = [], []
+
+    def top2_sum(values):
+        a, b = sorted(values, reverse=True)[:2]
+        return float(torch.tensor(a, dtype=scores.dtype) + torch.tensor(b, dtype=scores.dtype))
+
     for n in range(n_tok):
         choice = (scores[n] + bias).tolist()
-        gscore = [sum(sorted(choice[g * gsz : (g + 1) * gsz], reverse=True)[:2]) for g in range(n_group)]
+        gscore = [top2_sum(choice[g * gsz : (g + 1) * gsz]) for g in range(n_group)]
         groups = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
-        allowed = [x for g in groups for x in range(g * gsz, (g + 1) * gsz)]
+        allowed = sorted(x for g in groups for x in range(g * gsz, (g + 1) * gsz))
         top = sorted(allowed, key=lambda x: -choice[x])[:k]
         wt = scores[n, top]
         if norm:
@@ -40,11 +47,6 @@ def naive_route(scores, bias, n_group, topk_group, k, norm, rsf):
         idx.append(torch.tensor(top))
         w.append(wt * rsf)
     return torch.stack(idx), torch.stack(w)
-
-
-def _sorted_pairs(idx, w):
-    order = idx.argsort(-1)
-    return idx.gather(-1, order), w.gather(-1, order)
 
 
 def _moe(dtype=torch.float32, router_bias=0.0, **kw):
@@ -64,10 +66,8 @@ def test_group_limited_routing_equals_naive(norm_topk_prob):
     assert idx.shape == w.shape == (15, 8) and scores.shape == (15, 256)
     bias = moe.gate.e_score_correction_bias
     ref_idx, ref_w = naive_route(scores, bias, 8, 4, 8, norm_topk_prob, 2.5)
-    got_idx, got_w = _sorted_pairs(idx, w)
-    ref_idx, ref_w = _sorted_pairs(ref_idx, ref_w)
-    assert torch.equal(got_idx, ref_idx)
-    assert_close(got_w, ref_w, torch.float32)
+    assert torch.equal(idx, ref_idx)  # the same experts, best first
+    assert_close(w, ref_w, torch.float32)
     if norm_topk_prob:
         assert_close(w.sum(-1), torch.full((15,), 2.5), torch.float32)
     # every expert lies in one of the token's topk_group groups ...
@@ -78,6 +78,122 @@ def test_group_limited_routing_equals_naive(norm_topk_prob):
     # ... and the group limit matters here: plain top-8 would leave the groups for some token
     plain = (scores + bias).topk(8, -1).indices
     assert any(not set((plain[n] // gsz).tolist()) <= set(best_groups[n].tolist()) for n in range(15))
+
+
+def _route_before_issue_21(logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor):
+    """`reference.moe.Router.forward`'s statements before `route` existed (``torch.topk``), kept to pin that
+    `route` gives the same bits wherever no two scores tie."""
+    scores = torch.sigmoid(logits)
+    choice = scores.detach() + bias
+    if n_group > 1:
+        n, e = choice.shape
+        grouped = choice.view(n, n_group, e // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
+    topk_idx = choice.topk(top_k, dim=-1).indices
+    w = scores.gather(1, topk_idx)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return topk_idx, w * routed_scaling_factor, scores
+
+
+ROUTES = [  # (n_experts, n_group, topk_group, top_k, norm_topk_prob, routed_scaling_factor)
+    (8, 1, 1, 2, True, 1.0),
+    (16, 4, 2, 3, False, 2.5),
+    (12, 3, 2, 4, True, 2.5),
+    (256, 8, 4, 8, True, 2.5),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("e,g,tg,k,norm,rsf", ROUTES)
+def test_route_equals_router_statements_bit_for_bit(e, g, tg, k, norm, rsf, dtype):
+    """Untied random inputs: the same indices in the same order, the same weight and score bits as before."""
+    torch.manual_seed(e + k)
+    logits = torch.randn(301, e, dtype=dtype)
+    bias = torch.randn(e, dtype=dtype) * 0.1
+    got = route(logits, bias, k, g, tg, norm, rsf)
+    expected = _route_before_issue_21(logits, bias, k, g, tg, norm, rsf)
+    for name, a, b in zip(("topk_idx", "topk_weight", "scores"), got, expected, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_router_forward_is_route_of_its_logits():
+    c, moe = _moe(router_bias=0.1, **GROUPED)
+    x = torch.randn(9, c.hidden_size)
+    gate = moe.gate
+    expected = route(gate.logits(x), gate.e_score_correction_bias, 8, 8, 4, True, 2.5)
+    assert all(torch.equal(a, b) for a, b in zip(gate(x), expected, strict=True))
+
+
+@pytest.mark.parametrize("e,g,tg,k,norm,rsf", ROUTES)
+def test_route_ties_rank_lower_index_first(e, g, tg, k, norm, rsf):
+    """Logits from five values: many equal expert scores and equal group scores; the order (not only the set)
+    equals the naive stable routing, in which the lower expert (group) index wins a tie."""
+    torch.manual_seed(e)
+    logits = torch.randint(-2, 3, (64, e)).float() * 0.5
+    for bias in (torch.zeros(e), torch.tensor([0.0, 0.25]).repeat(e // 2)):
+        idx, w, scores = route(logits, bias, k, g, tg, norm, rsf)
+        ref_idx, ref_w = naive_route(scores, bias, g, tg, k, norm, rsf)
+        assert torch.equal(idx, ref_idx)
+        assert_close(w, ref_w, torch.float32)
+        assert torch.equal(route(logits.double(), bias.double(), k, g, tg, norm, rsf)[0], idx)  # the sort path
+    assert torch.equal(route(torch.zeros(2, e), torch.zeros(e), k, g, tg)[0], torch.arange(k).expand(2, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_indices_order(dtype):
+    """A stable descending sort's order: NaNs of either sign first (in index order), -0.0 ties with 0.0."""
+    nan = float("nan")
+    x = torch.tensor([0.0, -0.0, 1.0, nan, 1.0, -nan, 0.0, float("inf"), -1.0, -1.0, -float("inf"), 1e-45, -1e-45],
+                     dtype=dtype)
+    assert x[5].isnan() and x[5].signbit()
+    assert topk_indices(x, 13).tolist() == [3, 5, 7, 2, 4, 11, 0, 1, 6, 12, 8, 9, 10]
+    assert topk_indices(x[None], 4).tolist() == [[3, 5, 7, 2]]
+    y = torch.randint(-3, 4, (50, 33)).to(dtype) / 4
+    assert torch.equal(topk_indices(y, 9), y.sort(dim=-1, descending=True, stable=True).indices[:, :9])
+
+
+@pytest.mark.parametrize("g,tg", [(1, 1), (4, 2)], ids=["flat", "groups"])
+def test_route_nan_logit_ranks_first_and_propagates(g, tg):
+    """A NaN logit ranks first (as ``torch.topk`` ranks it): its expert is picked and its NaN weight reaches the
+    output, so a diverged router shows as a NaN loss; NaN experts (and NaN groups) in index order."""
+    e, k = 16, 3
+    logits = torch.randn(3, e)
+    logits[1, 5] = float("nan")
+    logits[2] = float("nan")
+    idx, w, _ = route(logits, torch.randn(e) * 0.1, k, g, tg, True, 2.5)
+    assert idx[1, 0] == 5 and w[1].isnan().all() and not w[0].isnan().any()
+    assert idx[2].tolist() == [0, 1, 2] and w[2].isnan().all()
+
+
+def test_route_gradient_to_logits_only():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+    bias = (torch.randn(16, dtype=torch.float64) * 0.1).requires_grad_()
+    for norm in (True, False):
+        assert torch.autograd.gradcheck(lambda x, norm=norm: route(x, bias, 3, 4, 2, norm, 2.5)[1:], (logits,))
+    _, w, s = route(logits, bias, 3, 4, 2)
+    (w.sum() + s.sum()).backward()
+    assert bias.grad is None and logits.grad.abs().sum() > 0
+
+
+def test_route_bad_arguments_raise():
+    logits, bias = torch.randn(4, 8), torch.zeros(8)
+    with pytest.raises(ValueError, match=r"logits must be \(N, E\)"):
+        route(logits[0], bias, 2)
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        route(logits, torch.zeros(7), 2)
+    with pytest.raises(ValueError, match="n_group=3"):
+        route(logits, bias, 2, n_group=3)
+    with pytest.raises(ValueError, match="groups of 1 expert"):
+        route(logits, bias, 2, n_group=8)
+    with pytest.raises(ValueError, match="topk_group=3"):
+        route(logits, bias, 2, n_group=2, topk_group=3)
+    with pytest.raises(ValueError, match="top_k=5 must be in 1..4"):
+        route(logits, bias, 5, n_group=4, topk_group=2)
 
 
 def test_group_limited_moe_forward_backward():
