@@ -4,8 +4,8 @@ picks each query's top-k previous tokens and MLA attends to those only.
 Index score ``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] * D**-0.5)`` with one shared key head
 ``k = LayerNorm(wk h_s)``, queries ``wq_b`` of MLA's query latent, ``w = weights_proj(h_t) * H**-0.5``, NeoX RoPE
 on the first ``qk_rope_head_dim`` features; ``k = min(index_topk, visible)`` keys per query, causal, shared by all
-heads. Scores and top-k are `runtime_mlx.kernels.indexer_topk`; the selection carries no gradient, so the
-indexer's parameters are frozen (the reference's get no gradient from the LM loss either).
+heads. Scores and top-k are `runtime_mlx.kernels.indexer_scores` and `indexer_topk`; the selection carries no
+gradient, so the indexer's parameters are frozen (the reference's get no gradient from the LM loss either).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ class Indexer(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def project(self, x: mx.array, q_latent: mx.array, offset: int = 0, cache=None):
-        """``q`` (B, H, T, D) and ``k`` (B, S, D) rotated (``k`` holds the cached keys too; the new ones are appended
+        """``q`` (B, T, H, D) and ``k`` (B, S, D) rotated (``k`` holds the cached keys too; the new ones are appended
         to ``cache['index_k']``), ``w`` (B, T, H) float32. ``x`` (B, T, hidden), ``q_latent`` (B, T, q_lora_rank)."""
         b, t, _ = x.shape
         q = self.wq_b(q_latent).reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = self.rope(q, offset, traditional=False)
+        q = self.rope(q, offset, traditional=False).swapaxes(1, 2)  # rotated as (B, H, T, D)
         k = self.rope(self.k_norm(self.wk(x)), offset, traditional=False)
         if cache is not None:
             (k,) = cache.update(index_k=k)
@@ -51,8 +51,8 @@ class Indexer(nn.Module):
         """Boolean (B, T, S) selection: each query's causal top-``min(index_topk, S)`` keys (exact ties to the
         earlier key)."""
         q, k, w = self.project(x, q_latent, offset, cache)
-        idx = kernels.indexer_topk(q, k, w, self.scale, self.topk)
-        return kernels.indexer_mask(idx, k.shape[1])
+        idx = kernels.indexer_topk(kernels.indexer_scores(q, k, w, self.scale), self.topk)
+        return kernels.indices_to_mask(idx, k.shape[1])
 
 
 class DSA(MLA):

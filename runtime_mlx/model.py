@@ -107,8 +107,9 @@ class LossOutput:
 
 
 def masked_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
-    """Mean cross-entropy over targets != -100; 0 when none is valid (every gradient then exactly 0).
-    ``logits`` (..., V) float, ``targets`` (...) int; per-token losses from `runtime_mlx.kernels.cross_entropy`."""
+    """Mean cross-entropy over targets != -100 of given logits; 0 when none is valid (every gradient then exactly
+    0). ``logits`` (..., V) float, ``targets`` (...) int; per-token losses from `runtime_mlx.kernels.cross_entropy`.
+    `Model.lm_loss` computes the same from hidden states without forming the logits."""
     t = targets.reshape(-1)
     total = kernels.cross_entropy(logits.reshape(-1, logits.shape[-1]), t, ignore_index=IGNORE_INDEX).sum()
     return total / mx.maximum((t != IGNORE_INDEX).sum(), 1).astype(mx.float32)
@@ -137,7 +138,9 @@ class Model(nn.Module):
 
     @property
     def kernel_path(self) -> str:
-        """``"metal"`` when the hot ops run Metal kernels, else ``"mlx"`` (`runtime_mlx.kernels.metal_available`)."""
+        """``"metal"`` when the hot ops run Metal kernels, else ``"mlx"`` (`runtime_mlx.kernels.metal_available`).
+        An op whose kernel failed its one-time self-check runs pure MLX even on Metal (`runtime_mlx.kernels.fallbacks`
+        names them; `runtime_mlx.kernels.kernel_path` gives each op's path)."""
         return "metal" if kernels.metal_available() else "mlx"
 
     # ---------------------------------------------------------------- weights
@@ -196,6 +199,17 @@ class Model(nn.Module):
         """LM head: (..., hidden) -> (..., vocab) (the embedding matrix when ``tie_word_embeddings``)."""
         return self.model.embed_tokens.as_linear(h) if self.config.tie_word_embeddings else self.lm_head(h)
 
+    def lm_loss(self, h: mx.array, targets: mx.array) -> mx.array:
+        """Mean cross-entropy of the output head on ``h`` (B, T, hidden) against ``targets`` (B, T) int (-100
+        ignored; 0 with gradient 0 when none is valid), as `reference.model.Model.lm_loss`: `masked_cross_entropy`
+        of ``head(h)``, fused with the head and chunked (`runtime_mlx.kernels.linear_cross_entropy`), so training
+        never holds the (B, T, vocab) logits."""
+        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        t = targets.reshape(-1)
+        total = kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]).astype(weight.dtype), weight, t,
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / mx.maximum((t != IGNORE_INDEX).sum(), 1).astype(mx.float32)
+
     def hidden_states(self, input_ids: mx.array, cache: KVCache | None = None, stats: dict | None = None,
                       check_values: bool = True) -> mx.array:
         """Final-normed hidden states (B, T, hidden). With a ``cache`` the tokens continue it. ``check_values``:
@@ -231,7 +245,7 @@ class Model(nn.Module):
             raise ValueError(f"targets: expected shape {input_ids.shape} like input_ids, got {targets.shape}")
         stats = {"loads": [], "aux": []}
         h = self.hidden_states(input_ids, stats=stats, check_values=check_values)
-        lm_loss = masked_cross_entropy(self.head(h), targets)
+        lm_loss = self.lm_loss(h, targets)
         mtp_losses = []
         b, t = input_ids.shape
         for k, layer in enumerate(self.mtp, start=1):
@@ -239,7 +253,7 @@ class Model(nn.Module):
             ahead = mx.concatenate([input_ids[:, k:], pad], axis=1)
             tgt = mx.concatenate([targets[:, k:], mx.full(pad.shape, IGNORE_INDEX, dtype=targets.dtype)], axis=1)
             h = layer(layer.combine(h, self.model.embed_tokens(ahead)), None, 0, stats)
-            mtp_losses.append(masked_cross_entropy(self.head(layer.shared_head.norm(h)), tgt))
+            mtp_losses.append(self.lm_loss(layer.shared_head.norm(h), tgt))
         aux = sum(stats["aux"], mx.array(0.0))
         loss = lm_loss + aux
         if mtp_losses:
@@ -285,13 +299,16 @@ class Model(nn.Module):
 
     # ---------------------------------------------------------------- checkpoints
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: mx.Dtype | None = None, device=None) -> Model:
+    def from_pretrained(cls, path: str | os.PathLike, dtype: mx.Dtype | None = None, device=None,
+                        missing_mtp: str = "drop") -> Model:
         """Load a Hugging Face checkpoint directory (`runtime_mlx.checkpoint.load_model`). ``device`` is
-        accepted for the reference's signature and ignored (MLX uses its default device). Raises
-        ``FileNotFoundError`` or ``ValueError`` naming the problem."""
+        accepted for the reference's signature and ignored (MLX uses its default device). MTP depths that
+        config.json asks for and the files lack are dropped (``missing_mtp="drop"``) or initialized fresh
+        (``"init"``), with a warning naming them. Raises ``FileNotFoundError`` or ``ValueError`` naming the
+        problem."""
         from .checkpoint import load_model
 
-        return load_model(cls, path, dtype=dtype)
+        return load_model(cls, path, dtype=dtype, missing_mtp=missing_mtp)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> None:
         """Write ``config.json``, ``model.safetensors`` and (MTP) ``mtp.safetensors`` with Hugging Face names,

@@ -5,7 +5,7 @@ Routed experts run as grouped matmuls with ``mx.gather_mm`` over expert-sorted t
 expert's stacked weights, and the results are put back in (token, slot) order and weighed. All shapes are
 static (N*K rows), so the layer traces under ``mx.compile``.
 
-DeepSeekMoE routing (report section 2.1.2) is `runtime_mlx.kernels.moe_route`: sigmoid scores, group-limited
+DeepSeekMoE routing (report section 2.1.2) is `runtime_mlx.kernels.route`: sigmoid scores, group-limited
 top-k on the scores plus ``e_score_correction_bias``, weights from the unbiased scores. The bias is frozen (no
 gradient); each forward appends its expert loads to ``stats["loads"]`` so the training loop can apply
 ``b += gamma * sign(mean_load - load)`` (`DeepSeekMoE.update_bias`) outside the compiled step.
@@ -73,8 +73,8 @@ class Router(nn.Module):
     def __call__(self, x: mx.array):
         """``x`` (N, H) -> ``topk_idx`` (N, K), ``topk_weight`` (N, K) float32, ``scores`` (N, E) float32."""
         logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        return kernels.moe_route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-                                 self.norm_topk_prob, self.routed_scaling_factor)
+        return kernels.route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                             self.norm_topk_prob, self.routed_scaling_factor)
 
 
 class DeepSeekMoE(nn.Module):

@@ -2,8 +2,8 @@
 // Semantics: reference/dsa.py Indexer.scores / Indexer.select (DeepSeek-V3.2-Exp report eq. 1, sec. 2.1).
 
 // @kernel indexer_scores
-// One thread per score (b, t, s): I = sum_h w[b,t,h] * relu(scale * q[b,h,t,:] . k[b,s,:]).
-// Inputs: q (B, H, TQ, D) T, k (B, S, D) KT, w (B, TQ, H) WT, scale scalar float.
+// One thread per score (b, t, s): I = sum_h w[b,t,h] * relu(scale * q[b,t,h,:] . k[b,s,:]).
+// Inputs: q (B, TQ, H, D) T, k (B, S, D) KT, w (B, TQ, H) WT, scale scalar float.
 // Output: scores (B, TQ, S) float32 (unmasked).
 uint i = thread_position_in_grid.x;
 if (i >= uint(B * TQ * S)) {
@@ -14,7 +14,7 @@ uint t = (i / S) % TQ;
 uint b = i / (S * TQ);
 float total = 0.0f;
 for (int h = 0; h < H; h++) {
-  uint qrow = ((b * H + h) * TQ + t) * D;
+  uint qrow = ((b * TQ + t) * H + h) * D;
   float dot = 0.0f;
   for (int d = 0; d < D; d++) {
     dot += float(q[qrow + d]) * float(k[(b * S + s) * D + d]);

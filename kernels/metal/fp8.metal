@@ -38,8 +38,9 @@ inline float e4m3_decode(uchar bits) {
 }
 
 // @kernel act_quant
-// One simdgroup per 1 x BS tile (NT = N * KB tiles). Inputs: x (N, K) T. Outputs: y (N, K) uint8
-// e4m3 bits of clamp(x / s, +-448), s (N, KB) float32 = max(amax, 1e-4) / 448 (NaN if the tile holds a NaN).
+// One simdgroup per 1 x BS tile (NT = N * KB tiles). Inputs: x (N, K) T, fp8_max and amax_min scalar float
+// (reference/fp8.py FP8_MAX = 448 and AMAX_MIN = 1e-4). Outputs: y (N, K) uint8 e4m3 bits of
+// clamp(x / s, +-fp8_max), s (N, KB) float32 = max(amax, amax_min) / fp8_max (NaN if the tile holds a NaN).
 constexpr int KB = (K + BS - 1) / BS;
 uint tile = thread_position_in_grid.x / 32;
 uint lane = thread_index_in_simdgroup;
@@ -58,13 +59,13 @@ for (uint j = lane; j < len; j += 32) {
 }
 amax = metal::simd_max(amax);
 has_nan = metal::simd_any(has_nan);
-float sc = has_nan ? NAN : metal::max(amax, 1e-4f) / 448.0f;  // a NaN poisons its tile, as the reference
+float sc = has_nan ? NAN : metal::max(amax, amax_min) / fp8_max;  // a NaN poisons its tile, as the reference
 if (lane == 0) {
   s[tile] = sc;
 }
 for (uint j = lane; j < len; j += 32) {
   float v = float(x[row * K + k0 + j]) / sc;
-  y[row * K + k0 + j] = e4m3_encode(metal::isnan(v) ? v : metal::clamp(v, -448.0f, 448.0f));
+  y[row * K + k0 + j] = e4m3_encode(metal::isnan(v) ? v : metal::clamp(v, -fp8_max, fp8_max));
 }
 
 // @kernel weight_dequant

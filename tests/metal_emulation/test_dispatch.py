@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from runtime_mlx import kernels as K
+from runtime_mlx.kernels import launch
+from runtime_mlx.kernels.rms_norm import _rms_norm_custom
 from tests.metal_emulation import driver
-from tests.mlx.kernel_refs import to_torch
+from tests.mlx.utils import to_torch
 from tests.tolerance import assert_close
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is None,
@@ -23,19 +25,22 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is 
 
 @pytest.fixture
 def emulated_metal(monkeypatch):
-    """`runtime_mlx.kernels` believes Metal is there and launches through the emulation."""
-    monkeypatch.setattr(K, "metal_available", lambda: True)
-    monkeypatch.setattr(K, "run_metal", driver.runner(7))
-    K._rms_norm_custom.cache_clear()
+    """`runtime_mlx.kernels` believes Metal is there and launches through the emulation (the one-time self-checks
+    included: they must pass, or the op falls back and its path reads "fallback")."""
+    monkeypatch.setattr(launch, "metal_available", lambda: True)
+    monkeypatch.setattr(launch, "run_metal", driver.runner(7))
+    launch.reset_checks()
+    _rms_norm_custom.cache_clear()
     yield
-    K._rms_norm_custom.cache_clear()
+    _rms_norm_custom.cache_clear()
+    launch.reset_checks()
 
 
 def both(fn):
     """``fn()`` on the emulated Metal path and on the pure-MLX path."""
     metal = fn()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(K, "metal_available", lambda: False)
+        mp.setattr(launch, "metal_available", lambda: False)
         plain = fn()
     return metal, plain
 
@@ -68,6 +73,15 @@ def test_training_ops_and_gradients(emulated_metal):
     close(loss, loss_p, "cross_entropy")
     close(dl, dl_p, "cross_entropy dlogits")
 
+    hid, head = mx.random.normal((13, 16)), mx.random.normal((300, 16)) * 0.3
+    tg = mx.where(mx.arange(13) == 3, -100, mx.arange(13) * 20).astype(mx.int32)
+    lce = mx.value_and_grad(lambda a, b: K.linear_cross_entropy(a, b, tg, chunk_size=5), argnums=(0, 1))
+    (lv, (dh, dw)), (lv_p, (dh_p, dw_p)) = both(lambda: lce(hid, head))
+    close(lv, lv_p, "linear_cross_entropy")
+    close(dh, dh_p, "linear_cross_entropy d_hidden")
+    close(dw, dw_p, "linear_cross_entropy d_weight")
+    assert launch.fallbacks() == {}, "a self-check failed under the emulation"
+
 
 def test_router_and_inference_ops(emulated_metal):
     lg, bias = mx.random.normal((70, 24)), mx.random.normal((24,)) * 0.3
@@ -75,9 +89,9 @@ def test_router_and_inference_ops(emulated_metal):
     args = (3, 4, 2, True, 2.5)
 
     def route():
-        idx, w, s = K.moe_route(lg, bias, *args)
-        path = K.kernel_path("moe_route")
-        d = mx.grad(lambda z: (K.moe_route(z, bias, *args)[1] * gw).sum() + (K.moe_route(z, bias, *args)[2] * gs).sum())
+        idx, w, s = K.route(lg, bias, *args)
+        path = K.kernel_path("route")
+        d = mx.grad(lambda z: (K.route(z, bias, *args)[1] * gw).sum() + (K.route(z, bias, *args)[2] * gs).sum())
         return path, idx, w, s, d(lg)
 
     (path, idx, w, s, d), (path_p, idx_p, w_p, s_p, d_p) = both(route)
@@ -87,16 +101,22 @@ def test_router_and_inference_ops(emulated_metal):
     close(s, s_p, "scores")
     close(d, d_p, "dlogits")
 
-    q, k, wi = mx.random.normal((2, 3, 4, 16)), mx.random.normal((2, 150, 16)), mx.random.normal((2, 4, 3))
-    (i1, s1), (i2, s2) = both(lambda: (K.indexer_topk(q, k, wi, 0.25, 20), K.indexer_scores(q, k, wi, 0.25)))
+    q, k, wi = mx.random.normal((2, 4, 3, 16)), mx.random.normal((2, 150, 16)), mx.random.normal((2, 4, 3))
+    (i1, s1), (i2, s2) = both(lambda: (K.indexer_topk(K.indexer_scores(q, k, wi, 0.25), 20),
+                                       K.indexer_scores(q, k, wi, 0.25)))
     assert np.array_equal(np.array(i1), np.array(i2))
     close(s1, s2, "indexer_scores")
 
     x = mx.random.normal((3, 300)) * 10
     (y1, sc1), (y2, sc2) = both(lambda: K.act_quant(x, 128))
     assert np.array_equal(np.array(y1), np.array(y2)) and np.array_equal(np.array(sc1), np.array(sc2))
+    bits = mx.random.randint(0, 256, (130, 140)).astype(mx.uint8)
+    bits = mx.where((bits & 0x7F) == 0x7F, mx.array(0, mx.uint8), bits)  # no NaN: an exact comparison
+    deq1, deq2 = both(lambda: K.weight_dequant(bits, mx.random.uniform(shape=(2, 2), key=mx.random.key(1)) + 0.5))
+    assert np.array_equal(np.array(deq1), np.array(deq2))
 
     ql, qp = mx.random.normal((2, 3, 3, 40)), mx.random.normal((2, 3, 3, 8))
     ckv, kpe = mx.random.normal((2, 37, 40)), mx.random.normal((2, 37, 8))
     o1, o2 = both(lambda: K.mla_decode(ql, qp, ckv, kpe, 0.2))
     close(o1, o2, "mla_decode")
+    assert launch.fallbacks() == {}, "a self-check failed under the emulation"

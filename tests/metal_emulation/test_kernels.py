@@ -16,12 +16,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference import dsa as ref_dsa
 from reference import fp8 as ref_fp8
+from reference.moe import route as ref_route
 from reference.rms_norm import rms_norm as ref_rms_norm
 from reference.swiglu import swiglu as ref_swiglu
-from runtime_mlx import kernels as K
+from runtime_mlx.kernels import METAL_DIR, SPECS
+from runtime_mlx.kernels.cross_entropy import _cross_entropy_metal, _cross_entropy_metal_bwd
+from runtime_mlx.kernels.dsa import _indexer_scores_metal, _indexer_topk_metal
+from runtime_mlx.kernels.fp8 import _act_quant_metal, _weight_dequant_metal
+from runtime_mlx.kernels.launch import metal_file
+from runtime_mlx.kernels.mla import _mla_decode_metal
+from runtime_mlx.kernels.moe import _route_metal
+from runtime_mlx.kernels.rms_norm import _rms_norm_metal, _rms_norm_metal_bwd
+from runtime_mlx.kernels.swiglu import _swiglu_metal, _swiglu_metal_bwd
 from tests.metal_emulation import driver
-from tests.mlx.kernel_refs import ref_indexer, ref_mla_decode, ref_route, spread, to_mx, to_torch
+from tests.mlx.kernel_refs import ref_mla_decode, spread
+from tests.mlx.utils import to_mx, to_torch
 from tests.tolerance import assert_close
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is None,
@@ -51,8 +62,8 @@ def test_rms_norm(dtype):
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
     ref = ref_rms_norm(xr, wr, 1e-6)
     ref.backward(g.double())
-    out, rstd = twice(K._rms_norm_metal, to_mx(x), to_mx(w), 1e-6)
-    dx, dw = twice(K._rms_norm_metal_bwd, to_mx(x), to_mx(w), to_mx(g), 1e-6)
+    out, rstd = twice(_rms_norm_metal, to_mx(x), to_mx(w), 1e-6)
+    dx, dw = twice(_rms_norm_metal_bwd, to_mx(x), to_mx(w), to_mx(g), 1e-6)
     assert_close(to_torch(out), ref, dtype)
     assert_close(to_torch(rstd), x.double().pow(2).mean(-1).add(1e-6).rsqrt(), what="rstd")
     assert_close(to_torch(dx), xr.grad, dtype, what="dx")
@@ -65,34 +76,48 @@ def test_swiglu(dtype):
     gr, ur = gate.double().requires_grad_(), up.double().requires_grad_()
     ref = ref_swiglu(gr, ur)
     ref.backward(g.double())
-    out = twice(K._swiglu_metal, to_mx(gate), to_mx(up))
-    dg, du = twice(K._swiglu_metal_bwd, to_mx(gate), to_mx(up), to_mx(g))
+    out = twice(_swiglu_metal, to_mx(gate), to_mx(up))
+    dg, du = twice(_swiglu_metal_bwd, to_mx(gate), to_mx(up), to_mx(g))
     assert_close(to_torch(out), ref, dtype)
     assert_close(to_torch(dg), gr.grad, dtype, what="dgate")
     assert_close(to_torch(du), ur.grad, dtype, what="dup")
 
 
 @pytest.mark.parametrize("cfg", [(24, 3, 4, 2, True, 2.5), (10, 2, 1, 1, False, 1.0)])
-def test_moe_route(cfg):
+def test_route(cfg):
     e, top_k, n_group, topk_group, norm, rsf = cfg
     logits, bias = torch.randn(70, e, dtype=torch.float64), torch.randn(e, dtype=torch.float64) * 0.3
     idx, w, scores = ref_route(logits, bias, top_k, n_group, topk_group, norm, rsf)
-    midx, mw, ms = twice(K._moe_route_metal, to_mx(logits.float()), to_mx(bias.float()), top_k, n_group,
+    midx, mw, ms = twice(_route_metal, to_mx(logits.float()), to_mx(bias.float()), top_k, n_group,
                          topk_group, norm, rsf)
     assert torch.equal(to_torch(midx).long(), idx)
     assert_close(to_torch(mw), w, what="topk_weight")
     assert_close(to_torch(ms), scores, what="scores")
 
 
+@pytest.mark.parametrize("cfg", [(16, 4, 1, 1), (24, 3, 4, 2)], ids=["flat", "groups"])
+def test_route_exact_ties(cfg):
+    """Equal biased scores (and equal group scores) rank the lower expert (group) index first (DESIGN.md), as the
+    reference: logits drawn from 4 levels, so most rows tie at the top-k cut."""
+    e, top_k, n_group, topk_group = cfg
+    logits, bias = torch.randn(4)[torch.randint(0, 4, (40, e))], torch.zeros(e)
+    idx, w, _ = ref_route(logits, bias, top_k, n_group, topk_group, True, 1.0)
+    picked = logits.gather(1, idx)
+    assert (picked[:, :-1] == picked[:, 1:]).any(), "no tie among the picked experts: the test tests nothing"
+    midx, mw, _ = twice(_route_metal, to_mx(logits), to_mx(bias), top_k, n_group, topk_group, True, 1.0)
+    assert torch.equal(to_torch(midx).long(), idx)
+    assert_close(to_torch(mw), w, what="topk_weight")
+
+
 @pytest.mark.parametrize("cfg", [(10, 3, 1, 1), (16, 3, 4, 2)], ids=["flat", "groups"])
-def test_moe_route_nan_logit(cfg):
+def test_route_nan_logit(cfg):
     """A NaN logit ranks first, as in torch.topk (the reference): its expert is picked and the NaN weight shows."""
     e, top_k, n_group, topk_group = cfg
     logits, bias = torch.randn(4, e, dtype=torch.float64), torch.randn(e, dtype=torch.float64) * 0.1
     logits[1, 5] = float("nan")
     logits[2] = float("nan")
     idx, w, _ = ref_route(logits, bias, top_k, n_group, topk_group, True, 2.5)
-    midx, mw, _ = twice(K._moe_route_metal, to_mx(logits.float()), to_mx(bias.float()), top_k, n_group,
+    midx, mw, _ = twice(_route_metal, to_mx(logits.float()), to_mx(bias.float()), top_k, n_group,
                         topk_group, True, 2.5)
     midx = to_torch(midx).long()
     assert ((midx >= 0) & (midx < e)).all()
@@ -108,47 +133,44 @@ def test_mla_decode(shape, dtype):
     ckv, kpe = torch.randn(b, s, r).to(dtype), torch.randn(b, s, dr).to(dtype)
     scale = (r + dr) ** -0.5
     ref = ref_mla_decode(ql.double(), qp.double(), ckv.double(), kpe.double(), scale)
-    out = twice(K._mla_decode_metal, to_mx(ql), to_mx(qp), to_mx(ckv), to_mx(kpe), scale)
+    out = twice(_mla_decode_metal, to_mx(ql), to_mx(qp), to_mx(ckv), to_mx(kpe), scale)
     assert out.dtype == to_mx(ql).dtype
     assert_close(to_torch(out), ref, dtype)
 
 
 def test_indexer():
     b, h, t, s, d = 2, 3, 4, 150, 16  # S > 128: the top-k streams two tiles
-    q, k = torch.randn(b, h, t, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
+    q, k = torch.randn(b, t, h, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
     w = torch.randn(b, t, h, dtype=torch.float64) * h**-0.5
-    q[0, :, 1] = 0.0  # all-zero scores: ties go to the earlier key
+    q[0, 1] = 0.0  # all-zero scores: ties go to the earlier key
     scale = d**-0.5
     qm, km, wm = (to_mx(a.float()) for a in (q, k, w))
-    scores = twice(K._indexer_scores_metal, qm, km, wm, scale)
+    scores = twice(_indexer_scores_metal, qm, km, wm, scale)
+    assert_close(to_torch(scores), ref_dsa.indexer_scores(q, k, w, scale), what="scores")
     for topk in (20, 148, 300):  # fewer than, between and more than the visible keys (147..150)
-        ref_scores, ref_sel = ref_indexer(q, k, w, scale, topk)
-        idx = twice(K._indexer_topk_metal, scores, topk)
+        idx = twice(_indexer_topk_metal, scores, topk)
         assert idx.shape == (b, t, min(topk, s))
-        assert torch.equal(to_torch(K.indexer_mask(idx, s)), ref_sel), f"topk={topk}"
-        assert torch.equal(to_torch(idx), to_torch(K.indexer_topk_mlx(scores, topk))), f"order, topk={topk}"
-    assert_close(to_torch(scores), ref_scores, what="scores")
+        assert torch.equal(to_torch(idx).long(), ref_dsa.indexer_topk(to_torch(scores), topk)), f"topk={topk}"
 
 
-def _topk_ref(scores: torch.Tensor, topk: int) -> torch.Tensor:
-    """`reference.dsa.Indexer.select` as ordered indices: stable descending sort of the visible keys (NaN first,
-    as torch sorts it), -1 past the visible count."""
-    _, t, s = scores.shape
-    visible = torch.arange(s)[None, :] <= torch.arange(t)[:, None] + (s - t)
-    idx = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
-    idx = idx[..., :min(topk, s)]
-    return torch.where(torch.arange(idx.shape[-1]) < visible.sum(-1)[:, None], idx, -1).int()
+@pytest.mark.parametrize("topk", [7, 200])
+def test_indexer_topk_exact_ties(topk):
+    """Equal scores rank the earlier key first (DESIGN.md), as the reference: scores are multiples of 0.5, so ties
+    decide most slots, across the two 128-key tiles."""
+    scores = torch.round(torch.randn(1, 3, 140) * 2) / 2
+    idx = twice(_indexer_topk_metal, to_mx(scores), topk)
+    assert torch.equal(to_torch(idx).long(), ref_dsa.indexer_topk(scores, topk))
 
 
 def test_indexer_topk_nan_scores():
-    """NaN scores (from a diverged model) rank first, as torch.sort puts them: the ranks stay a permutation, so
-    no two keys write one slot (a race) and no slot is left unwritten (a wild index for the mask)."""
+    """NaN scores (from a diverged model) rank first, as the reference: the ranks stay a permutation, so no two
+    keys write one slot (a race) and no slot is left unwritten (a wild index for the mask)."""
     scores = torch.randn(1, 3, 140)
     scores[0, 0, [2, 50]] = float("nan")
     scores[0, 2] = float("nan")  # a whole row
     for topk in (5, 200):
-        idx = twice(K._indexer_topk_metal, to_mx(scores), topk)
-        assert torch.equal(to_torch(idx), _topk_ref(scores, topk)), f"topk={topk}"
+        idx = twice(_indexer_topk_metal, to_mx(scores), topk)
+        assert torch.equal(to_torch(idx).long(), ref_dsa.indexer_topk(scores, topk)), f"topk={topk}"
 
 
 @pytest.mark.parametrize("shape,bs,dtype", [((3, 300), 128, torch.float32), ((5, 70), 32, torch.bfloat16)])
@@ -158,7 +180,7 @@ def test_act_quant(shape, bs, dtype):
     x[-1, 1] = float("nan")  # its tile: NaN scale and NaN (0x7F) values, as the reference
     x[1, :bs] = 0.0  # an all-zero tile: amax clamped to 1e-4
     y_ref, s_ref = ref_fp8.act_quant(x, bs)
-    y, s = twice(K._act_quant_metal, to_mx(x), bs)
+    y, s = twice(_act_quant_metal, to_mx(x), bs)
     assert torch.equal(to_torch(s).nan_to_num(-1.0), s_ref.nan_to_num(-1.0))  # scales are > 0: -1 marks NaN
     assert torch.equal(to_torch(y), y_ref.view(torch.uint8)), "e4m3 bits differ from torch's cast"
     finite = ~y_ref.float().isnan()
@@ -169,10 +191,10 @@ def test_act_quant(shape, bs, dtype):
 def test_weight_dequant():
     w_fp8, s = ref_fp8.weight_quant(spread(45, 70), 32)
     ref = ref_fp8.weight_dequant(w_fp8, s, 32)
-    out = twice(K._weight_dequant_metal, to_mx(w_fp8.view(torch.uint8)), to_mx(s), 32)
+    out = twice(_weight_dequant_metal, to_mx(w_fp8.view(torch.uint8)), to_mx(s), 32)
     assert_close(to_torch(out), ref, bound=0.0)
     every = torch.arange(256, dtype=torch.uint8).reshape(1, 256)  # every bit pattern, NaNs included
-    dec = twice(K._weight_dequant_metal, to_mx(every), mx.ones((1, 2)), 128)
+    dec = twice(_weight_dequant_metal, to_mx(every), mx.ones((1, 2)), 128)
     ref_all = every.view(torch.float8_e4m3fn).float()
     assert torch.equal(to_torch(dec).isnan(), ref_all.isnan())
     assert torch.equal(to_torch(dec).nan_to_num(), ref_all.nan_to_num())
@@ -186,9 +208,9 @@ def test_cross_entropy(dtype):
     lr = logits.double().requires_grad_()
     ref = F.cross_entropy(lr, tg, reduction="none", ignore_index=-100)
     ref.backward(g.double())
-    tm = mx.array(tg.numpy()).astype(mx.int32)
-    loss, lse = twice(K._cross_entropy_metal, to_mx(logits), tm, -100)
-    dlogits = twice(K._cross_entropy_metal_bwd, to_mx(logits), tm, to_mx(g), -100)
+    tm = to_mx(tg).astype(mx.int32)
+    loss, lse = twice(_cross_entropy_metal, to_mx(logits), tm, -100)
+    dlogits = twice(_cross_entropy_metal_bwd, to_mx(logits), tm, to_mx(g), -100)
     assert_close(to_torch(loss), ref, dtype)
     assert_close(to_torch(lse), logits.double().logsumexp(-1), what="lse")
     assert_close(to_torch(dlogits), lr.grad, dtype, what="dlogits")
@@ -203,9 +225,9 @@ def test_cross_entropy_masked_vocab():
     lr = logits.double().requires_grad_()
     ref = F.cross_entropy(lr, tg, reduction="none")
     ref.backward(g.double())
-    tm = mx.array(tg.numpy()).astype(mx.int32)
-    loss, lse = twice(K._cross_entropy_metal, to_mx(logits), tm, -100)
-    dlogits = twice(K._cross_entropy_metal_bwd, to_mx(logits), tm, to_mx(g), -100)
+    tm = to_mx(tg).astype(mx.int32)
+    loss, lse = twice(_cross_entropy_metal, to_mx(logits), tm, -100)
+    dlogits = twice(_cross_entropy_metal_bwd, to_mx(logits), tm, to_mx(g), -100)
     assert_close(to_torch(loss), ref)
     assert_close(to_torch(lse), logits.double().logsumexp(-1), what="lse")
     assert_close(to_torch(dlogits), lr.grad, what="dlogits")
@@ -213,8 +235,8 @@ def test_cross_entropy_masked_vocab():
 
 def test_every_body_has_a_spec():
     """Each ``// @kernel`` body in kernels/metal has its `KernelSpec` (and so its launch), and each spec a body."""
-    bodies = {(f.stem, name) for f in K.METAL_DIR.glob("*.metal") for name in K._metal_file(f.stem) if name != "header"}
-    assert bodies == {(s.family, s.name) for s in K.SPECS.values()}
-    for s in K.SPECS.values():
+    bodies = {(f.stem, name) for f in METAL_DIR.glob("*.metal") for name in metal_file(f.stem) if name != "header"}
+    assert bodies == {(s.family, s.name) for s in SPECS.values()}
+    for s in SPECS.values():
         for name in s.input_names + s.output_names:
             assert name in s.source, f"{s.name}: buffer {name} unused by the body"

@@ -14,11 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference import dsa as ref_dsa
 from reference import fp8 as ref_fp8
+from reference.moe import route as ref_route
 from reference.rms_norm import rms_norm as ref_rms_norm
 from reference.swiglu import swiglu as ref_swiglu
 from runtime_mlx import kernels as K
-from tests.mlx.kernel_refs import ref_indexer, ref_mla_decode, ref_route, spread, to_mx, to_torch
+from runtime_mlx.kernels import launch
+from tests.mlx.kernel_refs import ref_mla_decode, spread
+from tests.mlx.utils import to_mx, to_torch
 from tests.tolerance import assert_close
 
 METAL = K.metal_available()
@@ -29,7 +33,7 @@ PATHS = ["mlx", pytest.param("metal", marks=needs_metal)]
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Metal outputs start as NaN (or 127 for integer outputs) on Apple Silicon."""
-    monkeypatch.setattr(K, "POISON", True)
+    monkeypatch.setattr(launch, "POISON", True)
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +94,7 @@ def test_swiglu(path, dtype):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cfg", [(8, 2, 1, 1, True, 2.5), (24, 3, 4, 2, True, 1.0), (16, 4, 1, 1, False, 1.5)])
-def test_moe_route(path, cfg):
+def test_route(path, cfg):
     e, top_k, n_group, topk_group, norm, rsf = cfg
     logits, bias = torch.randn(37, e, dtype=torch.float64), torch.randn(e, dtype=torch.float64) * 0.3
     gw, gs = torch.randn(37, top_k), torch.randn(37, e)
@@ -99,14 +103,14 @@ def test_moe_route(path, cfg):
     (w * gw.double()).sum().add((scores * gs.double()).sum()).backward()
     args = (top_k, n_group, topk_group, norm, rsf)
     lm, bm = to_mx(logits.float()), to_mx(bias.float())
-    midx, mw, ms = K.moe_route(lm, bm, *args)
+    midx, mw, ms = K.route(lm, bm, *args)
     assert midx.dtype == mx.int32
     assert torch.equal(to_torch(midx).long(), idx)
     assert_close(to_torch(mw), w)
     assert_close(to_torch(ms), scores)
 
     def loss(lg):
-        _, w_, s_ = K.moe_route(lg, bm, *args)
+        _, w_, s_ = K.route(lg, bm, *args)
         return (w_ * to_mx(gw)).sum() + (s_ * to_mx(gs)).sum()
 
     assert_close(to_torch(mx.grad(loss)(lm)), lr.grad, what="dlogits")
@@ -114,7 +118,7 @@ def test_moe_route(path, cfg):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cfg", [(10, 3, 1, 1), (16, 3, 4, 2)], ids=["flat", "groups"])
-def test_moe_route_nan_logit(path, cfg):
+def test_route_nan_logit(path, cfg):
     """A NaN logit ranks first, as in torch.topk (the reference): its expert is picked and the NaN weight shows
     (a diverged router must give a NaN loss, not a finite one)."""
     e, top_k, n_group, topk_group = cfg
@@ -122,7 +126,7 @@ def test_moe_route_nan_logit(path, cfg):
     logits[1, 5] = float("nan")
     logits[2] = float("nan")
     idx, w, _ = ref_route(logits, bias, top_k, n_group, topk_group, True, 2.5)
-    midx, mw, _ = K.moe_route(to_mx(logits.float()), to_mx(bias.float()), top_k, n_group, topk_group, True, 2.5)
+    midx, mw, _ = K.route(to_mx(logits.float()), to_mx(bias.float()), top_k, n_group, topk_group, True, 2.5)
     midx = to_torch(midx).long()
     assert ((midx >= 0) & (midx < e)).all()
     assert torch.equal(midx[[0, 1, 3]], idx[[0, 1, 3]])
@@ -142,31 +146,59 @@ def test_mla_decode(path, shape):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cfg", [(16, 4, 1, 1), (24, 3, 4, 2)], ids=["flat", "groups"])
+def test_route_exact_ties(path, cfg):
+    """Equal biased scores (and equal group scores) rank the lower expert (group) index first (DESIGN.md), as the
+    reference: logits drawn from 4 levels, so most rows tie at the top-k cut."""
+    e, top_k, n_group, topk_group = cfg
+    levels = torch.randn(4)
+    logits = levels[torch.randint(0, 4, (40, e))]
+    bias = torch.zeros(e)
+    idx, w, _ = ref_route(logits, bias, top_k, n_group, topk_group, True, 1.0)
+    midx, mw, _ = K.route(to_mx(logits), to_mx(bias), top_k, n_group, topk_group, True, 1.0)
+    picked = logits.gather(1, idx)
+    assert (picked[:, :-1] == picked[:, 1:]).any(), "no tie among the picked experts: the test tests nothing"
+    assert torch.equal(to_torch(midx).long(), idx)
+    assert_close(to_torch(mw), w, what="topk_weight")
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", [(2, 4, 5, 23, 16, 7), (1, 3, 9, 9, 8, 4), (1, 2, 2, 40, 12, 64)])
 def test_indexer(path, shape):
     b, h, t, s, d, topk = shape
-    q, k = torch.randn(b, h, t, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
+    q, k = torch.randn(b, t, h, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
     w = torch.randn(b, t, h, dtype=torch.float64) * h**-0.5
-    q[0, :, 0] = 0.0  # a query whose scores are all exact zeros: ties go to the earlier key
+    q[0, 0] = 0.0  # a query whose scores are all exact zeros: ties go to the earlier key
     scale = d**-0.5
-    ref_scores, ref_sel = ref_indexer(q, k, w, scale, topk)
+    ref_scores = ref_dsa.indexer_scores(q, k, w, scale)
     qm, km, wm = (to_mx(a.float()) for a in (q, k, w))
-    assert_close(to_torch(K.indexer_scores(qm, km, wm, scale)), ref_scores)
-    idx = K.indexer_topk(qm, km, wm, scale, topk)
+    scores = K.indexer_scores(qm, km, wm, scale)
+    assert_close(to_torch(scores), ref_scores)
+    idx = K.indexer_topk(scores, topk)
     assert idx.shape == (b, t, min(topk, s)) and idx.dtype == mx.int32
-    assert torch.equal(to_torch(K.indexer_mask(idx, s)), ref_sel)
+    ref_idx = ref_dsa.indexer_topk(ref_scores, topk)
+    assert torch.equal(to_torch(idx).long(), ref_idx)
+    assert torch.equal(to_torch(K.indices_to_mask(idx, s)), ref_dsa.indices_to_mask(ref_idx, s))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("topk", [5, 40, 200])
+def test_indexer_topk_exact_ties(path, topk):
+    """Equal scores rank the earlier key first (DESIGN.md), as the reference: scores are multiples of 0.5, so
+    every row ties; -1 pads the slots past a query's visible keys."""
+    scores = torch.round(torch.randn(2, 6, 150) * 2) / 2
+    idx = K.indexer_topk(to_mx(scores), topk)
+    assert torch.equal(to_torch(idx).long(), ref_dsa.indexer_topk(scores, topk))
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_indexer_topk_nan_scores(path):
-    """NaN scores (a diverged model) rank first, as torch.sort puts them (the reference's stable sort)."""
-    b, h, t, s, d = 1, 2, 3, 30, 8
-    q, k = torch.randn(b, h, t, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
-    w = torch.randn(b, t, h, dtype=torch.float64)
-    k[0, [4, 9]] = float("nan")  # keys 4 and 9 score NaN for every query
-    _, ref_sel = ref_indexer(q, k, w, 1.0, 6)
-    idx = K.indexer_topk(*(to_mx(a.float()) for a in (q, k, w)), 1.0, 6)
-    assert torch.equal(to_torch(K.indexer_mask(idx, s)), ref_sel)
+    """NaN scores (a diverged model) rank first, as the reference (a stable sort puts NaN first)."""
+    scores = torch.randn(1, 3, 30)
+    scores[0, :, [4, 9]] = float("nan")
+    scores[0, 2] = float("nan")  # a whole row
+    idx = K.indexer_topk(to_mx(scores), 6)
+    assert torch.equal(to_torch(idx).long(), ref_dsa.indexer_topk(scores, 6))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -201,7 +233,7 @@ def test_cross_entropy(path, dtype):
     lr = logits.double().requires_grad_()
     ref = F.cross_entropy(lr, tg, reduction="none", ignore_index=-100)
     ref.backward(g.double())
-    lm, tm = to_mx(logits), mx.array(tg.numpy())
+    lm, tm = to_mx(logits), to_mx(tg)
     out = K.cross_entropy(lm, tm)
     dl = mx.grad(lambda a: (K.cross_entropy(a, tm) * to_mx(g)).sum())(lm)
     assert_close(to_torch(out), ref, dtype)
@@ -214,7 +246,11 @@ def test_bad_inputs():
     with pytest.raises(ValueError):
         K.rms_norm(mx.ones((2, 4)), mx.ones((5,)))
     with pytest.raises(ValueError):
-        K.moe_route(mx.ones((2, 10)), mx.zeros((10,)), 2, 3, 1, True, 1.0)
+        K.route(mx.ones((2, 10)), mx.zeros((10,)), 2, 3, 1, True, 1.0)
+    with pytest.raises(ValueError):
+        K.indexer_topk(mx.ones((1, 5, 4)), 2)  # more queries than keys
+    with pytest.raises(ValueError):
+        K.indexer_topk(mx.ones((1, 2, 4)), 0)
     with pytest.raises(TypeError):
         K.weight_dequant(mx.ones((4, 4)), mx.ones((1, 1)))
     with pytest.raises(ValueError):

@@ -1,5 +1,5 @@
-"""Shared helpers of the runtime_mlx tests: the same weights in the reference and the MLX model, and arrays
-back to torch for `tests.tolerance`."""
+"""Shared helpers of the runtime_mlx and Metal emulation tests: the one `to_mx` / `to_torch` conversion, and the
+same weights in the reference and the MLX model."""
 
 from __future__ import annotations
 
@@ -13,15 +13,22 @@ from runtime_mlx.checkpoint import load_torch_state_dict, load_weights
 from tests.reference_utils import randomize_
 
 
-def to_mx(t: torch.Tensor):
-    """A torch tensor as an mx array (same dtype for float32 and integers; float64 becomes float32)."""
-    a = t.detach().cpu().numpy()
+def to_mx(t: torch.Tensor) -> mx.array:
+    """A torch tensor as an mx array of the same dtype (bfloat16 through float32), except float64, which MLX's
+    GPU lacks, becomes float32. The one conversion every MLX test uses."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.float().numpy()).astype(mx.bfloat16)
+    a = t.numpy()
     return mx.array(a.astype(np.float32) if a.dtype == np.float64 else a)
 
 
-def to_torch(a) -> torch.Tensor:
-    """An mx array as a float64 torch tensor (for `tests.tolerance.rel_err`)."""
-    return torch.from_numpy(np.array(a.astype(mx.float32), dtype=np.float64))
+def to_torch(a: mx.array) -> torch.Tensor:
+    """An mx array as a torch tensor of the same dtype (bfloat16 through float32), for `tests.tolerance` (which
+    compares in float64) and exact comparisons of indices and bits."""
+    if a.dtype == mx.bfloat16:
+        return torch.from_numpy(np.array(a.astype(mx.float32))).to(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
 
 
 def copy_weights(mlx_module, torch_module) -> None:
