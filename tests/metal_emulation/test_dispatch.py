@@ -1,7 +1,7 @@
 """The Metal path of every public op in `runtime_mlx.kernels`, end to end, with the emulation standing in for the
 GPU: dispatch, ``mx.custom_function`` and its ``.vjp`` (gradients through ``mx.grad``), reshapes and path
-reporting, compared with the pure-MLX path on the same inputs. The shapes repeat test_kernels.py's, so the
-compiled kernels are reused."""
+reporting, compared with the pure-MLX path on the same inputs. The shapes repeat those of
+tests/metal_emulation/test_kernels.py, so the compiled kernels are reused."""
 
 from __future__ import annotations
 

@@ -1,17 +1,19 @@
 """`runtime_mlx.kernels.linear_cross_entropy` (the LM head fused with the loss, chunked over tokens) against
 `reference.cross_entropy.linear_cross_entropy` (float64): losses and gradients for hidden and weight, on ragged
 sizes (chunks that do not divide the tokens) with ignored tokens; and its memory: the (N, V) logits never exist
-at once. Runs the path this machine takes (pure MLX here; Metal's cross_entropy kernels per chunk on a Mac)."""
+at once. Runs the path this machine takes (pure MLX here; Metal's cross_entropy kernels per chunk on a Mac).
+And the per-token `cross_entropy` kernel on given logits, on every path, against `F.cross_entropy`."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reference.cross_entropy import linear_cross_entropy as ref_lce
-from runtime_mlx.kernels import linear_cross_entropy
-from tests.mlx.utils import to_mx, to_torch
+from runtime_mlx.kernels import cross_entropy, linear_cross_entropy
+from tests.mlx.utils import PATHS, to_mx, to_torch
 from tests.tolerance import assert_close
 
 
@@ -77,3 +79,20 @@ def test_chunks_bound_the_memory():
         hidden, weight)
     mx.eval(loss, grads)
     assert mx.get_peak_memory() - base < n * v * 4 / 4
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy(path, dtype):
+    n, v = 13, 1000
+    logits, tg = (torch.randn(n, v) * 3).to(dtype), torch.randint(0, v, (n,))
+    tg[[2, 7]] = -100
+    g = torch.randn(n)
+    lr = logits.double().requires_grad_()
+    ref = F.cross_entropy(lr, tg, reduction="none", ignore_index=-100)
+    ref.backward(g.double())
+    lm, tm = to_mx(logits), to_mx(tg)
+    out = cross_entropy(lm, tm)
+    dl = mx.grad(lambda a: (cross_entropy(a, tm) * to_mx(g)).sum())(lm)
+    assert_close(to_torch(out), ref, dtype)
+    assert_close(to_torch(dl), lr.grad, dtype, what="dlogits")

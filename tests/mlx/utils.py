@@ -4,13 +4,23 @@ same weights in the reference and the MLX model."""
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+import pytest
 import torch
+from mlx.utils import tree_flatten
 
 from reference import Model as ReferenceModel
-from runtime_mlx import Model
+from runtime_mlx import Model, kernels
 from runtime_mlx.checkpoint import load_torch_state_dict, load_weights
+from runtime_mlx.rope import RoPE
 from tests.reference_utils import randomize_
+
+METAL = kernels.metal_available()
+needs_metal = pytest.mark.skipif(not METAL, reason="Metal kernels need Apple Silicon (no Metal device)")
+PATHS = ["mlx", pytest.param("metal", marks=needs_metal)]
+YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 0.5}
 
 
 def to_mx(t: torch.Tensor) -> mx.array:
@@ -48,3 +58,17 @@ def model_pair(config, router_bias: float = 0.05, train: bool = False) -> tuple[
     copy_weights(model, ref)
     model.train(train)
     return ref, model
+
+
+def grads_of(module, fn):
+    """Parameter gradients (flat name -> array) of the scalar ``fn()`` with respect to an MLX module."""
+    return dict(tree_flatten(nn.value_and_grad(module, fn)()[1]))
+
+
+def layer_pair(ref_cls, cls, config):
+    """A reference attention layer (``ref_cls``, random weights, eval mode) and the MLX layer ``cls`` of the same
+    ``config`` with the same weights: ``(ref, layer)``."""
+    ref = randomize_(ref_cls(config, 0)).eval()
+    layer = cls(config, 0, RoPE(config.rope_dim, config.rope_theta, config.rope_scaling))
+    copy_weights(layer, ref)
+    return ref, layer
