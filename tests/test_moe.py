@@ -1,4 +1,4 @@
-"""reference/moe.py and reference/swiglu.py: experts, DeepSeekMoE routing and balancing, standard softmax MoE."""
+"""reference/moe.py: route, experts, DeepSeekMoE routing and balancing, standard softmax MoE."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from reference.moe import DeepSeekMoE, Experts, MoE, _grouped_mm_applies, route, topk_indices
-from reference.swiglu import MLP, swiglu
 from tests.reference_utils import (
     expert_ffn,
     gradcheck_module,
@@ -370,16 +369,6 @@ def test_gradcheck_experts():
     assert gradcheck_module(experts, lambda m, x, w: m(x, idx, w), (x, w),
                             ("gate_proj", "up_proj", "down_proj"), fast_mode=True)
     assert gradcheck_module(experts, lambda m, x, w: m(x, idx, w), (x, w))
-
-
-def test_gradcheck_swiglu_and_mlp():
-    g = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    u = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(swiglu, (g, u))
-    assert_close(swiglu(g, u), g * torch.sigmoid(g) * u, torch.float64)
-    mlp = randomize_(MLP(6, 5)).double()
-    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    assert gradcheck_module(mlp, lambda m, x: m(x), (x,), ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
 
 
 def test_gradcheck_deepseek_moe_router_gets_gradient_through_weights():
