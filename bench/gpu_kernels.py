@@ -51,8 +51,9 @@ def _fwd_bwd(fn, inputs):
     return run if any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs) else (lambda: fn(*inputs))
 
 
-def cases(device, smoke: bool) -> list[Case]:
-    """The benchmark rows at DeepSeek-V3-like shapes (bf16), or tiny float32 shapes with ``smoke``."""
+def cases(device, smoke: bool, dtype=None) -> list[Case]:
+    """The benchmark rows at DeepSeek-V3-like shapes, or tiny ones with ``smoke``; ``dtype`` of the activations
+    and weights: bfloat16 by default, float32 with ``smoke``."""
     import torch
     import torch.nn.functional as F
 
@@ -74,7 +75,7 @@ def cases(device, smoke: bool) -> list[Case]:
     from reference import rope as r_rope
     from reference import swiglu as r_swiglu
 
-    dt = torch.float32 if smoke else torch.bfloat16
+    dt = dtype or (torch.float32 if smoke else torch.bfloat16)
     es = torch.tensor([], dtype=dt).element_size()
 
     def rnd(*shape, grad=False, dtype=dt, scale=1.0):
@@ -151,8 +152,7 @@ def cases(device, smoke: bool) -> list[Case]:
     causal = r_attn.causal_mask(t, t, 0, device)
 
     def dsa_ref():
-        sel = r_dsa.indexer_scores(iq, ik, iw, isc).masked_fill(~causal, float("-inf"))
-        return sel.sort(dim=-1, descending=True, stable=True).indices[..., :topk]
+        return r_dsa.indexer_topk(r_dsa.indexer_scores(iq, ik, iw, isc), topk)
 
     out.append(Case(f"dsa indexer scores+top-k T={t} Hi={hi} D={d} k={topk}",
                     lambda: k_dsa.indexer_topk(k_dsa.indexer_scores(iq, ik, iw, isc), topk), dsa_ref,
@@ -173,17 +173,9 @@ def cases(device, smoke: bool) -> list[Case]:
     n, e, kk, h, i, groups = s(23, 8192), s(16, 256), s(4, 8), s(24, 7168), s(8, 2048), s(4, 8)
     logits, bias = rnd(n, e, dtype=torch.float32), rnd(e, dtype=torch.float32, scale=0.1)
 
-    def route_ref():
-        sc_ = torch.sigmoid(logits)
-        ch = (sc_ + bias).view(n, groups, e // groups)
-        keep = ch.topk(2, -1).values.sum(-1).topk(groups // 2, -1).indices
-        m_ = torch.zeros(n, groups, dtype=torch.bool, device=device).scatter_(1, keep, True)
-        idx_ = ch.masked_fill(~m_[..., None], float("-inf")).view(n, e).topk(kk, -1).indices
-        wts = sc_.gather(1, idx_)
-        return idx_, wts / wts.sum(-1, keepdim=True) * 2.5
-
     out.append(Case(f"moe route N={n} E={e} top-{kk} groups {groups}",
-                    lambda: k_moe.route(logits, bias, kk, groups, groups // 2, True, 2.5), route_ref,
+                    lambda: k_moe.route(logits, bias, kk, groups, groups // 2, True, 2.5),
+                    lambda: r_moe.route(logits, bias, kk, groups, groups // 2, True, 2.5),
                     nbytes=n * e * 4))
     experts = r_moe.Experts(e, h, i).to(device, dt)
     with torch.no_grad():
@@ -219,6 +211,20 @@ def rate(case: Case, ms: float) -> str:
     return f"{case.nbytes / ms / 1e6:.0f} GB/s"
 
 
+def table(rows: list[Case]) -> list[str]:
+    """The markdown table of the rows measured so far (a dash where a column was not measured)."""
+    lines = ["| op | Triton | rate | reference | compiled ref | built-in | ref / Triton |", "|" + "---|" * 7]
+    for c in rows:
+        r = c.results
+        if "reference" not in r:
+            continue
+        ms = {k: f"{r[k]:.3f} ms" if r.get(k) else "-" for k in ("triton", "reference", "compiled reference",
+                                                                  "builtin")}
+        lines.append(f"| {c.name} | {ms['triton']} | {rate(c, r['triton'])} | {ms['reference']} | "
+                     f"{ms['compiled reference']} | {ms['builtin']} | {r['reference'] / r['triton']:.2f}x |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="write the results as JSON here")
@@ -246,34 +252,39 @@ def main(argv=None) -> int:
     def bench(fn):
         return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    import triton
+
+    device_name = torch.cuda.get_device_name()
+    print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+
+    def save():
+        """The table of every row so far, also written as JSON to ``--out`` (after each row, so a timeout
+        keeps what was measured)."""
+        lines = table(rows)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
+                           "rows": [{"name": c.name, "ms": c.results, "flops": c.flops, "bytes": c.nbytes}
+                                    for c in rows], "table": lines}, f, indent=1)
+        return lines
+
     for c in rows:
         c.results["triton"] = bench(c.ours)
         c.results["reference"] = bench(c.ref)
         if c.builtin is not None:
             c.results["builtin"] = bench(c.builtin)
         print(f"{c.name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in c.results.items()), flush=True)
+        save()
     if not args.no_compile:
         for c in rows:
             try:
                 c.results["compiled reference"] = bench(torch.compile(c.ref))
+                print(f"{c.name}: compiled reference {c.results['compiled reference']:.3f} ms", flush=True)
             except Exception as e:  # noqa: BLE001 - a compile failure is a result to report, not a crash
                 c.results["compiled reference"] = None
                 print(f"{c.name}: torch.compile failed: {type(e).__name__}: {e}".splitlines()[0], flush=True)
-    header = "| op | Triton | rate | reference | compiled ref | built-in | ref / Triton |"
-    lines = [header, "|" + "---|" * 7]
-    for c in rows:
-        r = c.results
-        ms = {k: f"{r[k]:.3f} ms" if r.get(k) else "-" for k in ("triton", "reference", "compiled reference",
-                                                                  "builtin")}
-        lines.append(f"| {c.name} | {ms['triton']} | {rate(c, r['triton'])} | {ms['reference']} | "
-                     f"{ms['compiled reference']} | {ms['builtin']} | {r['reference'] / r['triton']:.2f}x |")
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "rows": [{"name": c.name, "ms": c.results, "flops": c.flops, "bytes": c.nbytes}
-                                for c in rows], "table": lines}, f, indent=1)
+            save()
+    print("\n".join(save()))
     return 0
 
 

@@ -24,10 +24,9 @@ Block sizes: 16 under the interpreter (so small test shapes span several blocks)
 above 128) with 4 warps. Untuned and not yet run on a GPU, but every kernel was compiled here for sm_90 with
 Triton's ptxas (a handful of spilled registers at most with these sizes; more in the float32 backward).
 
-Triton 3.9's interpreter returns garbage from ``tl.dot`` on bfloat16 operands (measured; float16 is fine), so
-under the interpreter bfloat16 operands are upcast to float32 before each dot (`tile_dot`). That is numerically
-what the GPU's bfloat16 MMA does (exact products, float32 accumulation). The interpreter's float32 -> bfloat16
-cast truncates instead of rounding to nearest, which roughly doubles the bfloat16 errors measured there.
+Tiles go through `kernels.triton.utils`' `tile_dot`, `cast` and `store_tile`, which carry the one policy for
+half precision under Triton's interpreter (bfloat16 dot operands upcast to float32, bfloat16 results
+rounded to nearest by hand; measured there).
 """
 
 from __future__ import annotations
@@ -38,29 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check, empty, interpreted
+from .utils import cast, check, empty, interpreted, load_tile, pow2, store_tile, tile_dot
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = math.log2(math.e)
-
-
-@triton.jit
-def tile_dot(a, b, UPCAST: tl.constexpr):
-    """``a @ b`` with a float32 result; IEEE float32 for float32 operands; ``UPCAST``: operands to float32 first
-    (bfloat16 under the interpreter, see the module docstring)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision="ieee")
-
-
-def pow2(n: int) -> int:
-    """Tile width for a dim of size ``n``: the next power of two, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, triton.next_power_of_2(n))
-
-
-def upcast(dtype: torch.dtype) -> bool:
-    """Whether `tile_dot` must upcast operands of ``dtype`` (bfloat16 under the interpreter)."""
-    return interpreted() and dtype == torch.bfloat16
 
 
 def _blocks(block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -78,23 +58,8 @@ def _blocks(block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 @triton.jit
-def load_tile(ptr, rows, cols, n_rows, n_cols):
-    """The tile ``ptr[rows, cols]`` of a row-major (n_rows, n_cols) matrix, zero outside it."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def store_tile(ptr, x, rows, cols, n_rows, n_cols):
-    """Store ``x`` into the tile ``ptr[rows, cols]`` of a row-major (n_rows, n_cols) matrix, cast to its dtype."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + rows[:, None] * n_cols + cols[None, :], x.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, T, S, H, HK, DK, DV, qk_scale, offset, CAUSAL: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-              UPCAST: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     bhk = bh // H * HK + bh % H // (H // HK)
@@ -112,7 +77,7 @@ def _attn_fwd(Q, K, V, O, LSE, T, S, H, HK, DK, DV, qk_scale, offset, CAUSAL: tl
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(K, offs_n, offs_dk, S, DK)
         v = load_tile(V, offs_n, offs_dv, S, DV)
-        s = tile_dot(q, tl.trans(k), UPCAST) * qk_scale
+        s = tile_dot(q, tl.trans(k)) * qk_scale
         ok = offs_n[None, :] < S
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
@@ -121,7 +86,7 @@ def _attn_fwd(Q, K, V, O, LSE, T, S, H, HK, DK, DV, qk_scale, offset, CAUSAL: tl
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, UPCAST)
+        acc = acc * alpha[:, None] + tile_dot(cast(p, v.dtype), v)
         m_i = m_new
     store_tile(O + bh * T * DV, acc / l_i[:, None], offs_m, offs_dv, T, DV)
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
@@ -141,7 +106,7 @@ def _attn_bwd_delta(O, DO, DELTA, T, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.con
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_, DV_, T, S, H, HK, DK, DV, scale, qk_scale, offset,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_DV: tl.constexpr):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     group = H // HK
@@ -165,18 +130,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_, DV_, T, S, H, HK, DK, DV, scale
             ok = (offs_n[:, None] < S) & (offs_m[None, :] < T)
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= offs_m[None, :] + offset)
-            pt = tl.where(ok, tl.exp2(tile_dot(k, tl.trans(q), UPCAST) * qk_scale - lse[None, :]), 0.0)
-            dv += tile_dot(pt.to(do.dtype), do, UPCAST)
-            dst = pt * (tile_dot(v, tl.trans(do), UPCAST) - delta[None, :])
-            dk += tile_dot(dst.to(q.dtype), q, UPCAST)
+            pt = tl.where(ok, tl.exp2(tile_dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
+            dv += tile_dot(cast(pt, do.dtype), do)
+            dst = pt * (tile_dot(v, tl.trans(do)) - delta[None, :])
+            dk += tile_dot(cast(dst, q.dtype), q)
     store_tile(DK_ + bhk * S * DK, dk * scale, offs_n, offs_dk, S, DK)
     store_tile(DV_ + bhk * S * DV, dv, offs_n, offs_dv, S, DV)
 
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T, S, H, HK, DK, DV, scale, qk_scale, offset, CAUSAL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     bhk = bh // H * HK + bh % H // (H // HK)
@@ -198,9 +162,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T, S, H, HK, DK, DV, scale, qk_sca
         ok = (offs_m[:, None] < T) & (offs_n[None, :] < S)
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
-        p = tl.where(ok, tl.exp2(tile_dot(q, tl.trans(k), UPCAST) * qk_scale - lse[:, None]), 0.0)
-        ds = p * (tile_dot(do, tl.trans(v), UPCAST) - delta[:, None])
-        dq += tile_dot(ds.to(k.dtype), k, UPCAST)
+        p = tl.where(ok, tl.exp2(tile_dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        ds = p * (tile_dot(do, tl.trans(v)) - delta[:, None])
+        dq += tile_dot(cast(ds, k.dtype), k)
     store_tile(DQ + bh * T * DK, dq * scale, offs_m, offs_dk, T, DK)
 
 
@@ -237,7 +201,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     bm, bn, warps = _blocks(max(bdk, bdv), q.dtype)
     _attn_fwd[(triton.cdiv(t, bm), b * h)](
         q, k, v, o, lse, t, s, h, hk, dk, dv, scale * LOG2E, s - t, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_DK=bdk, BLOCK_DV=bdv, UPCAST=upcast(q.dtype), num_warps=warps)
+        BLOCK_DK=bdk, BLOCK_DV=bdv, num_warps=warps)
     return o, lse
 
 
@@ -251,7 +215,6 @@ def attention_bwd(q, k, v, o, lse, do, scale: float, causal: bool = True):
     check("lse", lse, dtypes=torch.float32, shape=(b, h, t), device=q.device)
     bdk, bdv = pow2(dk), pow2(dv)
     bm, bn, warps = _blocks(max(bdk, bdv), q.dtype)
-    up = upcast(q.dtype)
     delta = empty(b, h, t, dtype=torch.float32, device=q.device)
     _attn_bwd_delta[(triton.cdiv(t, bm), b * h)](o, do, delta, t, dv, BLOCK_M=bm, BLOCK_DV=bdv)
     dq = empty(b, h, t, dk, dtype=q.dtype, device=q.device)
@@ -259,10 +222,10 @@ def attention_bwd(q, k, v, o, lse, do, scale: float, causal: bool = True):
     dv_ = empty(b, hk, s, dv, dtype=q.dtype, device=q.device)
     _attn_bwd_dkdv[(triton.cdiv(s, bn), b * hk)](
         q, k, v, do, lse, delta, dk_, dv_, t, s, h, hk, dk, dv, scale, scale * LOG2E, s - t, CAUSAL=causal,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv, UPCAST=up, num_warps=warps)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv, num_warps=warps)
     _attn_bwd_dq[(triton.cdiv(t, bm), b * h)](
         q, k, v, do, lse, delta, dq, t, s, h, hk, dk, dv, scale, scale * LOG2E, s - t, CAUSAL=causal,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv, UPCAST=up, num_warps=warps)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DV=bdv, num_warps=warps)
     return dq, dk_, dv_
 
 

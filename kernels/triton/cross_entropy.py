@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.utils import check, empty
+from kernels.triton.utils import cast, check, empty
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -62,7 +62,7 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, scale_ptr, loss_ptr, n, V, ig
             mask = start + cols < V
             x = tl.load(ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
             g = (tl.exp(x - lse[:, None]) - tl.where(start + cols == target[:, None], 1.0, 0.0)) * scale
-            tl.store(ptr + start + cols, g.to(logits_ptr.dtype.element_ty), mask=live[:, None] & mask)
+            tl.store(ptr + start + cols, cast(g, logits_ptr.dtype.element_ty), mask=live[:, None] & mask)
 
 
 def default_chunk_size(N: int, V: int, H: int) -> int:

@@ -40,8 +40,8 @@ Kernels:
   (-1: unused slot) are skipped; a query with no valid entry gets a zero output. Indices must be distinct
   within a query.
 
-Float32 dots run in IEEE float32; bfloat16 dot operands are upcast under the interpreter (see
-`kernels.triton.attention`). Block sizes on a GPU are untuned and not yet run there; every kernel was compiled
+Tiles go through `kernels.triton.utils` (`tile_dot`: IEEE float32 dots for float32; its policy for half
+precision under the interpreter). Block sizes on a GPU are untuned and not yet run there; every kernel was compiled
 here for sm_90 with Triton's ptxas (the absorbed shapes, 576 padded to 1024, spill about 2 KB in the backward).
 """
 
@@ -51,13 +51,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import DTYPES, LOG2E, check_qkv, load_tile, pow2, store_tile, tile_dot, upcast
-from .utils import check, empty, interpreted
+from .attention import DTYPES, LOG2E, check_qkv
+from .utils import cast, check, empty, interpreted, load_tile, pow2, store_tile, tile_dot
 
 
 @triton.jit
 def _indexer_scores(Q, K, W, OUT, T, S, HI, D, scale, BLOCK_T: tl.constexpr, BLOCK_HI: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n, pid_t = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     r = tl.arange(0, BLOCK_T * BLOCK_HI)
@@ -69,7 +69,7 @@ def _indexer_scores(Q, K, W, OUT, T, S, HI, D, scale, BLOCK_T: tl.constexpr, BLO
     w = tl.load(W + rows, mask=row_ok, other=0.0).to(tl.float32)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = load_tile(K + b * S * D, offs_n, offs_d, S, D)
-    s = tl.maximum(tile_dot(q, tl.trans(k), UPCAST) * scale, 0.0) * w[:, None]
+    s = tl.maximum(tile_dot(q, tl.trans(k)) * scale, 0.0) * w[:, None]
     out = tl.sum(tl.reshape(s, (BLOCK_T, BLOCK_HI, BLOCK_N)), 1)
     store_tile(OUT + b * T * S, out, pid_t * BLOCK_T + tl.arange(0, BLOCK_T), offs_n, T, S)
 
@@ -90,7 +90,7 @@ def _indexer_topk(SCORES, OUT, T, S, NK, offset, K_P: tl.constexpr, CHUNK: tl.co
         order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed integers
         key = tl.where(j < visible, (order.to(tl.int64) << 32) + (2**31 - 1 - j), none)
         top = tl.topk(key, K_P)
-        best = tl.bitonic_merge(tl.maximum(best, tl.flip(top)), descending=True)
+        best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 0)), descending=True)
     idx = 2**31 - 1 - (best - ((best >> 32) << 32))
     idx = tl.where(best == -(2**63), -1, idx)
     offs = tl.arange(0, K_P)
@@ -116,7 +116,7 @@ def _gather_kv(IDX, K, V, start, S, DK, DV, NK, BLOCK_N: tl.constexpr, offs_dk, 
 
 @triton.jit
 def _sparse_fwd(Q, K, V, IDX, O, LSE, T, S, H, HK, DK, DV, NK, qk_scale, BLOCK_H: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     t = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     group = H // HK
@@ -131,25 +131,24 @@ def _sparse_fwd(Q, K, V, IDX, O, LSE, T, S, H, HK, DK, DV, NK, qk_scale, BLOCK_H
     acc = tl.zeros((BLOCK_H, BLOCK_DV), tl.float32)
     for start in range(0, NK, BLOCK_N):
         idx, ok, k, v = _gather_kv(IDX, K, V, start, S, DK, DV, NK, BLOCK_N, offs_dk, offs_dv)
-        s = tl.where(ok[None, :], tile_dot(q, tl.trans(k), UPCAST) * qk_scale, float("-inf"))
+        s = tl.where(ok[None, :], tile_dot(q, tl.trans(k)) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, UPCAST)
+        acc = acc * alpha[:, None] + tile_dot(cast(p, v.dtype), v)
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # no valid key at all: o = 0, lse = -inf
     acc = acc / l_i[:, None]
-    tl.store(O + rows[:, None] * DV + offs_dv[None, :], acc.to(O.dtype.element_ty),
+    tl.store(O + rows[:, None] * DV + offs_dv[None, :], cast(acc, O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
 def _sparse_bwd(Q, K, V, IDX, O, DO, LSE, DQ, DKA, DVA, T, S, H, HK, DK, DV, NK, scale, qk_scale,
-                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                UPCAST: tl.constexpr):
+                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     t = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     group = H // HK
@@ -167,16 +166,16 @@ def _sparse_bwd(Q, K, V, IDX, O, DO, LSE, DQ, DKA, DVA, T, S, H, HK, DK, DV, NK,
     for start in range(0, NK, BLOCK_N):
         idx, ok, k, v = _gather_kv(IDX, K, V, start, S, DK, DV, NK, BLOCK_N, offs_dk, offs_dv)
         live = row_ok[:, None] & ok[None, :]
-        p = tl.where(live, tl.exp2(tile_dot(q, tl.trans(k), UPCAST) * qk_scale - lse[:, None]), 0.0)
-        ds = p * (tile_dot(do, tl.trans(v), UPCAST) - delta[:, None])
-        dq += tile_dot(ds.to(k.dtype), k, UPCAST)
-        dk = tile_dot(tl.trans(ds).to(q.dtype), q, UPCAST) * scale
-        dv = tile_dot(tl.trans(p).to(do.dtype), do, UPCAST)
+        p = tl.where(live, tl.exp2(tile_dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        ds = p * (tile_dot(do, tl.trans(v)) - delta[:, None])
+        dq += tile_dot(cast(ds, k.dtype), k)
+        dk = tile_dot(cast(tl.trans(ds), q.dtype), q) * scale
+        dv = tile_dot(cast(tl.trans(p), do.dtype), do)
         at = tl.where(ok, idx, 0)[:, None]
         tl.atomic_add(DKA + at * DK + offs_dk[None, :], dk, mask=ok[:, None] & (offs_dk[None, :] < DK))
         tl.atomic_add(DVA + at * DV + offs_dv[None, :], dv, mask=ok[:, None] & (offs_dv[None, :] < DV))
     dq = dq * scale
-    tl.store(DQ + rows[:, None] * DK + offs_dk[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + rows[:, None] * DK + offs_dk[None, :], cast(dq, DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dk[None, :] < DK))
 
 
@@ -202,7 +201,7 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: flo
     block_t = max(1, rows // block_hi)
     _indexer_scores[(triton.cdiv(s, block_n), triton.cdiv(t, block_t), b)](
         q, k, w, out, t, s, hi, d, scale, BLOCK_T=block_t, BLOCK_HI=block_hi, BLOCK_N=block_n, BLOCK_D=pow2(d),
-        UPCAST=upcast(q.dtype), num_warps=warps)
+        num_warps=warps)
     return out
 
 
@@ -266,7 +265,7 @@ def sparse_attention_fwd(q, k, v, indices, scale: float) -> tuple[torch.Tensor, 
     block_h, block_n, warps = _sparse_blocks(h // hk, max(pow2(dk), pow2(dv)), q.dtype)
     _sparse_fwd[(t, b * hk, triton.cdiv(h // hk, block_h))](
         q, k, v, indices, o, lse, t, s, h, hk, dk, dv, nk, scale * LOG2E, BLOCK_H=block_h, BLOCK_N=block_n,
-        BLOCK_DK=pow2(dk), BLOCK_DV=pow2(dv), UPCAST=upcast(q.dtype), num_warps=warps)
+        BLOCK_DK=pow2(dk), BLOCK_DV=pow2(dv), num_warps=warps)
     return o, lse
 
 
@@ -283,8 +282,7 @@ def sparse_attention_bwd(q, k, v, indices, o, lse, do, scale: float):
     block_h, block_n, warps = _sparse_blocks(h // hk, max(pow2(dk), pow2(dv)), q.dtype)
     _sparse_bwd[(t, b * hk, triton.cdiv(h // hk, block_h))](
         q, k, v, indices, o, do, lse, dq, dk_acc, dv_acc, t, s, h, hk, dk, dv, nk, scale, scale * LOG2E,
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DK=pow2(dk), BLOCK_DV=pow2(dv), UPCAST=upcast(q.dtype),
-        num_warps=warps)
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DK=pow2(dk), BLOCK_DV=pow2(dv), num_warps=warps)
     return dq, dk_acc.to(q.dtype), dv_acc.to(q.dtype)
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.utils import check, empty, interpreted
+from kernels.triton.utils import cast, check, empty, interpreted
 from reference.fp8 import AMAX_MIN, FP8_DTYPE, FP8_MAX
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -60,7 +60,7 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K, KB, AMAX_MIN: tl.constexpr, FP8
     v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
     if ROUND_FP32:
         v = _round_to_e4m3(v)
-    tl.store(y_ptr + off, v.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + off, cast(v, y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows * KB + kb, s, mask=rows < M)
 
 
@@ -74,7 +74,7 @@ def _weight_dequant_kernel(w_ptr, s_ptr, y_ptr, N, K, KB, BLOCK: tl.constexpr):
     off = rows[:, None] * K + cols[None, :]
     s = tl.load(s_ptr + nb * KB + kb)
     w = tl.load(w_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + off, (w * s).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + off, cast(w * s, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, KB, BLOCK_M: 
         b_s = tl.load(bs_ptr + (rn // BLOCK_K) * KB + kb, mask=rn < N, other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], cast(acc, c_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_block(block_size) -> None:

@@ -38,14 +38,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import DTYPES, LOG2E, load_tile, pow2, store_tile, tile_dot, upcast
-from .utils import check, empty, interpreted
+from .attention import DTYPES, LOG2E
+from .utils import cast, check, empty, interpreted, load_tile, pow2, store_tile, tile_dot
 
 
 @triton.jit
 def _mla_decode(QL, QP, CKV, KPE, IDX, O, LSE, T, S, H, R, DR, NK, qk_scale, offset, split_len,
                 CAUSAL: tl.constexpr, SPARSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr):
     pid_m = tl.program_id(0)
     split, n_splits = tl.program_id(2), tl.num_programs(2)
     if SPARSE:  # one query t of batch element b, a block of heads; its own key list
@@ -80,14 +80,14 @@ def _mla_decode(QL, QP, CKV, KPE, IDX, O, LSE, T, S, H, R, DR, NK, qk_scale, off
                 ok = ok & (keys[None, :] <= rows[:, None] % T + offset)
         ckv = load_tile(CKV, keys, offs_r, S, R)
         kpe = load_tile(KPE, keys, offs_dr, S, DR)
-        s = (tile_dot(ql, tl.trans(ckv), UPCAST) + tile_dot(qp, tl.trans(kpe), UPCAST)) * qk_scale
+        s = (tile_dot(ql, tl.trans(ckv)) + tile_dot(qp, tl.trans(kpe))) * qk_scale
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key of this split yet
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tile_dot(p.to(ckv.dtype), ckv, UPCAST)
+        acc = acc * alpha[:, None] + tile_dot(cast(p, ckv.dtype), ckv)
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that sees no key of this split: o = 0, lse = m_i = -inf
     part = b * n_splits + split
@@ -165,7 +165,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k
     _mla_decode[(*grid, splits)](
         q_latent, q_pe, c_kv, k_pe, indices if sparse else lse, part, lse, t, s, h, r, dr, n_keys, scale * LOG2E,
         s - t, split_len, CAUSAL=causal, SPARSE=sparse, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, BLOCK_DR=bdr,
-        UPCAST=upcast(q_latent.dtype), num_warps=warps)
+        num_warps=warps)
     if splits > 1:
         _mla_combine[(triton.cdiv(h * t, bm), b)](part, lse, out, h * t, r, splits, BLOCK_M=bm, BLOCK_R=br,
                                                     num_warps=warps)

@@ -1,4 +1,4 @@
-"""DeepSeekMoE in Triton: sigmoid group-limited routing, token permutation by expert, grouped GEMM, experts.
+"""DeepSeekMoE in Triton: sigmoid group-limited routing, token permutation by expert, gather and combine, experts.
 
 Source: DeepSeek-V3 technical report (arXiv 2412.19437) section 2.1.2; the definition of correct is
 `reference.moe` (``Router.forward`` after its GEMM, ``Experts.forward``).
@@ -9,20 +9,13 @@ Entry points (differentiable unless said otherwise):
   -> ``topk_idx`` (N, K) int64, ``topk_weight`` (N, K) fp32, ``scores`` (N, E) fp32; gradients flow to
   ``logits`` through ``topk_weight`` and ``scores``.
 - ``permute(topk_idx, num_experts)`` -> ``order``, ``slot``, ``counts``, ``offsets`` (not differentiable).
-- ``grouped_gemm(x_sorted, w, offsets)`` -> (M, N), ``x_seg @ w[e]^T`` per expert segment.
-- ``grouped_gate_up(x_sorted, gate_proj, up_proj, offsets)`` -> ``(g, u)``, both grouped GEMMs in one pass.
 - ``permute_rows(x, order, slot)`` -> (M, H) and ``combine(ys, slot, topk_weight)`` -> (N, H).
-- ``experts_forward(x, gate_proj, up_proj, down_proj, topk_idx, topk_weight)`` -> (N, H).
+- ``experts_forward(x, gate_proj, up_proj, down_proj, topk_idx, topk_weight)`` -> (N, H), through the grouped
+  GEMMs of `kernels.triton.grouped_gemm` (``grouped_gate_up``, ``grouped_gemm``).
 
-The raw launchers ``route_forward``, ``route_backward``, ``grouped_gemm_forward``, ``grouped_gemm_backward``,
-``combine_forward`` and ``combine_backward`` run one kernel pass each, without autograd.
-
-Under Triton's interpreter (``TRITON_INTERPRET=1``, triton 3.9) ``tl.dot`` on bfloat16/float16 tiles returns
-garbage and the float32 -> bfloat16 cast truncates (513 of 1024 random values off by one ulp, even with
-``fp_downcast_rounding="rtne"``), so interpreted GEMM kernels cast their tiles to float32 before ``tl.dot`` and
-round bf16 outputs to nearest-even by hand before the cast; on a GPU the tiles go to the tensor cores in their
-own dtype with float32 accumulation, and the hardware cast rounds. float32 GEMMs use
-``input_precision="ieee"`` (no TF32), so float32 results meet the float32 tolerance.
+The raw launchers ``route_forward``, ``route_backward``, ``combine_forward`` and ``combine_backward`` run one
+kernel pass each, without autograd. Results are cast through `kernels.triton.utils.cast` (bfloat16 rounded to
+nearest under Triton's interpreter too).
 """
 
 from __future__ import annotations
@@ -31,12 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouped_gemm import FLOATS, INDEX, grouped_gate_up, grouped_gemm
 from .swiglu import swiglu
-from .utils import check, empty, interpreted
-
-FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-INDEX = (torch.int32, torch.int64)
-
+from .utils import cast, check, empty, interpreted
 
 # ============================================================================= routing
 
@@ -332,281 +322,12 @@ def permute(topk_idx: torch.Tensor, num_experts: int, check_ids: bool = True):
     return order, slot, counts, offsets
 
 
-# ============================================================================= grouped GEMM
-
-
-@triton.jit
-def _mma(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``acc + a @ b`` (fp32 accumulator); UPCAST casts the tiles to fp32 first, IEEE forbids TF32."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _round_bf16(x):
-    """fp32 ``x`` rounded to the nearest bfloat16 value (ties to even), still fp32: the interpreter's
-    fp32 -> bf16 cast truncates (triton 3.9), so interpreted kernels round with this before casting."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, a2_ptr, b2_ptr, c2_ptr, offsets_ptr, M, OUT, RED,
-                       stride_be, stride_bo, stride_br,
-                       E: tl.constexpr, PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                       ROUND: tl.constexpr):
-    """c[r, o] = sum_k a[r, k] * b[e(r)][k, o] for rows r of expert e's segment [offsets[e], offsets[e+1]).
-
-    PAIR = 0: that product alone. PAIR = 1 (gate and up): also c2 = a @ b2[e], reusing the loaded a tile.
-    PAIR = 2 (their input gradient): c = a @ b[e] + a2 @ b2[e]. b and b2 share one layout: b[e][k, o] lives
-    at ``b_ptr + e*stride_be + k*stride_br + o*stride_bo``; a, a2 are (M, RED), c, c2 (M, OUT), contiguous.
-
-    Program (t, j): t indexes the row tiles of the nonempty segments in expert order (tile schedule from the
-    offsets: expert e owns cdiv(count_e, BLOCK_M) tiles), j the BLOCK_O output columns. Programs past the
-    last tile return at once, so an empty expert costs nothing and its weights are never read.
-    """
-    t = tl.program_id(0)
-    ex = tl.arange(0, BLOCK_E)
-    emask = ex < E
-    seg0 = tl.load(offsets_ptr + ex, mask=emask, other=0).to(tl.int32)
-    seg1 = tl.load(offsets_ptr + ex + 1, mask=emask, other=0).to(tl.int32)
-    tiles = (seg1 - seg0 + BLOCK_M - 1) // BLOCK_M
-    last = tl.cumsum(tiles, axis=0)  # tiles of experts 0..e
-    e = tl.sum((last <= t).to(tl.int32), axis=0)
-    if e >= E:
-        return
-    first_tile = tl.sum(tl.where(ex == e, last - tiles, 0), axis=0)
-    start = tl.sum(tl.where(ex == e, seg0, 0), axis=0)
-    end = tl.minimum(tl.sum(tl.where(ex == e, seg1, 0), axis=0), M)
-    rows = start + (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    cols = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    omask = cols < OUT
-    a_offs = rows[:, None].to(tl.int64) * RED
-    b_offs = e.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bo
-    acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-    for k0 in range(0, RED, BLOCK_R):
-        ks = k0 + tl.arange(0, BLOCK_R)
-        kmask = ks < RED
-        amask = rmask[:, None] & kmask[None, :]
-        bmask = kmask[:, None] & omask[None, :]
-        bk = b_offs + ks[:, None].to(tl.int64) * stride_br
-        a = tl.load(a_ptr + a_offs + ks[None, :], mask=amask, other=0.0)
-        acc = _mma(acc, a, tl.load(b_ptr + bk, mask=bmask, other=0.0), UPCAST, IEEE)
-        if PAIR == 1:
-            acc2 = _mma(acc2, a, tl.load(b2_ptr + bk, mask=bmask, other=0.0), UPCAST, IEEE)
-        if PAIR == 2:
-            a2 = tl.load(a2_ptr + a_offs + ks[None, :], mask=amask, other=0.0)
-            acc = _mma(acc, a2, tl.load(b2_ptr + bk, mask=bmask, other=0.0), UPCAST, IEEE)
-    c_offs = rows[:, None].to(tl.int64) * OUT + cols[None, :]
-    cmask = rmask[:, None] & omask[None, :]
-    if ROUND:
-        acc = _round_bf16(acc)
-        acc2 = _round_bf16(acc2)
-    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
-    if PAIR == 1:
-        tl.store(c2_ptr + c_offs, acc2.to(c2_ptr.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def _grouped_dw_kernel(dy_ptr, x_ptr, dw_ptr, dy2_ptr, dw2_ptr, offsets_ptr, M, N, K,
-                       PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                       UPCAST: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr):
-    """dw[e][n, k] = sum over rows r of expert e's segment of dy[r, n] * x[r, k]; with PAIR also
-    dw2[e] from dy2 and the same x tiles. dy, dy2 (M, N), x (M, K), dw, dw2 (E, N, K), contiguous.
-
-    Program (e, j) computes one BLOCK_N x BLOCK_K tile of dw[e], reducing over the segment BLOCK_M rows at a
-    time; for an empty expert the loop runs zero times and the program stores the exact zero tile.
-    """
-    e = tl.program_id(0)
-    tiles_k = tl.cdiv(K, BLOCK_K)
-    ns = (tl.program_id(1) // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = (tl.program_id(1) % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    nmask = ns < N
-    kmask = ks < K
-    start = tl.load(offsets_ptr + e).to(tl.int32)
-    end = tl.minimum(tl.load(offsets_ptr + e + 1).to(tl.int32), M)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < end
-        dy_offs = rows[None, :].to(tl.int64) * N + ns[:, None]  # transposed tile (BLOCK_N, BLOCK_M)
-        dy_mask = nmask[:, None] & rmask[None, :]
-        xs = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
-                     mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        acc = _mma(acc, tl.load(dy_ptr + dy_offs, mask=dy_mask, other=0.0), xs, UPCAST, IEEE)
-        if PAIR:
-            acc2 = _mma(acc2, tl.load(dy2_ptr + dy_offs, mask=dy_mask, other=0.0), xs, UPCAST, IEEE)
-    if ROUND:
-        acc = _round_bf16(acc)
-        acc2 = _round_bf16(acc2)
-    out = e.to(tl.int64) * N * K + ns[:, None].to(tl.int64) * K + ks[None, :]
-    omask = nmask[:, None] & kmask[None, :]
-    tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=omask)
-    if PAIR:
-        tl.store(dw2_ptr + out, acc2.to(dw2_ptr.dtype.element_ty), mask=omask)
-
-
-def _grouped_dw(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, e: int, dy2: torch.Tensor | None = None):
-    """dw (E, N, K) with ``dw[e] = dy_seg^T @ x_seg`` (and dw2 from ``dy2`` when given: returns both)."""
-    m, k = x.shape
-    n = dy.shape[1]
-    dw = empty(e, n, k, dtype=x.dtype, device=x.device)
-    dw2 = dw if dy2 is None else empty(e, n, k, dtype=x.dtype, device=x.device)
-    if dw.numel():
-        bn, bk, bm, warps = _gemm_blocks()
-        _grouped_dw_kernel[(e, triton.cdiv(n, bn) * triton.cdiv(k, bk))](
-            dy, x, dw, dy if dy2 is None else dy2, dw2, offsets, m, n, k, PAIR=dy2 is not None, BLOCK_N=bn,
-            BLOCK_K=bk, BLOCK_M=bm, num_warps=warps, **_gemm_flags(x.dtype))
-    return dw if dy2 is None else (dw, dw2)
-
-
-def _gemm_flags(dtype: torch.dtype):
-    """Constexpr flags of the GEMM kernels: UPCAST half tiles under the interpreter (its half ``tl.dot`` is
-    wrong), IEEE fp32 products (no TF32), ROUND bf16 outputs by hand under the interpreter (its cast truncates)."""
-    interp = interpreted()
-    return dict(UPCAST=interp and dtype != torch.float32, IEEE=dtype == torch.float32,
-                ROUND=interp and dtype == torch.bfloat16)
-
-
-def _gemm_blocks():
-    """(BLOCK_M, BLOCK_O, BLOCK_R, num_warps): larger tiles on a GPU, small ones for the interpreter."""
-    return (32, 32, 32, 4) if interpreted() else (64, 64, 32, 4)
-
-
-def _check_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, x_name: str = "x_sorted"):
-    check(x_name, x, ndim=2, dtypes=FLOATS)
-    check("w", w, ndim=3, dtypes=x.dtype, device=x.device)
-    check("offsets", offsets, dtypes=INDEX, shape=(w.shape[0] + 1,), device=x.device)
-
-
-def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, transpose: bool,
-                w2: torch.Tensor | None = None, a2: torch.Tensor | None = None):
-    """a (M, RED) times w[e] per segment: ``w[e]^T`` (w (E, OUT, RED)) or ``w[e]`` when ``transpose``
-    (w (E, RED, OUT)). Returns c (M, OUT) in a's dtype; with ``w2`` (w's shape) alone returns
-    ``(a @ w[e]^T, a @ w2[e]^T)`` (PAIR 1); with ``a2`` and ``w2`` returns ``a @ w[e] + a2 @ w2[e]`` (PAIR 2).
-    Inputs are checked by the callers."""
-    m, red = a.shape
-    e, d1, d2 = w.shape
-    out = d2 if transpose else d1
-    pair = 0 if w2 is None else 1 if a2 is None else 2
-    c = empty(m, out, dtype=a.dtype, device=a.device)
-    c2 = empty(m, out, dtype=a.dtype, device=a.device) if pair == 1 else c
-    if m and out and red == 0:
-        c.zero_()
-        c2.zero_()
-    if m and out and red:
-        bm, bo, br, warps = _gemm_blocks()
-        stride_bo, stride_br = (1, d2) if transpose else (d2, 1)
-        grid = (triton.cdiv(m, bm) + min(e, m), triton.cdiv(out, bo))  # bound on sum_e cdiv(count_e, BLOCK_M)
-        _grouped_mm_kernel[grid](a, w, c, a if a2 is None else a2, w if w2 is None else w2, c2, offsets, m, out,
-                                 red, d1 * d2, stride_bo, stride_br, E=e, PAIR=pair, BLOCK_M=bm, BLOCK_O=bo,
-                                 BLOCK_R=br, BLOCK_E=triton.next_power_of_2(e), num_warps=warps,
-                                 **_gemm_flags(a.dtype))
-    return (c, c2) if pair == 1 else c
-
-
-def grouped_gemm_forward(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Grouped GEMM over expert-sorted rows: ``y[s:t] = x_sorted[s:t] @ w[e]^T`` for each expert's segment
-    ``[offsets[e], offsets[e+1])`` (one kernel, no autograd).
-
-    ``x_sorted`` (M, K) float32/bfloat16/float16, ``w`` (E, N, K) same dtype, ``offsets`` (E+1,) int32/int64 with
-    ``offsets[0] = 0``, nondecreasing, ``offsets[E] = M`` (not checked: that would need a device sync; rows
-    beyond M are never touched). Returns (M, N) in x's dtype, fp32 accumulation. Tiles 64x64x32 on a GPU
-    (32x32x32 interpreted); grid ``(cdiv(M, 64) + min(E, M), cdiv(N, 64))`` bounds the schedule of nonempty segments.
-    Raises ``TypeError``/``ValueError`` for bad tensors or a K mismatch.
-    """
-    _check_gemm(x_sorted, w, offsets)
-    if w.shape[2] != x_sorted.shape[1]:
-        raise ValueError(f"grouped_gemm: w {tuple(w.shape)} needs x_sorted with {w.shape[2]} columns, "
-                         f"got {tuple(x_sorted.shape)}")
-    return _grouped_mm(x_sorted, w, offsets, transpose=False)
-
-
-def grouped_gemm_backward(grad_y: torch.Tensor, x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor):
-    """Gradients of `grouped_gemm_forward`: ``dx = grad_y_seg @ w[e]`` (the same grouped kernel) and
-    ``dw[e] = grad_y_seg^T @ x_seg`` (a per-expert kernel; an expert with no rows gets an exact zero).
-
-    ``grad_y`` (M, N), ``x_sorted`` (M, K), ``w`` (E, N, K), all one float dtype and contiguous; ``offsets``
-    (E+1,). Returns ``(dx (M, K), dw (E, N, K))``. dw tiles 64x64 (32x32 interpreted) reduce 32 rows per step;
-    grid ``(E, cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K))``.
-    """
-    _check_gemm(x_sorted, w, offsets)
-    m, k = x_sorted.shape
-    e, n, _ = w.shape
-    check("grad_y", grad_y, dtypes=x_sorted.dtype, shape=(m, n), device=x_sorted.device)
-    if w.shape[2] != k:
-        raise ValueError(f"grouped_gemm: w {tuple(w.shape)} needs x_sorted with {w.shape[2]} columns, got {k}")
-    return _grouped_mm(grad_y, w, offsets, transpose=True), _grouped_dw(grad_y, x_sorted, offsets, e)
-
-
-class _GroupedGemm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_sorted, w, offsets):
-        ctx.save_for_backward(x_sorted, w, offsets)
-        return grouped_gemm_forward(x_sorted, w, offsets)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x_sorted, w, offsets = ctx.saved_tensors
-        dx, dw = grouped_gemm_backward(grad_y.contiguous(), x_sorted, w, offsets)
-        return dx, dw, None
-
-
-def grouped_gemm(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Differentiable `grouped_gemm_forward`: (M, K), (E, N, K), (E+1,) -> (M, N); backward by
-    `grouped_gemm_backward` (gradients for ``x_sorted`` and ``w``)."""
-    return _GroupedGemm.apply(x_sorted, w, offsets)
-
-
-class _GateUp(torch.autograd.Function):
-    """``(g, u) = (x_seg @ gate[e]^T, x_seg @ up[e]^T)`` per segment in one kernel (PAIR 1); the backward runs
-    ``dx = dg @ gate[e] + du @ up[e]`` in one kernel (PAIR 2) and both weight gradients in one (PAIR)."""
-
-    @staticmethod
-    def forward(ctx, xs, gate, up, offsets):
-        ctx.save_for_backward(xs, gate, up, offsets)
-        return _grouped_mm(xs, gate, offsets, transpose=False, w2=up)
-
-    @staticmethod
-    def backward(ctx, dg, du):
-        xs, gate, up, offsets = ctx.saved_tensors
-        dg, du = dg.contiguous(), du.contiguous()  # autograd materializes an unused output's gradient as 0
-        dx = _grouped_mm(dg, gate, offsets, transpose=True, w2=up, a2=du)
-        dgate, dup = _grouped_dw(dg, xs, offsets, gate.shape[0], dy2=du)
-        return dx, dgate, dup, None
-
-
-def grouped_gate_up(x_sorted: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
-                    offsets: torch.Tensor):
-    """Differentiable pair of grouped GEMMs sharing their input: ``(x_seg @ gate_proj[e]^T,
-    x_seg @ up_proj[e]^T)`` for each segment, each (M, I) contiguous, in one kernel pass that loads each x tile
-    once (no concatenated weight is built). ``x_sorted`` (M, H); ``gate_proj``, ``up_proj`` (E, I, H) in x's
-    dtype; ``offsets`` (E+1,). Raises like `grouped_gemm_forward`."""
-    _check_gemm(x_sorted, gate_proj, offsets)
-    check("up_proj", up_proj, dtypes=x_sorted.dtype, shape=tuple(gate_proj.shape), device=x_sorted.device)
-    if gate_proj.shape[2] != x_sorted.shape[1]:
-        raise ValueError(f"grouped_gate_up: weights {tuple(gate_proj.shape)} need x_sorted with "
-                         f"{gate_proj.shape[2]} columns, got {tuple(x_sorted.shape)}")
-    return _GateUp.apply(x_sorted, gate_proj, up_proj, offsets)
-
-
 # ============================================================================= gather and combine
 
 
 @triton.jit
 def _combine_kernel(ys_ptr, slot_ptr, w_ptr, y_ptr, N, H, K: tl.constexpr, HAS_W: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     """y[n, h] = sum_k w[n, k] * ys[slot[n, k], h] (w = 1 without HAS_W), float32 sums in a fixed order.
     Program (i, j): BLOCK_N tokens x BLOCK_H columns."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -620,14 +341,12 @@ def _combine_kernel(ys_ptr, slot_ptr, w_ptr, y_ptr, N, H, K: tl.constexpr, HAS_W
         if HAS_W:
             v *= tl.load(w_ptr + rows.to(tl.int64) * K + k, mask=rmask, other=0.0).to(tl.float32)[:, None]
         acc += v
-    if ROUND:
-        acc = _round_bf16(acc)
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=m2)
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], cast(acc, y_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
 def _combine_bwd_kernel(dy_ptr, ys_ptr, slot_ptr, w_ptr, dys_ptr, dw_ptr, N, H, K: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, ROUND: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     """For BLOCK_N tokens: dys[slot[n, k]] = w[n, k] * dy[n] and dw[n, k] = dy[n] . ys[slot[n, k]] (float32),
     walking H in BLOCK_H chunks. slot is a bijection onto the rows of ys, so no two programs write one row."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -642,10 +361,8 @@ def _combine_bwd_kernel(dy_ptr, ys_ptr, slot_ptr, w_ptr, dys_ptr, dw_ptr, N, H, 
             dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
             v = tl.load(ys_ptr + r[:, None] * H + cols[None, :], mask=m2, other=0.0).to(tl.float32)
             dwk += tl.sum(dy * v, axis=1)
-            d = dy * wk[:, None]
-            if ROUND:
-                d = _round_bf16(d)
-            tl.store(dys_ptr + r[:, None] * H + cols[None, :], d.to(dys_ptr.dtype.element_ty), mask=m2)
+            tl.store(dys_ptr + r[:, None] * H + cols[None, :], cast(dy * wk[:, None], dys_ptr.dtype.element_ty),
+                     mask=m2)
         tl.store(dw_ptr + rows.to(tl.int64) * K + k, dwk, mask=rmask)
 
 
@@ -679,7 +396,7 @@ def combine_forward(ys: torch.Tensor, slot: torch.Tensor, topk_weight: torch.Ten
         bn, bh = _combine_blocks()
         _combine_kernel[(triton.cdiv(n, bn), triton.cdiv(h, bh))](
             ys, slot, ys if topk_weight is None else topk_weight, y, n, h, K=k, HAS_W=topk_weight is not None,
-            BLOCK_N=bn, BLOCK_H=bh, ROUND=interpreted() and ys.dtype == torch.bfloat16)
+            BLOCK_N=bn, BLOCK_H=bh)
     return y
 
 
@@ -696,8 +413,7 @@ def combine_backward(grad_y: torch.Tensor, ys: torch.Tensor, slot: torch.Tensor,
             dw.zero_()
         bn, bh = _combine_blocks()
         _combine_bwd_kernel[(triton.cdiv(n, bn),)](
-            grad_y, ys, slot, topk_weight, dys, dw, n, h, K=k, BLOCK_N=bn, BLOCK_H=bh,
-            ROUND=interpreted() and ys.dtype == torch.bfloat16)
+            grad_y, ys, slot, topk_weight, dys, dw, n, h, K=k, BLOCK_N=bn, BLOCK_H=bh)
     return dys, dw
 
 

@@ -11,9 +11,8 @@ reduced over programs with torch.
 
 Differences from the reference: the weight multiplies in float32 before the single rounding to ``x.dtype``
 (the reference rounds ``x * rstd`` to ``x.dtype`` first), and the output is always ``x.dtype`` (the reference
-promotes to the weight's dtype when the two differ). Under Triton's interpreter a float32 -> bfloat16 cast
-truncates instead of rounding to nearest (measured with triton 3.9), so bf16 outputs there carry up to one
-bf16 ulp of error instead of half.
+promotes to the weight's dtype when the two differ). Outputs are cast by `kernels.triton.utils.cast`, which
+rounds to nearest under Triton's interpreter too.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.utils import check, empty
+from kernels.triton.utils import cast, check, empty
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -37,7 +36,7 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, BLOCK_H: tl.cons
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
     tl.store(rstd_ptr + row, rstd)
-    tl.store(y_ptr + row * H + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * H + cols, cast(x * rstd * w, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -57,7 +56,7 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M,
         xhat = x * rstd
         wdy = w * dy
         c = tl.sum(wdy * xhat, axis=0) / H
-        tl.store(dx_ptr + off, ((wdy - xhat * c) * rstd).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + off, cast((wdy - xhat * c) * rstd, dx_ptr.dtype.element_ty), mask=mask)
         dw += dy * xhat
     tl.store(dw_part_ptr + pid * H + cols, dw, mask=mask)
 

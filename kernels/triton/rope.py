@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.utils import check, empty
+from kernels.triton.utils import cast, check, empty
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -45,8 +45,8 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, ROWS, T, HALF, offset, INTERLEA
     row = n[:, None] * (2 * HALF)
     x1 = tl.load(x_ptr + row + o1[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + row + o2[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row + o1[None, :], (x1 * c - x2 * s).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + row + o2[None, :], (x2 * c + x1 * s).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row + o1[None, :], cast(x1 * c - x2 * s, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row + o2[None, :], cast(x2 * c + x1 * s, y_ptr.dtype.element_ty), mask=mask)
 
 
 def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, offset: int = 0,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.utils import check, empty
+from kernels.triton.utils import cast, check, empty
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024
@@ -29,7 +29,7 @@ def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     mask = off < n
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + off, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + off, cast(g * tl.sigmoid(g) * u, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -41,8 +41,8 @@ def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.conste
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
-    tl.store(du_ptr + off, (dy * g * sig).to(du_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + off, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + off, cast(dy * g * sig, du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + off, cast(dy * u * sig * (1.0 + g * (1.0 - sig)), dg_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_pair(gate: torch.Tensor, up: torch.Tensor) -> None:

@@ -1,9 +1,9 @@
 """DSA kernels (kernels/triton/dsa.py) against `reference.dsa` and `reference.attention.attend`.
 
 Indexer scores against `Indexer.scores` (through a real indexer's weights) and a float64 einsum; the top-k
-selection against `Indexer.select` and its stable sort, exactly, with causal offsets, ties (ReLU zeros of both
-signs) and ``index_topk > S``; sparse attention in the naive (Hk = H), grouped and absorbed (MQA over the
-latent) forms, forward and gradients; `kernels.triton.mla.mla_decode` over the selection (sparse absorbed
+selection against `reference.dsa.indexer_topk` and `Indexer.select`, exactly, with causal offsets, ties (ReLU
+zeros of both signs), NaN and ``index_topk > S``; sparse attention in the naive (Hk = H), grouped and absorbed
+(MQA over the latent) forms, forward and gradients; `kernels.triton.mla.mla_decode` over the selection (sparse absorbed
 decode); the whole pipeline against a DSA layer. Outputs start as NaN.
 """
 
@@ -12,28 +12,13 @@ import torch
 
 from kernels.triton.dsa import indexer_scores, indexer_topk, sparse_attention, sparse_attention_fwd
 from kernels.triton.mla import mla_decode
+from reference import dsa as ref_dsa
 from reference.attention import attend, causal_mask
-from reference.dsa import DSA, Indexer
+from reference.dsa import DSA, Indexer, indices_to_mask
 from reference.rope import RotaryEmbedding
 from tests.cuda.conftest import DEVICE
 from tests.reference_utils import make_config, randomize_
 from tests.tolerance import assert_close
-
-
-def _ref_topk(scores, topk):
-    """`Indexer.select`'s order (stable descending sort of the causally masked scores), -1 where not visible."""
-    b, t, s = scores.shape
-    mask = causal_mask(t, s, s - t, DEVICE)
-    idx = scores.masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
-    idx = idx[..., : min(topk, s)]
-    return torch.where(mask.expand(b, t, s).gather(-1, idx), idx, -1)
-
-
-def _as_mask(indices, s):
-    """(B, 1, T, S) boolean mask of the selected keys (-1 entries dropped)."""
-    b, t, _ = indices.shape
-    sel = torch.zeros(b, t, s + 1, dtype=torch.bool, device=indices.device)
-    return sel.scatter_(-1, torch.where(indices < 0, s, indices), True)[:, None, :, :s]
 
 
 def _random_indices(b, t, s, nk):
@@ -77,9 +62,9 @@ def test_topk_equals_select(b, t, s, topk):
     scores = torch.randn(b, t, s, device=DEVICE)
     idx = indexer_topk(scores, topk)
     assert idx.dtype == torch.int64 and idx.shape == (b, t, min(topk, s))
-    assert torch.equal(idx, _ref_topk(scores, topk))
+    assert torch.equal(idx, ref_dsa.indexer_topk(scores, topk))
     indexer = Indexer(make_config("dsa", index_topk=topk))
-    assert torch.equal(_as_mask(idx, s)[:, 0], indexer.select(scores, causal_mask(t, s, s - t, DEVICE)))
+    assert torch.equal(indices_to_mask(idx, s), indexer.select(scores, causal_mask(t, s, s - t, DEVICE)))
 
 
 def test_topk_ties():
@@ -87,7 +72,7 @@ def test_topk_ties():
     b, t, s = 1, 6, 21
     scores = torch.relu(torch.randn(b, t, s, device=DEVICE)) * torch.randint(-1, 2, (b, t, s), device=DEVICE)
     assert ((scores == 0) & scores.signbit()).any() and ((scores == 0) & ~scores.signbit()).any()
-    assert torch.equal(indexer_topk(scores, 9), _ref_topk(scores, 9))
+    assert torch.equal(indexer_topk(scores, 9), ref_dsa.indexer_topk(scores, 9))
 
 
 def test_topk_nan_scores_rank_first():
@@ -98,7 +83,7 @@ def test_topk_nan_scores_rank_first():
     scores[0, 2, 7] = -float("nan")
     assert scores[0, 1, 5].signbit() and not scores[0, 0, 3].signbit()
     for topk in (4, 50):
-        assert torch.equal(indexer_topk(scores, topk), _ref_topk(scores, topk)), f"topk={topk}"
+        assert torch.equal(indexer_topk(scores, topk), ref_dsa.indexer_topk(scores, topk)), f"topk={topk}"
 
 
 # ----------------------------------------------------------------------------- sparse attention
@@ -114,7 +99,7 @@ def _check_sparse(b, h, hk, t, s, dk, dv, nk, dtype):
     do = torch.randn_like(out)
     out.backward(do)
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref = attend(*ref_in, _as_mask(idx, s), 0.2)
+    ref = attend(*ref_in, indices_to_mask(idx, s)[:, None], 0.2)
     ref.backward(do.double())
     assert out.dtype == dtype
     assert_close(out, ref, dtype, what="out")
@@ -145,7 +130,7 @@ def test_sparse_mla_decode(dtype, splits):
     out = mla_decode(*x, 0.3, splits=splits, indices=idx)
     q_latent, q_pe, c_kv, k_pe = (y.double() for y in x)
     k = torch.cat((c_kv, k_pe), -1)[:, None]
-    ref = attend(torch.cat((q_latent, q_pe), -1), k, c_kv[:, None], _as_mask(idx, s), 0.3)
+    ref = attend(torch.cat((q_latent, q_pe), -1), k, c_kv[:, None], indices_to_mask(idx, s)[:, None], 0.3)
     assert_close(out, ref, dtype)
 
 
@@ -169,7 +154,7 @@ def test_pipeline_equals_dsa_layer():
         assert_close(scores, ix.scores(x, q_latent, cos, sin), torch.float32, what="scores")
         idx = indexer_topk(scores, ix.topk)
         mask = ix.select(scores, causal_mask(t, t, 0, DEVICE))[:, None]
-        assert torch.equal(_as_mask(idx, t), mask)
+        assert torch.equal(indices_to_mask(idx, t)[:, None], mask)
 
         kv = layer.kv_b_proj(c_kv).view(b, t, layer.n_heads, layer.dn + layer.dv).transpose(1, 2)
         k_nope, v = kv.split([layer.dn, layer.dv], dim=-1)

@@ -1,10 +1,9 @@
-"""kernels/triton/moe.py against reference/moe.py: routing, permutation, grouped GEMM, experts; fwd and grads.
+"""kernels/triton/moe.py against reference/moe.py: routing, permutation, experts; fwd and grads.
 
-Under the interpreter (no CUDA) every kernel runs on CPU tensors. Two interpreter faults (triton 3.9) shape the
-bf16 path there: bf16 ``tl.dot`` returns garbage, and the fp32 -> bf16 cast truncates instead of rounding; so
-interpreted GEMM kernels upcast their tiles to fp32 and round their bf16 outputs by hand (kernels/triton/moe.py
-module docstring), and the bf16 cases check that path; on a GPU they check the tensor-core path and the
-hardware cast.
+The grouped GEMM has its own tests (tests/cuda/test_grouped_gemm.py). Under the interpreter (no CUDA) every
+kernel runs on CPU tensors, with the tile helpers' policy for bfloat16 there (kernels/triton/utils.py: dot
+tiles upcast to float32, results rounded to nearest by hand); on a GPU the bf16 cases check the tensor-core
+path and the hardware cast.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from kernels.triton import moe
+from reference import moe as ref_moe
 from reference.moe import DeepSeekMoE, Experts, Router
 from tests.cuda.conftest import DEVICE
 from tests.reference_utils import make_config, randomize_
@@ -67,9 +67,9 @@ def test_route_grad_through_weights_only():
     bias = torch.randn(16, dtype=torch.float64) * 0.1
     lk = logits.detach().float().to(DEVICE).requires_grad_()
     idx, w, _ = moe.route(lk, bias.float().to(DEVICE), 4, 4, 3, True, 2.5)
+    ref_idx, ref_w, _ = ref_moe.route(logits, bias, 4, 4, 3, True, 2.5)
+    assert torch.equal(idx.cpu(), ref_idx)
     gw = torch.randn(19, 4, dtype=torch.float64)
-    ref_w = torch.sigmoid(logits).gather(1, idx.cpu())
-    ref_w = 2.5 * ref_w / (ref_w.sum(-1, keepdim=True) + 1e-20)
     (ref_g,) = torch.autograd.grad((ref_w * gw).sum(), logits)
     (g,) = torch.autograd.grad((w * gw.float().to(DEVICE)).sum(), lk)
     assert_close(g, ref_g, what="d logits")
@@ -86,11 +86,26 @@ def test_route_ties_pick_lower_index():
     assert idx.tolist() == [[0, 1], [5, 4], [0, 1]]  # groups {4,5} and {6,7} tie: {4,5} wins
 
 
+@pytest.mark.parametrize("e,g,tg,k,norm,rsf,n", ROUTES)
+def test_route_ties_equal_reference_exactly(e, g, tg, k, norm, rsf, n):
+    """Logits from five values (many equal expert and group scores), bias zero or two-valued: the kernel's
+    expert ids, in order, are the reference's (`reference.moe.route`: equal scores rank the lower index first)."""
+    torch.manual_seed(e + n)
+    logits = torch.randint(-2, 3, (max(n, 16), e)).float() * 0.5
+    for bias in (torch.zeros(e), torch.tensor([0.0, 0.25]).repeat(e // 2)):
+        idx, w, s = moe.route_forward(logits.to(DEVICE), bias.to(DEVICE), k, g, tg, norm, rsf)
+        ref_idx, ref_w, ref_s = ref_moe.route(logits, bias, k, g, tg, norm, rsf)
+        assert torch.equal(idx.cpu(), ref_idx), "tied experts ranked differently from reference.moe.route"
+        assert_close(w, ref_w, what="topk_weight")
+        assert_close(s, ref_s, what="scores")
+
+
 @pytest.mark.parametrize("g,tg", [(1, 1), (4, 2)], ids=["flat", "groups"])
 def test_route_nan_logits_pick_in_range_and_propagate(g, tg):
-    """A NaN logit ranks first, as in ``torch.topk`` (the reference): its expert is picked and its NaN weight
-    reaches the output, so a diverged router shows as a NaN loss. Every id stays in [0, E) whatever the logits:
-    runtime_cuda's experts skip the id check, and an out-of-range id would become a wild address there."""
+    """A NaN logit ranks first, as in `reference.moe.route` (and ``torch.topk``): its expert is picked and its
+    NaN weight reaches the output, so a diverged router shows as a NaN loss; NaN experts (groups) in index order.
+    Every id stays in [0, E) whatever the logits: runtime_cuda's experts skip the id check, and an out-of-range
+    id would become a wild address there."""
     e, k = 10 if g == 1 else 16, 3
     logits = torch.randn(4, e, dtype=torch.float64)
     logits[1, 5] = float("nan")
@@ -98,21 +113,11 @@ def test_route_nan_logits_pick_in_range_and_propagate(g, tg):
     bias = torch.randn(e, dtype=torch.float64) * 0.1
     for norm in (True, False):
         idx, w, _ = moe.route_forward(logits.float().to(DEVICE), bias.float().to(DEVICE), k, g, tg, norm, 2.5)
-        ref_idx, ref_w, _ = _route_ref(logits, bias, k, g, tg, norm, 2.5)
+        ref_idx, ref_w, _ = ref_moe.route(logits, bias, k, g, tg, norm, 2.5)
         idx, w = idx.cpu(), w.cpu()
         assert ((idx >= 0) & (idx < e)).all(), f"ids out of range: {idx.tolist()}"
-        assert torch.equal(idx[[0, 1, 3]], ref_idx[[0, 1, 3]]), "a NaN logit must rank first, as in torch.topk"
+        assert torch.equal(idx, ref_idx), "a NaN logit must rank first (NaNs in index order), as in the reference"
         assert torch.equal(w.isnan(), ref_w.isnan()), "NaN weights must propagate as in the reference"
-
-
-def _route_ref(logits, bias, k, g, tg, norm, rsf):
-    """`reference.moe.Router.forward` after its GEMM, on given logits."""
-    r = _router(logits.shape[1], g, tg, k, norm, rsf)
-    r.e_score_correction_bias.copy_(bias.float())
-    r = r.double()
-    r.logits = lambda x: x
-    with torch.no_grad():
-        return r(logits)
 
 
 # ----------------------------------------------------------------------------- permutation
@@ -137,56 +142,6 @@ def test_permute_unchecked_bad_id_is_dropped():
     order, _, counts, offsets = moe.permute(torch.tensor([[0, 9], [1, 0]], device=DEVICE), 4, check_ids=False)
     assert counts.tolist() == [2, 1, 0, 0] and offsets.tolist() == [0, 2, 3, 3, 3]
     assert order[:3].tolist() == [0, 3, 2]
-
-
-# ----------------------------------------------------------------------------- grouped GEMM
-
-
-def _segments(counts):
-    counts = torch.tensor(counts)
-    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(DEVICE)
-
-
-def _per_segment(x, w, offsets):
-    o = offsets.tolist()
-    return torch.cat([x[o[e]:o[e + 1]] @ w[e].t() for e in range(w.shape[0])])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("counts", [[5, 0, 33, 1, 0, 17], [0, 40, 0]])
-def test_grouped_gemm_fwd_bwd(dtype, counts):
-    e, n, kdim = len(counts), 20, 36
-    offsets = _segments(counts)
-    x = torch.randn(sum(counts), kdim, device=DEVICE).to(dtype).requires_grad_()
-    w = (torch.randn(e, n, kdim, device=DEVICE) * kdim**-0.5).to(dtype)
-    empty_experts = [i for i, c in enumerate(counts) if c == 0]
-    w[empty_experts] = float("nan")  # an empty expert's weights must never be read
-    w.requires_grad_()
-    y = moe.grouped_gemm(x, w, offsets)
-    assert y.dtype == dtype
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = _per_segment(x64, w64, offsets)
-    assert_close(y, ref, dtype, what="y")
-    if dtype == torch.bfloat16:  # fp32 accumulation rounded to nearest once (not truncated: see the module doc)
-        assert_close(y, ref.float().to(dtype), dtype, bound=5e-4, what="y vs the rounded fp32 product")
-    else:  # int32 offsets give the same result
-        assert torch.equal(moe.grouped_gemm_forward(x.detach(), w.detach(), offsets.int()), y.detach())
-    gy = torch.randn_like(ref)
-    dx, dw = torch.autograd.grad(y, (x, w), gy.to(dtype))
-    ref_dx, ref_dw = torch.autograd.grad(ref, (x64, w64), gy)
-    assert_close(dx, ref_dx, dtype, what="dx")
-    full = [i for i in range(e) if i not in empty_experts]
-    assert_close(dw[full], ref_dw[full], dtype, what="dw")
-    assert torch.equal(dw[empty_experts], torch.zeros_like(dw[empty_experts])), "empty expert: dw must be 0"
-
-
-def test_grouped_gemm_no_rows():
-    w = torch.randn(3, 4, 5, device=DEVICE)
-    x = torch.randn(0, 5, device=DEVICE)
-    offsets = _segments([0, 0, 0])
-    assert moe.grouped_gemm_forward(x, w, offsets).shape == (0, 4)
-    dx, dw = moe.grouped_gemm_backward(torch.randn(0, 4, device=DEVICE), x, w, offsets)
-    assert dx.shape == (0, 5) and torch.equal(dw, torch.zeros_like(dw))
 
 
 # ----------------------------------------------------------------------------- experts
@@ -273,13 +228,7 @@ def test_bad_inputs_raise():
         moe.route_forward(logits, bias, 5, n_group=4, topk_group=2)
     with pytest.raises(ValueError, match="outside"):
         moe.permute(torch.tensor([[0, 8]], device=DEVICE), 8)
-    x, w, off = torch.randn(6, 5, device=DEVICE), torch.randn(2, 3, 5, device=DEVICE), _segments([2, 4])
-    with pytest.raises(TypeError, match="w"):
-        moe.grouped_gemm(x, w.double(), off)
-    with pytest.raises(ValueError, match="offsets"):
-        moe.grouped_gemm(x, w, off[:2])
-    with pytest.raises(ValueError, match="columns"):
-        moe.grouped_gemm(x[:, :4].contiguous(), w, off)
+    x, w = torch.randn(6, 5, device=DEVICE), torch.randn(2, 3, 5, device=DEVICE)
     with pytest.raises(ValueError, match="down_proj"):
         moe.experts_forward(x, w, w, w, torch.zeros(6, 1, dtype=torch.int64, device=DEVICE),
                             torch.ones(6, 1, device=DEVICE))
