@@ -149,7 +149,6 @@ def cases(device, smoke: bool, dtype=None) -> list[Case]:
     b, t, hi, d, topk = 1, s(9, 4096), s(4, 64), s(16, 128), s(4, 2048)
     iq, ik, iw = rnd(b, t, hi, d), rnd(b, t, d), rnd(b, t, hi, dtype=torch.float32)
     isc = d**-0.5
-    causal = r_attn.causal_mask(t, t, 0, device)
 
     def dsa_ref():
         return r_dsa.indexer_topk(r_dsa.indexer_scores(iq, ik, iw, isc), topk)
@@ -161,9 +160,7 @@ def cases(device, smoke: bool, dtype=None) -> list[Case]:
     sq = rnd(b, nh, t, r + dr, grad=True)
     skv = rnd(b, 1, t, r + dr, grad=True)
     idx = k_dsa.indexer_topk(k_dsa.indexer_scores(iq, ik, iw, isc), topk)
-    mask = torch.zeros(b, 1, t, t, dtype=torch.bool, device=device)
-    mask.scatter_(-1, idx.clamp(min=0)[:, None], True)
-    mask &= causal
+    mask = r_dsa.indices_to_mask(idx, t)[:, None]  # (B, 1, T, S); -1 slots select nothing
     out.append(Case(f"dsa sparse_attention H={nh} T={t} k={topk} fwd+bwd",
                     _fwd_bwd(lambda a, c: k_dsa.sparse_attention(a, c, c[..., :r].contiguous(), idx, sc), (sq, skv)),
                     _fwd_bwd(lambda a, c: r_attn.attend(a, c, c[..., :r], mask, sc), (sq, skv)),
