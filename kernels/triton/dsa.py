@@ -5,7 +5,7 @@ causal top-k selection, and attention over the selected keys only.
    (report eq. 1), float32 (B, T, S), unmasked, as `reference.dsa.Indexer.scores`. ``w`` is the full head
    weight: the caller passes ``weights_proj(x) * index_n_heads**-0.5`` and ``scale = index_head_dim**-0.5``.
 2. `indexer_topk(scores, topk)`: the causal top-``k`` keys of each query, ``k = min(topk, S)``, as
-   `reference.dsa.Indexer.select`: query ``t`` sees keys ``j <= t + S - T``; higher score first, exact ties to
+   `reference.dsa.indexer_topk`: query ``t`` sees keys ``j <= t + S - T``; higher score first, exact ties to
    the earlier key; a query with fewer than ``k`` visible keys keeps all of them and pads with -1.
 3. `sparse_attention(q, k, v, indices, scale)`: softmax attention of every query head over the keys its query
    selected (one index set per query, shared by all heads), differentiable in q, k and v. The shapes are
@@ -210,8 +210,8 @@ def indexer_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
     query cannot fill.
 
     ``scores`` (B, T, S) float32 (from `indexer_scores`); the T queries are the last T of the S keys, so query
-    ``t`` picks among keys ``j <= t + S - T``; ties go to the earlier key and a NaN ranks first (the same set as
-    `reference.dsa.Indexer.select`, in the order of its stable descending sort). Raises ``TypeError`` for a
+    ``t`` picks among keys ``j <= t + S - T``; ties go to the earlier key and a NaN ranks first (the same indices, in
+    the same order, as `reference.dsa.indexer_topk`). Raises ``TypeError`` for a
     non-tensor or a dtype other than float32, ``ValueError`` for a wrong rank, ``S < T``, ``topk < 1``, an
     empty input, a CPU tensor outside the interpreter or a non-contiguous input.
     """

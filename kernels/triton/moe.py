@@ -1,7 +1,7 @@
 """DeepSeekMoE in Triton: sigmoid group-limited routing, token permutation by expert, gather and combine, experts.
 
 Source: DeepSeek-V3 technical report (arXiv 2412.19437) section 2.1.2; the definition of correct is
-`reference.moe` (``Router.forward`` after its GEMM, ``Experts.forward``).
+`reference.moe` (`reference.moe.route`, ``Experts.forward``).
 
 Entry points (differentiable unless said otherwise):
 
@@ -140,7 +140,7 @@ def _check_route_args(e: int, top_k: int, n_group: int, topk_group: int) -> None
 
 def route_forward(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
                   norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0):
-    """DeepSeek-V3 ``noaux_tc`` routing after the router GEMM (report eq. 12-16; `reference.moe.Router`).
+    """DeepSeek-V3 ``noaux_tc`` routing after the router GEMM (report eq. 12-16; `reference.moe.route`).
 
     ``logits`` (N, E) float32 contiguous (``x W^T``); ``bias`` (E,) float32, the correction bias, used only to
     pick experts. Returns ``topk_idx`` (N, K) int64, ``topk_weight`` (N, K) float32 and ``scores`` (N, E) float32
@@ -149,8 +149,8 @@ def route_forward(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group:
     taken, in decreasing order. Weights are the unbiased scores of those experts, divided by their sum
     (+1e-20) when ``norm_topk_prob``, times ``routed_scaling_factor``.
 
-    Ties: among equal biased scores (or equal group scores) the lower expert (group) index wins, as
-    ``torch.topk`` orders distinct values; torch itself does not promise an order for exact ties.
+    Ties: among equal biased scores (or equal group scores) the lower expert (group) index wins, as in
+    `reference.moe.route` (DESIGN.md, "Ties in any top-k").
     A NaN biased score ranks above every number, as in ``torch.topk``: its expert is picked (NaN experts in
     index order) and its NaN weight reaches the output; every id is in [0, E) whatever the logits.
 

@@ -78,7 +78,7 @@ def test_checkpoint_round_trip_with_reference(tmp_path):
 
 
 def test_bf16_autocast_training_step_matches_reference():
-    """The training loop's bf16 autocast (dsfs.generate.autocast on a GPU): the kernels take the mixed dtypes
+    """The training loop's bf16 autocast (dsfs.evaluation.autocast on a GPU): the kernels take the mixed dtypes
     autocast produces (bf16 activations, fp32 norm gains, router and head) and agree with the reference."""
     cfg, ref, fast = pair("mla-qlora-mtp-groups")
     ids = rand_ids(cfg, 2, 8).to(DEVICE)
