@@ -120,12 +120,12 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     return key.topk(k, dim=-1).indices
 
 
-def _check_route_args(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> None:
-    if logits.ndim != 2:
-        raise ValueError(f"route: logits must be (N, E), got shape {tuple(logits.shape)}")
-    e = logits.shape[1]
-    if tuple(bias.shape) != (e,):
-        raise ValueError(f"route: bias must have shape ({e},) to match the logits, got {tuple(bias.shape)}")
+def check_route_args(num_experts: int, top_k: int, n_group: int, topk_group: int) -> None:
+    """Raise ``ValueError`` naming the argument when `route`'s configuration cannot be routed: ``n_group`` must
+    divide ``num_experts`` (E), groups need at least 2 experts (a group's score sums its top-2), ``topk_group``
+    must be in 1..n_group, and ``top_k`` in 1..(experts of the kept groups). The one check of every backend's
+    ``route`` (reference, Triton, MLX)."""
+    e = num_experts
     if n_group < 1 or e % n_group:
         raise ValueError(f"route: n_group={n_group} must be >= 1 and divide the {e} experts")
     if n_group > 1 and e // n_group < 2:
@@ -158,7 +158,12 @@ def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1
     (or leaves groups of one expert), ``topk_group`` outside 1..n_group, or ``top_k`` outside 1..(experts in
     the kept groups).
     """
-    _check_route_args(logits, bias, top_k, n_group, topk_group)
+    if logits.ndim != 2:
+        raise ValueError(f"route: logits must be (N, E), got shape {tuple(logits.shape)}")
+    e = logits.shape[1]
+    if tuple(bias.shape) != (e,):
+        raise ValueError(f"route: bias must have shape ({e},) to match the logits, got {tuple(bias.shape)}")
+    check_route_args(e, top_k, n_group, topk_group)
     scores = torch.sigmoid(logits)
     choice = scores.detach() + bias.detach()
     if n_group > 1:

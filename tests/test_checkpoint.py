@@ -27,6 +27,7 @@ from reference import Model, ModelConfig
 from reference.checkpoint import to_hf_state_dict
 from reference.fp8 import weight_quant
 from tests.reference_utils import make_config, rand_ids, randomize_, tiny_model
+from tests.test_oracle import randomize
 from tests.tolerance import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -46,22 +47,6 @@ CASES = {  # (transformers family, config values besides the defaults)
 }
 
 
-@torch.no_grad()
-def randomize_hf(model, gen: torch.Generator) -> None:
-    """O(1) logits for a transformers model: matrices (and expert stacks) N(0, 1/fan_in), embeddings N(0, 1),
-    norm gains 1 + N(0, 0.1^2), biases N(0, 0.1^2), routing correction biases U(0, 0.1)."""
-    for name, p in model.named_parameters():
-        if p.ndim == 1:
-            p.copy_((0.0 if name.endswith("bias") else 1.0) + 0.1 * torch.randn(p.shape, generator=gen))
-        elif "embed" in name:
-            p.copy_(torch.randn(p.shape, generator=gen))
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.copy_(0.1 * torch.rand(b.shape, generator=gen))
-
-
 def hf_checkpoint(case: str, path, seed: int = 0):
     """Save ``transformers.<family>ForCausalLM(<family>Config(**SIZES, ...))`` with O(1) random weights to
     ``path``; return the transformers model (eval mode)."""
@@ -69,7 +54,7 @@ def hf_checkpoint(case: str, path, seed: int = 0):
     family, values = CASES[case]
     config = getattr(transformers, f"{family}Config")(**SIZES, **values)
     hf = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-    randomize_hf(hf, torch.Generator().manual_seed(seed))
+    randomize(hf, torch.Generator().manual_seed(seed))
     hf.save_pretrained(path)
     return hf
 

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from reference.moe import check_route_args
+
 from .grouped_gemm import FLOATS, INDEX, grouped_gate_up, grouped_gemm
 from .swiglu import swiglu
 from .utils import cast, check, empty, interpreted
@@ -126,18 +128,6 @@ def _route_blocks(e: int, k: int, n_group: int):
     return block_n, block_e, block_g, block_k
 
 
-def _check_route_args(e: int, top_k: int, n_group: int, topk_group: int) -> None:
-    if n_group < 1 or e % n_group:
-        raise ValueError(f"route: n_group={n_group} must be >= 1 and divide the {e} experts")
-    if n_group > 1 and e // n_group < 2:
-        raise ValueError(f"route: groups of {e // n_group} expert(s); group scores sum a group's top-2, need >= 2")
-    if n_group > 1 and not 1 <= topk_group <= n_group:
-        raise ValueError(f"route: topk_group={topk_group} must be in 1..n_group={n_group}")
-    allowed = e if n_group == 1 else topk_group * (e // n_group)
-    if not 1 <= top_k <= allowed:
-        raise ValueError(f"route: top_k={top_k} must be in 1..{allowed} (experts in the kept groups)")
-
-
 def route_forward(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
                   norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0):
     """DeepSeek-V3 ``noaux_tc`` routing after the router GEMM (report eq. 12-16; `reference.moe.route`).
@@ -163,7 +153,7 @@ def route_forward(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group:
     check("logits", logits, ndim=2, dtypes=torch.float32)
     n, e = logits.shape
     check("bias", bias, dtypes=torch.float32, shape=(e,), device=logits.device)
-    _check_route_args(e, top_k, n_group, topk_group)
+    check_route_args(e, top_k, n_group, topk_group)
     idx = empty(n, top_k, dtype=torch.int64, device=logits.device)
     w = empty(n, top_k, dtype=torch.float32, device=logits.device)
     scores = empty(n, e, dtype=torch.float32, device=logits.device)

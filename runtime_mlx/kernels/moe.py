@@ -7,6 +7,8 @@ from functools import cache
 
 import mlx.core as mx
 
+from reference.moe import check_route_args
+
 from .launch import Launch, cdiv, check_close, check_equal, check_float, check_shape, f32, run, sample, spec, use_metal
 
 ROUTE = spec("moe_route", "moe", "logits bias", "topk_idx topk_weight scores")
@@ -110,15 +112,7 @@ def route(logits: mx.array, bias: mx.array, top_k: int, n_group: int = 1, topk_g
         raise ValueError(f"logits: expected (N, E), got {tuple(logits.shape)}")
     e = logits.shape[1]
     check_shape("bias", bias, (e,))
-    if n_group < 1 or e % n_group:
-        raise ValueError(f"route: n_group={n_group} must be >= 1 and divide the {e} experts")
-    if n_group > 1 and e // n_group < 2:
-        raise ValueError(f"route: groups of {e // n_group} expert(s); group scores sum a group's top-2, need >= 2")
-    if n_group > 1 and not 1 <= topk_group <= n_group:
-        raise ValueError(f"route: topk_group={topk_group} must be in 1..n_group={n_group}")
-    allowed = e if n_group == 1 else topk_group * (e // n_group)
-    if not 1 <= top_k <= allowed:
-        raise ValueError(f"route: top_k={top_k} must be in 1..{allowed} (experts in the kept groups)")
+    check_route_args(e, top_k, n_group, topk_group)
     topk_group = topk_group if n_group > 1 else 1  # no effect without groups: one kernel configuration
     args = (top_k, n_group, topk_group, bool(norm_topk_prob), float(routed_scaling_factor))
     key = (logits.dtype, e, *args[:4])
