@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from dsfs import data
 from dsfs.data import DataError
@@ -115,7 +116,7 @@ def add_train(sub) -> None:
                        "exactly: its weights, optimizer state, step and data order")
     start.add_argument("--init-from", metavar="DIR",
                        help="start a new run (step 0, fresh optimizer and data order) from the weights and model "
-                       "config of a checkpoint: a model dir (ours or transformers-saved DeepseekV3ForCausalLM), a "
+                       "config of a checkpoint: a model dir (ours or a transformers-saved DeepseekV3ForCausalLM or DeepseekV32ForCausalLM), a "
                        "run's final/ or checkpoints/step_N, or a run dir; the preset gives the training options")
     p.add_argument("--num-nextn-predict-layers", type=int, metavar="N",
                    help="MTP depths (0: no MTP); default: the preset's, or with --init-from the checkpoint "
@@ -275,6 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     Errors print one line to stderr: ``dsfs: error: <reason>``.
     """
     parser = build_parser()
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(parser, argv)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a checkpoint's missing MTP depths, a Metal fallback, ...) as one ``dsfs: warning:`` line."""
+    print(f"dsfs: warning: {message}", file=sys.stderr)
+
+
+def _main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.verb is None:

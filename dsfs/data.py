@@ -26,6 +26,7 @@ Where it is absent (every user's clone), the default run fetches the same slice,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -266,14 +267,29 @@ def download_tinystories() -> tuple[Path, Path]:
     paths = []
     for name in TINYSTORIES_FILES:
         try:
-            paths.append(Path(hf_hub_download(TINYSTORIES_REPO, name, repo_type="dataset")))
+            with _quiet_hub():
+                paths.append(Path(hf_hub_download(TINYSTORIES_REPO, name, repo_type="dataset")))
         except Exception as e:  # network, auth, disk: all end the same way for the user
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(
                 f"could not download {name} from the Hugging Face hub dataset {TINYSTORIES_REPO} ({reason}); "
-                f"offline? pass a local file with --input PATH, e.g. --input {DEFAULT_INPUT}"
+                "offline? pass a local text or .jsonl file with --input PATH"
             ) from e
     return paths[0], paths[1]
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub's retry warnings ("Retrying in 8s [Retry 1/5]") silenced: a failure ends in one line."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    logger = hub_logging.get_logger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(hub_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _open_hub_file(path: str):
@@ -312,6 +328,7 @@ def fetch_tinystories_sample(dest: str | os.PathLike | None = None, verbose: boo
     chunks: list[bytes] = []
     try:
         with (
+            _quiet_hub(),
             _open_hub_file(remote) as f,
             tqdm(total=n, unit="B", unit_scale=True, desc="TinyStories", disable=not verbose, file=sys.stderr) as bar,
         ):

@@ -37,15 +37,16 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def check_tokenizer(model_dir: str | os.PathLike, data_dir: str | os.PathLike, vocab_size: int,
                     tokenizer: str | os.PathLike | None = None) -> None:
-    """Raise ``DataError`` when the data directory's tokenizer differs from the model's (`tokenizer_file` of
-    ``model_dir`` and ``tokenizer``): another vocab size than ``vocab_size``, or a different ``tokenizer.json``.
+    """Raise ``DataError`` when the data directory's tokenizer does not fit the model's (`tokenizer_file` of
+    ``model_dir`` and ``tokenizer``): a data vocab larger than the model's ``vocab_size`` (a larger, padded model
+    vocab is fine, as for ``dsfs train --init-from``), or a different ``tokenizer.json``.
     ``CheckpointError`` (naming ``--tokenizer PATH``) when the model has no tokenizer to compare."""
     mine = tokenizer_file(model_dir, tokenizer)
     meta = load_meta(data_dir)
-    if meta["vocab_size"] != vocab_size:
+    if meta["vocab_size"] > vocab_size:
         raise DataError(
-            f"vocab size mismatch: the model in {model_dir} has vocab_size {vocab_size}, "
-            f"the data in {data_dir} has {meta['vocab_size']}"
+            f"vocab size mismatch: the model in {model_dir} has vocab_size {vocab_size}, smaller than the "
+            f"{meta['vocab_size']} of the data in {data_dir}"
         )
     theirs = Path(data_dir) / meta.get("tokenizer", "tokenizer.json")
     if theirs.is_file() and file_sha256(mine) != file_sha256(theirs):

@@ -233,6 +233,9 @@ def train(
     state, ckpt, init_dir = None, None, None
     if resume:
         ckpt, state = _resume_state(resume, out_dir, preset)
+        if preset not in (None, state["preset"]):
+            raise CheckpointError(f"{ckpt} is a run of preset {state['preset']}; --preset {preset} cannot change it "
+                                  "on --resume (its model and training options are the checkpoint's)")
         preset = preset or state["preset"]
         model_overrides = {**(state["model_overrides"] or {}), **(model_overrides or {})} or None
         init_dir = Path(state["init_from"]) if state.get("init_from") else None
@@ -288,7 +291,8 @@ def train(
             raise CheckpointError(f"{ckpt}: unreadable config.json ({e})") from e
         diff = _config_diff(have, cfg)
         if diff:
-            raise CheckpointError(f"{ckpt} does not match the requested model (preset {preset}, data "
+            source = f"--init-from {init_dir}" if init_dir is not None else f"preset {preset}"
+            raise CheckpointError(f"{ckpt} does not match the requested model ({source}, data "
                                   f"{data_dir}): " + "; ".join(diff))
     else:
         _clear_run(out, overwrite)

@@ -75,9 +75,48 @@ def test_eval_matches_the_trainer(run, data_dir):
 
 
 def test_eval_rejects_another_tokenizer(run, tmp_path):
+    """Data of a larger vocab than the model's cannot be evaluated; a smaller one of another tokenizer neither."""
+    larger = make_data_dir(tmp_path / "larger", vocab_size=512)
+    with pytest.raises(DataError, match="vocab size mismatch: .* vocab_size 384, smaller than the 512"):
+        evaluate_checkpoint(run, larger, batches=1, batch_size=2, seq_len=16, device="cpu")
     other = make_data_dir(tmp_path / "other", vocab_size=300)
-    with pytest.raises(DataError, match="vocab size mismatch"):
+    with pytest.raises(DataError, match="tokenizer mismatch"):
         evaluate_checkpoint(run, other, batches=1, batch_size=2, seq_len=16, device="cpu")
+
+
+def test_eval_accepts_a_padded_model_vocab(run, data_dir, tmp_path):
+    """A model vocab larger than the data's (padded, as released checkpoints are, and as dsfs train --init-from
+    accepts) evaluates; only a smaller one is refused."""
+    small = Model.from_pretrained(run / "final")
+    cfg = small.config.to_dict()
+    cfg["vocab_size"] += 16
+    big = Model(type(small.config).from_dict(cfg))
+    sd = small.state_dict()
+    sd["model.embed_tokens.weight"] = torch.cat([sd["model.embed_tokens.weight"], torch.zeros(16, cfg["hidden_size"])])
+    if "lm_head.weight" in sd:
+        sd["lm_head.weight"] = torch.cat([sd["lm_head.weight"], torch.zeros(16, cfg["hidden_size"])])
+    big.load_state_dict(sd)
+    big.save_pretrained(tmp_path / "big", tokenizer_file=run / "final" / "tokenizer.json")
+    r = evaluate_checkpoint(tmp_path / "big", data_dir, batches=1, batch_size=2, seq_len=16, device="cpu")
+    assert math.isfinite(r["loss"])
+
+
+def test_cli_warnings_are_one_line(capsys, run, tmp_path):
+    """A loader warning (a checkpoint whose config asks for an MTP depth its files lack) is one dsfs: warning: line,
+    not Python's two-line warning with a source line."""
+    import shutil
+
+    ckpt = tmp_path / "no_mtp"
+    shutil.copytree(run / "final", ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = cfg.get("num_nextn_predict_layers", 0) + 1
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    (ckpt / "mtp.safetensors").unlink(missing_ok=True)
+    rc, out, err = _cli(capsys, "generate", "--checkpoint", ckpt, "--max-new-tokens", 4, "--temperature", 0,
+                        "--device", "cpu")
+    lines = [line for line in err.splitlines() if "MTP depth" in line]
+    assert rc == 0 and len(lines) == 1 and lines[0].startswith("dsfs: warning: checkpoint "), err
+    assert "UserWarning" not in err and "return load_model" not in err, err
 
 
 def test_cli_generate_and_eval(capsys, run, data_dir):

@@ -279,6 +279,13 @@ def test_resume_rejects_other_model_config(data_dir, short_run, tmp_path):
         micro_train(data_dir, out, resume=True, model_overrides={**MICRO_MODEL, "hidden_size": 48})
 
 
+def test_resume_rejects_another_preset(data_dir, short_run, tmp_path, capsys):
+    """--preset on --resume cannot relabel a run: its model and training options are the checkpoint's."""
+    out = _copy_run(short_run, tmp_path)
+    rc, _, err = _cli(capsys, "train", "--resume", "--out", out, "--preset", "small", "--data", data_dir, "-q")
+    assert rc == 1 and err.count("\n") == 1 and "is a run of preset tiny; --preset small cannot change it" in err, err
+
+
 def test_resume_rejects_other_optimizer_and_reads_old_checkpoints_as_adamw(data_dir, short_run, tmp_path):
     out = _copy_run(short_run, tmp_path)
     ran = load_trainer_state(out / "checkpoints/step_000004")["train_config"]["optimizer"]
