@@ -116,8 +116,9 @@ def add_train(sub) -> None:
                        "exactly: its weights, optimizer state, step and data order")
     start.add_argument("--init-from", metavar="DIR",
                        help="start a new run (step 0, fresh optimizer and data order) from the weights and model "
-                       "config of a checkpoint: a model dir (ours or a transformers-saved DeepseekV3ForCausalLM or DeepseekV32ForCausalLM), a "
-                       "run's final/ or checkpoints/step_N, or a run dir; the preset gives the training options")
+                       "config of a checkpoint: a model dir (ours, or a DeepseekV3ForCausalLM or "
+                       "DeepseekV32ForCausalLM saved by transformers), a run's final/ or checkpoints/step_N, or a "
+                       "run dir; the preset gives the training options")
     p.add_argument("--num-nextn-predict-layers", type=int, metavar="N",
                    help="MTP depths (0: no MTP); default: the preset's, or with --init-from the checkpoint "
                    "config's, those its files lack initialized fresh")
