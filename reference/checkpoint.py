@@ -11,8 +11,13 @@ FP8 weights with ``weight_scale_inv`` (dequantized in 128x128 blocks).
 
 A checkpoint whose ``config.json`` asks for more MTP depths than its files hold (``transformers`` never writes
 MTP weights, yet its ``DeepseekV3Config`` defaults to ``num_nextn_predict_layers`` 1) loads with a warning that
-names the missing depths (`config_for_weights`): without them (``missing_mtp="drop"``, for inference; the model's
-config then says so, and so does what it saves) or with them freshly initialized (``"init"``, for training).
+names the missing depths (a `CheckpointWarning`, `config_for_weights`): without them (``missing_mtp="drop"``,
+for inference; the model's config then says so, and so does what it saves) or with them freshly initialized
+(``"init"``, for training).
+
+Loaders build float32 models unless asked for a dtype; ``config.json`` states the dtype the saver wrote
+(`dtype_name`). transformers saves a module of width 0 (``n_shared_experts`` 0) as zero-size tensors; a model
+without that module loads them as nothing (they add 0 in transformers' forward).
 
 The name mapping (`to_hf_names`, `from_hf_names`) works on names only: the array operations it needs (stack,
 unstack, copy, FP8 dequantization) are passed in, so `runtime_mlx.checkpoint` maps MLX arrays with it too.
@@ -21,6 +26,7 @@ unstack, copy, FP8 dequantization) are passed in, so `runtime_mlx.checkpoint` ma
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import shutil
@@ -41,6 +47,10 @@ _MTP_RE = re.compile(r"^mtp\.(\d+)\.(.*)$")
 _MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 _STACKED = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")
 MISSING_MTP = ("drop", "init")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint loads, but not all of it as its ``config.json`` says (MTP depths it lacks)."""
 
 
 # ---------------------------------------------------------------- name mapping (any array library)
@@ -91,7 +101,9 @@ def from_hf_names(weights: dict, cfg: ModelConfig, stack: Callable, dequant: Cal
     and depths beyond ``num_nextn_predict_layers``, are dropped); per-expert matrices
     ``...experts.{e}.{proj}.weight`` are stacked by ``stack([a_0, ..., a_{E-1}])`` into (E, ...);
     transformers' packed ``experts.gate_up_proj`` (E, 2I, H) is sliced into ``gate_proj`` and ``up_proj``
-    (E, I, H); a tied ``lm_head.weight`` is dropped. Raises ``ValueError`` when an expert is missing.
+    (E, I, H); a tied ``lm_head.weight`` is dropped, and so are the zero-size ``shared_experts`` tensors that
+    transformers writes for ``n_shared_experts`` 0 (a module of width 0, which adds 0 there and does not exist
+    here). Raises ``ValueError`` when an expert is missing.
     """
     n = cfg.num_hidden_layers
     weights = dict(weights)
@@ -106,6 +118,8 @@ def from_hf_names(weights: dict, cfg: ModelConfig, stack: Callable, dequant: Cal
             if m.group(2) in _MTP_SHARED_COPIES or k >= cfg.num_nextn_predict_layers:
                 continue  # shared with the main model / MTP depth this config does not use
             name = f"mtp.{k}.{m.group(2)}"
+        if cfg.n_shared_experts == 0 and ".mlp.shared_experts." in name and math.prod(a.shape) == 0:
+            continue
         em, pm = _EXPERT_RE.match(name), _PACKED_RE.match(name)
         if em:
             experts.setdefault((em.group(1), em.group(3)), {})[int(em.group(2))] = a
@@ -173,12 +187,12 @@ def config_for_weights(path, names: Iterable[str], missing_mtp: str = "drop") ->
     names), and the MTP depths the model must keep freshly initialized.
 
     When ``config.json`` asks for D MTP depths (``num_nextn_predict_layers``) and the files hold fewer, a
-    ``UserWarning`` names the missing depths and their layers, and ``missing_mtp`` decides: ``"drop"`` builds
+    `CheckpointWarning` names the missing depths and their layers, and ``missing_mtp`` decides: ``"drop"`` builds
     the model with the depths the files hold (they must be 0..m-1), ``"init"`` keeps all D and returns the
     missing ones (their weights keep the model's fresh initialization, drawn from the caller's RNG). Depths
     beyond D are ignored. Raises ``ValueError`` for another ``missing_mtp``, for a gap in the held depths under
     ``"drop"`` (naming the missing depth), or from `ModelConfig.from_dict`; ``FileNotFoundError`` without
-    ``config.json``.
+    ``config.json``. The warning is a `CheckpointWarning`.
     """
     if missing_mtp not in MISSING_MTP:
         raise ValueError(f"missing_mtp={missing_mtp!r}; expected one of {MISSING_MTP}")
@@ -202,13 +216,28 @@ def config_for_weights(path, names: Iterable[str], missing_mtp: str = "drop") ->
     action = f"loading without {'it' if s == '' else 'them'}" if missing_mtp == "drop" else "initialized fresh"
     warnings.warn(f"checkpoint {os.fspath(path)!r}: config.json asks for {wanted} MTP depth"
                   f"{'' if wanted == 1 else 's'} but the weights hold {has} (missing depth{s} {which}); {action}",
-                  stacklevel=3)
+                  CheckpointWarning, stacklevel=3)
     return ModelConfig.from_dict(fields), missing if missing_mtp == "init" else []
+
+
+def mismatch(where: str, missing: list[str], unexpected: list[str], against: str = "its config.json") -> str:
+    """The one-line message for tensors a model expects and a checkpoint lacks (``missing``) or holds beyond it
+    (``unexpected``): ``"<where> does not match <against>: missing [...], unexpected [...]"``, each list only
+    when not empty and cut after 6 names."""
+    parts = [f"{what} {names[:6]}{' ...' if len(names) > 6 else ''}"
+             for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    return f"{where} does not match {against}: {', '.join(parts)}"
+
+
+def dtype_name(dtype) -> str:
+    """The config.json name of a torch or MLX dtype: ``torch.bfloat16`` / ``mlx.core.bfloat16`` -> 'bfloat16'."""
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop"):
     """Build ``cls(config)`` from ``path``/config.json and load its weights (strictly: every parameter
-    present with the right shape), in eval mode. MTP depths that config.json asks for and the files lack are
+    present with the right shape), in eval mode, in float32 unless ``dtype`` is given (whatever the files
+    store, as ``runtime_mlx.checkpoint.load_model``). MTP depths that config.json asks for and the files lack are
     dropped or initialized fresh, with a warning (``missing_mtp``, see `config_for_weights`). Raises
     ``FileNotFoundError`` / ``ValueError`` naming missing, unexpected or mis-shaped tensors."""
     path = os.fspath(path)
@@ -224,9 +253,7 @@ def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop"):
                      and not (cfg.tie_word_embeddings and k == "lm_head.weight") and not k.startswith(fresh_names))
     unexpected = sorted(k for k in sd if k not in expected)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path!r} does not match its config.json: missing {missing[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                         f"{' ...' if len(unexpected) > 6 else ''}")
+        raise ValueError(mismatch(f"checkpoint {path!r}", missing, unexpected))
     for k, t in sd.items():
         if t.shape != expected[k].shape:
             raise ValueError(f"checkpoint {path!r}: {k} has shape {tuple(t.shape)}, config expects "
@@ -241,14 +268,17 @@ def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop"):
 
 def save_model(model, path, tokenizer_file=None) -> None:
     """Write the checkpoint directory ``path`` atomically (`write_model_dir`) with the tensors of
-    `to_hf_state_dict`, moved to the CPU."""
+    `to_hf_state_dict`, moved to the CPU; config.json states the embedding's dtype (as transformers' ``model.dtype``,
+    the first floating parameter's)."""
     main, mtp = to_hf_state_dict(model)
     write_model_dir(path, model.config, main, mtp, lambda t, f: save_file(_cpu(t), f, metadata={"format": "pt"}),
-                    tokenizer_file)
+                    tokenizer_file, dtype=dtype_name(model.model.embed_tokens.weight.dtype))
 
 
-def write_model_dir(path, config: ModelConfig, main: dict, mtp: dict, save: Callable, tokenizer_file=None) -> None:
-    """Write a checkpoint directory atomically: ``config.json``, ``save(main, ".../model.safetensors")``,
+def write_model_dir(path, config: ModelConfig, main: dict, mtp: dict, save: Callable, tokenizer_file=None,
+                    dtype: str | None = None) -> None:
+    """Write a checkpoint directory atomically: ``config.json`` (stating ``dtype``, the stored weights' dtype
+    name, as ``torch_dtype`` and ``dtype``: `ModelConfig.to_dict`), ``save(main, ".../model.safetensors")``,
     ``save(mtp, ".../mtp.safetensors")`` when ``mtp`` is not empty and a copy of ``tokenizer_file`` go to a
     temporary sibling directory that is renamed over ``path`` at the end (`replace_dir`), so a crash never leaves
     a half-written checkpoint; on any error the temporary directory is removed and the error re-raised."""
@@ -257,7 +287,7 @@ def write_model_dir(path, config: ModelConfig, main: dict, mtp: dict, save: Call
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
-        config.save_json(os.path.join(tmp, "config.json"))
+        config.save_json(os.path.join(tmp, "config.json"), dtype)
         save(main, os.path.join(tmp, "model.safetensors"))
         if mtp:
             save(mtp, os.path.join(tmp, "mtp.safetensors"))

@@ -8,6 +8,10 @@ our own: ``attention_type`` (mha, mqa, gqa, mla, dsa) and ``moe_type`` (dense, s
 A ``config.json`` written by ``transformers`` or shipped by DeepSeek is read as ``transformers`` reads it
 (`hf_to_fields`): values it accepts and reads in a defined way load the same way here; only what cannot be
 built is refused, naming the field.
+
+The dtype keys (``torch_dtype`` for transformers 4, ``dtype`` for transformers 5, which follows it when loading
+with ``dtype="auto"``, its default) say how the weights next to the config are stored, not what the model is:
+reading drops them, and the savers state the dtype they wrote (`ModelConfig.to_dict`, `ModelConfig.save_json`).
 """
 
 from __future__ import annotations
@@ -21,15 +25,20 @@ from typing import Any
 
 ATTENTION_TYPES = ("mha", "mqa", "gqa", "mla", "dsa")
 MOE_TYPES = ("dense", "standard", "deepseek")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # static frequency tables (reference.rope.rope_inv_freq)
 _ROPE_SCALING_KEYS = {
     "type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-    "mscale", "mscale_all_dim", "attention_factor", "truncate", "rope_theta",
+    "mscale", "mscale_all_dim", "attention_factor", "truncate", "rope_theta", "low_freq_factor", "high_freq_factor",
 }
+_ROPE_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                     "original_max_position_embeddings"),
+                  "yarn": ("factor", "original_max_position_embeddings")}
+MLP_LAYER_TYPES = ("dense", "sparse")
 # Keys other tools write into config.json that carry no meaning for the model math.
 _PASSTHROUGH_KEYS = {
     "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map", "use_cache",
     "pretraining_tp", "ep_size", "moe_layer_freq", "attention_dropout", "output_router_logits",
-    "mlp_layer_types", "layer_types", "qk_head_dim", "mlp_bias",
+    "layer_types", "qk_head_dim", "mlp_bias",
     "indexer_rope_interleave", "rope_parameters", "aux_loss_alpha_is_seq",
 }
 FP8_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
@@ -43,23 +52,30 @@ def hf_to_fields(d: dict[str, Any]) -> dict[str, Any]:
     - ``rope_parameters`` (transformers 5) gives ``rope_theta`` and, unless ``rope_scaling`` is set, its scaling;
     - ``num_mtp_layers`` (transformers' ``DeepseekV3Config`` alias) is ``num_nextn_predict_layers``;
     - V3.2's ``mlp_layer_types`` (a list of 'dense'/'sparse' per layer, which transformers' V3.2 model follows
-      in place of ``first_k_dense_replace``) and ``layer_types`` ('indexed_attention') are checked and dropped:
-      ``first_k_dense_replace`` then says the same, and transformers rebuilds both lists from it;
+      in place of ``first_k_dense_replace``) is kept: `ModelConfig.is_moe_layer` reads it. When it has the form
+      dense... then sparse..., ``first_k_dense_replace`` is set to say the same. ``layer_types``
+      ('indexed_attention') is checked and dropped: transformers rebuilds it. DeepSeek-V3's model never reads
+      ``mlp_layer_types``, so for 'deepseek_v3' it is dropped;
+    - V3.2's ``rope_interleave`` is read as True: transformers' ``DeepseekV32Attention`` always applies the
+      interleaved RoPE (``apply_rotary_pos_emb_interleave``) and ignores the field;
     - ``quantization_config`` (DeepSeek's FP8: e4m3, 128x128 weight blocks) is checked and dropped: the
       loaders dequantize the weights, so the model and what it saves are unquantized.
 
     Raises ``ValueError`` naming the field for a value that cannot be built: ``num_mtp_layers`` disagreeing
-    with ``num_nextn_predict_layers``, ``mlp_layer_types`` not of the form dense... then sparse... over
-    ``num_hidden_layers`` entries, ``layer_types`` other than 'indexed_attention', or a ``quantization_config``
-    other than FP8 e4m3 with ``weight_block_size`` [128, 128].
+    with ``num_nextn_predict_layers``, ``layer_types`` other than 'indexed_attention', or a
+    ``quantization_config`` other than FP8 e4m3 with ``weight_block_size`` [128, 128] (``mlp_layer_types`` is
+    checked by `ModelConfig.validate`).
     """
     d = dict(d)
 
     def bad(msg: str):
         raise ValueError(f"ModelConfig: {msg}")
 
-    if d.get("model_type") == "deepseek_v32":
+    v32 = d.get("model_type") == "deepseek_v32"
+    if v32:
         d.setdefault("attention_type", "dsa")
+        if "rope_interleave" in d:
+            d["rope_interleave"] = True  # transformers' V3.2 attention always interleaves
     rp = d.get("rope_parameters")
     if isinstance(rp, dict):
         d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
@@ -69,16 +85,18 @@ def hf_to_fields(d: dict[str, Any]) -> dict[str, Any]:
         mtp = d.pop("num_mtp_layers")
         if d.setdefault("num_nextn_predict_layers", mtp) != mtp:
             bad(f"num_mtp_layers={mtp} and num_nextn_predict_layers={d['num_nextn_predict_layers']} disagree")
-    if d.get("model_type") == "deepseek_v32":
-        types, n = d.pop("mlp_layer_types", None), d.get("num_hidden_layers")
-        if types is not None:
-            k = next((i for i, t in enumerate(types) if t != "dense"), len(types))
-            if len(types) != n or any(t != "sparse" for t in types[k:]):
-                bad(f"mlp_layer_types={types}; expected num_hidden_layers={n} entries, 'dense' ones first, "
-                    "then 'sparse'")
-            fk = d.get("first_k_dense_replace")
+    types, n = d.get("mlp_layer_types"), d.get("num_hidden_layers")
+    if not v32:
+        d.pop("mlp_layer_types", None)  # transformers' DeepSeek-V3 never reads it
+    elif isinstance(types, list) and len(types) == n and set(types) <= set(MLP_LAYER_TYPES):
+        k = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+        fk = d.get("first_k_dense_replace")
+        if all(t == "sparse" for t in types[k:]):  # dense then sparse: first_k_dense_replace says the same
             if not isinstance(fk, int) or min(max(fk, 0), n) != k:
-                d["first_k_dense_replace"] = k  # transformers' V3.2 follows mlp_layer_types
+                d["first_k_dense_replace"] = k
+        elif not isinstance(fk, int):
+            d["first_k_dense_replace"] = k  # read only by MTP layers, which transformers' V3.2 lacks
+    if v32:
         layer_types = d.pop("layer_types", None)
         if layer_types is not None and set(layer_types) - {"indexed_attention"}:
             bad(f"layer_types={layer_types}; only 'indexed_attention' layers are supported")
@@ -88,6 +106,32 @@ def hf_to_fields(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_ints(cfg, bad, ints: dict[str, int] | None = None) -> None:
+    """``bad(...)`` for the first integer field that is null or not an integer (config.json ``"kv_lora_rank":
+    null``), naming it and its lower bound. ``ints``: field -> bound; default: the fields every model of
+    ``cfg.attention_type`` reads."""
+    if ints is None:
+        ints = {k: 1 for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "num_key_value_heads", "max_position_embeddings")}
+        ints["num_nextn_predict_layers"] = 0
+        if cfg.attention_type in ("mla", "dsa"):
+            ints.update(kv_lora_rank=1, qk_nope_head_dim=1, qk_rope_head_dim=1, v_head_dim=1)
+            if cfg.q_lora_rank is not None:
+                ints["q_lora_rank"] = 1
+        else:
+            ints["head_dim"] = 2
+        if cfg.attention_type == "dsa":
+            ints.update(index_n_heads=1, index_head_dim=1, index_topk=1)
+    for name, lo in ints.items():
+        v = getattr(cfg, name)
+        if not _is_int(v):
+            bad(f"{name}={v!r}; expected an integer >= {lo}")
+
+
 @dataclass
 class ModelConfig:
     """Hyper-parameters of a DeepSeek-V3 / V3.2 style causal LM (and its MHA/GQA/dense/softmax-MoE variants).
@@ -95,6 +139,13 @@ class ModelConfig:
     Field names follow ``transformers.DeepseekV3Config``; see DeepSeek-V3 technical report
     (arXiv 2412.19437) section 2 for MLA (2.1.1), DeepSeekMoE (2.1.2) and MTP (2.2), and the
     DeepSeek-V3.2-Exp report for DSA. Sizes are counts (heads, experts) or widths (features).
+
+    ``hidden_act`` must be 'silu': transformers applies ``ACT2FN[hidden_act]`` inside the gated FFN, but every
+    DeepSeek release uses SwiGLU and so do our kernels (the Triton and Metal swiglu ops fuse SiLU), so another
+    activation is refused rather than run in the reference alone. ``mlp_layer_types`` (V3.2 only, as
+    transformers' ``DeepseekV32Config``): 'dense' or 'sparse' per decoder layer, in place of
+    ``first_k_dense_replace`` for those layers. ``rope_scaling`` types: ``ROPE_TYPES`` (static frequency tables);
+    'dynamic' and 'longrope' change the frequencies with the sequence length and are refused.
 
     Raises:
         ValueError: from ``validate()`` (called by ``__post_init__``) when values are inconsistent; the
@@ -130,6 +181,7 @@ class ModelConfig:
     scoring_func: str = "sigmoid"
     topk_method: str = "noaux_tc"
     first_k_dense_replace: int = 1
+    mlp_layer_types: list[str] | None = None  # V3.2: 'dense'/'sparse' per decoder layer (None: first_k_dense_replace)
     aux_loss_alpha: float = 0.0  # weight of the sequence-wise (deepseek) or Switch (standard) balance loss
     seq_aux: bool = True
     bias_update_speed: float = 1e-3  # gamma of the auxiliary-loss-free bias update
@@ -180,15 +232,21 @@ class ModelConfig:
         return self.attention_type in ("mla", "dsa")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """Layer ``layer_idx`` uses a MoE FFN (not the dense SwiGLU): ``layer_idx >= first_k_dense_replace``, as
-        transformers reads it (``first_k_dense_replace >= num_hidden_layers``: every layer dense). MTP depth k is
-        layer ``num_hidden_layers + k``."""
-        return self.moe_type != "dense" and layer_idx >= self.first_k_dense_replace
+        """Layer ``layer_idx`` uses a MoE FFN (not the dense SwiGLU): ``mlp_layer_types[layer_idx] == 'sparse'``
+        for a decoder layer when the list is set (V3.2, as transformers' ``DeepseekV32DecoderLayer``), else
+        ``layer_idx >= first_k_dense_replace``, as transformers reads it (``first_k_dense_replace >=
+        num_hidden_layers``: every layer dense). MTP depth k is layer ``num_hidden_layers + k`` (read by
+        ``first_k_dense_replace``)."""
+        if self.moe_type == "dense":
+            return False
+        if self.mlp_layer_types is not None and layer_idx < len(self.mlp_layer_types):
+            return self.mlp_layer_types[layer_idx] == "sparse"
+        return layer_idx >= self.first_k_dense_replace
 
     @property
     def has_moe_layers(self) -> bool:
         """Some decoder or MTP layer uses a MoE FFN (the routing fields are read only then)."""
-        return self.is_moe_layer(self.num_hidden_layers + self.num_nextn_predict_layers - 1)
+        return any(self.is_moe_layer(i) for i in range(self.num_hidden_layers + self.num_nextn_predict_layers))
 
     def softmax_scale(self, head_dim: int) -> float:
         """Attention softmax scale ``head_dim**-0.5 * mscale**2`` (YaRN, DeepSeek-V3 ``mscale_all_dim``)."""
@@ -217,10 +275,11 @@ class ModelConfig:
         if (self.model_type == "deepseek_v32") != (self.attention_type == "dsa"):
             bad(f"model_type={self.model_type!r} with attention_type={self.attention_type!r}: "
                 "'deepseek_v32' goes with 'dsa' and only with it")
+        _check_ints(self, bad)
         if not 0.0 <= self.hidden_dropout < 1.0:
             bad(f"hidden_dropout={self.hidden_dropout}; expected a probability in [0, 1)")
         if self.hidden_act != "silu":
-            bad(f"hidden_act={self.hidden_act!r}; only 'silu' (SwiGLU) is supported")
+            bad(f"hidden_act={self.hidden_act!r}; expected 'silu' (the SwiGLU FFN of DeepSeek and of our kernels)")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "max_position_embeddings", "intermediate_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -244,6 +303,9 @@ class ModelConfig:
             if self.q_lora_rank is not None and self.q_lora_rank < 1:
                 bad(f"q_lora_rank={self.q_lora_rank}; expected null or >= 1")
         if self.attention_type == "dsa":
+            if not self.rope_interleave:
+                bad("rope_interleave=False with attention_type='dsa'; V3.2's MLA always interleaves RoPE pairs "
+                    "(transformers' DeepseekV32Attention ignores the field)")
             if self.q_lora_rank is None:
                 bad("attention_type='dsa' needs q_lora_rank set (the indexer queries read the q latent)")
             if self.index_head_dim < self.qk_rope_head_dim:
@@ -253,9 +315,19 @@ class ModelConfig:
         fk = self.first_k_dense_replace
         if not isinstance(fk, int) or isinstance(fk, bool):
             bad(f"first_k_dense_replace={fk!r}; expected an integer (layers from it on are MoE layers)")
+        types = self.mlp_layer_types
+        if types is not None:
+            if self.model_type != "deepseek_v32":
+                bad(f"mlp_layer_types with model_type={self.model_type!r}; only 'deepseek_v32' reads it "
+                    "(DeepSeek-V3 uses first_k_dense_replace)")
+            if (not isinstance(types, list) or len(types) != self.num_hidden_layers
+                    or any(t not in MLP_LAYER_TYPES for t in types)):
+                bad(f"mlp_layer_types={types!r}; expected num_hidden_layers={self.num_hidden_layers} entries, "
+                    f"each one of {MLP_LAYER_TYPES}")
         if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
             bad(f"num_nextn_predict_layers={self.num_nextn_predict_layers!r}; expected an integer >= 0")
         if self.has_moe_layers:  # as transformers: routing fields of a model without MoE layers are never read
+            _check_ints(self, bad, {"n_routed_experts": 1, "num_experts_per_tok": 1, "moe_intermediate_size": 1})
             e, g, tg, k = self.n_routed_experts, self.n_group, self.topk_group, self.num_experts_per_tok
             if e < 1 or k < 1 or k > e:
                 bad(f"num_experts_per_tok={k} with n_routed_experts={e}; expected 1 <= k <= n_routed_experts")
@@ -275,45 +347,54 @@ class ModelConfig:
             if k > tg * (e // g):
                 bad(f"num_experts_per_tok={k} exceeds the {tg * (e // g)} experts that topk_group={tg} "
                     f"groups of n_routed_experts/n_group={e // g} hold")
-            if self.n_shared_experts < 0:
+            if not _is_int(self.n_shared_experts) or self.n_shared_experts < 0:
                 bad(f"n_shared_experts={self.n_shared_experts}; expected >= 0")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             kind = rs.get("rope_type", rs.get("type"))
-            if kind not in ("yarn", "default", None):
-                bad(f"rope_scaling type {kind!r}; expected 'yarn'")
+            if kind not in (*ROPE_TYPES, None):
+                bad(f"rope_scaling type {kind!r}; expected one of {ROPE_TYPES} (types whose frequencies change "
+                    "with the sequence length, such as 'dynamic' and 'longrope', are not supported)")
             unknown = set(rs) - _ROPE_SCALING_KEYS
             if unknown:
                 bad(f"rope_scaling has unknown keys {sorted(unknown)}")
-            if kind == "yarn" and ("factor" not in rs or "original_max_position_embeddings" not in rs):
-                bad("rope_scaling of type 'yarn' needs 'factor' and 'original_max_position_embeddings'")
+            need = [k for k in _ROPE_REQUIRED.get(kind, ()) if k not in rs]
+            if need:
+                bad(f"rope_scaling of type {kind!r} needs {', '.join(repr(k) for k in need)}")
 
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a ``config.json`` dict, read as transformers reads it (`hf_to_fields`).
 
-        Keys that other tools write (``architectures``, ``torch_dtype``, ...) are kept in ``extra`` and
-        written back. Raises ``ValueError`` for a key that is neither a field nor a known pass-through key,
-        or for inconsistent values.
+        Keys that other tools write (``architectures``, ``use_cache``, ...) are kept in ``extra`` and
+        written back; ``dtype`` and ``torch_dtype`` (how the files were stored) are dropped. Raises
+        ``ValueError`` for a key that is neither a field nor a known pass-through key, or for inconsistent values.
         """
         d = hf_to_fields(d)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        d.pop("dtype", None), d.pop("torch_dtype", None)
         extra = {k: d.pop(k) for k in list(d) if k not in names}
         unknown = [k for k in extra if k not in _PASSTHROUGH_KEYS]
         if unknown:
             raise ValueError(f"ModelConfig: unknown config keys {sorted(unknown)}")
         return cls(**d, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The ``config.json`` dict: our fields plus what ``transformers`` and ``mlx_lm`` need to load it."""
+    def to_dict(self, dtype: str | None = None) -> dict[str, Any]:
+        """The ``config.json`` dict: our fields plus what ``transformers`` and ``mlx_lm`` need to load it.
+
+        ``dtype``: how the weights saved next to it are stored ('float32', 'bfloat16', ...), written as both
+        ``torch_dtype`` and ``dtype``; None: 'float32', the dtype a model built from this config has.
+        ``mlp_layer_types`` is written when set."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if d["mlp_layer_types"] is None:
+            del d["mlp_layer_types"]
         out = dict(self.extra)
         out.pop("rope_parameters", None)
         out.update(d)
         arch = "DeepseekV32ForCausalLM" if self.model_type == "deepseek_v32" else "DeepseekV3ForCausalLM"
         out["architectures"] = [arch]
-        out.setdefault("torch_dtype", "float32")
+        out["torch_dtype"] = out["dtype"] = dtype or "float32"
         if self.attention_type == "dsa":
             out.setdefault("indexer_rope_interleave", False)
         return out
@@ -324,10 +405,10 @@ class ModelConfig:
         ``FileNotFoundError``, ``ValueError`` (bad JSON or values)."""
         return cls.from_dict(read_config_json(path))
 
-    def save_json(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` to ``path`` (a file path)."""
+    def save_json(self, path: str | os.PathLike, dtype: str | None = None) -> None:
+        """Write ``config.json`` to ``path`` (a file path); ``dtype``: the stored weights' dtype (`to_dict`)."""
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            json.dump(self.to_dict(dtype), f, indent=2, sort_keys=True)
             f.write("\n")
 
 

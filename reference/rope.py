@@ -1,5 +1,8 @@
 """Rotary position embedding (RoPE, Su et al. 2021) with YaRN (Peng et al. 2023) as DeepSeek-V3 uses it.
 
+Frequency tables as ``transformers``' ``ROPE_INIT_FUNCTIONS`` compute them for the static types: 'default',
+'linear' (positions divided by ``factor``), 'llama3' (Llama 3.1's smoothed band scaling) and 'yarn'.
+
 Two pairings: interleaved (pairs ``(x[2i], x[2i+1])``, DeepSeek-V3's MLA, ``rope_interleave=True``) and NeoX
 (pairs ``(x[i], x[i + d/2])``, the V3.2 lightning indexer and Llama). Positions start at an offset, so
 decode steps rotate by their absolute position.
@@ -20,8 +23,12 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def rope_inv_freq(dim: int, theta: float, rope_scaling: dict | None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (dim/2,) float32 and the cos/sin amplitude factor.
 
-    Without scaling: ``theta ** (-2i/dim)``. With YaRN (``rope_scaling['type'] == 'yarn'``): frequencies
-    blend interpolation (divided by ``factor``) and extrapolation over a linear ramp between the correction
+    Without scaling: ``theta ** (-2i/dim)``. 'linear' (``rope_scaling['rope_type']``, or ``'type'``): divided by
+    ``factor``, as position interpolation divides the positions (transformers'
+    ``_compute_linear_scaling_rope_parameters``). 'llama3': wavelengths above ``original_max_position_embeddings /
+    low_freq_factor`` divided by ``factor``, below ``original_max_position_embeddings / high_freq_factor``
+    unchanged, a linear blend in between (``_compute_llama3_parameters``). With YaRN ('yarn'): frequencies blend
+    interpolation (divided by ``factor``) and extrapolation over a linear ramp between the correction
     dims of ``beta_fast``/``beta_slow`` rotations at ``original_max_position_embeddings`` (YaRN eq. 23, as in
     DeepSeek-V3's ``precompute_freqs_cis``); the amplitude factor is ``mscale(factor, mscale) /
     mscale(factor, mscale_all_dim)`` (1 for DeepSeek-V3's released config). Raises ``ValueError`` for an odd dim.
@@ -31,7 +38,12 @@ def rope_inv_freq(dim: int, theta: float, rope_scaling: dict | None) -> tuple[to
     pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     inv_freq = 1.0 / pos_freqs
     rs = rope_scaling or {}
-    if rs.get("rope_type", rs.get("type")) != "yarn":
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "linear":
+        return inv_freq / float(rs["factor"]), 1.0
+    if kind == "llama3":
+        return _llama3(inv_freq, rs), 1.0
+    if kind != "yarn":
         return inv_freq, 1.0
     factor = float(rs["factor"])
     orig = rs["original_max_position_embeddings"]
@@ -57,6 +69,17 @@ def rope_inv_freq(dim: int, theta: float, rope_scaling: dict | None) -> tuple[to
     else:
         amp = _yarn_mscale(factor)
     return inv_freq, amp
+
+
+def _llama3(inv_freq: torch.Tensor, rs: dict) -> torch.Tensor:
+    factor, low, high = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    orig = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    blend = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return torch.where(medium, blend, scaled)
 
 
 class RotaryEmbedding(nn.Module):

@@ -7,11 +7,13 @@ matrices (``mlp.experts.{e}.gate_proj.weight``) or transformers' packed ``expert
 ``mtp.{k}.*`` (their copies of the embedding and head are dropped: shared). FP8 checkpoints
 (``weight_scale_inv``) are dequantized with `runtime_mlx.kernels.weight_dequant` in 128x128 blocks. MTP depths
 that config.json asks for and the files lack are dropped or initialized fresh, with a warning, as in the
-reference (`reference.checkpoint.config_for_weights`).
+reference (`reference.checkpoint.config_for_weights`). The model is float32 unless a dtype is asked for, as the
+reference's (MLX's ``gather_mm`` on Linux takes only float32, and transformers' float32 logits are the oracle).
 
 Writing: ``config.json``, ``model.safetensors`` (main model, experts unstacked), ``mtp.safetensors`` (MTP layers with
 copies of ``embed_tokens`` and ``shared_head.head``, as the released DeepSeek-V3 weights), ``tokenizer.json``;
-into a temporary sibling directory renamed over the target (`reference.checkpoint.write_model_dir`).
+config.json states the embedding's dtype; into a temporary sibling directory renamed over the target
+(`reference.checkpoint.write_model_dir`).
 
 The name mapping is the reference's (`reference.checkpoint.to_hf_names`, `from_hf_names`) with MLX's stack,
 unstack and FP8 dequantization passed in.
@@ -26,7 +28,7 @@ import os
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from reference.checkpoint import config_for_weights, from_hf_names, to_hf_names, write_model_dir
+from reference.checkpoint import config_for_weights, dtype_name, from_hf_names, mismatch, to_hf_names, write_model_dir
 from reference.config import ModelConfig
 
 from . import kernels
@@ -78,8 +80,7 @@ def load_weights(model, weights: dict[str, mx.array], where: str = "weights", fr
     missing = sorted(k for k in set(expected) - set(weights) if not k.startswith(fresh_names))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{where} do not match the config: missing {missing[:6]}{' ...' if len(missing) > 6 else ''}"
-                         f", unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        raise ValueError(mismatch(where, missing, unexpected, "the config"))
     for k, a in weights.items():
         if tuple(a.shape) != tuple(expected[k].shape):
             raise ValueError(f"{where}: {k} has shape {tuple(a.shape)}, config expects {tuple(expected[k].shape)}")
@@ -97,8 +98,8 @@ def load_torch_state_dict(model, state_dict: dict) -> None:
 
 def load_model(cls, path, dtype: mx.Dtype | None = None, missing_mtp: str = "drop"):
     """Build ``cls(config)`` from ``path``/config.json and load its weights strictly; cast floating weights to
-    ``dtype`` when given (as the reference's ``model.to(dtype)``). MTP depths that config.json asks for and the
-    files lack are dropped or initialized fresh, with a warning (``missing_mtp``,
+    ``dtype``, float32 when None whatever the files store (as the reference's loader). MTP depths that
+    config.json asks for and the files lack are dropped or initialized fresh, with a warning (``missing_mtp``,
     `reference.checkpoint.config_for_weights`). Raises ``FileNotFoundError`` / ``ValueError``."""
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -107,8 +108,7 @@ def load_model(cls, path, dtype: mx.Dtype | None = None, missing_mtp: str = "dro
     cfg, fresh = config_for_weights(path, hf, missing_mtp)
     model = cls(cfg)
     load_weights(model, sanitize(hf, cfg), f"checkpoint {path!r}", tuple(fresh))
-    if dtype is not None:
-        model.set_dtype(dtype)
+    model.set_dtype(mx.float32 if dtype is None else dtype)
     mx.eval(model.parameters())
     model.eval()  # as transformers' from_pretrained: inference mode (no dropout)
     return model
@@ -122,7 +122,7 @@ def to_hf(model) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
 
 def save_model(model, path, tokenizer_file=None) -> None:
     """Write the checkpoint directory ``path`` atomically (`reference.checkpoint.write_model_dir`: temporary
-    sibling, then `replace_dir`) with the arrays of `to_hf`."""
+    sibling, then `replace_dir`) with the arrays of `to_hf`; config.json states the embedding's dtype."""
     main, mtp = to_hf(model)
     write_model_dir(path, model.config, main, mtp, lambda a, f: mx.save_safetensors(f, a, metadata={"format": "pt"}),
-                    tokenizer_file)
+                    tokenizer_file, dtype=dtype_name(model.model.embed_tokens.weight.dtype))

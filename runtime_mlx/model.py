@@ -301,18 +301,19 @@ class Model(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: mx.Dtype | None = None, device=None,
                         missing_mtp: str = "drop") -> Model:
-        """Load a Hugging Face checkpoint directory (`runtime_mlx.checkpoint.load_model`). ``device`` is
-        accepted for the reference's signature and ignored (MLX uses its default device). MTP depths that
-        config.json asks for and the files lack are dropped (``missing_mtp="drop"``) or initialized fresh
-        (``"init"``), with a warning naming them. Raises ``FileNotFoundError`` or ``ValueError`` naming the
-        problem."""
+        """Load a Hugging Face checkpoint directory (`runtime_mlx.checkpoint.load_model`) in float32, or in ``dtype``
+        when given (whatever dtype the files store, as the reference). ``device`` is accepted for the reference's
+        signature and ignored (MLX uses its default device). MTP depths that config.json asks for and the files lack are
+        dropped (``missing_mtp="drop"``) or initialized fresh (``"init"``), with a warning naming them. Raises
+        ``FileNotFoundError`` or ``ValueError`` naming the problem."""
         from .checkpoint import load_model
 
         return load_model(cls, path, dtype=dtype, missing_mtp=missing_mtp)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> None:
-        """Write ``config.json``, ``model.safetensors`` and (MTP) ``mtp.safetensors`` with Hugging Face names,
-        plus ``tokenizer.json`` when given, atomically (`runtime_mlx.checkpoint.save_model`)."""
+        """Write ``config.json`` (its ``dtype`` and ``torch_dtype`` state the parameters' dtype),
+        ``model.safetensors`` and (MTP) ``mtp.safetensors`` with Hugging Face names, plus ``tokenizer.json`` when
+        given, atomically (`runtime_mlx.checkpoint.save_model`)."""
         from .checkpoint import save_model
 
         save_model(self, path, tokenizer_file=tokenizer_file)

@@ -1,8 +1,8 @@
-"""Rotary position embedding (RoPE) with YaRN, through ``mx.fast.rope``.
+"""Rotary position embedding (RoPE) with YaRN, 'linear' or 'llama3' scaling, through ``mx.fast.rope``.
 
 ``traditional=True`` of ``mx.fast.rope`` rotates consecutive pairs ``(x[2i], x[2i+1])``: DeepSeek-V3's
 interleaved MLA RoPE (``rope_interleave``); ``traditional=False`` pairs ``(x[i], x[i + d/2])`` (NeoX: the V3.2
-indexer, Llama). The frequencies (YaRN blend included) come from `reference.rope.rope_inv_freq` and are passed
+indexer, Llama). The frequencies (every scaling type's) come from `reference.rope.rope_inv_freq` and are passed
 as ``freqs = 1 / inv_freq`` (``mx.fast.rope`` computes the angle ``position / freqs``). YaRN's cos/sin amplitude
 factor (1 for DeepSeek-V3's released config) multiplies the rotated features before the rotation.
 """

@@ -6,6 +6,11 @@
   and for routing groups that do not fit the experts (``n_group`` 8) where no layer routes.
 - Missing MTP depths are dropped (the default) or initialized fresh from the caller's RNG, with a warning that
   names them; a gap in the depths is refused under "drop"; what the model saves matches its config.
+- Config values transformers accepts and reads in a defined way (``n_shared_experts`` 0 with its zero-size
+  tensors, 'linear' and 'llama3' RoPE scaling, V3.2's ``mlp_layer_types`` in any order, V3.2's ignored
+  ``rope_interleave``) load as transformers reads them, and what we save opens in transformers the same way.
+- Loading gives float32 whatever the files store (a bf16 checkpoint included) unless a dtype is asked for, and
+  the saved config.json states the dtype of the saved weights (``dtype`` and ``torch_dtype``).
 - A tiny checkpoint shaped like DeepSeek-V3's release (FP8 e4m3 weights + 128x128 ``weight_scale_inv``, YaRN,
   the MTP layer with its embedding and head copies, sharded files with an index) loads with the weights
   dequantized where the files say, the MTP weights in the MTP module, and transformers' logits on the
@@ -24,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from reference import Model, ModelConfig
-from reference.checkpoint import to_hf_state_dict
+from reference.checkpoint import CheckpointWarning, to_hf_state_dict
 from reference.fp8 import weight_quant
 from tests.reference_utils import make_config, rand_ids, randomize_, tiny_model
 from tests.test_oracle import randomize
@@ -45,18 +50,48 @@ CASES = {  # (transformers family, config values besides the defaults)
     "v32_defaults": ("DeepseekV32", INDEXER),
     "v32_moe": ("DeepseekV32", {**INDEXER, **MOE}),
 }
+LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 3.0}
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # wavelengths 6, 63, 628, 6283: all 3 bands
+VARIANTS = {  # config values transformers accepts and reads in a defined way (no MTP depth asked for)
+    "v3_no_shared_experts": ("DeepseekV3", {**MOE, "n_shared_experts": 0, "num_nextn_predict_layers": 0}),
+    "v3_linear_rope": ("DeepseekV3", {**MOE, "rope_parameters": LINEAR, "num_nextn_predict_layers": 0}),
+    "v3_llama3_rope": ("DeepseekV3", {"rope_parameters": LLAMA3, "num_nextn_predict_layers": 0}),
+    "v32_mlp_layer_types": ("DeepseekV32", {**INDEXER, **MOE, "mlp_layer_types": ["sparse", "dense"]}),
+    "v32_rope_interleave_false": ("DeepseekV32", {**INDEXER, **MOE, "rope_interleave": False}),
+}
 
 
-def hf_checkpoint(case: str, path, seed: int = 0):
-    """Save ``transformers.<family>ForCausalLM(<family>Config(**SIZES, ...))`` with O(1) random weights to
-    ``path``; return the transformers model (eval mode)."""
+class _NonEmpty:
+    """``model`` as `tests.test_oracle.randomize` reads it, without its zero-size tensors (nothing to draw)."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def named_parameters(self):
+        return ((n, p) for n, p in self.model.named_parameters() if p.numel())
+
+    def named_buffers(self):
+        return self.model.named_buffers()
+
+
+def hf_checkpoint(case: str, path, seed: int = 0, dtype: torch.dtype | None = None):
+    """Save ``transformers.<family>ForCausalLM(<family>Config(**SIZES, ...))`` (a case of `CASES` or `VARIANTS`)
+    with O(1) random weights to ``path``, in ``dtype`` when given; return the transformers model (eval mode)."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    family, values = CASES[case]
+    family, values = {**CASES, **VARIANTS}[case]
     config = getattr(transformers, f"{family}Config")(**SIZES, **values)
     hf = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-    randomize(hf, torch.Generator().manual_seed(seed))
+    randomize(_NonEmpty(hf), torch.Generator().manual_seed(seed))
+    if dtype is not None:
+        hf = hf.to(dtype)
     hf.save_pretrained(path)
     return hf
+
+
+def hf_float32(path):
+    """transformers' model of the checkpoint ``path``, loaded in float32 (eval mode)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def draw_ids(model: Model, seed: int = 0) -> torch.Tensor:
@@ -77,7 +112,7 @@ def test_transformers_default_checkpoint_loads(case, tmp_path):
     raw = json.loads((tmp_path / "hf" / "config.json").read_text())
     if CASES[case][0] == "DeepseekV3":  # transformers' default asks for one MTP depth and writes none
         assert raw["num_nextn_predict_layers"] == 1
-        with pytest.warns(UserWarning, match=r"asks for 1 MTP depth but the weights hold none \(missing depth 0: "
+        with pytest.warns(CheckpointWarning, match=r"asks for 1 MTP depth but the weights hold none \(missing depth 0: "
                                              r"model\.layers\.2\.\*\); loading without it"):
             model = Model.from_pretrained(tmp_path / "hf")
     else:
@@ -102,6 +137,65 @@ def test_transformers_default_checkpoint_loads(case, tmp_path):
         again = Model.from_pretrained(tmp_path / "ours")
     with torch.no_grad():
         assert torch.equal(again(ids), got)
+
+
+@pytest.mark.parametrize("case", list(VARIANTS))
+def test_transformers_variant_loads_and_saves_as_transformers_reads_it(case, tmp_path):
+    hf = hf_checkpoint(case, tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = Model.from_pretrained(tmp_path / "hf")
+    c = model.config
+    if case == "v3_no_shared_experts":  # transformers' zero-width shared MLP adds 0; here there is none
+        assert hf.model.layers[1].mlp.shared_experts.gate_proj.weight.shape == (0, SIZES["hidden_size"])
+        assert c.n_shared_experts == 0 and model.model.layers[1].mlp.shared_experts is None
+    if case == "v32_mlp_layer_types":
+        assert [c.is_moe_layer(i) for i in range(2)] == [True, False] and c.mlp_layer_types == ["sparse", "dense"]
+    if case == "v32_rope_interleave_false":
+        assert c.rope_interleave  # transformers' V3.2 attention interleaves whatever the field says
+    ids = draw_ids(model)
+    with torch.no_grad():
+        expected, got = hf(ids).logits, model(ids)
+    assert 0.5 < expected.std().item() < 2.0, "weights too small to test"
+    err = assert_close(got, expected, torch.float32, what=f"reference loading transformers' {case}")
+    model.save_pretrained(tmp_path / "ours")  # and transformers reads what we write as we do
+    with torch.no_grad():
+        back = hf_float32(tmp_path / "ours")(ids).logits
+    err_back = assert_close(back, got, torch.float32, what=f"transformers loading our {case}")
+    print(f"\n[checkpoint] transformers {case}: rel err {err:.2e}; saved and read by transformers {err_back:.2e}")
+
+
+def test_bf16_checkpoint_loads_in_float32_unless_asked(tmp_path):
+    hf_checkpoint("v3_moe", tmp_path / "hf", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)  # transformers' default MTP depth
+        model = Model.from_pretrained(tmp_path / "hf")
+        half = Model.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    ids = draw_ids(model)
+    with torch.no_grad():
+        expected, got = hf_float32(tmp_path / "hf")(ids).logits, model(ids)
+    err = assert_close(got, expected, torch.float32, what="reference loading transformers' bf16 checkpoint")
+    print(f"\n[checkpoint] transformers bf16 checkpoint in float32: rel err {err:.2e}")
+
+
+def _saved_dtype(path) -> tuple[str, str, torch.dtype]:
+    """config.json's (``dtype``, ``torch_dtype``) and the dtype transformers loads by default (``dtype="auto"``)."""
+    d = json.loads((path / "config.json").read_text())
+    return d["dtype"], d.get("torch_dtype"), transformers.AutoModelForCausalLM.from_pretrained(path).dtype
+
+
+def test_saved_config_states_the_saved_dtype(tmp_path):
+    hf_checkpoint("v3_moe", tmp_path / "hf", dtype=torch.bfloat16)
+    assert _saved_dtype(tmp_path / "hf")[::2] == ("bfloat16", torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        Model.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "f32")  # float32 weights now
+    assert _saved_dtype(tmp_path / "f32") == ("float32", "float32", torch.float32)
+    tiny_model("mla").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert load_file(tmp_path / "bf16" / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+    assert _saved_dtype(tmp_path / "bf16") == ("bfloat16", "bfloat16", torch.bfloat16)
 
 
 def test_missing_mtp_init_draws_from_the_callers_rng_and_saves(tmp_path):
@@ -357,8 +451,9 @@ def test_corrupt_safetensors_raises(tmp_path, damage):
     "edit, words",
     [(dict(hidden_size=48), ["shape", "config"]),
      (dict(n_routed_experts=16), ["experts"]),
-     (dict(num_hidden_layers=3), ["does not match", "missing"]),
-     (dict(q_lora_rank=12), ["missing", "q_a_proj"])],
+     (dict(num_hidden_layers=3), ["does not match", "unexpected", "eh_proj"]),  # layer 2 read as a main layer
+     (dict(q_lora_rank=12), ["missing", "q_a_proj"]),
+     (dict(n_shared_experts=0), ["does not match its config.json: unexpected", "shared_experts"])],
 )
 def test_config_mismatch_raises(tmp_path, edit, words):
     ckpt = tmp_path / "ckpt"
@@ -370,6 +465,7 @@ def test_config_mismatch_raises(tmp_path, edit, words):
         Model.from_pretrained(ckpt)
     for w in words:
         assert w in str(ei.value), str(ei.value)
+    assert "missing []" not in str(ei.value) and "unexpected []" not in str(ei.value)
 
 
 def test_missing_checkpoint_raises(tmp_path):

@@ -59,8 +59,11 @@ def test_group_limited_config_valid():
         (dict(num_experts_per_tok=9), ["num_experts_per_tok", "n_routed_experts"]),
         (dict(attention_type="sparse"), ["attention_type"]),
         (dict(moe_type="switch"), ["moe_type"]),
-        (dict(rope_scaling={"type": "linear", "factor": 2.0}), ["rope_scaling", "linear"]),
-        (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), ["rope_scaling", "dynamic"]),
+        (dict(rope_scaling={"type": "linear"}), ["rope_scaling", "linear", "'factor'"]),
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+         ["rope_scaling", "dynamic", "'linear'", "'llama3'", "'yarn'"]),  # names the supported types
+        (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), ["rope_scaling", "longrope"]),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), ["llama3", "'low_freq_factor'"]),
         (dict(rope_scaling={"type": "yarn", "factor": 2.0}), ["rope_scaling", "original_max_position_embeddings"]),
         (dict(rope_scaling={**YARN, "bogus": 1}), ["rope_scaling", "bogus"]),
         (dict(qk_rope_head_dim=5), ["qk_rope_head_dim"]),
@@ -71,7 +74,11 @@ def test_group_limited_config_valid():
         (dict(first_k_dense_replace=None), ["first_k_dense_replace"]),
         (dict(n_routed_experts=8, n_group=8, topk_group=4, first_k_dense_replace=2, num_nextn_predict_layers=1),
          ["n_routed_experts", "n_group"]),  # the MTP layer (layer 2) is a MoE layer
-        (dict(hidden_act="gelu"), ["hidden_act"]),
+        (dict(hidden_act="gelu"), ["hidden_act='gelu'", "'silu'"]),
+        (dict(attention_type="dsa", rope_interleave=False), ["rope_interleave", "dsa"]),
+        (dict(mlp_layer_types=["sparse", "dense"]), ["mlp_layer_types", "deepseek_v32"]),
+        (dict(attention_type="dsa", mlp_layer_types=["sparse"]), ["mlp_layer_types", "num_hidden_layers=2"]),
+        (dict(attention_type="dsa", mlp_layer_types=["moe", "dense"]), ["mlp_layer_types", "'sparse'"]),
     ],
 )
 def test_inconsistent_values_raise_naming_fields(overrides, words):
@@ -191,7 +198,8 @@ def test_transformers_default_configs_read_as_transformers_reads_them(family):
     assert c.num_nextn_predict_layers == (1 if family == "DeepseekV3" else 0)
     assert c.model_type == ("deepseek_v3" if family == "DeepseekV3" else "deepseek_v32")
     assert ModelConfig.from_dict(c.to_dict()).to_dict() == c.to_dict()
-    assert "mlp_layer_types" not in c.to_dict() and "layer_types" not in c.to_dict()  # transformers rebuilds them
+    assert "layer_types" not in c.to_dict()  # transformers rebuilds it
+    assert c.to_dict().get("mlp_layer_types") == (None if family == "DeepseekV3" else ["dense", "dense"])
 
 
 def test_first_k_dense_replace_reads_as_transformers():
@@ -206,13 +214,33 @@ def test_v32_mlp_layer_types_win_over_first_k_dense_replace():
     d = make_config("dsa", first_k_dense_replace=1).to_dict()
     c = ModelConfig.from_dict({**d, "first_k_dense_replace": 3, "mlp_layer_types": ["dense", "sparse"],
                                "layer_types": ["indexed_attention"] * 2})
-    assert c.first_k_dense_replace == 1 and "mlp_layer_types" not in c.extra
+    assert c.first_k_dense_replace == 1 and c.mlp_layer_types == ["dense", "sparse"]  # consistent where it can be
     same = ModelConfig.from_dict({**d, "first_k_dense_replace": 7, "mlp_layer_types": ["dense", "dense"]})
     assert same.first_k_dense_replace == 7  # the same reading: kept as written
-    for key, value in [("mlp_layer_types", ["sparse", "dense"]), ("mlp_layer_types", ["dense"]),
-                       ("layer_types", ["sliding_attention"] * 2)]:
+    mixed = ModelConfig.from_dict({**d, "mlp_layer_types": ["sparse", "dense"]})  # any order, as transformers' V3.2
+    assert [mixed.is_moe_layer(i) for i in range(2)] == [True, False] and mixed.has_moe_layers
+    assert mixed.to_dict()["mlp_layer_types"] == ["sparse", "dense"]  # written back
+    assert ModelConfig.from_dict(mixed.to_dict()) == mixed
+    for key, value in [("mlp_layer_types", ["dense"]), ("layer_types", ["sliding_attention"] * 2)]:
         with pytest.raises(ValueError, match=key):
             ModelConfig.from_dict({**d, key: value})
+    v3 = make_config().to_dict()  # DeepSeek-V3's model never reads the list: neither do we
+    assert ModelConfig.from_dict({**v3, "mlp_layer_types": ["sparse", "sparse"]}) == ModelConfig.from_dict(v3)
+
+
+def test_v32_rope_interleave_reads_as_transformers():
+    """transformers' V3.2 attention always applies the interleaved RoPE, whatever ``rope_interleave`` says."""
+    d = make_config("dsa").to_dict()
+    assert ModelConfig.from_dict({**d, "rope_interleave": False}).rope_interleave is True
+    assert ModelConfig.from_dict({**make_config().to_dict(), "rope_interleave": False}).rope_interleave is False
+
+
+def test_to_dict_states_the_saved_dtype():
+    """The dtype keys say how files were stored, not what the model is: dropped on reading, stated on writing."""
+    c = ModelConfig.from_dict({**make_config().to_dict(), "dtype": "bfloat16", "torch_dtype": "bfloat16"})
+    assert _fields(c) == _fields(make_config()) and "dtype" not in c.extra and "torch_dtype" not in c.extra
+    assert (c.to_dict()["dtype"], c.to_dict()["torch_dtype"]) == ("float32", "float32")  # a model built from it
+    assert (c.to_dict("bfloat16")["dtype"], c.to_dict("bfloat16")["torch_dtype"]) == ("bfloat16", "bfloat16")
 
 
 def test_num_mtp_layers_alias():

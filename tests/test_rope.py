@@ -120,3 +120,30 @@ def test_gradcheck_apply_rope(interleaved):
     cos.requires_grad_(True)
     sin.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, c, s: apply_rope(a, c, s, interleaved), (x, cos, sin))
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 3.0},
+    {"type": "linear", "factor": 0.5},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+], ids=["linear", "linear-legacy-type", "llama3"])
+def test_static_scaled_inv_freq_equals_transformers(scaling):
+    """'linear' and 'llama3' frequencies equal transformers' ``ROPE_INIT_FUNCTIONS`` on a DeepseekV3Config (dim
+    16, so llama3's three wavelength bands all occur)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kind = scaling.get("rope_type", scaling.get("type"))
+    params = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": kind, "rope_theta": 10000.0}
+    cfg = transformers.DeepseekV3Config(hidden_size=64, num_attention_heads=4, qk_rope_head_dim=16,
+                                        rope_parameters=params)
+    expected, amp_expected = ROPE_INIT_FUNCTIONS[kind](cfg)
+    got, amp = rope_inv_freq(16, 10000.0, scaling)
+    assert amp == amp_expected == 1.0
+    assert_close(got, expected, torch.float32)
+    plain, _ = rope_inv_freq(16, 10000.0, None)
+    if kind == "linear":
+        assert torch.equal(got, plain / scaling["factor"])
+    else:
+        assert got[0] == plain[0] and got[-1] == plain[-1] / 8.0 and plain[-1] / 8.0 < got[2] < plain[2]

@@ -1,7 +1,9 @@
 """runtime_mlx checkpoints: the Hugging Face directory it writes opens in mlx_lm and in the reference with the
 same logits, and it opens the reference's (also FP8 block-quantized and transformers' packed experts); writing
 is atomic; bad directories raise. Checkpoints from elsewhere (see tests/test_checkpoint.py): transformers-saved
-DeepSeek-V3 / V3.2 with default configs and a DeepSeek-V3-shaped FP8 release match transformers' logits."""
+DeepSeek-V3 / V3.2 with default configs, with the config values transformers reads in a defined way (`VARIANTS`),
+in bf16 (loaded in float32 unless asked), and a DeepSeek-V3-shaped FP8 release match transformers' logits; the saved
+config.json states the saved dtype."""
 
 from __future__ import annotations
 
@@ -15,12 +17,22 @@ from mlx.utils import tree_flatten
 from safetensors.torch import load_file, save_file
 
 from reference import Model as ReferenceModel
+from reference.checkpoint import CheckpointWarning
 from reference.fp8 import weight_quant
 from runtime_mlx import Model
 from runtime_mlx.checkpoint import to_hf
 from tests.mlx.utils import copy_weights, model_pair, mx, to_mx, to_torch
 from tests.reference_utils import make_config
-from tests.test_checkpoint import CASES, SEQ, draw_ids, hf_checkpoint, write_deepseek_checkpoint
+from tests.test_checkpoint import (
+    CASES,
+    SEQ,
+    VARIANTS,
+    _saved_dtype,
+    draw_ids,
+    hf_checkpoint,
+    hf_float32,
+    write_deepseek_checkpoint,
+)
 from tests.tolerance import assert_close
 
 mlx_utils = pytest.importorskip("mlx_lm.utils")
@@ -121,7 +133,7 @@ def test_save_is_atomic_and_bad_dirs_raise(tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     cfg["num_hidden_layers"] = 3
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match=r"does not match the config: unexpected \['model\.layers\.2\.eh_proj"):
         Model.from_pretrained(tmp_path / "ck")
     (tmp_path / "ck" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt"):
@@ -153,10 +165,55 @@ def test_transformers_default_checkpoint_loads(case, tmp_path):
     assert mx.array_equal(again(to_mx(ids)), got)
 
 
+@pytest.mark.parametrize("case", list(VARIANTS))
+def test_transformers_variant_loads_and_saves_as_transformers_reads_it(case, tmp_path):
+    hf = hf_checkpoint(case, tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = Model.from_pretrained(tmp_path / "hf")
+        ids = draw_ids(ReferenceModel.from_pretrained(tmp_path / "hf"))  # DSA: top-k cuts with a margin
+    with torch.no_grad():
+        expected = hf(ids).logits
+    got = model(to_mx(ids))
+    err = assert_close(to_torch(got), expected, torch.float32, what=f"runtime_mlx loading transformers' {case}")
+    model.save_pretrained(tmp_path / "ours")
+    with torch.no_grad():
+        back = hf_float32(tmp_path / "ours")(ids).logits
+    err_back = assert_close(back, to_torch(got), torch.float32, what=f"transformers loading runtime_mlx's {case}")
+    print(f"\n[mlx checkpoint] transformers {case}: rel err {err:.2e}; saved and read by transformers {err_back:.2e}")
+
+
+def test_bf16_checkpoint_loads_in_float32_unless_asked(tmp_path):
+    """A bf16 checkpoint with a MoE layer: float32 by default (MLX's gather_mm on Linux takes only float32)."""
+    hf_checkpoint("v3_moe", tmp_path / "hf", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)  # transformers' default MTP depth
+        model = Model.from_pretrained(tmp_path / "hf")
+        half = Model.from_pretrained(tmp_path / "hf", dtype=mx.bfloat16)
+        ids = draw_ids(ReferenceModel.from_pretrained(tmp_path / "hf"))
+    assert {p.dtype for _, p in tree_flatten(model.parameters())} == {mx.float32}
+    assert {p.dtype for _, p in tree_flatten(half.parameters())} == {mx.bfloat16}
+    with torch.no_grad():
+        expected = hf_float32(tmp_path / "hf")(ids).logits
+    err = assert_close(to_torch(model(to_mx(ids))), expected, torch.float32, what="runtime_mlx, bf16 checkpoint")
+    print(f"\n[mlx checkpoint] transformers bf16 checkpoint in float32: rel err {err:.2e}")
+
+
+def test_saved_config_states_the_saved_dtype(tmp_path):
+    hf_checkpoint("v3_moe", tmp_path / "hf", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        Model.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "f32")
+        Model.from_pretrained(tmp_path / "hf", dtype=mx.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert _saved_dtype(tmp_path / "f32") == ("float32", "float32", torch.float32)
+    assert load_file(tmp_path / "bf16" / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+    assert _saved_dtype(tmp_path / "bf16") == ("bfloat16", "bfloat16", torch.bfloat16)
+
+
 def test_missing_mtp_init(tmp_path):
     hf_checkpoint("v3_moe", tmp_path / "hf")
     mx.random.seed(5)
-    with pytest.warns(UserWarning, match=r"missing depth 0: model\.layers\.2\.\*\); initialized fresh"):
+    with pytest.warns(CheckpointWarning, match=r"missing depth 0: model\.layers\.2\.\*\); initialized fresh"):
         model = Model.from_pretrained(tmp_path / "hf", missing_mtp="init")
     assert model.config.num_nextn_predict_layers == 1
     mx.random.seed(5)

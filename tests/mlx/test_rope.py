@@ -1,4 +1,5 @@
-"""runtime_mlx RoPE (mx.fast.rope: interleaved, NeoX, YaRN, offsets) against the reference."""
+"""runtime_mlx RoPE (mx.fast.rope: interleaved, NeoX, YaRN, linear and llama3 scaling, offsets) against the
+reference."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from runtime_mlx.rope import RoPE
 from tests.mlx.utils import YARN, to_mx, to_torch
 from tests.tolerance import assert_close
 
+LINEAR = {"rope_type": "linear", "factor": 3.0}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
 
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
-@pytest.mark.parametrize("scaling", [None, YARN], ids=["plain", "yarn"])
+@pytest.mark.parametrize("scaling", [None, YARN, LINEAR, LLAMA3], ids=["plain", "yarn", "linear", "llama3"])
 @pytest.mark.parametrize("offset", [0, 37])
 def test_rope(interleaved, scaling, offset):
-    """``mx.fast.rope`` (traditional = interleaved pairs, freqs = 1 / inv_freq, YaRN amplitude) equals
+    """``mx.fast.rope`` (traditional = interleaved pairs, freqs = 1 / inv_freq of every scaling, YaRN amplitude) equals
     `reference.rope.apply_rope`, and so does its gradient; a wider input keeps its tail (the indexer)."""
     dim, t = 16, 7
     rot = RotaryEmbedding(dim, 10000.0, scaling)
