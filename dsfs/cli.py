@@ -9,8 +9,12 @@ with the parsed namespace, returns an exit code); listing it in ``COMMANDS`` add
 from __future__ import annotations
 
 import argparse
+import math
+import re
+import signal
 import sys
 import warnings
+from pathlib import Path
 
 from dsfs import data
 from dsfs.data import DataError
@@ -22,7 +26,15 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors become one ``dsfs: error:`` line instead of usage + exit."""
+    """An ArgumentParser whose errors become one ``dsfs: error:`` line instead of usage + exit.
+
+    A value that looks like a negative number (``-1``, ``-1e-3``, ``-.5``, ``-inf``) is a value, not an option, so
+    ``--lr -1e-3`` reaches the option's own check; argparse's default pattern knows only ``-1`` and ``-0.5`` (Python
+    3.14 widens it the same way). No dsfs option name looks like a number."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
     def error(self, message):
         raise _UsageError(f"{message} (see '{self.prog} --help')")
@@ -123,7 +135,8 @@ def add_train(sub) -> None:
                    help="MTP depths (0: no MTP); default: the preset's, or with --init-from the checkpoint "
                    "config's, those its files lack initialized fresh")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="model init and data order (default: 0)")
+    p.add_argument("--seed", type=int, metavar="N", help="model init and data order (default: 0; on --resume the "
+                   "checkpoint's, which it cannot change)")
     p.add_argument("--keep-last", type=int, default=3, metavar="K", help="checkpoints kept (default: 3; 0: all)")
     p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: --eval-every)")
     g = p.add_argument_group("training options (default: the preset's)")
@@ -152,6 +165,7 @@ def _run_train(args) -> int:
     import torch
 
     from dsfs.train import train
+    from dsfs.train_config import check_value
 
     if args.threads is not None:
         if args.threads < 1:
@@ -162,6 +176,14 @@ def _run_train(args) -> int:
         raise ConfigError(f"--num-nextn-predict-layers {depths}: expected >= 0")
     fields = ("max_steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "grad_accum",
               "eval_every", "eval_batches", "mtp_weight", "weight_decay", "grad_clip", "optimizer")
+    for f in (*fields, "time_budget_s"):  # name the option, not the TrainConfig field
+        v = getattr(args, "time_budget" if f == "time_budget_s" else f)
+        if v is not None:
+            check_value(f, v, cli=True)
+    if args.keep_last < 0:
+        raise ConfigError(f"--keep-last {args.keep_last}: expected an integer >= 0 (0 keeps every checkpoint)")
+    if args.save_every is not None and args.save_every < 1:
+        raise ConfigError(f"--save-every {args.save_every}: expected an integer >= 1")
     s = train(
         args.preset, args.data, args.out, resume=args.resume, init_from=args.init_from, backend=args.backend,
         seed=args.seed, model_overrides={"num_nextn_predict_layers": depths} if depths is not None else None,
@@ -170,7 +192,7 @@ def _run_train(args) -> int:
         time_budget_s=args.time_budget, **{f: getattr(args, f) for f in fields},
     )
     note = " (stopped by the time budget; continue with --resume)" if s["stopped"] == "time_budget" else ""
-    print(f"steps {s['steps']}{note}, {s['tokens']:,} tokens, {s['tokens_per_s']:,.0f} tokens/s, "
+    print(f"steps {s['steps']}{note}, {data.plural(s['tokens'], 'token')}, {s['tokens_per_s']:,.0f} tokens/s, "
           f"{s['elapsed_s']:.1f} s, backend {s['backend']} on {s['device']}")
     print(f"val loss {s['val_loss']:.4f} nats/token, perplexity {s['val_ppl']:.2f}")
     print(f"final model: {s['final_dir']}\ncheckpoint: {s['checkpoint']}\nmetrics: {s['metrics']}\n"
@@ -208,15 +230,23 @@ def _run_generate(args) -> int:
     from dsfs import generate as G
     from dsfs.checkpointing import load_model_dir, resolve_model_dir
 
+    if args.max_new_tokens < 0:
+        raise DataError(f"--max-new-tokens {args.max_new_tokens}: expected >= 0")
+    t, k, p = args.temperature, args.top_k, args.top_p
+    if not (math.isfinite(t) and t >= 0):
+        raise DataError(f"--temperature {t}: expected a finite number >= 0 (0: greedy)")
+    if k is not None and k < 1:
+        raise DataError(f"--top-k {k}: expected an integer >= 1")
+    if p is not None and not 0 < p <= 1:
+        raise DataError(f"--top-p {p}: expected a number in (0, 1]")
+    G.check_prompt(args.prompt)
     model_dir = resolve_model_dir(args.checkpoint)
     tok = G.load_tokenizer(model_dir, args.tokenizer)
     model = load_model_dir(model_dir, device=G.pick_device(args.device))
-    if args.max_new_tokens < 0:
-        raise DataError(f"--max-new-tokens {args.max_new_tokens}: expected >= 0")
     g = G.generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                         args.seed, use_cache=not args.no_cache)
     print(g.text)
-    print(f"{g.new_tokens} tokens in {g.seconds:.2f} s: {g.tokens_per_s:,.1f} tokens/s "
+    print(f"{data.plural(g.new_tokens, 'token')} in {g.seconds:.2f} s: {g.tokens_per_s:,.1f} tokens/s "
           f"({'no ' if args.no_cache else ''}KV cache, {model_dir})", file=sys.stderr)
     return 0
 
@@ -231,8 +261,7 @@ def add_eval(sub) -> None:
         "windows of a split, as the trainer's evaluations.",
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="model, run or checkpoints directory")
-    p.add_argument("--data", default=str(default_data), metavar="DIR", help="prepared data dir (default: "
-                   "%(default)s)")
+    p.add_argument("--data", metavar="DIR", help=f"prepared data dir (default: {default_data})")
     p.add_argument("--split", default="val", choices=list(data.SPLITS), help="default: %(default)s")
     p.add_argument("--batches", type=int, default=16, metavar="N", help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="default: %(default)s")
@@ -251,10 +280,19 @@ def _run_eval(args) -> int:
     for name in ("batches", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    if args.data is None:
+        args.data = data.default_out_dir(data.DEFAULT_INPUT, data.DEFAULT_VOCAB)
+        if not args.data.is_dir():
+            raise DataError(f"{args.data}: no such data directory (the default: run dsfs prepare first, or pass "
+                            "--data DIR)")
+    elif Path(args.data).is_file():
+        raise DataError(f"--data {args.data} is a file; expected a dsfs prepare output directory")
+    elif not Path(args.data).is_dir():
+        raise DataError(f"--data {args.data}: no such data directory (expected a dsfs prepare output)")
     r = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batches, args.batch_size, args.seq_len,
                             args.device, args.tokenizer)
     print(f"{r['split']} loss {r['loss']:.4f} nats/token, perplexity {r['ppl']:.2f} "
-          f"({r['tokens']:,} tokens, {r['model_dir']})")
+          f"({data.plural(r['tokens'], 'token')}, {r['model_dir']})")
     return 0
 
 
@@ -273,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``dsfs`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
 
-    0 on success (and for ``--help``), 1 on bad input or an OS error, 2 on a bad command line, 130 on Ctrl-C.
+    0 on success (and for ``--help``), 1 on bad input or an OS error, 2 on a bad command line, 130 on Ctrl-C,
+    143 on SIGTERM (a training run checkpoints first: `dsfs.loop.Interrupted`).
     Errors print one line to stderr: ``dsfs: error: <reason>``.
     """
     parser = build_parser()
@@ -300,9 +339,11 @@ def _main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except (UserError, OSError) as e:
         print(f"dsfs: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("dsfs: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or dsfs.loop.Interrupted carrying the signal (SIGTERM: 143)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print("dsfs: interrupted" if signum == signal.SIGINT else f"dsfs: stopped by {signal.Signals(signum).name}",
+              file=sys.stderr)
+        return 128 + signum
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
 

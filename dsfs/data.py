@@ -52,6 +52,7 @@ SPECIAL_TOKENS = [EOS, BOS, PAD, "<|user|>", "<|assistant|>", "<think>", "</thin
 DEFAULT_VOCAB = 4096
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 MAX_VOCAB = 2**32  # ids must fit uint32
+MIN_TRAIN_TOKENS = 64  # a train split below one window of a short --seq-len is refused at prepare
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,8 +92,7 @@ def iter_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
     Yields nothing for an empty file (``count_documents`` turns that into an error).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    check_source_file(path)
     jsonl = _is_jsonl(path)
     buf: list[str] = []
     offset = 0
@@ -132,6 +132,32 @@ def iter_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
     last = "".join(buf).strip()
     if last:
         yield last
+
+
+def plural(n: int, word: str) -> str:
+    """``n`` and ``word``, plural unless ``n == 1``: ``plural(1, "step")`` -> ``"1 step"``, ``"2,048 steps"``."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def check_source_file(path: str | os.PathLike, option: str = "--input") -> None:
+    """Raise ``DataError`` when ``path`` is not a file: it does not exist, or it is a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{option} {path} is a directory; expected a text or .jsonl file")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+
+
+def check_out_dir(path: str | os.PathLike, option: str = "--out") -> None:
+    """Raise ``DataError`` when ``path`` cannot be made a directory: it, or the first of its parents that exists,
+    is a file. Reads only; a verb calls it before its slow work."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"lies under the file {p}"
+                raise DataError(f"{option} {path} {where}; expected a directory")
+            return
 
 
 def count_documents(path: str | os.PathLike, text_field: str = "text") -> int:
@@ -201,6 +227,18 @@ def train_tokenizer(
     for i, s in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(s) == i, (s, tok.token_to_id(s))
     return tok
+
+
+def read_tokenizer(path: str | os.PathLike):
+    """The ``tokenizers.Tokenizer`` in the ``tokenizer.json`` file ``path``; ``DataError`` when it cannot be read
+    (not JSON, not a tokenizer)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses for every kind of bad file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: cannot be read as a tokenizer.json ({reason})") from None
 
 
 def _batched(items, n: int):
@@ -374,6 +412,13 @@ def _write_shards(tmp: Path, docs, tok, dtype: np.dtype, total: int, verbose: bo
     return counts
 
 
+def _check_counts(input: Path, counts: dict) -> None:
+    if counts["train"]["tokens"] < MIN_TRAIN_TOKENS:
+        tr, va = (" / ".join(plural(n, k[:-1]) for k, n in counts[s].items()) for s in SPLITS)
+        raise DataError(f"{input}: too little text for a train and a val split: train {tr}, val {va}; expected "
+                        f"at least {MIN_TRAIN_TOKENS} train tokens (use a larger source)")
+
+
 def prepare(
     input: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
@@ -408,8 +453,9 @@ def prepare(
     ``.<name>.tmp-*`` sibling behind.
 
     Raises ``DataError`` for a missing or empty source, non-UTF-8 bytes, malformed jsonl, a vocab size outside
-    [263, 2**32], a val fraction outside (0, 1), fewer than 2 documents, an ``out_dir`` that exists but is not
-    a prepared data directory, or a failed download.
+    [263, 2**32], a val fraction outside (0, 1), fewer than 2 documents, a train split under ``MIN_TRAIN_TOKENS``
+    (64) tokens, an ``out_dir`` that is (or lies under) a file or exists but is not a prepared data directory, or
+    a failed download.
     """
     log = print if verbose else (lambda *a, **k: None)
     if dataset is not None:
@@ -424,10 +470,11 @@ def prepare(
     dtype = shard_dtype(vocab_size)
     if val_input is None and not 0.0 < val_fraction < 1.0:
         raise DataError(f"val fraction must be in (0, 1), got {val_fraction}")
-    for p in (input, val_input):
-        if p is not None and not Path(p).is_file():
-            raise DataError(f"{p}: no such file")
+    for p, option in ((input, "--input"), (val_input, "--val-input")):
+        if p is not None:
+            check_source_file(p, option)
     out = Path(out_dir) if out_dir is not None else default_out_dir(input, vocab_size)
+    check_out_dir(out)
 
     source = _source_info(input, text_field)
     val_source = _source_info(Path(val_input), text_field) if val_input is not None else None
@@ -440,8 +487,6 @@ def prepare(
         "seed": seed,
     }
     if out.exists():
-        if not out.is_dir():
-            raise DataError(f"{out} exists and is not a directory")
         if (out / "meta.json").is_file():
             try:
                 old = load_meta(out)
@@ -471,7 +516,7 @@ def prepare(
     def train_docs():
         return (d for i, d in enumerate(iter_documents(input, text_field)) if i not in val_ids)
 
-    log(f"training a {vocab_size}-token byte-level BPE on {n_train_docs} documents")
+    log(f"training a {vocab_size}-token byte-level BPE on {plural(n_train_docs, 'document')}")
     n_batches = -(-n_train_docs // 1000)
     tok = train_tokenizer(_batched(train_docs(), 1000), vocab_size, n_batches, progress=verbose)
 
@@ -499,6 +544,7 @@ def prepare(
                 ((d, "val") for d in iter_documents(val_input, text_field)),
             )
         counts = _write_shards(tmp, docs, tok, dtype, n_train_docs + n_val_docs, verbose)
+        _check_counts(input, counts)
         meta = {
             **wanted,
             "format": "dsfs packed token shards: raw little-endian ids, each document followed by eos",
@@ -524,8 +570,8 @@ def prepare(
         raise
     tr, va = counts["train"], counts["val"]
     log(
-        f"wrote {out}: vocab {meta['vocab_size']}, {dtype.name}; train {tr['tokens']:,} tokens / "
-        f"{tr['documents']:,} docs, val {va['tokens']:,} tokens / {va['documents']:,} docs"
+        f"wrote {out}: vocab {meta['vocab_size']}, {dtype.name}; train {plural(tr['tokens'], 'token')} / "
+        f"{plural(tr['documents'], 'doc')}, val {plural(va['tokens'], 'token')} / {plural(va['documents'], 'doc')}"
     )
     return out
 
@@ -561,7 +607,7 @@ def get_batch(
     """
     n = len(tokens)
     if n < seq_len + 1:
-        raise DataError(f"only {n} tokens: too few for seq_len {seq_len} (need at least {seq_len + 1})")
+        raise DataError(f"only {plural(n, 'token')}: too few for seq_len {seq_len} (need at least {seq_len + 1})")
     import torch
 
     starts = torch.randint(0, n - seq_len, (batch_size,), generator=generator).tolist()

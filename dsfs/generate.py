@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dsfs.checkpointing import CheckpointError, load_model_dir, resolve_model_dir
-from dsfs.data import DataError, file_sha256, load_meta, load_tokens
+from dsfs.data import DataError, file_sha256, load_meta, load_tokens, plural, read_tokenizer
 from dsfs.evaluation import eval_batches, eval_starts, evaluate  # noqa: F401 (eval_starts: imported from here too)
 
 
@@ -74,14 +74,18 @@ def evaluate_checkpoint(
     split.
     """
     model_dir = resolve_model_dir(checkpoint)
-    tokenizer_file(model_dir, tokenizer)  # before the model loads: fail fast
+    load_tokenizer(model_dir, tokenizer)  # before the model loads: fail fast on a missing or unreadable one
     dev = pick_device(device)
     if not Path(data_dir).is_dir():
-        raise DataError(f"{data_dir}: no such data directory (run dsfs prepare, or pass --data DIR)")
+        raise DataError(f"{data_dir}: no such data directory (expected a dsfs prepare output)")
     model = load_model_dir(model_dir, device=dev)
     check_tokenizer(model_dir, data_dir, model.config.vocab_size, tokenizer)
     seq_len = min(seq_len, model.config.max_position_embeddings)
-    loss = evaluate(model, eval_batches(load_tokens(data_dir, split), batch_size, seq_len, batches))
+    tokens = load_tokens(data_dir, split)
+    if len(tokens) < seq_len + 1:
+        raise DataError(f"the {split} split of {data_dir} holds {plural(len(tokens), 'token')}: too few for --seq-len "
+                        f"{seq_len} (expected at least {seq_len + 1}); lower --seq-len")
+    loss = evaluate(model, eval_batches(tokens, batch_size, seq_len, batches))
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": batches * batch_size * seq_len,
             "model_dir": str(model_dir), "split": split}
 
@@ -109,11 +113,16 @@ def tokenizer_file(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | 
     ``CheckpointError`` when that file does not exist; without ``tokenizer`` the one-line message says to pass
     ``--tokenizer PATH`` (checkpoints saved by ``transformers`` or taken from elsewhere often hold none)."""
     if tokenizer is not None:
-        path = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
-        if not path.is_file():
+        if Path(tokenizer).is_dir():
+            path = Path(tokenizer) / "tokenizer.json"
+            if not path.is_file():
+                raise CheckpointError(f"--tokenizer {tokenizer}: the directory holds no tokenizer.json (expected a "
+                                      "tokenizer.json file or a directory that holds one)")
+            return path
+        if not Path(tokenizer).is_file():
             raise CheckpointError(f"--tokenizer {tokenizer}: no such file (expected a tokenizer.json file or a "
                                   "directory that holds one)")
-        return path
+        return Path(tokenizer)
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir} holds no tokenizer.json: pass --tokenizer PATH (a tokenizer.json file "
@@ -123,14 +132,20 @@ def tokenizer_file(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | 
 
 def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
     """The ``tokenizers.Tokenizer`` of `tokenizer_file` (``tokenizer``, else the model directory's
-    ``tokenizer.json``). Raises ``CheckpointError`` when absent (naming ``--tokenizer PATH``) or unreadable."""
-    from tokenizers import Tokenizer
+    ``tokenizer.json``). Raises ``CheckpointError`` when absent (naming ``--tokenizer PATH``), ``DataError`` when it
+    cannot be read (`dsfs.data.read_tokenizer`)."""
+    return read_tokenizer(tokenizer_file(model_dir, tokenizer))
 
-    path = tokenizer_file(model_dir, tokenizer)
+
+def check_prompt(prompt: str) -> None:
+    """Raise ``DataError`` when ``prompt`` cannot be encoded as UTF-8: a lone surrogate, such as the surrogate
+    escape (U+DC80..U+DCFF) that Python makes of a command-line byte that is not UTF-8."""
     try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable tokenizer ({e})") from e
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(prompt[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
+        raise DataError(f"--prompt is not UTF-8 text ({what} at character {e.start}); expected UTF-8 text") from None
 
 
 def generate_text(
@@ -148,17 +163,22 @@ def generate_text(
     sampling options (``temperature`` 0 is greedy; ``seed`` seeds the sampling generator).
 
     The prompt is encoded without special tokens and preceded by eos (``config.eos_token_id``). The total
-    length is capped at ``max_position_embeddings``. Raises ``DataError`` when the prompt alone is too long
-    or a sampling option is out of range. Runs in the model's dtype (no autocast), so cached and uncached
-    decoding agree.
+    length is capped at ``max_position_embeddings``. Raises ``DataError`` when the prompt is not UTF-8 text (a
+    command line's undecodable bytes arrive as surrogate escapes) or alone is too long, when the tokenizer's vocab
+    is larger than the model's, or when a sampling option is out of range. Runs in the model's dtype (no
+    autocast), so cached and uncached decoding agree.
     """
     cfg = model.config
+    check_prompt(prompt)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise DataError(f"the tokenizer's vocab of {tokenizer.get_vocab_size()} tokens is larger than the model's "
+                        f"vocab_size {cfg.vocab_size}; expected the tokenizer the model was trained with (--tokenizer)")
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     ids = ([eos] if eos is not None else []) + ids
     room = cfg.max_position_embeddings - len(ids)
     if room < 0 or (room == 0 and max_new_tokens > 0):
-        raise DataError(f"prompt of {len(ids)} tokens leaves no room in max_position_embeddings "
+        raise DataError(f"prompt of {plural(len(ids), 'token')} leaves no room in max_position_embeddings "
                         f"{cfg.max_position_embeddings}")
     device = next(model.parameters()).device
     x = torch.tensor([ids], dtype=torch.long, device=device)

@@ -1,8 +1,10 @@
 """The one training loop, for every backend and every stage: `TrainingRun` drives a `dsfs.trainer.Trainer` through
 ``TrainConfig.max_steps`` optimizer steps and writes the run directory.
 
-Writes into the run directory ``out``::
+Writes into the run directory ``out``, which it holds for the whole session (`dsfs.rundir.lock_run_dir`: a second
+process that tries to write it gets an error naming this one's pid)::
 
+    .lock                   the lock file, holding the pid of the last process that held the directory
     metrics.jsonl           one JSON object per optimizer step (step, the trainer's averaged micro-step metrics,
                             lr, the optimizer step's metrics, tokens, tokens_per_s, elapsed_s) and per evaluation
                             (step, val_loss, val_ppl); a fresh run evaluates once at step 0
@@ -14,6 +16,10 @@ A checkpoint's ``trainer_state.pt`` holds the counters (``step``, ``tokens``, ``
 the torch RNG states and the training config, plus what the stage adds (its data order, where its data came
 from); the learning rate is a function of the step (`lr_at`), so a stopped run (Ctrl-C, ``time_budget_s``) that
 resumes gives the same losses, bit for bit on CPU, as an uninterrupted one.
+
+Ctrl-C (SIGINT) and SIGTERM (``timeout``, ``docker stop``, Slurm preemption) stop a run the same way: the step
+finishes, a checkpoint is saved, one line says how to resume, and `Interrupted` (a KeyboardInterrupt carrying the
+signal number; the CLI exits with 128 + it) is raised. A second signal raises `Interrupted` at once.
 """
 
 from __future__ import annotations
@@ -32,11 +38,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dsfs.checkpointing import CHECKPOINTS, FINAL, latest_checkpoint, save_checkpoint, step_dir_name
-from dsfs.errors import TrainError
+from dsfs.checkpointing import (
+    CHECKPOINTS,
+    FINAL,
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+    save_model_dir,
+    step_dir_name,
+)
+from dsfs.errors import DataError, TrainError
 from dsfs.evaluation import Batch, evaluate
+from dsfs.rundir import check_run_dir_free, lock_run_dir
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import Trainer
+from reference.checkpoint import remove_dir
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -72,20 +88,22 @@ class TrainingRun:
     provenance; called at each save); ``tokenizer_file``: copied into every checkpoint and ``final/``;
     ``keep_last``: checkpoints kept (0: all); ``save_every``: steps between checkpoints (``None``:
     ``tc.eval_every``); ``start``: the resumed checkpoint's `Progress` (``None``: a fresh run, which evaluates at
-    step 0); ``say``: prints one progress line; ``verbose``: the progress bar (titled ``desc``); ``command``: the
-    verb that resumes the run, for the messages; ``on_step``: called with each step's record (tests).
+    step 0); ``overwrite``: a fresh run deletes the outputs of a run already in ``out`` (without it, it refuses
+    such a directory); ``say``: prints one progress line; ``verbose``: the progress bar (titled ``desc``);
+    ``command``: the verb that resumes the run, for the messages; ``on_step``: called with each step's record (tests).
     """
 
     def __init__(self, trainer: Trainer, tc: TrainConfig, out: str | os.PathLike, next_batch: Callable[[], Batch],
                  eval_batches: list[Batch], tokens_per_step: int, stage_state: Callable[[], dict],
                  tokenizer_file: str | os.PathLike | None, *, keep_last: int = 3, save_every: int | None = None,
-                 start: Progress | None = None, say: Callable[[str], None] = lambda msg: None, verbose: bool = True,
+                 start: Progress | None = None, overwrite: bool = False,
+                 say: Callable[[str], None] = lambda msg: None, verbose: bool = True,
                  desc: str = "train", command: str = "dsfs train", on_step: Callable[[dict], None] | None = None):
         self.trainer, self.tc, self.out = trainer, tc, Path(out)
         self.next_batch, self.eval_batches, self.tokens_per_step = next_batch, eval_batches, tokens_per_step
         self.stage_state, self.tokenizer_file = stage_state, tokenizer_file
         self.keep_last, self.save_every = keep_last, save_every or tc.eval_every
-        self.resumed = start is not None
+        self.resumed, self.overwrite = start is not None, overwrite
         self.progress = start or Progress()
         self.start_step = self.progress.step
         self.say, self.verbose, self.desc, self.command, self.on_step = say, verbose, desc, command, on_step
@@ -153,19 +171,39 @@ class TrainingRun:
 
     def run(self) -> dict:
         """Train to ``tc.max_steps``: evaluate at step 0 of a fresh run, every ``eval_every`` steps and at the end;
-        checkpoint every ``save_every`` steps, at the end, on Ctrl-C and when the time budget stops the session;
-        write ``final/``. The first Ctrl-C finishes the step, saves, prints where and raises KeyboardInterrupt.
+        checkpoint every ``save_every`` steps, at the end, on Ctrl-C or SIGTERM and when the time budget stops the
+        session; write ``final/``. The first Ctrl-C or SIGTERM finishes the step, saves, prints how to resume and
+        raises `Interrupted`.
+
+        Holds ``out`` (`dsfs.rundir.lock_run_dir`) from before it changes anything there until the end: raises
+        `dsfs.rundir.RunDirBusy` when another process holds it, `DataError` when a fresh run finds a run there
+        and not ``overwrite`` (see `check_out`).
 
         Returns ``{"val_loss", "val_ppl", "steps", "tokens", "tokens_per_s", "elapsed_s", "stopped", "device",
         **trainer.summary, "out_dir", "final_dir", "checkpoint", "metrics", "plot"}``; ``stopped`` is
         ``"max_steps"`` or ``"time_budget"``; tokens/s over this session's optimizer steps only."""
-        tc, p, out = self.tc, self.progress, self.out
-        out.mkdir(parents=True, exist_ok=True)
-        self.records = _read_metrics(self.metrics_path, p.step) if self.resumed else []
+        with lock_run_dir(self.out):
+            self._claim_out()
+            return self._train()
+
+    def _claim_out(self) -> None:
+        """Under the lock: refuse or clear a run already in ``out`` (a fresh run), drop leftover temporary metrics
+        and plot files, and start metrics.jsonl (a resumed run keeps its records up to its step)."""
+        out = self.out
+        _check_fresh(out, not self.resumed, self.overwrite)
+        if not self.resumed:
+            clear_run(out)
+        for tmp in [*out.glob(f".{METRICS}*.tmp"), *out.glob(f".{Path(PLOT).stem}*.tmp.png")]:
+            tmp.unlink(missing_ok=True)
+        self.records = _read_metrics(self.metrics_path, self.progress.step) if self.resumed else []
         _write_metrics(self.metrics_path, self.records)
+
+    def _train(self) -> dict:
+        """The loop of `run`, under the lock."""
+        tc, p, out = self.tc, self.progress, self.out
         val_loss, last_eval, last_saved = None, -1, p.step if self.resumed else -1
         stopped = "max_steps"
-        with open(self.metrics_path, "a") as self._metrics_file, _SigintFlag(self.say) as sigint:
+        with open(self.metrics_path, "a") as self._metrics_file, _StopSignals(self.say) as stop:
             if not self.resumed:
                 val_loss, last_eval = self.evaluate(), p.step
                 self.say(f"step {p.step}: val loss {val_loss:.4f}")
@@ -185,8 +223,8 @@ class TrainingRun:
                     if p.step % self.save_every == 0 and p.step < tc.max_steps:
                         self.save()
                         last_saved = p.step
-                    if sigint.hit:
-                        self._stop_interrupted(last_saved)
+                    if stop.signum is not None:
+                        self._stop_interrupted(last_saved, stop.signum)
                     budget = tc.time_budget_s
                     if budget is not None and time.perf_counter() - self.session_start >= budget \
                             and p.step < tc.max_steps:
@@ -198,7 +236,7 @@ class TrainingRun:
                 val_loss = self.evaluate()
             if last_saved != p.step:
                 self.save()
-            self.trainer.model.save_pretrained(out / FINAL, tokenizer_file=self.tokenizer_file)
+            save_model_dir(self.trainer.model, out / FINAL, self.tokenizer_file)
         plot_losses(self.records, self.plot_path)
         return {
             "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "steps": p.step, "tokens": p.tokens,
@@ -208,14 +246,48 @@ class TrainingRun:
             "checkpoint": str(latest_checkpoint(out)), "metrics": str(self.metrics_path), "plot": str(self.plot_path),
         }
 
-    def _stop_interrupted(self, last_saved: int) -> None:
+    def _stop_interrupted(self, last_saved: int, signum: int) -> None:
         step = self.progress.step
         if last_saved != step:
             self.save()
         plot_losses(self.records, self.plot_path)
-        print(f"interrupted at step {step}: checkpoint saved in {self.ckpt_dir / step_dir_name(step)}; "
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"{what} at step {step}: checkpoint saved in {self.ckpt_dir / step_dir_name(step)}; "
               f"continue with {self.command} --resume --out {self.out}", file=sys.stderr)
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+def _holds_run(out: Path) -> bool:
+    return bool(list_checkpoints(out / CHECKPOINTS)) or (out / METRICS).exists() or (out / FINAL).exists()
+
+
+def _check_fresh(out: Path, fresh: bool, overwrite: bool) -> None:
+    if fresh and not overwrite and _holds_run(out):
+        raise DataError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start over, "
+                        "or choose another --out")
+
+
+def check_out(out: str | os.PathLike, fresh: bool, overwrite: bool) -> None:
+    """Raise `dsfs.rundir.RunDirBusy` when another process holds the run directory ``out``, and, for a ``fresh``
+    run, `DataError` when ``out`` already holds a run (checkpoints, metrics.jsonl or final/) and not
+    ``overwrite``. Reads only: a verb calls it before its slow work, and `TrainingRun.run` checks again under the
+    lock before it changes anything."""
+    check_run_dir_free(out)
+    _check_fresh(Path(out), fresh, overwrite)
+
+
+def clear_run(out: str | os.PathLike) -> None:
+    """Delete the outputs of a run in ``out`` (checkpoints, final/, metrics.jsonl, loss.png); the caller holds
+    ``out`` (`dsfs.rundir.lock_run_dir`)."""
+    out = Path(out)
+    for p in (out / CHECKPOINTS, out / FINAL):
+        if p.is_dir():
+            remove_dir(p)  # renamed aside first: a kill midway leaves a hidden .old-* directory, never a partial one
+    for p in (out / METRICS, out / PLOT):
+        p.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- metrics and plot
@@ -234,14 +306,14 @@ def _read_metrics(path: Path, upto: int) -> list[dict]:
 
 
 def _write_metrics(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, path)
 
 
 def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
     """Draw train loss (total and main-model CE) and validation loss against step from metrics records into
-    a PNG (matplotlib Agg, written to a temporary file and renamed)."""
+    a PNG (matplotlib Agg, written to a temporary file named with the pid, then renamed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -261,29 +333,45 @@ def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)
 
 
-class _SigintFlag:
-    """While active, the first Ctrl-C sets ``hit`` (the loop finishes its step, saves and stops); a second one
-    raises KeyboardInterrupt at once. Only in the main thread; elsewhere Ctrl-C behaves as usual."""
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by the signal ``signum`` (SIGINT: Ctrl-C, or SIGTERM); the CLI exits with ``128 + signum``."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+class _StopSignals:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM sets ``signum`` (the loop finishes its step, saves and
+    stops); a second one raises `Interrupted` at once. Only in the main thread; elsewhere the signals behave as
+    usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, say):
-        self.hit, self.say, self.old = False, say, None
+        self.signum, self.say, self.old = None, say, {}
 
     def _handler(self, signum, frame):
-        if self.hit:
-            raise KeyboardInterrupt
-        self.hit = True
-        self.say("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit without saving)")
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        if signum == signal.SIGINT:
+            self.say("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit without saving)")
+        else:
+            self.say(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (send it again "
+                     "to quit without saving)")
 
     def __enter__(self):
         with contextlib.suppress(ValueError):  # not the main thread
-            self.old = signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self.old[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
+        for sig, old in self.old.items():
+            signal.signal(sig, old)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -29,16 +28,15 @@ from dsfs import data as data_mod
 from dsfs.backend import Backend, resolve_backend
 from dsfs.checkpointing import (
     CHECKPOINTS,
-    FINAL,
+    STATE_FILE,
     latest_checkpoint,
-    list_checkpoints,
     load_model_dir,
     load_trainer_state,
     resolve_model_dir,
 )
 from dsfs.errors import CheckpointError, ConfigError, DataError
 from dsfs.evaluation import Batch, eval_batches
-from dsfs.loop import METRICS, PLOT, Progress, TrainingRun
+from dsfs.loop import Progress, TrainingRun, check_out
 from dsfs.presets import MODEL_PRESETS, TRAIN_PRESETS
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import make_trainer
@@ -80,6 +78,8 @@ def check_init_data(model_dir: Path, cfg: ModelConfig, data_dir: Path, meta: dic
         raise DataError(f"the data in {data_dir} has a vocab of {meta['vocab_size']} tokens; the model in "
                         f"{model_dir} has vocab_size {cfg.vocab_size} (expected >= the data's)")
     mine, theirs = model_dir / "tokenizer.json", data_dir / meta.get("tokenizer", "tokenizer.json")
+    if mine.is_file():
+        data_mod.read_tokenizer(mine)  # an unreadable one is not a mismatch
     if mine.is_file() and data_mod.file_sha256(mine) != data_mod.file_sha256(theirs):
         raise DataError(f"tokenizer mismatch: {mine} differs from {theirs}; prepare the data with the checkpoint's "
                         f"tokenizer, or start from a checkpoint without one")
@@ -134,6 +134,12 @@ def _resume_state(resume, out_dir, preset) -> tuple[Path, dict]:
     where = Path(resume) if resume is not True else Path(out_dir or Path("runs") / (preset or "tiny"))
     ckpt = latest_checkpoint(where)
     if ckpt is None:
+        if not where.is_dir():
+            raise CheckpointError(f"{where}: no checkpoint to resume (no such directory; expected a run, "
+                                  f"{CHECKPOINTS} or step_* directory)")
+        if where.name.startswith("step_") and not (where / STATE_FILE).is_file():
+            raise CheckpointError(f"{where}: no checkpoint to resume: {STATE_FILE} is missing (an incomplete "
+                                  "checkpoint; resume from its run directory to take the newest complete one)")
         raise CheckpointError(f"{where}: no checkpoint to resume (expected {CHECKPOINTS}/step_* directories)")
     state = load_trainer_state(ckpt)
     missing = sorted(STATE_KEYS - set(state))
@@ -142,15 +148,28 @@ def _resume_state(resume, out_dir, preset) -> tuple[Path, dict]:
     return ckpt, state
 
 
-def _clear_run(out: Path, overwrite: bool) -> None:
-    if list_checkpoints(out / CHECKPOINTS) or (out / METRICS).exists() or (out / FINAL).exists():
-        if not overwrite:
-            raise DataError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start over, "
-                            "or choose another --out")
-        for p in (out / CHECKPOINTS, out / FINAL):
-            shutil.rmtree(p, ignore_errors=True)
-        for p in (out / METRICS, out / PLOT):
-            p.unlink(missing_ok=True)
+def _check_run_options(resume, overwrite: bool, keep_last: int | None, save_every: int | None) -> None:
+    if resume and overwrite:
+        raise ConfigError("pass --resume (continue the run) or --overwrite (delete it and start over), not both")
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 0):
+        raise ConfigError(f"--keep-last {keep_last}: expected an integer >= 0 (0 keeps every checkpoint)")
+    if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
+        raise ConfigError(f"--save-every {save_every}: expected an integer >= 1")
+
+
+def _check_splits(tc: TrainConfig, data_dir: Path, train_tokens, val_tokens) -> None:
+    """Raise `DataError` when a split is shorter than one window of ``seq_len + 1`` tokens, or one optimizer step
+    needs more tokens than the train split holds."""
+    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+        if len(tokens) < tc.seq_len + 1:
+            raise DataError(f"the {split} split of {data_dir} holds {data_mod.plural(len(tokens), 'token')}: too "
+                            f"few for --seq-len {tc.seq_len} (expected at least {tc.seq_len + 1}); lower --seq-len "
+                            "or prepare more data")
+    need = tc.batch_size * tc.seq_len * tc.grad_accum
+    if need > len(train_tokens):
+        raise DataError(f"one step takes {need:,} tokens (--batch-size {tc.batch_size} x --seq-len {tc.seq_len} x "
+                        f"--grad-accum {tc.grad_accum}), more than the {len(train_tokens):,} tokens of the train "
+                        f"split of {data_dir}; lower --batch-size")
 
 
 def _initial_model(be: Backend, cfg: ModelConfig, ckpt: Path | None, init_dir: Path | None, meta: dict,
@@ -174,7 +193,7 @@ def train(
     resume: bool | str | os.PathLike = False,
     init_from: str | os.PathLike | None = None,
     backend: str = "auto",
-    seed: int = 0,
+    seed: int | None = None,
     keep_last: int = 3,
     save_every: int | None = None,
     overwrite: bool = False,
@@ -206,20 +225,25 @@ def train(
     merged over the checkpoint's).
 
     Each optimizer step consumes ``grad_accum`` batches of ``batch_size x seq_len`` tokens drawn by
-    ``get_batch`` with a generator seeded by ``seed``. Validation (`dsfs.evaluation.evaluate` on ``eval_batches``
-    fixed windows of the val split) runs at step 0 of a fresh run, every ``eval_every`` steps and at the end;
-    checkpoints every ``save_every`` steps (default ``eval_every``), on Ctrl-C, at the end, keeping the newest
-    ``keep_last``. ``time_budget_s``: stop (evaluate, checkpoint, write final/) once this session has trained that
-    many wall-clock seconds; the summary's ``stopped`` is then ``"time_budget"``. ``on_step``: called with each
-    step's metrics record (tests). ``compile``: ``torch.compile`` the training loss (``"auto"``: on cpu and cuda,
-    not on mps); on the MLX runtime, ``mx.compile`` the micro-step and the update (``"auto"``: on).
+    ``get_batch`` with a generator seeded by ``seed`` (default 0; on resume the checkpoint's, and another one is
+    refused: the run continues the checkpoint's data order). A resume refuses a run that is finished (its step
+    has reached ``max_steps``) or a ``max_steps`` below its step.
+
+    Validation (`dsfs.evaluation.evaluate` on ``eval_batches`` fixed windows of the val split) runs at step 0 of a
+    fresh run, every ``eval_every`` steps and at the end; checkpoints every ``save_every`` steps (default
+    ``eval_every``), on Ctrl-C, at the end, keeping the newest ``keep_last``. ``time_budget_s``: stop (evaluate,
+    checkpoint, write final/) once this session has trained that many wall-clock seconds; the summary's ``stopped``
+    is then ``"time_budget"``. ``on_step``: called with each step's metrics record (tests). ``compile``:
+    ``torch.compile`` the training loss (``"auto"``: on cpu and cuda, not on mps); on the MLX runtime,
+    ``mx.compile`` the micro-step and the update (``"auto"``: on).
 
     Returns the summary of `dsfs.loop.TrainingRun.run` plus ``"backend"``. Exact resume assumes the same device and
     torch thread count in both sessions; a run continues on another backend within float tolerance. Raises
     ``TypeError`` for an unknown training field, a `dsfs.errors.UserError` for bad input: unknown preset, invalid
     values, a missing data directory, no or a corrupt checkpoint, a checkpoint whose model config or data does not
-    match, an occupied ``out_dir``, a backend that cannot run, a non-finite loss. Ctrl-C saves a checkpoint, prints
-    where, and re-raises KeyboardInterrupt.
+    match, an occupied ``out_dir`` or one that another process holds (`dsfs.rundir.RunDirBusy`, naming its pid), a
+    backend that cannot run, a non-finite loss. Ctrl-C or SIGTERM saves a checkpoint, prints how to resume, and
+    raises `dsfs.loop.Interrupted` (a KeyboardInterrupt).
     """
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
     if resume and init_from is not None:
@@ -227,6 +251,7 @@ def train(
                           "weights), not both")
     if preset is not None and preset not in TRAIN_PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (expected one of {', '.join(TRAIN_PRESETS)})")
+    _check_run_options(resume, overwrite, keep_last, save_every)
     be = resolve_backend(backend)
 
     # ---- checkpoint to resume, or to start from
@@ -237,18 +262,26 @@ def train(
             raise CheckpointError(f"{ckpt} is a run of preset {state['preset']}; --preset {preset} cannot change it "
                                   "on --resume (its model and training options are the checkpoint's)")
         preset = preset or state["preset"]
+        if seed not in (None, state["seed"]):
+            raise CheckpointError(f"{ckpt} is a run of --seed {state['seed']}; --seed {seed} cannot change it on "
+                                  "--resume (the run continues the checkpoint's data order and RNG state)")
+        seed = state["seed"]
         model_overrides = {**(state["model_overrides"] or {}), **(model_overrides or {})} or None
         init_dir = Path(state["init_from"]) if state.get("init_from") else None
     elif init_from is not None:
         init_dir = resolve_model_dir(init_from)
-    preset = preset or "tiny"
+    preset, seed = preset or "tiny", seed or 0
     if out_dir is None and ckpt is not None and ckpt.parent.name == CHECKPOINTS:
         out = ckpt.parent.parent  # resume PATH without --out: continue in that run directory
     else:
         out = Path(out_dir or Path("runs") / preset)
+    data_mod.check_out_dir(out)
 
     # ---- data
-    if data_dir is None and state is not None and Path(state["data_dir"]).is_dir():
+    if data_dir is None and state is not None:
+        if not Path(state["data_dir"]).is_dir():
+            raise DataError(f"{ckpt} was trained on the data in {state['data_dir']}, which no longer exists; pass "
+                            "--data DIR (where that prepared data directory is now)")
         data_dir = state["data_dir"]
     if data_dir is None:
         data_dir = data_mod.prepare(verbose=verbose)
@@ -270,6 +303,13 @@ def train(
     else:
         tc = TRAIN_PRESETS[preset]
     tc = tc.replace(**overrides)
+    if state is not None and state["step"] >= tc.max_steps:
+        at = f"{ckpt} is at step {state['step']}"
+        if tc.max_steps < state["step"]:
+            raise CheckpointError(f"{at}; --max-steps {tc.max_steps} is below it (expected a --max-steps above "
+                                  f"{state['step']} to train on)")
+        raise CheckpointError(f"{at} of --max-steps {tc.max_steps}: the run is finished (its model is in "
+                              f"{out / 'final'}); pass a --max-steps above {state['step']} to train on")
     if init_dir is not None:  # the run's own config (on resume: the checkpoint's, the init_from source may be gone)
         try:
             base = ModelConfig.from_json(ckpt if ckpt is not None else init_dir)
@@ -280,6 +320,7 @@ def train(
     else:
         cfg = model_config(preset, meta, model_overrides)
     tc.check_model(cfg.max_position_embeddings)
+    _check_splits(tc, data_dir, train_tokens, val_tokens)
     if state is not None:
         if state["meta_sha256"] != meta_sha:
             raise CheckpointError(
@@ -294,8 +335,7 @@ def train(
             source = f"--init-from {init_dir}" if init_dir is not None else f"preset {preset}"
             raise CheckpointError(f"{ckpt} does not match the requested model ({source}, data "
                                   f"{data_dir}): " + "; ".join(diff))
-    else:
-        _clear_run(out, overwrite)
+    check_out(out, fresh=state is None, overwrite=overwrite)  # early; TrainingRun.run checks again under its lock
 
     # ---- model, optimizer, data order
     torch.manual_seed(seed)
@@ -331,12 +371,13 @@ def train(
     source = f"init from {init_dir}, " if init_dir is not None else ""
     say(f"{what}: preset {preset}, {source}{trainer.n_params / 1e6:.2f}M parameters, {be.name} backend on "
         f"{trainer.device_type}{trainer.label}; {tok_per_step:,} tokens/step ({tc.batch_size}x{tc.seq_len}x"
-        f"{tc.grad_accum}), {tc.max_steps} steps; data {data_dir} ({len(train_tokens):,} train tokens); out {out}")
+        f"{tc.grad_accum}), {data_mod.plural(tc.max_steps, 'step')}; data {data_dir} ({len(train_tokens):,} train "
+        f"tokens); out {out}")
     if trainer.note:
         say(trainer.note)
     run = TrainingRun(trainer, tc, out, next_batch, eval_batches(val_tokens, tc.batch_size, tc.seq_len,
                       tc.eval_batches), tok_per_step, stage_state, tokenizer_file, keep_last=keep_last,
-                      save_every=save_every, start=start, say=say, verbose=verbose, desc=f"train {preset}",
-                      on_step=on_step)
+                      save_every=save_every, start=start, overwrite=overwrite, say=say, verbose=verbose,
+                      desc=f"train {preset}", on_step=on_step)
     summary = run.run()
     return {**summary, "backend": be.name}

@@ -17,7 +17,7 @@ from reference.optim import OPTIMIZERS
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyperparameters; validated on construction (`ConfigError` naming the field).
+    """Training hyperparameters; validated on construction (`check_value`: `ConfigError` naming the field).
 
     ``batch_size`` sequences of ``seq_len`` tokens per micro-batch, ``grad_accum`` micro-batches per optimizer step,
     ``max_steps`` optimizer steps; learning rate: linear warmup over ``warmup_steps`` to ``lr``, then cosine to
@@ -44,23 +44,8 @@ class TrainConfig:
     optimizer: str
 
     def __post_init__(self):
-        ints = {"batch_size": 1, "seq_len": 1, "max_steps": 1, "grad_accum": 1, "eval_every": 1, "eval_batches": 1,
-                "warmup_steps": 0}
-        for k, lo in ints.items():
-            v = getattr(self, k)
-            if not isinstance(v, int) or v < lo:
-                raise ConfigError(f"{k}={v!r}: expected an integer >= {lo}")
-        for k in ("lr", "weight_decay", "grad_clip", "mtp_weight", "min_lr_ratio"):
-            v = getattr(self, k)
-            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"{k}={v!r}: expected a finite number >= 0")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer={self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr}: expected > 0")
-        b = self.time_budget_s
-        if b is not None and (not isinstance(b, int | float) or not b >= 0):
-            raise ConfigError(f"time_budget_s={b!r}: expected None or a number of seconds >= 0")
+        for k in self.fields():
+            check_value(k, getattr(self, k))
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
@@ -79,7 +64,7 @@ class TrainConfig:
         """Raise `ConfigError` when ``seq_len`` exceeds the model's ``max_position_embeddings``."""
         if self.seq_len > max_position_embeddings:
             raise ConfigError(f"seq_len={self.seq_len} exceeds the model's max_position_embeddings="
-                              f"{max_position_embeddings}")
+                              f"{max_position_embeddings} (lower --seq-len)")
 
     def to_dict(self) -> dict:
         """The fields as a plain dict (what checkpoints store)."""
@@ -94,3 +79,38 @@ class TrainConfig:
         if missing or unknown:
             raise ConfigError(f"training config: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
         return cls(**d)
+
+
+_MIN_INT = {"batch_size": 1, "seq_len": 1, "max_steps": 1, "grad_accum": 1, "eval_every": 1, "eval_batches": 1,
+            "warmup_steps": 0}
+_FLAGS = {"time_budget_s": "--time-budget"}  # CLI flags whose name is not the field's
+
+
+def flag(name: str) -> str:
+    """The ``dsfs train`` option of the `TrainConfig` field ``name``: ``batch_size`` -> ``--batch-size``."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def check_value(name: str, value, cli: bool = False) -> None:
+    """Raise `ConfigError` when ``value`` is invalid for the `TrainConfig` field ``name``: integers ``>= 1``
+    (``warmup_steps >= 0``), ``lr`` finite ``> 0``, ``min_lr_ratio`` in [0, 1], other numbers finite ``>= 0``,
+    ``optimizer`` one of `reference.optim.OPTIMIZERS`, ``time_budget_s`` None or ``>= 0``. The message names the
+    field (``batch_size=0: ...``), or with ``cli`` its option (``--batch-size 0: ...``, `flag`)."""
+    what = f"{flag(name)} {value}" if cli else f"{name}={value!r}"
+    if name in _MIN_INT:
+        if not isinstance(value, int) or value < _MIN_INT[name]:
+            raise ConfigError(f"{what}: expected an integer >= {_MIN_INT[name]}")
+    elif name == "optimizer":
+        if value not in OPTIMIZERS:
+            raise ConfigError(f"{what}: expected one of {', '.join(OPTIMIZERS)}")
+    elif name == "time_budget_s":
+        if value is not None and (not isinstance(value, int | float) or not value >= 0):
+            raise ConfigError(f"{what}: expected {'' if cli else 'None or '}a number of seconds >= 0")
+    else:
+        finite = isinstance(value, int | float) and math.isfinite(value)
+        if name == "lr" and not (finite and value > 0):
+            raise ConfigError(f"{what}: expected a finite number > 0")
+        if name == "min_lr_ratio" and not (finite and 0 <= value <= 1):
+            raise ConfigError(f"{what}: expected a number in [0, 1] (final lr / peak lr)")
+        if not (finite and value >= 0):
+            raise ConfigError(f"{what}: expected a finite number >= 0")

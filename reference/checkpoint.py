@@ -21,16 +21,33 @@ without that module loads them as nothing (they add 0 in transformers' forward).
 
 The name mapping (`to_hf_names`, `from_hf_names`) works on names only: the array operations it needs (stack,
 unstack, copy, FP8 dequantization) are passed in, so `runtime_mlx.checkpoint` maps MLX arrays with it too.
+
+Safety of what we write (`write_model_dir`, every backend):
+- Atomic: the files go to a hidden ``.tmp-*`` sibling renamed into place at the end; a directory replaced or deleted
+  is first renamed to a hidden ``.old-*`` sibling (`replace_dir`, `remove_dir`). A killed process leaves only such
+  hidden siblings, which readers ignore and ``dsfs`` deletes on its next start in the run directory.
+- ``checksums.json`` is written last: ``files`` lists every file of the directory, ``sha256`` the digests of the
+  binary ones (weights, a trainer state); ``config.json`` and ``tokenizer.json`` are listed but not hashed (text a
+  user may edit, checked when parsed). A directory with it is complete when it holds config.json and every file with
+  a digest (`missing_files`). Loading verifies the digests when the file is there (`verify_checksums`);
+  a directory without it is one written elsewhere (``transformers``, ``mlx_lm``) or before checksums, and loads
+  unverified. Every loaded float tensor must be finite (`check_finite`).
+- Files and directories follow the umask (0644 / 0755 under umask 022), as every other file (`follow_umask`).
+- A full disk is one error, `DiskFullError` ("disk full while writing <dir>"), whatever the writer raised.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
+import hashlib
+import json
 import math
 import os
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -239,11 +256,14 @@ def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop"):
     present with the right shape), in eval mode, in float32 unless ``dtype`` is given (whatever the files
     store, as ``runtime_mlx.checkpoint.load_model``). MTP depths that config.json asks for and the files lack are
     dropped or initialized fresh, with a warning (``missing_mtp``, see `config_for_weights`). Raises
-    ``FileNotFoundError`` / ``ValueError`` naming missing, unexpected or mis-shaped tensors."""
+    ``FileNotFoundError`` / ``ValueError`` naming missing, unexpected or mis-shaped tensors, a file that does not
+    match ``checksums.json`` (`verify_checksums`) or the first stored tensor that is not finite (`check_finite`)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    verify_checksums(path)
     hf = read_safetensors(path)
+    check_finite(hf, path, _finite)
     cfg, fresh = config_for_weights(path, hf, missing_mtp)
     model = cls(cfg)
     sd = from_hf_state_dict(hf, cfg)
@@ -279,9 +299,11 @@ def write_model_dir(path, config: ModelConfig, main: dict, mtp: dict, save: Call
                     dtype: str | None = None) -> None:
     """Write a checkpoint directory atomically: ``config.json`` (stating ``dtype``, the stored weights' dtype
     name, as ``torch_dtype`` and ``dtype``: `ModelConfig.to_dict`), ``save(main, ".../model.safetensors")``,
-    ``save(mtp, ".../mtp.safetensors")`` when ``mtp`` is not empty and a copy of ``tokenizer_file`` go to a
-    temporary sibling directory that is renamed over ``path`` at the end (`replace_dir`), so a crash never leaves
-    a half-written checkpoint; on any error the temporary directory is removed and the error re-raised."""
+    ``save(mtp, ".../mtp.safetensors")`` when ``mtp`` is not empty, a copy of ``tokenizer_file`` and, last,
+    ``checksums.json`` (`write_checksums`) go to a temporary sibling directory ``.tmp-<name>-*`` that is renamed over
+    ``path`` at the end (`replace_dir`), so a crash never leaves a half-written checkpoint. Modes follow the umask
+    (`follow_umask`). On any error the temporary directory is removed and the error re-raised; a full disk as
+    `DiskFullError` naming ``path``."""
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -293,23 +315,178 @@ def write_model_dir(path, config: ModelConfig, main: dict, mtp: dict, save: Call
             save(mtp, os.path.join(tmp, "mtp.safetensors"))
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+        write_checksums(tmp)
+        follow_umask(tmp)
         replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and is_disk_full(e, parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise DiskFullError(path) from e
         raise
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in a float tensor of 2 bytes or more (FP8 e4m3 bytes are not checked)."""
+    return not t.is_floating_point() or t.element_size() == 1 or bool(torch.isfinite(t).all())
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
 
 
+def _aside(path: str) -> str:
+    """A fresh hidden sibling name for ``path`` on its way out: ``.old-<name>-<random>``."""
+    return os.path.join(os.path.dirname(path), f".old-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
+
+
 def replace_dir(src: str, dst: str) -> None:
     """Move the finished directory ``src`` to ``dst`` (same filesystem), replacing any old ``dst``: the old
-    one is first renamed aside and deleted last, so at every instant a complete copy exists on disk."""
+    one is first renamed aside (a hidden ``.old-*`` sibling) and deleted last, so at every instant a complete copy
+    exists on disk and a kill leaves only hidden siblings."""
+    dst = os.fspath(dst)
     old = None
     if os.path.exists(dst):
-        old = dst + ".old-" + os.path.basename(src)
+        old = _aside(dst)
         os.rename(dst, old)
     os.rename(src, dst)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_dir(path) -> None:
+    """Delete the directory ``path`` atomically for readers: rename it to a hidden ``.old-*`` sibling, then delete
+    that, so a kill midway never leaves a partial directory under its own name."""
+    old = _aside(os.fspath(path))
+    os.rename(path, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- checksums, finiteness, modes, full disks
+
+CHECKSUMS = "checksums.json"
+CHECKSUMS_FORMAT = "dsfs-checksums-1"
+UNHASHED = (".json",)  # text a user may edit (config.json, tokenizer.json): listed, not hashed
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of the file ``path``."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_checksums(path) -> dict | None:
+    """The ``checksums.json`` of the directory ``path`` (``{"format", "files": [...], "sha256": {name: hex}}``), or
+    ``None`` when it has none. Raises ``ValueError`` when it is unreadable."""
+    f = os.path.join(os.fspath(path), CHECKSUMS)
+    if not os.path.isfile(f):
+        return None
+    try:
+        with open(f, encoding="utf-8") as fh:
+            sums = json.load(fh)
+        if sums.get("format") != CHECKSUMS_FORMAT or not isinstance(sums.get("files"), list) \
+                or not isinstance(sums.get("sha256"), dict):
+            raise ValueError(f"expected format {CHECKSUMS_FORMAT}")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"checkpoint {os.fspath(path)!r}: unreadable {CHECKSUMS} ({e})") from e
+    return sums
+
+
+def write_checksums(path) -> None:
+    """Write ``path/checksums.json`` (through a temporary file and a rename): every file of the directory, and the
+    sha256 of each one not ending in ``.json``. Digests already in an older ``checksums.json`` are kept (a file added
+    later is hashed alone)."""
+    path = os.fspath(path)
+    old = read_checksums(path) or {"sha256": {}}
+    names = sorted(n for n in os.listdir(path) if n != CHECKSUMS and os.path.isfile(os.path.join(path, n)))
+    digests = {n: old["sha256"].get(n) or file_sha256(os.path.join(path, n)) for n in names
+               if not n.endswith(UNHASHED)}
+    tmp = os.path.join(path, f".{CHECKSUMS}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"format": CHECKSUMS_FORMAT, "files": names, "sha256": digests}, f, indent=1)
+    os.replace(tmp, os.path.join(path, CHECKSUMS))
+
+
+def missing_files(path) -> list[str]:
+    """The files the directory ``path`` must hold by its ``checksums.json`` and lacks: config.json and every file with
+    a digest there ([] without a checksums.json; tokenizer.json may be removed by hand). Raises ``ValueError`` when
+    checksums.json is unreadable."""
+    sums = read_checksums(path)
+    if sums is None:
+        return []
+    return [n for n in ("config.json", *sums["sha256"]) if not os.path.isfile(os.path.join(os.fspath(path), n))]
+
+
+def verify_checksums(path, names: Iterable[str] | None = None) -> None:
+    """Check the files of the directory ``path`` against its ``checksums.json`` (all hashed files, or only
+    ``names``); nothing to check without one. Raises ``ValueError``: "checkpoint '<path>': <file> does not match its
+    checksum (corrupted?)", or "<file> is missing (an incomplete checkpoint)"."""
+    sums = read_checksums(path)
+    if sums is None:
+        return
+    path = os.fspath(path)
+    for n in missing_files(path):
+        raise ValueError(f"checkpoint {path!r}: {n} is missing (an incomplete checkpoint)")
+    for n, digest in sums["sha256"].items():
+        if (names is None or n in names) and file_sha256(os.path.join(path, n)) != digest:
+            raise ValueError(f"checkpoint {path!r}: {n} does not match its checksum (corrupted? delete {CHECKSUMS} "
+                             "to load a file edited on purpose)")
+
+
+def check_finite(tensors: dict, where, finite: Callable) -> None:
+    """Raise ``ValueError`` naming the first tensor of ``tensors`` (name -> array) for which ``finite(a)`` is false:
+    "checkpoint '<where>': tensor <name> holds non-finite values (NaN or inf)"."""
+    for name, a in tensors.items():
+        if not finite(a):
+            raise ValueError(f"checkpoint {os.fspath(where)!r}: tensor {name} holds non-finite values (NaN or inf)")
+
+
+def follow_umask(path) -> None:
+    """Give the directory ``path`` mode ``0o777 & ~umask`` and its files ``0o666 & ~umask``, as ``mkdir`` and
+    ``open`` would (``tempfile.mkdtemp`` makes 0700 and safetensors 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = os.fspath(path)
+    os.chmod(path, 0o777 & ~mask)
+    for n in os.listdir(path):
+        f = os.path.join(path, n)
+        if os.path.isfile(f) and not os.path.islink(f):
+            os.chmod(f, 0o666 & ~mask)
+
+
+class DiskFullError(OSError):
+    """The disk filled up while writing ``path``; ``str()`` is "disk full while writing <path>"."""
+
+    def __init__(self, path):
+        super().__init__(errno.ENOSPC, f"disk full while writing {os.fspath(path)}")
+        self.path = os.fspath(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+# what writers that lose the errno say about a failed write: torch's zip writer, MLX's safetensors writer
+_WRITE_FAILED_WORDS = ("unexpected pos", "file write failed", "Unable to write", "iostream error")
+LOW_SPACE = 1 << 20
+
+
+def is_disk_full(e: BaseException, where) -> bool:
+    """Whether the error ``e`` of a write under the directory ``where`` means a full disk (or quota): an ``OSError``
+    with ``ENOSPC`` / ``EDQUOT`` anywhere in its chain, a message saying so (safetensors' ``SafetensorError``), or a
+    failed write from a writer that drops the errno (torch's ``RuntimeError`` "unexpected pos", MLX's "Unable to
+    write") while the filesystem of ``where`` has under 1 MiB free."""
+    chain, x = [], e
+    while x is not None and len(chain) < 8:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    if any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in chain):
+        return True
+    if any(w in str(x) for x in chain for w in _FULL_WORDS):
+        return True
+    if any(w in str(x) for x in chain for w in _WRITE_FAILED_WORDS):
+        try:
+            return shutil.disk_usage(where).free < LOW_SPACE
+        except OSError:
+            return False
+    return False

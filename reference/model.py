@@ -6,6 +6,7 @@ Public API (DESIGN.md): ``Model.from_pretrained(dir)``, ``model(input_ids) -> lo
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -276,9 +277,7 @@ class Model(nn.Module):
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
-        if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
-            raise ValueError(f"sampling: expected temperature >= 0, 0 < top_p <= 1, top_k >= 1; got "
-                             f"{temperature}, {top_p}, {top_k}")
+        check_sampling(temperature, top_k, top_p)
         stops = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
         fill = self.config.pad_token_id if self.config.pad_token_id is not None else (
             int(stops[0]) if stops.numel() else 0)
@@ -300,26 +299,41 @@ class Model(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
                         missing_mtp: str = "drop") -> Model:
-        """Load a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``); see
-        `reference.checkpoint.load_model`. MTP depths that config.json asks for and the files lack (as in every
-        checkpoint ``transformers`` saves) are dropped (``missing_mtp="drop"``) or initialized fresh (``"init"``),
-        with a warning naming them. Raises ``FileNotFoundError`` or ``ValueError`` naming the problem."""
+        """Load a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) in float32, or in ``dtype``
+        when given, whatever dtype the files store; see `reference.checkpoint.load_model`. MTP depths that config.json
+        asks for and the files lack (as in every checkpoint ``transformers`` saves) are dropped (``missing_mtp="drop"``)
+        or initialized fresh (``"init"``), with a warning naming them. Raises ``FileNotFoundError`` or ``ValueError``
+        naming the problem."""
         from .checkpoint import load_model
 
         return load_model(cls, path, device=device, dtype=dtype, missing_mtp=missing_mtp)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (Hugging Face names, MTP as layers
-        ``num_hidden_layers + k``), plus ``tokenizer.json`` when given, atomically (temp dir, then rename)."""
+        """Write ``config.json`` (its ``dtype`` and ``torch_dtype`` state the parameters' dtype) and
+        ``model.safetensors`` (Hugging Face names, MTP as layers ``num_hidden_layers + k``), plus ``tokenizer.json``
+        when given, atomically (temp dir, then rename)."""
         from .checkpoint import save_model
 
         save_model(self, path, tokenizer_file=tokenizer_file)
 
 
+def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Raise ``ValueError`` naming the option unless ``temperature`` is a finite number >= 0, ``top_k`` None or an
+    integer >= 1, ``top_p`` None or in (0, 1] (NaN and inf fail, instead of reaching ``torch.multinomial``)."""
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"sampling: temperature={temperature}; expected a finite number >= 0 (0: greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"sampling: top_k={top_k}; expected None or an integer >= 1")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+        raise ValueError(f"sampling: top_p={top_p}; expected None or a number in (0, 1]")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token from (B, V) logits: argmax when ``temperature == 0``, else sample from the
-    temperature-scaled, top-k and top-p filtered distribution. Returns (B,) int64."""
+    temperature-scaled, top-k and top-p filtered distribution. Returns (B,) int64. Raises ``ValueError`` for an
+    option out of range (`check_sampling`)."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature

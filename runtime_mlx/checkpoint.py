@@ -12,8 +12,8 @@ reference's (MLX's ``gather_mm`` on Linux takes only float32, and transformers' 
 
 Writing: ``config.json``, ``model.safetensors`` (main model, experts unstacked), ``mtp.safetensors`` (MTP layers with
 copies of ``embed_tokens`` and ``shared_head.head``, as the released DeepSeek-V3 weights), ``tokenizer.json``;
-config.json states the embedding's dtype; into a temporary sibling directory renamed over the target
-(`reference.checkpoint.write_model_dir`).
+config.json states the embedding's dtype, and ``checksums.json`` last; into a temporary sibling directory renamed
+over the target (`reference.checkpoint.write_model_dir`: modes follow the umask, a full disk is `DiskFullError`).
 
 The name mapping is the reference's (`reference.checkpoint.to_hf_names`, `from_hf_names`) with MLX's stack,
 unstack and FP8 dequantization passed in.
@@ -28,7 +28,16 @@ import os
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from reference.checkpoint import config_for_weights, dtype_name, from_hf_names, mismatch, to_hf_names, write_model_dir
+from reference.checkpoint import (
+    check_finite,
+    config_for_weights,
+    dtype_name,
+    from_hf_names,
+    mismatch,
+    to_hf_names,
+    verify_checksums,
+    write_model_dir,
+)
 from reference.config import ModelConfig
 
 from . import kernels
@@ -100,11 +109,14 @@ def load_model(cls, path, dtype: mx.Dtype | None = None, missing_mtp: str = "dro
     """Build ``cls(config)`` from ``path``/config.json and load its weights strictly; cast floating weights to
     ``dtype``, float32 when None whatever the files store (as the reference's loader). MTP depths that
     config.json asks for and the files lack are dropped or initialized fresh, with a warning (``missing_mtp``,
-    `reference.checkpoint.config_for_weights`). Raises ``FileNotFoundError`` / ``ValueError``."""
+    `reference.checkpoint.config_for_weights`). Raises ``FileNotFoundError`` / ``ValueError`` (also for a file that
+    does not match ``checksums.json`` and for a stored tensor that is not finite, as the reference)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    verify_checksums(path)
     hf = read_weights(path)
+    check_finite(hf, path, lambda a: not mx.issubdtype(a.dtype, mx.floating) or bool(mx.all(mx.isfinite(a))))
     cfg, fresh = config_for_weights(path, hf, missing_mtp)
     model = cls(cfg)
     load_weights(model, sanitize(hf, cfg), f"checkpoint {path!r}", tuple(fresh))

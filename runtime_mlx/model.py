@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from reference.config import ModelConfig
+from reference.model import check_sampling
 
 from . import kernels
 from .attention import Attention
@@ -272,9 +273,7 @@ class Model(nn.Module):
         (or the first stop token). Raises ``ValueError`` on bad arguments."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
-        if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
-            raise ValueError(f"sampling: expected temperature >= 0, 0 < top_p <= 1, top_k >= 1; got "
-                             f"{temperature}, {top_p}, {top_k}")
+        check_sampling(temperature, top_k, top_p)
         stops = sorted(set(stop_tokens or []))
         fill = self.config.pad_token_id if self.config.pad_token_id is not None else (stops[0] if stops else 0)
         stop_arr = mx.array(stops or [-1])
@@ -322,7 +321,9 @@ class Model(nn.Module):
 def sample_next(logits: mx.array, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, key: mx.array | None = None) -> mx.array:
     """Next token from (B, V) logits: argmax when ``temperature == 0``, else a draw from the temperature-scaled,
-    top-k and top-p filtered distribution. Returns (B,) int32."""
+    top-k and top-p filtered distribution. Returns (B,) int32. Raises ``ValueError`` for an option out of range
+    (`reference.model.check_sampling`)."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature

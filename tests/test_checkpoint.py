@@ -227,6 +227,7 @@ def test_mtp_gap_and_bad_mode(tmp_path):
     mtp = load_file(tmp_path / "ck" / "mtp.safetensors")
     kept = {k: v for k, v in mtp.items() if not k.startswith("model.layers.3.")}
     save_file(kept, tmp_path / "ck" / "mtp.safetensors")
+    (tmp_path / "ck" / "checksums.json").unlink()  # edited on purpose: its checksum would refuse it
     with pytest.raises(ValueError, match=r"MTP depths \[0, 2\] are not consecutive from 0: depth 1 "
                                          r"\(model\.layers\.3\.\*\) is missing"):
         Model.from_pretrained(tmp_path / "ck")
@@ -353,7 +354,7 @@ def test_save_load_round_trip(tmp_path, attention_type, kw):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     mtp = model.config.num_nextn_predict_layers
-    expected = {"config.json", "model.safetensors"} | ({"mtp.safetensors"} if mtp else set())
+    expected = {"config.json", "model.safetensors", "checksums.json"} | ({"mtp.safetensors"} if mtp else set())
     assert set(os.listdir(ckpt)) == expected
     assert os.listdir(tmp_path) == ["ckpt"], "temporary directory left behind"
 

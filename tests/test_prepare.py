@@ -422,3 +422,19 @@ def test_default_run_offline_says_how_to_pass_a_local_file(how, tmp_path, monkey
         assert err.startswith("dsfs: error: no input: ") and "roneneldan/TinyStories" in err
         assert "`dsfs prepare --input PATH`" in err and "`dsfs train --data DIR`" in err
     assert not (tmp_path / "data_cache" / "tinystories_sample.txt").exists()
+
+
+def test_prepare_api_checks_paths_and_split_sizes(tmp_path):
+    """A directory as --input, an --out under a file (refused before the tokenizer trains), too little text."""
+    src = _tiny(tmp_path)
+    with pytest.raises(DataError, match="is a directory; expected a text or .jsonl file"):
+        data.prepare(tmp_path, tmp_path / "o", vocab_size=300, verbose=False)
+    with pytest.raises(DataError, match="is a directory; expected a text or .jsonl file"):
+        list(data.iter_documents(tmp_path))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DataError, match="lies under the file"):
+        data.prepare(src, tmp_path / "f" / "o", vocab_size=300, verbose=False)
+    with pytest.raises(DataError, match=r"train 5 tokens / 2 documents, val 4 tokens / 1 document; expected at least "
+                       "64 train tokens"):
+        data.prepare(_write(tmp_path, "three.txt", "a b<|endoftext|>c<|endoftext|>d e"), tmp_path / "o",
+                     vocab_size=300, val_fraction=0.3, verbose=False)

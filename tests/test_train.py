@@ -12,23 +12,27 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsfs import checkpointing, cli, data
+from dsfs import checkpointing, cli, data, loop
 from dsfs.backend import resolve_backend
 from dsfs.checkpointing import CheckpointError, load_trainer_state
 from dsfs.data import DataError
 from dsfs.errors import BackendError, ConfigError, UserError
 from dsfs.evaluation import eval_batches, evaluate
 from dsfs.loop import lr_at
-from dsfs.presets import TRAIN_PRESETS
+from dsfs.presets import MODEL_PRESETS, TRAIN_PRESETS
+from dsfs.rundir import RunDirBusy, lock_run_dir
 from dsfs.train import train
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import TorchTrainer, Trainer
@@ -419,8 +423,9 @@ def test_train_config_validates_and_reads_old_checkpoints():
     assert tiny.replace(lr=None, batch_size=2).batch_size == 2 and tiny.batch_size == 8
     for field, value, msg in [("batch_size", 0, "batch_size=0: expected an integer >= 1"),
                               ("warmup_steps", 1.5, "warmup_steps=1.5: expected an integer >= 0"),
-                              ("lr", float("nan"), "lr=nan: expected a finite number >= 0"),
-                              ("lr", 0.0, "lr=0.0: expected > 0"),
+                              ("lr", float("nan"), "lr=nan: expected a finite number > 0"),
+                              ("lr", 0.0, "lr=0.0: expected a finite number > 0"),
+                              ("min_lr_ratio", 1.5, r"min_lr_ratio=1.5: expected a number in \[0, 1\]"),
                               ("optimizer", "sgd", "optimizer='sgd': expected one of adamw, muon"),
                               ("time_budget_s", -1, "time_budget_s=-1: expected None or a number")]:
         with pytest.raises(ConfigError, match=msg):
@@ -496,7 +501,7 @@ def test_cli_help_and_bad_input(capsys, tmp_path, data_dir):
     rc, _, err = _cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "o", "--resume", "-q")
     assert rc == 1 and err.count("\n") == 1 and "no checkpoint to resume" in err
     rc, _, err = _cli(capsys, "train", "--data", data_dir, "--out", tmp_path / "o", "--batch-size", "0", "-q")
-    assert rc == 1 and err.count("\n") == 1 and "batch_size=0" in err
+    assert rc == 1 and err.count("\n") == 1 and "--batch-size 0: expected an integer >= 1" in err
     rc, _, err = _cli(capsys, "train", "--max-steps", "many")
     assert rc == 2 and err.count("\n") == 1
     if not torch.cuda.is_available():
@@ -514,3 +519,142 @@ def test_cuda_backend_trains(data_dir, tmp_path):
               compile=False,
               max_steps=24)
     assert s["steps"] == 24
+
+
+# ---------------------------------------------------------------- one run per directory, SIGTERM (issue 13)
+
+CLI_SCRIPT = """\
+import json, os, sys, time
+from dsfs import loop, presets
+presets.MODEL_PRESETS["tiny"] = {**presets.MODEL_PRESETS["tiny"], **json.loads(sys.argv[1])}
+gate = sys.argv[2]
+if gate:
+    step = loop.TrainingRun.step
+    def gated_step(self):
+        while self.progress.step >= 1 and not os.path.exists(gate):
+            time.sleep(0.02)
+        return step(self)
+    loop.TrainingRun.step = gated_step
+from dsfs.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def cli_process(*argv, gate: Path | None = None) -> subprocess.Popen:
+    """``dsfs <argv>`` in a subprocess whose ``tiny`` preset is the micro model (stdout and stderr piped, text);
+    with ``gate``, each step after the first waits until that file exists."""
+    return subprocess.Popen([sys.executable, "-c", CLI_SCRIPT, json.dumps(MICRO_MODEL), str(gate or ""),
+                             *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def micro_cli_flags(**kw) -> list[str]:
+    """``MICRO_TRAIN`` (updated with ``kw``) as ``dsfs train`` options."""
+    return [a for k, v in {**MICRO_TRAIN, **kw}.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_a_held_run_dir_refuses_a_second_run(data_dir, short_run, tmp_path, monkeypatch):
+    out = _copy_run(short_run, tmp_path)
+    before = [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")], (out / "metrics.jsonl").read_text()
+    busy = rf"{re.escape(str(out))} is in use by another dsfs run \(pid {os.getpid()}\); wait for it or choose another"
+    with lock_run_dir(out):  # as another process: flock refuses a second open file of the same process alike
+        for kw in (dict(overwrite=True), dict(resume=True), dict(resume=out / "checkpoints", out_dir=None)):
+            with pytest.raises(RunDirBusy, match=busy):
+                micro_train(data_dir, kw.pop("out_dir", out), max_steps=6, **kw)
+        with monkeypatch.context() as m:  # past train()'s early check: the loop's own lock, before it changes a file
+            m.setattr("dsfs.train.check_out", lambda *a, **k: None)
+            for kw in (dict(overwrite=True), dict(resume=True)):
+                with pytest.raises(RunDirBusy, match=busy):
+                    micro_train(data_dir, out, max_steps=6, **kw)
+    assert ([p.name for p in checkpointing.list_checkpoints(out / "checkpoints")],
+            (out / "metrics.jsonl").read_text()) == before
+    (out / ".loss.99999999.tmp.png").write_bytes(b"left by a killed run")
+    assert micro_train(data_dir, out, resume=True, max_steps=6)["steps"] == 6
+    assert not list(out.glob(".*.tmp*"))  # temporaries of dead processes are dropped under the lock
+    with lock_run_dir(out):  # released at the end of the run
+        pass
+
+
+def test_metrics_and_plot_temporaries_are_named_per_process(tmp_path, monkeypatch):
+    renamed, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(Path(a).name), replace(a, b))[1])
+    recs = [{"step": 1, "loss": 3.0}, {"step": 1, "val_loss": 2.9}]
+    loop._write_metrics(tmp_path / "metrics.jsonl", recs)
+    loop.plot_losses(recs, tmp_path / "loss.png")
+    assert len(renamed) == 2 and all(str(os.getpid()) in name for name in renamed), renamed
+
+
+def test_a_second_signal_quits_at_once(data_dir, tmp_path):
+    def twice(rec):
+        if rec["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(loop.Interrupted) as e:
+        micro_train(data_dir, tmp_path / "run", max_steps=8, eval_every=2, on_step=twice)
+    assert e.value.signum == signal.SIGINT
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "run/checkpoints")] == ["step_000002"]
+
+
+def test_cli_exit_code_names_the_signal(capsys, monkeypatch):
+    for exc, code, line in [(KeyboardInterrupt(), 130, "dsfs: interrupted"),
+                            (loop.Interrupted(signal.SIGINT), 130, "dsfs: interrupted"),
+                            (loop.Interrupted(signal.SIGTERM), 143, "dsfs: stopped by SIGTERM")]:
+        monkeypatch.setattr("dsfs.train.train", lambda *a, exc=exc, **k: (_ for _ in ()).throw(exc))
+        assert _cli(capsys, "train")[::2] == (code, line + "\n")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child is POSIX")
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    out, gate = tmp_path / "b", tmp_path / "gate"
+    proc = cli_process("train", "--data", data_dir, "--out", out, "--backend", "reference", "--compile", "off",
+                       "--threads", "1", "-q", *micro_cli_flags(max_steps=8, eval_every=4), gate=gate)
+    try:
+        deadline = time.monotonic() + 120
+        while not any('"loss"' in line for line in _lines(out / "metrics.jsonl")):  # after its first step
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no step within 120 s"
+            time.sleep(0.05)
+        with pytest.raises(RunDirBusy, match=rf"\(pid {proc.pid}\)"):  # held by the child
+            micro_train(data_dir, out, overwrite=True)
+        proc.send_signal(signal.SIGTERM)
+        gate.touch()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    m = re.search(r"stopped by SIGTERM at step (\d+): checkpoint saved in (\S+); continue with dsfs train --resume "
+                  rf"--out {re.escape(str(out))}", err)
+    assert m and m[1] in ("1", "2"), err
+    assert checkpointing.latest_checkpoint(out) == Path(m[2]) and not (out / "final").exists()
+    monkeypatch.setitem(MODEL_PRESETS, "tiny", {**MODEL_PRESETS["tiny"], **MICRO_MODEL})  # the child's preset
+    s = train(data_dir=data_dir, out_dir=out, resume=True, backend="reference", verbose=False, compile=False)
+    assert s["steps"] == 8
+    micro_train(data_dir, tmp_path / "a", max_steps=8, eval_every=4)  # uninterrupted
+    (ta, ea), (tb, eb) = read_metrics(tmp_path / "a"), read_metrics(out)
+    keys = ("step", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "tokens")
+    assert [[r[k] for k in keys] for r in ta] == [[r[k] for k in keys] for r in tb] and ea == eb
+    wa, wb = (load_file(d / "final/model.safetensors") for d in (tmp_path / "a", out))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+# ---------------------------------------------------------------- train() argument checks (issue 13, defects 8-9)
+
+
+def test_train_checks_its_run_options_before_any_work(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    for kw, msg in [(dict(keep_last=-1), "--keep-last -1: expected an integer >= 0"),
+                    (dict(save_every=0), "--save-every 0: expected an integer >= 1"),
+                    (dict(resume=True, overwrite=True), "pass --resume .* or --overwrite .*, not both")]:
+        with pytest.raises(ConfigError, match=msg):
+            micro_train(data_dir, out, **kw)
+    assert not out.exists()
+    train("tiny", data_dir, out, model_overrides=MICRO_MODEL, backend="reference", compile=False,
+          **{**MICRO_TRAIN, "max_steps": 1})  # verbose
+    err = capsys.readouterr().err
+    assert ", 1 step; data " in err and "1 steps" not in err, err

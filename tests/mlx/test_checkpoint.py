@@ -8,7 +8,11 @@ config.json states the saved dtype."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import re
+import shutil
+import types
 import warnings
 
 import pytest
@@ -17,7 +21,7 @@ from mlx.utils import tree_flatten
 from safetensors.torch import load_file, save_file
 
 from reference import Model as ReferenceModel
-from reference.checkpoint import CheckpointWarning
+from reference.checkpoint import CheckpointWarning, DiskFullError
 from reference.fp8 import weight_quant
 from runtime_mlx import Model
 from runtime_mlx.checkpoint import to_hf
@@ -59,7 +63,7 @@ def test_mlx_checkpoint_loads_in_mlx_lm_and_reference(tmp_path, attention_type):
     copy_weights(model, ref)
     model.save_pretrained(tmp_path / "ck", tokenizer_file=None)
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
-    assert files == ["config.json", "model.safetensors", "mtp.safetensors"]
+    assert files == ["checksums.json", "config.json", "model.safetensors", "mtp.safetensors"]
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in load_file(tmp_path / "ck" / "model.safetensors")
     assert "model.layers.2.eh_proj.weight" in load_file(tmp_path / "ck" / "mtp.safetensors")
     ids = torch.randint(0, cfg.vocab_size, (2, 10))
@@ -105,6 +109,7 @@ def test_fp8_and_packed_experts(tmp_path):
     up = torch.stack([sd.pop(f"{base}.{e}.up_proj.weight") for e in range(8)])
     sd[f"{base}.gate_up_proj"] = torch.cat((gate, up), dim=1)
     save_file(sd, tmp_path / "ck" / "model.safetensors")
+    (tmp_path / "ck" / "checksums.json").unlink()  # edited on purpose: its checksum would refuse it
     ids = torch.randint(0, 97, (1, 7))
     loaded = ReferenceModel.from_pretrained(tmp_path / "ck").eval()
     with torch.no_grad():
@@ -138,6 +143,39 @@ def test_save_is_atomic_and_bad_dirs_raise(tmp_path, monkeypatch):
     (tmp_path / "ck" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt"):
         Model.from_pretrained(tmp_path / "ck")
+
+
+def test_full_disk_checksums_modes_and_non_finite_weights(tmp_path, monkeypatch):
+    """MLX saves go through `reference.checkpoint.write_model_dir`: checksums.json, the umask's modes and one
+    `DiskFullError` for MLX's errno-less write error; loading verifies checksums and finiteness as the reference."""
+    _, model = model_pair(_config())
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "ck")
+    finally:
+        os.umask(old)
+    ck = tmp_path / "ck"
+    assert {p.stat().st_mode & 0o777 for p in ck.iterdir()} == {0o644} and ck.stat().st_mode & 0o777 == 0o755
+    sums = json.loads((ck / "checksums.json").read_text())
+    assert sorted(sums["sha256"]) == ["model.safetensors", "mtp.safetensors"]
+    sd = load_file(ck / "model.safetensors")
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    sd[name][1, 2] = float("inf")
+    save_file(sd, ck / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match its checksum \(corrupted\?"):
+        Model.from_pretrained(ck)
+    (ck / "checksums.json").unlink()
+    with pytest.raises(ValueError, match=rf"tensor {re.escape(name)} holds non-finite values"):
+        Model.from_pretrained(ck)
+
+    def full(path, arrays, metadata=None):  # what mx.save_safetensors raises on ENOSPC
+        raise RuntimeError("[write] Unable to write 334556 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(total=10**9, used=10**9, free=0))
+    with pytest.raises(DiskFullError, match=rf"^disk full while writing {re.escape(str(tmp_path / 'ck2'))}$"):
+        model.save_pretrained(tmp_path / "ck2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
 @pytest.mark.parametrize("case", list(CASES))

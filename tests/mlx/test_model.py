@@ -158,6 +158,11 @@ def test_bad_input_ids():
         model(mx.zeros((1, 65), dtype=mx.int32))
     with pytest.raises(ValueError, match="targets"):
         model.loss(mx.zeros((1, 3), dtype=mx.int32), mx.zeros((1, 4), dtype=mx.int32))
+    prompt = mx.zeros((1, 3), dtype=mx.int32)
+    for kw in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=-1.0),
+               dict(temperature=1.0, top_p=float("nan")), dict(temperature=1.0, top_k=0)):
+        with pytest.raises(ValueError, match="sampling: "):
+            model.generate(prompt, 2, **kw)
 
 
 def test_kernel_path_and_fresh_init():
