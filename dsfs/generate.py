@@ -86,6 +86,9 @@ def evaluate_checkpoint(
         raise DataError(f"the {split} split of {data_dir} holds {plural(len(tokens), 'token')}: too few for --seq-len "
                         f"{seq_len} (expected at least {seq_len + 1}); lower --seq-len")
     loss = evaluate(model, eval_batches(tokens, batch_size, seq_len, batches))
+    if not math.isfinite(loss):
+        raise CheckpointError(f"{model_dir}: the {split} loss is {loss}: the model's logits are not finite on this "
+                              "data (its weights load as finite: broken weights or an overflow)")
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": batches * batch_size * seq_len,
             "model_dir": str(model_dir), "split": split}
 

@@ -273,7 +273,8 @@ class Model(nn.Module):
         smallest set whose probability reaches ``top_p`` (nucleus, Holtzman et al. 2019), and sample with
         ``generator``. A sequence that emits one of ``stop_tokens`` is finished; later positions are filled
         with ``pad_token_id`` (or the stop token). Generation ends when all are finished. With ``use_cache``
-        each step feeds one token through the KV cache; without, it reruns the whole prefix.
+        each step feeds one token through the KV cache; without, it reruns the whole prefix. Raises ``ValueError``
+        for bad options (`check_sampling`) and for non-finite logits (broken weights: argmax of NaN is a token).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
@@ -286,6 +287,8 @@ class Model(nn.Module):
         done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
         for _ in range(max_new_tokens):
             logits = self(step_in if use_cache else seq, cache)[:, -1].float()
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError(f"generate: non-finite logits for the token at position {seq.shape[1]}")
             nxt = sample_next(logits, temperature, top_k, top_p, generator).masked_fill(done, fill)
             seq = torch.cat((seq, nxt[:, None]), dim=1)
             step_in = nxt[:, None]

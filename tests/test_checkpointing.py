@@ -263,8 +263,8 @@ def test_checksums_list_every_file_and_hash_the_binary_ones(tmp_path):
 
 
 def test_kill_trial_few_kills(tmp_path):
-    """`bench.kill_trial` with 3 kills (the full trial: ``python -m bench.kill_trial --kills 30``)."""
-    f = kill_trial.trial(kills=3, seed=0, workdir=tmp_path, max_steps=60, window_s=1.5, say=lambda s: None)
+    """`bench.kill_trial` with 2 kills (the full trial: ``python -m bench.kill_trial --kills 30``)."""
+    f = kill_trial.trial(kills=2, seed=0, workdir=tmp_path, max_steps=40, window_s=1.5, say=lambda s: None)
     assert not f.failures, f.failures
-    assert f.kills == 3 and f.final_step == 60 and f.resumes_ok == f.resumes and f.cleaned == f.leftovers
+    assert f.kills == 2 and f.final_step == 40 and f.resumes_ok == f.resumes and f.cleaned == f.leftovers
     assert f.loadable >= f.checkpoints_left > 0

@@ -101,6 +101,21 @@ def test_eval_accepts_a_padded_model_vocab(run, data_dir, tmp_path):
     assert math.isfinite(r["loss"])
 
 
+def test_non_finite_logits_from_finite_weights_are_an_error(run, data_dir, tmp_path, capsys):
+    """Finite weights whose logits overflow (a final norm gain of 1e38 and a head scaled by 1e6): eval and generate stop with one line
+    instead of printing a NaN loss or argmax-of-NaN tokens."""
+    model = Model.from_pretrained(run / "final")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1e38)
+        model.lm_head.weight.mul_(1e6)  # logits ~1e42: inf
+    model.save_pretrained(tmp_path / "overflow", tokenizer_file=run / "final" / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="val loss is (nan|inf): the model.s logits are not finite"):
+        evaluate_checkpoint(tmp_path / "overflow", data_dir, batches=1, batch_size=2, seq_len=16, device="cpu")
+    rc, out, err = _cli(capsys, "generate", "--checkpoint", tmp_path / "overflow", "--max-new-tokens", 4,
+                        "--device", "cpu")
+    assert rc == 1 and out == "" and err.count("\n") == 1 and "non-finite logits" in err, err
+
+
 def test_cli_warnings_are_one_line(capsys, run, tmp_path):
     """A loader warning (a checkpoint whose config asks for an MTP depth its files lack) is one dsfs: warning: line,
     not Python's two-line warning with a source line."""
