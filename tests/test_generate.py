@@ -102,8 +102,8 @@ def test_eval_accepts_a_padded_model_vocab(run, data_dir, tmp_path):
 
 
 def test_non_finite_logits_from_finite_weights_are_an_error(run, data_dir, tmp_path, capsys):
-    """Finite weights whose logits overflow (a final norm gain of 1e38 and a head scaled by 1e6): eval and generate stop with one line
-    instead of printing a NaN loss or argmax-of-NaN tokens."""
+    """Finite weights whose logits overflow (a final norm gain of 1e38 and a head scaled by 1e6): eval and generate
+    stop with one line instead of printing a NaN loss or argmax-of-NaN tokens."""
     model = Model.from_pretrained(run / "final")
     with torch.no_grad():
         model.model.norm.weight.fill_(1e38)
