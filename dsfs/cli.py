@@ -137,8 +137,10 @@ def add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     p.add_argument("--seed", type=int, metavar="N", help="model init and data order (default: 0; on --resume the "
                    "checkpoint's, which it cannot change)")
-    p.add_argument("--keep-last", type=int, default=3, metavar="K", help="checkpoints kept (default: 3; 0: all)")
-    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: --eval-every)")
+    p.add_argument("--keep-last", type=int, metavar="K", help="checkpoints kept (default: 3, or on --resume the "
+                   "run's; 0: all)")
+    p.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: --eval-every, "
+                   "or on --resume the run's)")
     g = p.add_argument_group("training options (default: the preset's)")
     for name, typ, help_ in [
         ("max-steps", int, "optimizer steps"), ("batch-size", int, "sequences per micro-batch"),

@@ -194,7 +194,7 @@ def train(
     init_from: str | os.PathLike | None = None,
     backend: str = "auto",
     seed: int | None = None,
-    keep_last: int = 3,
+    keep_last: int | None = None,
     save_every: int | None = None,
     overwrite: bool = False,
     model_overrides: dict | None = None,
@@ -231,11 +231,11 @@ def train(
 
     Validation (`dsfs.evaluation.evaluate` on ``eval_batches`` fixed windows of the val split) runs at step 0 of a
     fresh run, every ``eval_every`` steps and at the end; checkpoints every ``save_every`` steps (default
-    ``eval_every``), on Ctrl-C, at the end, keeping the newest ``keep_last``. ``time_budget_s``: stop (evaluate,
-    checkpoint, write final/) once this session has trained that many wall-clock seconds; the summary's ``stopped``
-    is then ``"time_budget"``. ``on_step``: called with each step's metrics record (tests). ``compile``:
-    ``torch.compile`` the training loss (``"auto"``: on cpu and cuda, not on mps); on the MLX runtime,
-    ``mx.compile`` the micro-step and the update (``"auto"``: on).
+    ``eval_every``), on Ctrl-C, at the end, keeping the newest ``keep_last`` (default 3; on resume both default to
+    the run's). ``time_budget_s``: stop (evaluate, checkpoint, write final/) once this session has trained that many
+    wall-clock seconds; the summary's ``stopped`` is then ``"time_budget"``. ``on_step``: called with each step's
+    metrics record (tests). ``compile``: ``torch.compile`` the training loss (``"auto"``: on cpu and cuda, not on
+    mps); on the MLX runtime, ``mx.compile`` the micro-step and the update (``"auto"``: on).
 
     Returns the summary of `dsfs.loop.TrainingRun.run` plus ``"backend"``. Exact resume assumes the same device and
     torch thread count in both sessions; a run continues on another backend within float tolerance. Raises
@@ -266,11 +266,13 @@ def train(
             raise CheckpointError(f"{ckpt} is a run of --seed {state['seed']}; --seed {seed} cannot change it on "
                                   "--resume (the run continues the checkpoint's data order and RNG state)")
         seed = state["seed"]
+        keep_last = state.get("keep_last", 3) if keep_last is None else keep_last  # the run's, unless given
+        save_every = state.get("save_every") if save_every is None else save_every
         model_overrides = {**(state["model_overrides"] or {}), **(model_overrides or {})} or None
         init_dir = Path(state["init_from"]) if state.get("init_from") else None
     elif init_from is not None:
         init_dir = resolve_model_dir(init_from)
-    preset, seed = preset or "tiny", seed or 0
+    preset, seed, keep_last = preset or "tiny", seed or 0, 3 if keep_last is None else keep_last
     if out_dir is None and ckpt is not None and ckpt.parent.name == CHECKPOINTS:
         out = ckpt.parent.parent  # resume PATH without --out: continue in that run directory
     else:
@@ -362,7 +364,8 @@ def train(
     def stage_state() -> dict:
         return {"data_generator": gen.get_state(), "preset": preset, "model_overrides": model_overrides or {},
                 "seed": seed, "data_dir": str(data_dir.resolve()), "meta_sha256": meta_sha, "backend": be.name,
-                "init_from": str(init_dir.resolve()) if init_dir is not None else None}
+                "init_from": str(init_dir.resolve()) if init_dir is not None else None,
+                "keep_last": keep_last, "save_every": save_every}
 
     if be.note:
         say(be.note)

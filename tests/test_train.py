@@ -658,3 +658,12 @@ def test_train_checks_its_run_options_before_any_work(data_dir, tmp_path, capsys
           **{**MICRO_TRAIN, "max_steps": 1})  # verbose
     err = capsys.readouterr().err
     assert ", 1 step; data " in err and "1 steps" not in err, err
+
+
+def test_resume_keeps_the_runs_checkpoint_options(data_dir, tmp_path):
+    """--keep-last and --save-every given at the start hold on --resume unless given again."""
+    out = tmp_path / "run"
+    micro_train(data_dir, out, max_steps=3, eval_every=3, save_every=1, keep_last=1)
+    micro_train(data_dir, out, resume=True, max_steps=6)
+    steps = [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")]
+    assert steps == ["step_000006"], steps  # saved every step, one kept (defaults would keep 3 of 3, 6)
