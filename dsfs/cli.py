@@ -182,7 +182,7 @@ def _run_train(args) -> int:
         v = getattr(args, "time_budget" if f == "time_budget_s" else f)
         if v is not None:
             check_value(f, v, cli=True)
-    if args.keep_last < 0:
+    if args.keep_last is not None and args.keep_last < 0:
         raise ConfigError(f"--keep-last {args.keep_last}: expected an integer >= 0 (0 keeps every checkpoint)")
     if args.save_every is not None and args.save_every < 1:
         raise ConfigError(f"--save-every {args.save_every}: expected an integer >= 1")

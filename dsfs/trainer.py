@@ -10,7 +10,8 @@ language-modelling batches; a post-training stage (SFT, DPO, GRPO) plugs in a tr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -74,6 +75,32 @@ def compiled_loss(model: nn.Module) -> Callable:
     return torch.compile(model.loss)
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside the block (nothing when not ``enabled``),
+    the previous setting restored after it; uninitialized memory is not filled (``torch.empty`` stays as fast).
+
+    What it fixes: inductor lowers an accumulating ``index_put`` (the embedding's backward) to a scatter with
+    atomic adds, so the compiled backward adds a token's gradient rows in whatever order the OpenMP threads reach
+    them, and two runs with the same seed drift apart from the first steps (``embed_tokens`` gradients differ in
+    the last bits, then everything). Under deterministic algorithms inductor calls ATen's ``index_put_`` instead,
+    which accumulates in order. Inductor reads the flag when it lowers a graph, Dynamo guards on it, and a compiled
+    backward is lowered on its first call: the forward and the backward must both run inside the block."""
+    if not enabled:
+        yield
+        return
+    det = torch.utils.deterministic
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        det.fill_uninitialized_memory = before[2]
+
+
 class TorchTrainer:
     """A `Trainer` for language modelling with a torch model of the ``reference.Model`` API.
 
@@ -81,13 +108,19 @@ class TorchTrainer:
     ``weight_decay``, ``optimizer``: ``"adamw"`` or ``"muon"``); the loss runs through `compiled_loss` when
     ``compile``, under bf16 autocast on CUDA; gradients are clipped to ``grad_clip`` (0: no clipping);
     ``mtp_weight`` weighs the MTP loss; the MoE correction biases are updated after each optimizer step.
+
+    ``deterministic``: run the compiled forward and backward under `deterministic_algorithms`, so two runs with the
+    same seed (and a resumed run) train bit for bit alike, on the same machine, torch and thread count; ``None``
+    (default): when compiled on CPU (eager CPU training is deterministic already; on CUDA, deterministic kernels
+    need ``CUBLAS_WORKSPACE_CONFIG`` and cost more, and are left to the user).
     """
 
     def __init__(self, model: nn.Module, device: torch.device, lr: float, weight_decay: float, grad_clip: float,
-                 mtp_weight: float, compile: bool, optimizer: str = "adamw"):
+                 mtp_weight: float, compile: bool, optimizer: str = "adamw", deterministic: bool | None = None):
         self.model, self.device, self.mtp_weight = model.to(device).train(), device, mtp_weight
         self.opt = make_optimizer(self.model, lr, weight_decay, optimizer)
         self.loss_fn = compiled_loss(self.model) if compile else self.model.loss
+        self.deterministic = bool(compile and device.type == "cpu") if deterministic is None else deterministic
         self.clip = grad_clip if grad_clip > 0 else float("inf")
         self.device_type, self.n_params = device.type, sum(p.numel() for p in self.model.parameters())
         self.label, self.note, self.summary = " (torch.compile)" if compile else "", None, {}
@@ -98,9 +131,10 @@ class TorchTrainer:
         depths; ``None`` without MTP) and ``aux_loss``."""
         x = batch["input_ids"].to(self.device, non_blocking=True)
         y = batch["targets"].to(self.device, non_blocking=True)
-        with autocast(self.device):
-            o = self.loss_fn(x, y, mtp_weight=self.mtp_weight)
-        (o.loss / accum).backward()
+        with deterministic_algorithms(self.deterministic):
+            with autocast(self.device):
+                o = self.loss_fn(x, y, mtp_weight=self.mtp_weight)
+            (o.loss / accum).backward()
         mtp = torch.stack(o.mtp_losses).mean().item() if o.mtp_losses else None
         return {"loss": o.loss.item(), "lm_loss": o.lm_loss.item(), "mtp_loss": mtp, "aux_loss": float(o.aux_loss)}
 
