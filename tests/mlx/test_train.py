@@ -61,7 +61,7 @@ def test_cli_mlx_run_matches_reference_and_reference_resumes_it(data_dir, refere
     state = load_trainer_state(out / "checkpoints" / "step_000002")
     assert state["backend"] == "mlx" and state["optimizer"]["state"]
     assert sorted(p.name for p in (out / "final").iterdir()) == [
-        "config.json", "model.safetensors", "mtp.safetensors", "tokenizer.json"]
+        "checksums.json", "config.json", "model.safetensors", "mtp.safetensors", "tokenizer.json"]
     ref_final = ReferenceModel.from_pretrained(out / "final").eval()
     ids = torch.randint(0, ref_final.config.vocab_size, (2, 16))
     with torch.no_grad():
