@@ -20,5 +20,7 @@ BENCH=()
 for regex in "${SUBSET[@]}"; do BENCH+=(--bench "$regex"); done
 
 uv run asv check --python=same
+# asv run needs this machine described (~/.asv-machine.json); --yes takes its defaults on a fresh machine.
+uv run asv machine --yes >/dev/null
 # asv run exits 2 when a benchmark failed; --dry-run keeps .asv/results untouched.
 uv run asv run --python=same --quick --dry-run --show-stderr "${BENCH[@]}"
