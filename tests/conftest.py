@@ -21,3 +21,12 @@ def _seed(request):
 
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF)
     yield
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One prepared micro data directory (`tests.test_train.make_data_dir`) for every test that trains or
+    evaluates; read-only."""
+    from tests.test_train import make_data_dir
+
+    return make_data_dir(tmp_path_factory.mktemp("data"))

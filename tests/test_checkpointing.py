@@ -35,7 +35,7 @@ from dsfs.checkpointing import (
 from dsfs.errors import UserError
 from dsfs.rundir import lock_run_dir
 from reference import Model, ModelConfig
-from tests.test_train import MICRO_MODEL, _cli, make_data_dir, micro_train
+from tests.test_train import MICRO_MODEL, _cli, micro_train
 
 
 def _model() -> Model:
@@ -212,8 +212,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
             Model.from_pretrained(tmp_path / "ck")
 
 
-def test_eval_and_generate_refuse_corrupted_weights_in_one_line(tmp_path, capsys):
-    data_dir = make_data_dir(tmp_path / "data")
+def test_eval_and_generate_refuse_corrupted_weights_in_one_line(data_dir, tmp_path, capsys):
     micro_train(data_dir, tmp_path / "run", max_steps=2, warmup_steps=1, eval_every=2, eval_batches=1)
     final = tmp_path / "run" / "final"
     sd = load_file(final / "model.safetensors")

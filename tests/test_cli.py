@@ -11,12 +11,7 @@ from pathlib import Path
 import pytest
 
 from dsfs import data
-from tests.test_train import _cli, make_data_dir, micro_train
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_data_dir(tmp_path_factory.mktemp("data"))
+from tests.test_train import _cli, micro_train
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from dsfs import checkpointing
 from dsfs.train import train
 from dsfs.trainer import TorchTrainer, deterministic_algorithms
 from reference import Model, ModelConfig
-from tests.test_train import MICRO_MODEL, make_data_dir, micro_train, read_metrics
+from tests.test_train import MICRO_MODEL, micro_train, read_metrics
 
 # big enough that an atomic-add backward differs every step (see the module docstring), still a second a run
 KW = dict(batch_size=8, seq_len=64, max_steps=8, eval_every=4, warmup_steps=2, compile=True)
@@ -36,11 +36,6 @@ def _two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_data_dir(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

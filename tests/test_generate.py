@@ -21,17 +21,11 @@ from tests.test_train import _cli, make_data_dir, micro_train
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_data_dir(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def run(data_dir, tmp_path_factory):
     """A 16-step micro run: checkpoints at 8 and 16, final/."""
     out = tmp_path_factory.mktemp("gen") / "run"
     micro_train(data_dir, out, max_steps=16, eval_every=8)
     return out
-
 
 
 def test_greedy_generation_with_and_without_cache_agree(run):

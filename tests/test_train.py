@@ -82,12 +82,6 @@ def read_metrics(out) -> tuple[list[dict], list[dict]]:
     return [r for r in recs if "loss" in r], [r for r in recs if "val_loss" in r]
 
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_data_dir(tmp_path_factory.mktemp("data"))
-
-
 @pytest.fixture(scope="module")
 def short_run(data_dir, tmp_path_factory) -> Path:
     """A finished 4-step micro run with checkpoints at steps 2 and 4."""

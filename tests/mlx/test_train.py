@@ -29,11 +29,6 @@ from tests.tolerance import assert_close
 STEPS = dict(MICRO_TRAIN, max_steps=4, eval_every=2, eval_batches=1, optimizer="adamw")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_data_dir(tmp_path_factory.mktemp("data"))
-
-
 def _train(data_dir, out, backend, **kw):
     return train("tiny", data_dir, out, backend=backend, model_overrides=MICRO_MODEL, verbose=False,
                  compile=kw.pop("compile", backend == "mlx"), **{**STEPS, **kw})
