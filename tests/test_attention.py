@@ -18,7 +18,7 @@ from tests.reference_utils import (
     rope_interleaved,
     rope_neox,
 )
-from tests.tolerance import assert_close, rel_err
+from reference.testing import assert_close, rel_err
 
 # ----------------------------------------------------------------------------- attention
 

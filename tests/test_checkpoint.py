@@ -33,7 +33,7 @@ from reference.checkpoint import CheckpointWarning, to_hf_state_dict
 from reference.fp8 import weight_quant
 from tests.reference_utils import make_config, rand_ids, randomize_, tiny_model
 from tests.test_oracle import randomize
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from reference.cross_entropy import linear_cross_entropy
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 def _inputs(N=23, H=16, V=40):

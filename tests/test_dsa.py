@@ -19,7 +19,7 @@ from tests.reference_utils import (
     rand_ids,
     randomize_,
 )
-from tests.tolerance import assert_close, rel_err
+from reference.testing import assert_close, rel_err
 
 
 def _dsa(index_topk, dtype=torch.float64, **kw):

@@ -26,7 +26,7 @@ from reference.fp8 import (
     weight_dequant,
     weight_quant,
 )
-from tests.tolerance import assert_close, rel_err
+from reference.testing import assert_close, rel_err
 
 # Every finite float8_e4m3fn value, decoded from its bit patterns (independent of torch's cast).
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).double()

@@ -18,7 +18,7 @@ from tests.reference_utils import (
     randomize_,
     rope_interleaved,
 )
-from tests.tolerance import assert_close, rel_err
+from reference.testing import assert_close, rel_err
 
 YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "mscale": 1.0,
         "mscale_all_dim": 1.0}

@@ -18,7 +18,7 @@ from tests.reference_utils import (
     randomize_,
     tiny_model,
 )
-from tests.tolerance import assert_close, rel_err
+from reference.testing import assert_close, rel_err
 
 ATTN = ["mla", "dsa", "mha", "mqa", "gqa"]
 

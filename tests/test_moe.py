@@ -15,7 +15,7 @@ from tests.reference_utils import (
     rand_ids,
     randomize_,
 )
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 GROUPED = dict(n_routed_experts=256, n_group=8, topk_group=4, num_experts_per_tok=8, hidden_size=32,
                moe_intermediate_size=16, routed_scaling_factor=2.5)

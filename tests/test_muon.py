@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reference.muon import Muon, zeropower_via_newtonschulz5
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (5, 7), (16, 16), (3, 6, 9), (2, 9, 4), (2, 3, 5, 4)])

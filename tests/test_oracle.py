@@ -16,7 +16,7 @@ import torch
 
 from reference import Model, ModelConfig
 from reference.dsa import Indexer
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 mx = pytest.importorskip("mlx.core")

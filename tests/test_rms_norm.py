@@ -8,7 +8,7 @@ from reference.rms_norm import rms_norm
 from tests.reference_utils import (
     naive_rms,
 )
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 def test_rms_norm_equals_formula():

@@ -13,7 +13,7 @@ from tests.reference_utils import (
     rope_interleaved,
     rope_neox,
 )
-from tests.tolerance import assert_close, rel_err
+from reference.testing import assert_close, rel_err
 
 
 def _angles(positions, dim, theta=10000.0, dtype=torch.float64):

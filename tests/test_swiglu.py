@@ -9,7 +9,7 @@ from tests.reference_utils import (
     gradcheck_module,
     randomize_,
 )
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 def test_gradcheck_swiglu_and_mlp():

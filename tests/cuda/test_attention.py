@@ -10,7 +10,7 @@ import torch
 from kernels.triton.attention import attention, attention_fwd
 from reference.attention import attend, causal_mask
 from tests.cuda.conftest import DEVICE
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 def _inputs(b, h, hk, t, s, dk, dv, dtype):

@@ -11,7 +11,7 @@ import torch
 from kernels.triton.cross_entropy import chunked_cross_entropy, linear_cross_entropy
 from reference.cross_entropy import linear_cross_entropy as linear_cross_entropy_ref
 from tests.cuda.conftest import DEVICE
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 def _inputs(N=21, H=24, V=300, dtype=torch.float32, ignore_index=-100):

@@ -18,7 +18,7 @@ from reference.dsa import DSA, Indexer, indices_to_mask
 from reference.rope import RotaryEmbedding
 from tests.cuda.conftest import DEVICE
 from tests.reference_utils import make_config, randomize_
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 def _random_indices(b, t, s, nk):

@@ -17,7 +17,7 @@ from kernels.triton.fp8 import act_quant, fp8_gemm, weight_dequant
 from kernels.triton.utils import interpreted
 from reference import fp8 as ref
 from tests.cuda.conftest import DEVICE
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(ref.FP8_DTYPE).double()
 E4M3_GRID = E4M3_GRID[E4M3_GRID.isfinite()]

@@ -10,7 +10,7 @@ import torch
 
 from kernels.triton import grouped_gemm as gg
 from tests.cuda.conftest import DEVICE
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 def _segments(counts):

@@ -12,7 +12,7 @@ from reference.attention import attend, causal_mask
 from reference.mla import MLA
 from tests.cuda.conftest import DEVICE
 from tests.reference_utils import make_config, randomize_
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 def _inputs(b, h, t, s, r, dr, dtype):

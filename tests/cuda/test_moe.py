@@ -16,7 +16,7 @@ from reference import moe as ref_moe
 from reference.moe import DeepSeekMoE, Experts, Router
 from tests.cuda.conftest import DEVICE
 from tests.reference_utils import make_config, randomize_
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 # (n_experts, n_group, topk_group, top_k, norm_topk_prob, routed_scaling_factor, tokens)
 ROUTES = [

@@ -10,7 +10,7 @@ import torch
 from kernels.triton.rms_norm import rms_norm, rms_norm_bwd, rms_norm_fwd
 from reference.rms_norm import rms_norm as rms_norm_ref
 from tests.cuda.conftest import DEVICE
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 SHAPES = [(2, 5, 100), (1, 33), (9, 3)]
 

@@ -11,7 +11,7 @@ import torch
 from kernels.triton.rope import rope, rope_launch
 from reference.rope import RotaryEmbedding, apply_rope
 from tests.cuda.conftest import DEVICE
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 0.707}

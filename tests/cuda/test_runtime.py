@@ -8,7 +8,7 @@ import runtime_cuda
 from reference import Model
 from tests.cuda.conftest import DEVICE
 from tests.reference_utils import assert_o1, make_config, make_model, rand_ids
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 CASES = {
     "mla-qlora-mtp-groups": dict(q_lora_rank=12, num_nextn_predict_layers=1, n_group=4, topk_group=2,

@@ -10,7 +10,7 @@ import torch
 from kernels.triton.swiglu import swiglu, swiglu_bwd, swiglu_fwd
 from reference.swiglu import swiglu as swiglu_ref
 from tests.cuda.conftest import DEVICE
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

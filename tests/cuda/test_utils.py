@@ -14,7 +14,7 @@ import triton.language as tl
 
 from kernels.triton.utils import cast, load_tile, pow2, store_tile, tile_dot
 from tests.cuda.conftest import DEVICE
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 @triton.jit

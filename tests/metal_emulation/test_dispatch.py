@@ -17,7 +17,7 @@ from runtime_mlx.kernels import launch
 from runtime_mlx.kernels.rms_norm import _rms_norm_custom
 from tests.metal_emulation import driver
 from tests.mlx.utils import to_torch
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is None,
                                 reason="the Metal emulation needs Linux and g++ (ucontext fibers, ELF sections)")

@@ -26,7 +26,7 @@ from runtime_mlx.kernels.swiglu import _swiglu_metal
 from tests.metal_emulation import driver
 from tests.metal_emulation.driver import MetalEmulationError
 from tests.mlx.utils import to_mx, to_torch
-from tests.tolerance import assert_close, rel_err
+from reference.testing import assert_close, rel_err
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is None,
                                 reason="the Metal emulation needs Linux and g++ (ucontext fibers, ELF sections)")

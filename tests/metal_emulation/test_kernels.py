@@ -3,7 +3,7 @@
 Each op runs through its real Metal path in `runtime_mlx.kernels` (the same `Launch` data and post-processing),
 with the launch itself executed by `driver.emulate` instead of ``mx.fast.metal_kernel``. Each is run under two
 thread orders, which must agree bit for bit (a race shows as a moving result); outputs are poisoned (NaN) before
-each run; sizes are ragged (not multiples of the threadgroup, the block or 32). Errors: `tests.tolerance`.
+each run; sizes are ragged (not multiples of the threadgroup, the block or 32). Errors: `reference.testing`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from runtime_mlx.kernels.swiglu import _swiglu_metal, _swiglu_metal_bwd
 from tests.metal_emulation import driver
 from tests.mlx.kernel_refs import ref_mla_decode, spread
 from tests.mlx.utils import to_mx, to_torch
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is None,
                                 reason="the Metal emulation needs Linux and g++ (ucontext fibers, ELF sections)")

@@ -10,7 +10,7 @@ from reference.attention import attend as ref_attend
 from reference.attention import causal_mask as ref_causal_mask
 from runtime_mlx.attention import attend
 from tests.mlx.utils import to_mx, to_torch
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("heads,kv_heads,dk,dv", [(4, 4, 8, 8), (4, 2, 8, 8), (4, 1, 12, 8)])

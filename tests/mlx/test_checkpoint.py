@@ -37,7 +37,7 @@ from tests.test_checkpoint import (
     hf_float32,
     write_deepseek_checkpoint,
 )
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 mlx_utils = pytest.importorskip("mlx_lm.utils")
 transformers = pytest.importorskip("transformers")

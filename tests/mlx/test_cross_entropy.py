@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from reference.cross_entropy import linear_cross_entropy as ref_lce
 from runtime_mlx.kernels import cross_entropy, linear_cross_entropy
 from tests.mlx.utils import PATHS, to_mx, to_torch
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 def _inputs(n=37, h=24, v=301):

@@ -16,7 +16,7 @@ from runtime_mlx import kernels as K
 from runtime_mlx.dsa import DSA
 from tests.mlx.utils import PATHS, layer_pair, to_mx, to_torch
 from tests.reference_utils import make_config
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -11,7 +11,7 @@ from reference import fp8 as ref_fp8
 from runtime_mlx import kernels as K
 from tests.mlx.kernel_refs import spread
 from tests.mlx.utils import PATHS, to_mx, to_torch
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("path", PATHS)

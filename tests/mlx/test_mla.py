@@ -18,7 +18,7 @@ from runtime_mlx.mla import MLA
 from tests.mlx.kernel_refs import ref_mla_decode
 from tests.mlx.utils import PATHS, YARN, grads_of, layer_pair, to_mx, to_torch
 from tests.reference_utils import make_config
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("path", PATHS)

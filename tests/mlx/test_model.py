@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from runtime_mlx import Model
 from tests.mlx.utils import model_pair, mx, to_mx, to_torch
 from tests.reference_utils import make_config
-from tests.tolerance import assert_close, rel_err
+from reference.testing import assert_close, rel_err
 
 CASES = {
     "mla_deepseek_mtp2_aux": dict(attention_type="mla", q_lora_rank=12, num_nextn_predict_layers=2,

@@ -15,7 +15,7 @@ from runtime_mlx import kernels as K
 from runtime_mlx.moe import DeepSeekMoE, Experts, MoE
 from tests.mlx.utils import PATHS, copy_weights, grads_of, to_mx, to_torch
 from tests.reference_utils import make_config, randomize_
-from tests.tolerance import assert_close
+from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("path", PATHS)

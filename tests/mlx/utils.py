@@ -34,7 +34,7 @@ def to_mx(t: torch.Tensor) -> mx.array:
 
 
 def to_torch(a: mx.array) -> torch.Tensor:
-    """An mx array as a torch tensor of the same dtype (bfloat16 through float32), for `tests.tolerance` (which
+    """An mx array as a torch tensor of the same dtype (bfloat16 through float32), for `reference.testing` (which
     compares in float64) and exact comparisons of indices and bits."""
     if a.dtype == mx.bfloat16:
         return torch.from_numpy(np.array(a.astype(mx.float32))).to(torch.bfloat16)
