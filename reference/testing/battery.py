@@ -410,8 +410,8 @@ def run_case(spec: OpSpec, fn: Callable, sample: Sample, dtype: torch.dtype, arr
                             note=f"shape {tuple(g.shape)}, expected {tuple(r.shape)}"))
             got_cpu.append(None)
         elif not _dtype_ok(g, want):
-            rows.append(row(spec_out.name, passed=False, note=f"dtype {_dtype_name(g.dtype)}, expected "
-                                                               f"{'an integer dtype' if want == 'int' else _dtype_name(want)}"))
+            expected = "an integer dtype" if want == "int" else _dtype_name(want)
+            rows.append(row(spec_out.name, passed=False, note=f"dtype {_dtype_name(g.dtype)}, expected {expected}"))
             got_cpu.append(None)
         else:
             got_cpu.append(_as_comparable(g, want))

@@ -126,7 +126,8 @@ class OpSpec:
         """A generator seeded from the op's name (and ``salt``): the same inputs on every run and machine."""
         return torch.Generator().manual_seed(zlib.crc32(f"{self.name}/{salt}".encode()))
 
-    def cases(self, dtypes: Sequence[torch.dtype] | None = None, bench: bool = False) -> list[tuple[Sample, torch.dtype]]:
+    def cases(self, dtypes: Sequence[torch.dtype] | None = None,
+              bench: bool = False) -> list[tuple[Sample, torch.dtype]]:
         """``(sample, dtype)`` pairs of the battery (or of the bench shapes), restricted to ``dtypes``."""
         make = self.bench_samples if bench and self.bench_samples is not None else self.samples
         out = []

@@ -240,7 +240,7 @@ def _metal_kernel(name: str):
 def run_metal(launch: Launch) -> list:
     """Launch on the GPU through the cached ``mx.fast.metal_kernel``; returns the outputs (mx arrays)."""
     init = launch.init_value
-    if init is None and POISON:
+    if init is None and (POISON or os.environ.get("DSFS_POISON_OUTPUTS") == "1"):
         floating = all(d in FLOATS for d in launch.output_dtypes)
         init = float("nan") if floating else 127.0
     return _metal_kernel(launch.spec.name)(
