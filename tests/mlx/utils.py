@@ -1,16 +1,14 @@
-"""Shared helpers of the runtime_mlx and Metal emulation tests: the one `to_mx` / `to_torch` conversion, and the
-same weights in the reference and the MLX model."""
+"""Shared helpers of the runtime_mlx and Metal emulation tests: the same weights in the reference and the MLX
+model; `to_mx` / `to_torch` are `reference.testing`'s."""
 
 from __future__ import annotations
 
-import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
-import torch
 from mlx.utils import tree_flatten
 
 from reference import Model as ReferenceModel
+from reference.testing import to_mx, to_torch  # noqa: F401  (the one conversion, re-exported for the MLX tests)
 from runtime_mlx import Model, kernels
 from runtime_mlx.checkpoint import load_torch_state_dict, load_weights
 from runtime_mlx.rope import RoPE
@@ -21,24 +19,6 @@ needs_metal = pytest.mark.skipif(not METAL, reason="Metal kernels need Apple Sil
 PATHS = ["mlx", pytest.param("metal", marks=needs_metal)]
 YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 0.5}
-
-
-def to_mx(t: torch.Tensor) -> mx.array:
-    """A torch tensor as an mx array of the same dtype (bfloat16 through float32), except float64, which MLX's
-    GPU lacks, becomes float32. The one conversion every MLX test uses."""
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return mx.array(t.float().numpy()).astype(mx.bfloat16)
-    a = t.numpy()
-    return mx.array(a.astype(np.float32) if a.dtype == np.float64 else a)
-
-
-def to_torch(a: mx.array) -> torch.Tensor:
-    """An mx array as a torch tensor of the same dtype (bfloat16 through float32), for `reference.testing` (which
-    compares in float64) and exact comparisons of indices and bits."""
-    if a.dtype == mx.bfloat16:
-        return torch.from_numpy(np.array(a.astype(mx.float32))).to(torch.bfloat16)
-    return torch.from_numpy(np.array(a))
 
 
 def copy_weights(mlx_module, torch_module) -> None:
