@@ -3,6 +3,7 @@ model; `to_mx` / `to_torch` are `reference.testing`'s."""
 
 from __future__ import annotations
 
+import mlx.core as mx  # noqa: F401  (re-exported for the MLX tests)
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
