@@ -30,3 +30,8 @@ class BackendError(UserError):
 
 class TrainError(UserError):
     """Training cannot go on (a non-finite loss); the message says at which step and what to try."""
+
+
+class KernelError(UserError):
+    """``dsfs check`` / ``dsfs bench``: an unknown op, a candidate that does not import or has the wrong signature,
+    a device or dtype the op or the machine does not have."""
