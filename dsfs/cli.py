@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from dsfs import data
+from dsfs.check import add_check
 from dsfs.data import DataError
 from dsfs.errors import ConfigError, UserError
 
@@ -298,7 +299,8 @@ def _run_eval(args) -> int:
     return 0
 
 
-COMMANDS = [add_prepare, add_train, add_generate, add_eval]  # one add_<verb> function per verb, in --help order
+# one add_<verb> function per verb, in --help order
+COMMANDS = [add_prepare, add_train, add_generate, add_eval, add_check]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +333,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         if args.verb is None:
             parser.print_help(sys.stderr)
             return 2

@@ -107,7 +107,9 @@ def check_signature(spec: OpSpec, fn: Callable) -> bool:
     try:
         sig.bind(*spec.params)
     except TypeError as e:
-        raise ImplError(f"{_name(fn)}{sig} does not take the arguments of {spec.signature} ({e})") from None
+        names = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+                          for p in sig.parameters.values())
+        raise ImplError(f"{_name(fn)}({names}) does not take the arguments of {spec.signature} ({e})") from None
     return "out" in sig.parameters
 
 
