@@ -134,15 +134,11 @@ def run_check(args) -> int:
             continue
         cases = len({(r.case, r.dtype) for r in rows})
         print(format_rows(bad if args.failures_only else rows))
-        print(f"{spec.name}: {target} on {device}{_interp(device)}: {len(rows)} checks in {cases} cases, "
+        print(f"{spec.name}: {target} on {device}: {len(rows)} checks in {cases} cases, "
               f"{len(bad)} failed\n")
     if args.json:
         print(json.dumps(report[0] if len(report) == 1 else report, indent=1))
     return 1 if failed else 0
-
-
-def _interp(device: str) -> str:
-    return " (Triton interpreter)" if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" else ""
 
 
 def _json_row(r) -> dict:
