@@ -41,6 +41,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return o[..., :dv]
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True) -> torch.Tensor:
+    """The attention op (the signature of `kernels.triton.attention.attention`): `attend` with the causal mask
+    aligned to the end of the keys, or with none.
+
+    ``q`` (B, H, T, Dk), ``k`` (B, Hk, S, Dk), ``v`` (B, Hk, S, Dv) float, ``H % Hk == 0`` (MHA, MQA, GQA: query
+    head ``h`` reads key head ``h // (H / Hk)``), ``Dk`` may differ from ``Dv`` (MLA prefill: 192 and 128).
+    ``causal``: the T queries are the last T positions of the S keys, so query ``t`` sees key ``j`` iff
+    ``j <= t + S - T`` (`causal_mask` with offset ``S - T``: a prefill continuing a cache, or one decode step);
+    needs ``S >= T``. ``causal=False`` attends to every key. Returns (B, H, T, Dv) in ``q.dtype``; differentiable
+    in ``q``, ``k`` and ``v``. Raises ``ValueError`` for causal with ``S < T`` (a query would see no key).
+    Source: Vaswani et al. 2017 section 3.2.1; GQA: Ainslie et al. 2023; MQA: Shazeer 2019.
+    """
+    t, s = q.shape[-2], k.shape[-2]
+    if not causal:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device)
+    elif s < t:
+        raise ValueError(f"attention: causal needs at least as many keys as queries, got S={s} < T={t}")
+    else:
+        mask = None if t == s else causal_mask(t, s, s - t, q.device)
+    return attend(q, k, v, mask, scale)
+
+
 class AttentionOps:
     """The two hot ops of an attention layer, as methods, so that a runtime (`runtime_cuda`) swaps in its
     kernels by overriding them. Needs ``self.interleaved`` (RoPE pairing) and ``self.scale`` (softmax scale)."""

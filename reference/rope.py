@@ -109,3 +109,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, offset: int = 0) -> torch.Tensor:
+    """The RoPE op (the signature of `kernels.triton.rope.rope`): `apply_rope` at positions ``offset .. offset+T-1``
+    of whole ``cos``/``sin`` tables.
+
+    ``x`` (..., T, D) float, D even; ``cos``/``sin`` (P, D/2) float with ``P >= offset + T``, any float dtype (row
+    ``offset + t`` rotates row ``t`` of ``x``, YaRN's amplitude already folded in as `RotaryEmbedding` gives them);
+    ``interleaved``: pairs ``(x[2i], x[2i+1])`` (DeepSeek-V3 MLA) or NeoX pairs ``(x[i], x[i + D/2])`` (the V3.2
+    indexer). Computed in the wider of the two dtypes; returns (..., T, D) in ``x.dtype``. Differentiable in
+    ``x`` (and the tables). Raises ``ValueError`` for an odd D, tables of the wrong width, or an offset outside
+    the table. Source: Su et al. 2021 (RoFormer) section 3.4; DeepSeek-V3 report section 2.1.1 (decoupled RoPE).
+    """
+    if x.dim() < 2 or x.shape[-1] % 2:
+        raise ValueError(f"x: expected shape (..., T, D) with D even, got {tuple(x.shape)}")
+    t, d = x.shape[-2:]
+    if cos.dim() != 2 or cos.shape[1] != d // 2 or sin.shape != cos.shape:
+        raise ValueError(f"cos, sin: expected shape (P, {d // 2}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if not isinstance(offset, int) or offset < 0 or offset + t > cos.shape[0]:
+        raise ValueError(f"offset: need an int with 0 <= offset and offset + T <= {cos.shape[0]} (cos/sin rows), "
+                         f"got offset={offset!r}, T={t}")
+    return apply_rope(x, cos[offset:offset + t], sin[offset:offset + t], interleaved).to(x.dtype)

@@ -11,6 +11,7 @@ import torch
 from reference.attention import Attention, attend, causal_mask
 from reference.cache import LayerCache
 from reference.rope import RotaryEmbedding
+from reference.testing import assert_close, rel_err
 from tests.reference_utils import (
     gradcheck_module,
     make_config,
@@ -18,7 +19,6 @@ from tests.reference_utils import (
     rope_interleaved,
     rope_neox,
 )
-from reference.testing import assert_close, rel_err
 
 # ----------------------------------------------------------------------------- attention
 
@@ -70,6 +70,22 @@ def test_attend_grouped_heads_equals_repeat():
     kr, vr = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
     p = torch.softmax((q @ kr.transpose(-1, -2) * 0.7).masked_fill(~mask, float("-inf")), -1)
     assert_close(out, p @ vr, torch.float64)
+
+
+def test_attention_op_aligns_the_causal_mask_to_the_end():
+    """`reference.attention.attention` (the op's signature, `reference.testing.attention`): causal queries are the
+    last T of the S keys, non-causal sees every key, and causal with S < T raises."""
+    from reference.attention import attention
+
+    q, k, v = (torch.randn(1, 4, 3, 8, dtype=torch.float64), torch.randn(1, 2, 7, 8, dtype=torch.float64),
+               torch.randn(1, 2, 7, 5, dtype=torch.float64))
+    assert_close(attention(q, k, v, 0.5), attend(q, k, v, causal_mask(3, 7, 4), 0.5), torch.float64)
+    assert_close(attention(q, k, v, 0.5, False), attend(q, k, v, torch.ones(3, 7, dtype=torch.bool), 0.5),
+                 torch.float64)
+    assert_close(attention(q, k[:, :, :3], v[:, :, :3], 0.5), attend(q, k[:, :, :3], v[:, :, :3], None, 0.5),
+                 torch.float64)
+    with pytest.raises(ValueError, match="S=3 < T=7"):
+        attention(k.repeat(1, 2, 1, 1), q[:, :2], q[:, :2], 0.5)
 
 
 def test_causal_mask_offset():

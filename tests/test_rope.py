@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from reference.rope import RotaryEmbedding, apply_rope, rope_inv_freq
+from reference.testing import assert_close, rel_err
 from tests.reference_utils import (
     rope_interleaved,
     rope_neox,
 )
-from reference.testing import assert_close, rel_err
 
 
 def _angles(positions, dim, theta=10000.0, dtype=torch.float64):
@@ -147,3 +147,20 @@ def test_static_scaled_inv_freq_equals_transformers(scaling):
         assert torch.equal(got, plain / scaling["factor"])
     else:
         assert got[0] == plain[0] and got[-1] == plain[-1] / 8.0 and plain[-1] / 8.0 < got[2] < plain[2]
+
+
+def test_rope_op_slices_the_table_and_checks_its_arguments():
+    """`reference.rope.rope` (the op's signature, `reference.testing.rope`) is `apply_rope` on rows offset..offset+T-1
+    of the tables, in x's dtype; it rejects an odd D, a table of the wrong width and an offset past the table."""
+    from reference.rope import rope
+
+    cos, sin = RotaryEmbedding(8, 10000.0)(12)
+    x = torch.randn(2, 3, 5, 8)
+    assert torch.equal(rope(x, cos, sin, True, 7), apply_rope(x, cos[7:], sin[7:], True))
+    assert rope(x.bfloat16(), cos, sin, False, 2).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="D even"):
+        rope(x[..., :7], cos, sin, True)
+    with pytest.raises(ValueError, match="cos, sin"):
+        rope(x, cos[:, :3], sin[:, :3], True)
+    with pytest.raises(ValueError, match="offset"):
+        rope(x, cos, sin, True, 8)

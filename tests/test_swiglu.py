@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from reference.swiglu import MLP, swiglu
+from reference.testing import assert_close
 from tests.reference_utils import (
     gradcheck_module,
     randomize_,
 )
-from reference.testing import assert_close
 
 
 def test_gradcheck_swiglu_and_mlp():

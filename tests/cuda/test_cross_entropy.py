@@ -1,8 +1,9 @@
-"""kernels/triton/cross_entropy.py against reference/cross_entropy.py (float64 logits), loss and both gradients.
+"""kernels/triton/cross_entropy.py: the op's battery (`reference.testing.cross_entropy`), and beyond the op spec:
+per-token weights and explicit chunk sizes, the saved gradients, all-ignored targets, no_grad, bad inputs.
 
-N = 21 tokens in chunks of 8 (the last one partial), V = 300 (one masked 512-wide block, 8 tokens per program,
-the last program partly past its chunk) or 4100 (one token per program, the online logsumexp loop over two
-4096-wide blocks), a quarter of the targets ignored; outputs are poisoned (tests/cuda/conftest.py).
+The weighted tests take N = 21 tokens in chunks of 8 (the last one partial) and V = 300 (one masked 512-wide block,
+8 tokens per program, the last program partly past its chunk), a quarter of the targets ignored; outputs are
+poisoned (tests/cuda/conftest.py).
 """
 
 import pytest
@@ -10,8 +11,17 @@ import torch
 
 from kernels.triton.cross_entropy import chunked_cross_entropy, linear_cross_entropy
 from reference.cross_entropy import linear_cross_entropy as linear_cross_entropy_ref
-from tests.cuda.conftest import DEVICE
 from reference.testing import assert_close
+from reference.testing.pytest_plugin import cases, check_case
+from tests.cuda.conftest import DEVICE
+
+
+@pytest.mark.parametrize("case", cases("linear_cross_entropy"))
+def test_battery(case):
+    """The op's whole battery: ragged N and V (one over two 4096-wide blocks), ignored rows (all of them for "sum"
+    and "none"), another ignore_index, large logits, one token, DeepSeek-V3 and V2-Lite hidden sizes with the
+    vocabulary sliced; "mean", "sum", "none"; float32, bfloat16, float16; loss, dhidden, dweight."""
+    check_case(case, linear_cross_entropy, DEVICE.type)
 
 
 def _inputs(N=21, H=24, V=300, dtype=torch.float32, ignore_index=-100):
@@ -41,17 +51,12 @@ def _compare(hidden, weight, targets, dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_float64_reference(reduction, weighted, dtype):
+def test_token_weights_in_chunks_of_8(reduction, dtype):
+    """Options beyond the op's signature: per-token weights, and a chunk size that leaves the last chunk partial."""
     hidden, weight, targets = _inputs(dtype=dtype)
-    tw = torch.rand(hidden.shape[0], device=DEVICE) + 0.5 if weighted else None
+    tw = torch.rand(hidden.shape[0], device=DEVICE) + 0.5
     _compare(hidden, weight, targets, dtype, reduction=reduction, token_weights=tw, chunk_size=8)
-
-
-def test_wide_vocab_and_other_ignore_index():
-    hidden, weight, targets = _inputs(N=5, H=8, V=4100, ignore_index=3)
-    _compare(hidden, weight, targets, torch.float32, ignore_index=3)
 
 
 def test_chunk_sizes_agree_and_saved_tensors_untouched():

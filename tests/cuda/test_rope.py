@@ -1,7 +1,6 @@
-"""kernels/triton/rope.py against reference/rope.py's apply_rope (float64), forward and gradient of x.
+"""kernels/triton/rope.py: the op's battery (`reference.testing.rope`), offsets against sliced tables, a
+low-precision table, bad inputs.
 
-Shapes: D/2 not a power of two, row counts that leave the kernel's last row block partial (one block, and 39
-rows of D = 128 in blocks of 32), one head and many, a decode step (T = 1) at an offset into a YaRN table.
 Outputs are poisoned (tests/cuda/conftest.py).
 """
 
@@ -10,49 +9,33 @@ import torch
 
 from kernels.triton.rope import rope, rope_launch
 from reference.rope import RotaryEmbedding, apply_rope
-from tests.cuda.conftest import DEVICE
 from reference.testing import assert_close
-
-YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 0.707}
-SHAPES = [(2, 3, 7, 20), (3, 13, 128), (5, 1, 6)]
-
-
-def _check(x, cos, sin, interleaved, offset, dtype):
-    x = x.requires_grad_()
-    dy = torch.randn_like(x)
-    y = rope(x, cos, sin, interleaved, offset)
-    assert y.dtype == dtype and y.shape == x.shape
-    (dx,) = torch.autograd.grad(y, x, dy)
-    T = x.shape[-2]
-    x64 = x.detach().double().requires_grad_()
-    ref = apply_rope(x64, cos[offset:offset + T].double(), sin[offset:offset + T].double(), interleaved)
-    (dx64,) = torch.autograd.grad(ref, x64, dy.double())
-    assert_close(y, ref, dtype, what="y")
-    assert_close(dx, dx64, dtype, what="dx")
+from reference.testing.pytest_plugin import cases, check_case
+from reference.testing.rope import SMALL_YARN
+from tests.cuda.conftest import DEVICE
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(shape, interleaved, dtype):
-    T, D = shape[-2:]
-    cos, sin = RotaryEmbedding(D, 10000.0)(T, device=DEVICE)
-    _check(torch.randn(shape, device=DEVICE).to(dtype), cos, sin, interleaved, 0, dtype)
+@pytest.mark.parametrize("case", cases("rope"))
+def test_battery(case):
+    """The op's whole battery: interleaved and NeoX pairings of every shape (D/2 not a power of two, a partial
+    last row block, no heads), a decode step at the last table row, offsets into a YaRN table of amplitude != 1,
+    DeepSeek-V3 MLA q_pe / k_pe and the V3.2 indexer's rope dims; float32, bfloat16, float16; y and dx."""
+    check_case(case, rope, DEVICE.type)
 
 
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
 @pytest.mark.parametrize("T", [1, 18])
-def test_offset_into_yarn_table(T, interleaved):
+def test_offset_equals_sliced_table(T, interleaved):
+    """Passing the whole table and an offset is bitwise the same as passing the sliced table."""
     D, P, offset = 12, 50, 31
-    cos, sin = RotaryEmbedding(D, 10000.0, YARN)(P, device=DEVICE)
+    cos, sin = RotaryEmbedding(D, 10000.0, SMALL_YARN)(P, device=DEVICE)
     x = torch.randn(2, 4, T, D, device=DEVICE)
-    _check(x, cos, sin, interleaved, offset, torch.float32)
     sliced = rope_launch(x, cos[offset:offset + T], sin[offset:offset + T], interleaved)
     assert torch.equal(sliced, rope_launch(x, cos, sin, interleaved, offset))
 
 
 def test_bf16_table_with_fp32_input():
+    """Beyond the op spec (float32 tables): a bfloat16 table rotates a float32 input, which keeps its dtype."""
     x = torch.randn(3, 9, 16, device=DEVICE)
     cos, sin = RotaryEmbedding(16)(9, device=DEVICE, dtype=torch.bfloat16)
     y = rope(x, cos, sin, True)

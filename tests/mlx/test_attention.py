@@ -1,5 +1,6 @@
-"""runtime_mlx attend (mx.fast.scaled_dot_product_attention: causal, grouped heads, cached, boolean masks)
-against the reference."""
+"""MLX attention: the op's battery (`reference.testing.attention`) on its MLX builtin,
+``mx.fast.scaled_dot_product_attention``, which the runtime calls; and the runtime's `attend` (causal, grouped
+heads, cached, boolean masks) against the reference."""
 
 from __future__ import annotations
 
@@ -8,15 +9,24 @@ import torch
 
 from reference.attention import attend as ref_attend
 from reference.attention import causal_mask as ref_causal_mask
+from reference.testing import assert_close, get_spec
+from reference.testing.pytest_plugin import cases, check_case
 from runtime_mlx.attention import attend
 from tests.mlx.utils import to_mx, to_torch
-from reference.testing import assert_close
+
+
+@pytest.mark.parametrize("case", cases("attention"))
+def test_battery_mx_fast_sdpa(case):
+    """``mx.fast.scaled_dot_product_attention`` ("causal" aligned to the end of the keys, grouped heads natively,
+    Dk != Dv) passes the op's battery, gradients included."""
+    check_case(case, get_spec("attention").builtin["mlx"](), "mlx")
 
 
 @pytest.mark.parametrize("heads,kv_heads,dk,dv", [(4, 4, 8, 8), (4, 2, 8, 8), (4, 1, 12, 8)])
 @pytest.mark.parametrize("cached", [False, True])
 def test_attend_causal(heads, kv_heads, dk, dv, cached):
-    """Causal attention (also T < S: the queries are the last T positions) with grouped heads and dv != dk."""
+    """The runtime's ``mask=None`` (causal; also T < S: the queries are the last T positions) with grouped heads
+    and dv != dk."""
     t, s = (3, 9) if cached else (9, 9)
     q, k, v = torch.randn(2, heads, t, dk), torch.randn(2, kv_heads, s, dk), torch.randn(2, kv_heads, s, dv)
     mask = None if t == s else ref_causal_mask(t, s, s - t)

@@ -1,8 +1,8 @@
-"""`runtime_mlx.kernels.linear_cross_entropy` (the LM head fused with the loss, chunked over tokens) against
-`reference.cross_entropy.linear_cross_entropy` (float64): losses and gradients for hidden and weight, on ragged
-sizes (chunks that do not divide the tokens) with ignored tokens; and its memory: the (N, V) logits never exist
-at once. Runs the path this machine takes (pure MLX here; Metal's cross_entropy kernels per chunk on a Mac).
-And the per-token `cross_entropy` kernel on given logits, on every path, against `F.cross_entropy`."""
+"""`runtime_mlx.kernels.linear_cross_entropy` (the LM head fused with the loss, chunked over tokens): the op's
+battery (`reference.testing.cross_entropy`) on every path; beyond the op spec, per-token weights and explicit chunk
+sizes (chunks that do not divide the tokens) against `reference.cross_entropy.linear_cross_entropy` (float64), and
+its memory: the (N, V) logits never exist at once. And the per-token `cross_entropy` kernel on given logits, on
+every path, against `F.cross_entropy`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from reference.cross_entropy import linear_cross_entropy as ref_lce
-from runtime_mlx.kernels import cross_entropy, linear_cross_entropy
-from tests.mlx.utils import PATHS, to_mx, to_torch
 from reference.testing import assert_close
+from reference.testing.pytest_plugin import cases, check_case
+from runtime_mlx.kernels import cross_entropy, kernel_path, linear_cross_entropy
+from tests.mlx.utils import PATHS, to_mx, to_torch
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", cases("linear_cross_entropy"))
+def test_battery(path, case):
+    """The op's battery on `runtime_mlx.kernels.linear_cross_entropy` (int64 targets, as the battery passes them),
+    its per-chunk `cross_entropy` on the path ``path`` (pure MLX, or Metal)."""
+    check_case(case, linear_cross_entropy, "mlx")
+    assert kernel_path("cross_entropy") == path
 
 
 def _inputs(n=37, h=24, v=301):
@@ -25,9 +35,11 @@ def _inputs(n=37, h=24, v=301):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "token_weights"])
-@pytest.mark.parametrize("chunk_size", [8, None], ids=["chunk8", "default"])
-def test_matches_reference(reduction, weighted, chunk_size):
+@pytest.mark.parametrize("weighted,chunk_size", [(False, 8), (True, 8), (True, None)],
+                         ids=["plain-chunk8", "token_weights-chunk8", "token_weights-default"])
+def test_options_match_reference(reduction, weighted, chunk_size):
+    """Options beyond the op's signature (the battery runs the plain, default-chunk case): per-token weights, and
+    chunks of 8 over 37 tokens (the last one partial)."""
     hidden, weight, targets = _inputs()
     tw = torch.rand(hidden.shape[0], dtype=torch.float64) + 0.5 if weighted else None
     g = torch.randn(hidden.shape[0], dtype=torch.float64) if reduction == "none" else torch.tensor(1.7)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from reference.rope import RotaryEmbedding, apply_rope
+from reference.testing import assert_close
 from runtime_mlx.rope import RoPE
 from tests.mlx.utils import YARN, to_mx, to_torch
-from reference.testing import assert_close
 
 LINEAR = {"rope_type": "linear", "factor": 3.0}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
