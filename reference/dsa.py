@@ -5,8 +5,9 @@ Indexer score (V3.2 report eq. 1): ``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[
 head ``k = LayerNorm(wk h_s)``, queries ``wq_b`` of MLA's query latent, weights ``weights_proj(h_t) * H**-0.5``,
 scale ``index_head_dim**-0.5``; RoPE with NeoX pairing on the first ``qk_rope_head_dim`` features. The index
 set is ``top-k`` with ``k = min(index_topk, valid)``, causal, shared by all heads: the pure function
-`indexer_topk` (the same signature as `kernels.triton.dsa.indexer_topk`). The Hadamard rotation and FP8 of the
-official kernel are orthogonal / precision details and are not applied here (as in transformers).
+`indexer_topk` (the same signature as `kernels.triton.dsa.indexer_topk`); attention over a selection given as
+indices is the op `sparse_attention` (the layer passes the same selection as a mask). The Hadamard rotation and
+FP8 of the official kernel are orthogonal / precision details and are not applied here (as in transformers).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import causal_mask
+from .attention import attend, causal_mask
 from .config import ModelConfig
 from .mla import MLA
 from .rms_norm import at_least_fp32
@@ -64,6 +65,29 @@ def indices_to_mask(indices: torch.Tensor, num_keys: int) -> torch.Tensor:
     ok = (indices >= 0) & (indices < num_keys)
     sel = torch.zeros(b, t, num_keys + 1, dtype=torch.bool, device=indices.device)
     return sel.scatter_(-1, torch.where(ok, indices, num_keys), True)[..., :num_keys]
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of every query head over the keys its query selected (V3.2 report section 2.1: MLA attends to
+    the indexer's top-k only), the op of `kernels.triton.dsa.sparse_attention`: `attend` under the mask
+    `indices_to_mask` makes of ``indices``, differentiable in ``q``, ``k`` and ``v``.
+
+    ``q`` (B, H, T, Dk), ``k`` (B, Hk, S, Dk), ``v`` (B, Hk, S, Dv) with ``H % Hk == 0``: the naive MLA form
+    (Hk = H, Dk = dn + dr, Dv = dv) or the absorbed one (Hk = 1, ``k = [c_kv, k_pe]``, ``v = c_kv``); one float
+    dtype. ``indices`` (B, T, NK) integer: the keys query ``t`` attends to, shared by all heads, distinct within a
+    query, in any order; entries outside [0, S) (-1: an unfilled slot of `indexer_topk`) select nothing, and a
+    query that selects nothing gets a zero output (and no gradient). Returns (B, H, T, Dv) in ``q.dtype``.
+    Raises ``ValueError`` when ``indices`` is not (B, T, NK).
+    """
+    b, _, t, _ = q.shape
+    if indices.ndim != 3 or tuple(indices.shape[:2]) != (b, t):
+        raise ValueError(f"sparse_attention: indices must be (B, T, NK) = ({b}, {t}, NK), got "
+                         f"{tuple(indices.shape)}")
+    sel = indices_to_mask(indices, k.shape[2])
+    empty = ~sel.any(-1, keepdim=True)  # (B, T, 1): a query that selected nothing
+    sel = sel | (empty & (torch.arange(k.shape[2], device=sel.device) == 0))  # sees key 0, output zeroed below
+    return attend(q, k, v, sel[:, None], scale).masked_fill(empty[:, None], 0.0)
 
 
 class Indexer(nn.Module):

@@ -15,9 +15,47 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import AttentionOps, causal_mask
+from .attention import AttentionOps, attend, causal_mask
 from .config import ModelConfig
 from .rms_norm import RMSNorm
+
+
+def latent_qkv(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor):
+    """The absorbed form's attention operands: queries ``[q_latent, q_pe]`` (B, H, T, r+dr), one key head
+    ``[c_kv, k_pe]`` (B, 1, S, r+dr) shared by all query heads (MQA over the latent) and one value head ``c_kv``
+    (B, 1, S, r)."""
+    q = torch.cat((q_latent, q_pe), dim=-1)
+    k = torch.cat((c_kv, k_pe), dim=-1)[:, None]
+    return q, k, c_kv[:, None]
+
+
+def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """Absorbed MLA attention over the latent cache, the op of `kernels.triton.mla.mla_decode` and
+    `runtime_mlx.kernels.mla.mla_decode`: `MLA.attend_absorbed` between ``W_UK`` and ``W_UV``.
+
+    ``o[b, h, t] = softmax_s((q_latent[b, h, t] . c_kv[b, s] + q_pe[b, h, t] . k_pe[b, s]) * scale) @ c_kv[b]``,
+    causal with the T queries aligned to the end of the S cached positions: query ``t`` sees keys
+    ``s <= t + S - T`` (T = 1: one decode step, every key; T = S: a prefill through the absorbed form).
+
+    ``q_latent`` (B, H, T, r) (``q_nope W_UK``), ``q_pe`` (B, H, T, dr) (rotated), ``c_kv`` (B, S, r)
+    (normalized latent cache, also the values), ``k_pe`` (B, S, dr) (rotated, one head shared by all); one float
+    dtype. Returns (B, H, T, r) in that dtype. Raises ``ValueError`` for wrong ranks, mismatched shapes or
+    ``S < T``. Source: DeepSeek-V2 section 2.1, DeepSeek-V3 report section 2.1.1 (eq. 1-11), "absorb" in
+    DeepSeek's inference code.
+    """
+    if q_latent.ndim != 4 or q_pe.ndim != 4 or c_kv.ndim != 3 or k_pe.ndim != 3:
+        raise ValueError(f"mla_decode: expected q_latent (B, H, T, r), q_pe (B, H, T, dr), c_kv (B, S, r), k_pe "
+                         f"(B, S, dr), got {tuple(q_latent.shape)}, {tuple(q_pe.shape)}, {tuple(c_kv.shape)}, "
+                         f"{tuple(k_pe.shape)}")
+    b, h, t, r = q_latent.shape
+    s = c_kv.shape[1]
+    if q_pe.shape[:3] != (b, h, t) or c_kv.shape != (b, s, r) or k_pe.shape != (b, s, q_pe.shape[3]):
+        raise ValueError(f"mla_decode: mismatched shapes q_latent {tuple(q_latent.shape)}, q_pe "
+                         f"{tuple(q_pe.shape)}, c_kv {tuple(c_kv.shape)}, k_pe {tuple(k_pe.shape)}")
+    if s < t:
+        raise ValueError(f"mla_decode: causal needs at least as many cached positions as queries, got S={s} < T={t}")
+    return attend(*latent_qkv(q_latent, q_pe, c_kv, k_pe), causal_mask(t, s, s - t, q_latent.device), scale)
 
 
 class MLA(AttentionOps, nn.Module):
@@ -91,10 +129,9 @@ class MLA(AttentionOps, nn.Module):
     def attend_latent(self, q_lat, q_pe, c_kv, k_pe, mask):
         """The absorbed form's attention: ``q_lat`` (B, H, T, r) against ``c_kv`` (B, S, r) plus ``q_pe``
         (B, H, T, dr) against ``k_pe`` (B, S, dr), one key head shared by all heads (MQA over the latent), values
-        ``c_kv``. Returns the output latent (B, H, T, r)."""
-        q = torch.cat((q_lat, q_pe), dim=-1)
-        k = torch.cat((c_kv, k_pe), dim=-1)[:, None]
-        return self.attend(q, k, c_kv[:, None], mask)
+        ``c_kv`` (`latent_qkv`), under ``mask`` (with the causal mask of a cached step: the op `mla_decode`).
+        Returns the output latent (B, H, T, r)."""
+        return self.attend(*latent_qkv(q_lat, q_pe, c_kv, k_pe), mask)
 
     def select_mask(self, x, q_latent, cos, sin, mask, cache):
         """Hook for sparse attention (DSA); MLA attends to every causal key. ``mask``: (T, S) boolean or None

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from reference import Model
+from reference.attention import attend, causal_mask
 from reference.cache import LayerCache
-from reference.dsa import DSA, indexer_topk, indices_to_mask
+from reference.dsa import DSA, indexer_topk, indices_to_mask, sparse_attention
 from reference.mla import MLA
 from reference.rope import RotaryEmbedding
+from reference.testing import assert_close, rel_err
 from tests.reference_utils import (
     gradcheck_module,
     make_config,
@@ -19,7 +21,6 @@ from tests.reference_utils import (
     rand_ids,
     randomize_,
 )
-from reference.testing import assert_close, rel_err
 
 
 def _dsa(index_topk, dtype=torch.float64, **kw):
@@ -158,8 +159,6 @@ def test_indexer_select_respects_given_mask():
     """With a cache offset the mask is (T, S) with S > T: still min(topk, visible) keys, all visible."""
     c, layer, _ = _dsa(4)
     scores = torch.randn(3, 2, 7)
-    from reference.attention import causal_mask
-
     mask = causal_mask(2, 7, 5)  # rows see 6 and 7 keys
     sel = layer.indexer.select(scores, mask)
     assert sel.sum(-1).tolist() == [[4, 4]] * 3
@@ -223,8 +222,6 @@ def test_indexer_gets_no_gradient_from_attention():
 
 
 def test_select_ties_agree_between_full_and_cached_rows():
-    from reference.attention import causal_mask
-
     c, layer, _ = _dsa(3)
     t = 6
     scores = torch.zeros(1, t, t)  # every score tied (all ReLU terms zero)
@@ -232,3 +229,24 @@ def test_select_ties_agree_between_full_and_cached_rows():
     for i in range(t):  # what decode step i sees: one query against i + 1 cached keys
         row = layer.indexer.select(torch.zeros(1, 1, i + 1), causal_mask(1, i + 1, i))
         assert torch.equal(full[0, i, : i + 1], row[0, 0]), f"query {i}: full {full[0, i].tolist()} vs cached"
+
+
+def test_sparse_attention_op():
+    """The op `sparse_attention`: with every causal key selected it is causal attention; a query that selects
+    nothing gets a zero output and sends no gradient; gradients in float64 by gradcheck; bad indices raise."""
+    b, h, t, s = 2, 3, 4, 7
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for n, d in ((t, 6), (s, 6), (s, 5)))
+    everything = torch.arange(s).expand(b, t, s).masked_fill(~causal_mask(t, s, s - t), -1).flip(-1)
+    assert_close(sparse_attention(q, k, v, everything, 0.4), attend(q, k, v, causal_mask(t, s, s - t), 0.4),
+                 torch.float64)
+    idx = torch.tensor([[3, 0, -1]]).expand(b, t, 3).clone()
+    idx[1, 2] = -1  # selects nothing
+    q.requires_grad_()
+    out = sparse_attention(q, k, v, idx, 0.4)
+    assert (out[1, :, 2] == 0).all() and out[1, :, 1].abs().sum() > 0
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert (dq[1, :, 2] == 0).all()
+    args = [x.detach()[:1, :2].clone().requires_grad_() for x in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda a, b_, c: sparse_attention(a, b_, c, idx[:1], 0.4), args)
+    with pytest.raises(ValueError, match=r"indices must be \(B, T, NK\)"):
+        sparse_attention(q, k, v, idx[:, :2], 0.4)

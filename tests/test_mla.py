@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from reference.attention import causal_mask
 from reference.cache import LayerCache
-from reference.mla import MLA
+from reference.mla import MLA, mla_decode
 from reference.rope import RotaryEmbedding
+from reference.testing import assert_close, rel_err
 from tests.reference_utils import (
     gradcheck_module,
     make_config,
@@ -18,7 +20,6 @@ from tests.reference_utils import (
     randomize_,
     rope_interleaved,
 )
-from reference.testing import assert_close, rel_err
 
 YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "mscale": 1.0,
         "mscale_all_dim": 1.0}
@@ -143,3 +144,25 @@ def test_absorbed_differs_when_weights_differ():
     with torch.no_grad():
         layer.kv_b_proj.weight[: c.qk_nope_head_dim] += 0.5  # head 0's W_UK only
     assert rel_err(layer(x, cos, sin), a) > 1e-3
+
+
+@pytest.mark.parametrize("t,s", [(1, 9), (3, 9), (6, 6)], ids=["decode", "mtp", "prefill"])
+def test_mla_decode_op_equals_naive_form(t, s):
+    """The op `mla_decode` (the absorbed form between W_UK and W_UV) equals the naive form's attention over
+    up-projected keys and values, causal with the queries at the end of the cache; it raises on bad shapes."""
+    c, layer, _ = _mla(None, torch.float64)
+    b = 2
+    q_nope = torch.randn(b, layer.n_heads, t, layer.dn, dtype=torch.float64)
+    q_pe = torch.randn(b, layer.n_heads, t, layer.dr, dtype=torch.float64)
+    c_kv, k_pe = torch.randn(b, s, layer.r, dtype=torch.float64), torch.randn(b, s, layer.dr, dtype=torch.float64)
+    w = layer.kv_b_proj.weight.view(layer.n_heads, layer.dn + layer.dv, layer.r)
+    with torch.no_grad():
+        o_lat = mla_decode(torch.einsum("bhtd,hdr->bhtr", q_nope, w[:, : layer.dn]), q_pe, c_kv, k_pe, layer.scale)
+        naive = layer.attend_naive(q_nope, q_pe, c_kv, k_pe, causal_mask(t, s, s - t))
+    assert_close(torch.einsum("bhtr,hvr->bhtv", o_lat, w[:, layer.dn :]), naive, torch.float64)
+    with pytest.raises(ValueError, match="S=2 < T=3"):
+        mla_decode(*(torch.randn(1, 2, 3, n) for n in (8, 4)), torch.randn(1, 2, 8), torch.randn(1, 2, 4), 1.0)
+    with pytest.raises(ValueError, match="mismatched shapes"):
+        mla_decode(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 4), torch.randn(1, 5, 7), torch.randn(1, 5, 4), 1.0)
+    with pytest.raises(ValueError, match=r"expected q_latent \(B, H, T, r\)"):
+        mla_decode(torch.randn(2, 1, 8), torch.randn(1, 2, 1, 4), torch.randn(1, 5, 8), torch.randn(1, 5, 4), 1.0)

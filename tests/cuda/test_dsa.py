@@ -1,10 +1,7 @@
-"""DSA kernels (kernels/triton/dsa.py) against `reference.dsa` and `reference.attention.attend`.
-
-Indexer scores against `Indexer.scores` (through a real indexer's weights) and a float64 einsum; the top-k
-selection against `reference.dsa.indexer_topk` and `Indexer.select`, exactly, with causal offsets, ties (ReLU
-zeros of both signs), NaN and ``index_topk > S``; sparse attention in the naive (Hk = H), grouped and absorbed
-(MQA over the latent) forms, forward and gradients; `kernels.triton.mla.mla_decode` over the selection (sparse absorbed
-decode); the whole pipeline against a DSA layer. Outputs start as NaN.
+"""DSA kernels (kernels/triton/dsa.py): the batteries of `indexer_scores`, `indexer_topk` and `sparse_attention`
+(`reference.testing.dsa`: ragged sizes, exact ties, NaN, -1 slots, decode steps, V3.2 shapes; forward and
+gradients), `kernels.triton.mla.mla_decode` over DSA's selection (sparse absorbed decode), the whole pipeline
+against a DSA layer, and bad inputs. Outputs start as NaN (tests/cuda/conftest.py).
 """
 
 import pytest
@@ -13,124 +10,47 @@ import torch
 from kernels.triton.dsa import indexer_scores, indexer_topk, sparse_attention, sparse_attention_fwd
 from kernels.triton.mla import mla_decode
 from reference import dsa as ref_dsa
-from reference.attention import attend, causal_mask
-from reference.dsa import DSA, Indexer, indices_to_mask
+from reference.attention import causal_mask
+from reference.dsa import DSA, indices_to_mask
+from reference.mla import latent_qkv
 from reference.rope import RotaryEmbedding
+from reference.testing import assert_close
+from reference.testing.dsa import random_indices
+from reference.testing.pytest_plugin import cases, check_case
 from tests.cuda.conftest import DEVICE
 from tests.reference_utils import make_config, randomize_
-from reference.testing import assert_close
 
 
-def _random_indices(b, t, s, nk):
-    """Distinct causal key indices in random order, -1 where a query has fewer than ``nk`` visible keys."""
-    r = torch.rand(b, t, s, device=DEVICE).masked_fill(~causal_mask(t, s, s - t, DEVICE), -1.0)
-    val, idx = r.topk(nk, dim=-1)
-    return torch.where(val >= 0, idx, -1).contiguous()
+def _random_indices(b, t, s, nk, seed=0):
+    return random_indices(torch.Generator().manual_seed(seed), b, t, s, nk).to(DEVICE)
 
 
-# ----------------------------------------------------------------------------- indexer scores
+@pytest.mark.parametrize("case", cases("indexer_scores"))
+def test_indexer_scores_battery(case):
+    check_case(case, indexer_scores, DEVICE.type)
 
 
-def _indexer_inputs(b, t, s, hi, d, dtype):
-    q = torch.randn(b, t, hi, d, device=DEVICE, dtype=dtype)
-    k = torch.randn(b, s, d, device=DEVICE, dtype=dtype)
-    w = torch.randn(b, t, hi, device=DEVICE, dtype=dtype) * hi**-0.5
-    return q, k, w
+@pytest.mark.parametrize("case", cases("indexer_topk"))
+def test_indexer_topk_battery(case):
+    check_case(case, indexer_topk, DEVICE.type)
 
 
-def _scores_ref(q, k, w, scale):
-    logits = torch.relu(torch.einsum("bthd,bsd->bhts", q.double(), k.double()) * scale)
-    return torch.einsum("bhts,bth->bts", logits, w.double())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_indexer_scores(dtype):
-    """Ragged S, head dim 24 and 6 heads (both padded), T = 5 and T = 1 (decode)."""
-    for t in (5, 1):
-        q, k, w = _indexer_inputs(2, t, 29, 6, 24, dtype)
-        out = indexer_scores(q, k, w, 24**-0.5)
-        assert out.dtype == torch.float32 and out.shape == (2, t, 29)
-        assert_close(out, _scores_ref(q, k, w, 24**-0.5), dtype)
-
-
-# ----------------------------------------------------------------------------- top-k selection
-
-
-@pytest.mark.parametrize("b,t,s,topk", [(2, 5, 29, 5), (1, 4, 13, 20), (1, 1, 40, 8)],
-                         ids=["chunks", "topk>S", "decode"])
-def test_topk_equals_select(b, t, s, topk):
-    scores = torch.randn(b, t, s, device=DEVICE)
-    idx = indexer_topk(scores, topk)
-    assert idx.dtype == torch.int64 and idx.shape == (b, t, min(topk, s))
-    assert torch.equal(idx, ref_dsa.indexer_topk(scores, topk))
-    indexer = Indexer(make_config("dsa", index_topk=topk))
-    assert torch.equal(indices_to_mask(idx, s), indexer.select(scores, causal_mask(t, s, s - t, DEVICE)))
-
-
-def test_topk_ties():
-    """Exact ties, +0.0 and -0.0 among them, go to the earlier key, as in the stable sort."""
-    b, t, s = 1, 6, 21
-    scores = torch.relu(torch.randn(b, t, s, device=DEVICE)) * torch.randint(-1, 2, (b, t, s), device=DEVICE)
-    assert ((scores == 0) & scores.signbit()).any() and ((scores == 0) & ~scores.signbit()).any()
-    assert torch.equal(indexer_topk(scores, 9), ref_dsa.indexer_topk(scores, 9))
-
-
-def test_topk_nan_scores_rank_first():
-    """NaN scores of either sign rank first, as torch.sort puts them (a NaN made on a CPU carries the sign bit)."""
-    scores = torch.randn(1, 3, 40, device=DEVICE)
-    scores[0, 0, 3] = float("nan")
-    scores[0, 1, [5, 20]] = -float("nan")
-    scores[0, 2, 7] = -float("nan")
-    assert scores[0, 1, 5].signbit() and not scores[0, 0, 3].signbit()
-    for topk in (4, 50):
-        assert torch.equal(indexer_topk(scores, topk), ref_dsa.indexer_topk(scores, topk)), f"topk={topk}"
-
-
-# ----------------------------------------------------------------------------- sparse attention
-
-
-def _check_sparse(b, h, hk, t, s, dk, dv, nk, dtype):
-    q = torch.randn(b, h, t, dk, device=DEVICE, dtype=dtype, requires_grad=True)
-    k = torch.randn(b, hk, s, dk, device=DEVICE, dtype=dtype, requires_grad=True)
-    v = torch.randn(b, hk, s, dv, device=DEVICE, dtype=dtype, requires_grad=True)
-    idx = _random_indices(b, t, s, nk)
-    assert (idx < 0).any()
-    out = sparse_attention(q, k, v, idx, 0.2)
-    do = torch.randn_like(out)
-    out.backward(do)
-    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref = attend(*ref_in, indices_to_mask(idx, s)[:, None], 0.2)
-    ref.backward(do.double())
-    assert out.dtype == dtype
-    assert_close(out, ref, dtype, what="out")
-    for name, x, r in zip("qkv", (q, k, v), ref_in, strict=True):
-        assert_close(x.grad, r.grad, dtype, what=f"d{name}")
-
-
-@pytest.mark.parametrize("h,hk,dk,dv", [(3, 3, 40, 24), (4, 2, 20, 12), (5, 1, 30, 24)],
-                         ids=["naive", "gqa", "absorbed"])
-def test_sparse_attention_fp32(h, hk, dk, dv):
-    """20 indices per query (two blocks of 16), early queries padded with -1."""
-    _check_sparse(2, h, hk, 6, 21, dk, dv, 20, torch.float32)
-
-
-def test_sparse_attention_bf16():
-    _check_sparse(1, 5, 1, 5, 14, 30, 24, 12, torch.bfloat16)
+@pytest.mark.parametrize("case", cases("sparse_attention"))
+def test_sparse_attention_battery(case):
+    check_case(case, sparse_attention, DEVICE.type)
 
 
 @pytest.mark.parametrize("dtype,splits", [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 2)])
 def test_sparse_mla_decode(dtype, splits):
-    """`mla_decode` with DSA's selection (the absorbed decode path): each query attends to its selected keys
-    only (20 of them: two blocks; -1 slots)."""
+    """`mla_decode` with DSA's selection (the absorbed decode path, beyond the op `mla_decode`): each query attends
+    to its selected keys only (20 of them: two blocks; -1 slots), as the op `sparse_attention` in absorbed form."""
     b, h, t, s = 2, 5, 2, 40
     x = [torch.randn(*shape, device=DEVICE, dtype=dtype) for shape in ((b, h, t, 40), (b, h, t, 12), (b, s, 40),
                                                                        (b, s, 12))]
     idx = _random_indices(b, t, s, 20)
     idx[0, 0, 3:7] = -1
     out = mla_decode(*x, 0.3, splits=splits, indices=idx)
-    q_latent, q_pe, c_kv, k_pe = (y.double() for y in x)
-    k = torch.cat((c_kv, k_pe), -1)[:, None]
-    ref = attend(torch.cat((q_latent, q_pe), -1), k, c_kv[:, None], indices_to_mask(idx, s)[:, None], 0.3)
+    ref = ref_dsa.sparse_attention(*latent_qkv(*(y.double() for y in x)), idx, 0.3)
     assert_close(out, ref, dtype)
 
 
@@ -164,12 +84,10 @@ def test_pipeline_equals_dsa_layer():
         assert_close(out, layer.attend_naive(q_nope, q_pe, c_kv, k_pe, mask), torch.float32, what="naive")
 
         wkv = layer.kv_b_proj.weight.view(layer.n_heads, layer.dn + layer.dv, layer.r)
-        q = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, wkv[:, : layer.dn]), q_pe), dim=-1).contiguous()
-        k = torch.cat((c_kv, k_pe), dim=-1)[:, None].contiguous()
-        o_lat = sparse_attention(q, k, c_kv[:, None].contiguous(), idx, layer.scale)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, wkv[:, : layer.dn]).contiguous()
+        o_lat = sparse_attention(*(a.contiguous() for a in latent_qkv(q_lat, q_pe, c_kv, k_pe)), idx, layer.scale)
         ref = layer.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         assert_close(torch.einsum("bhtr,hvr->bhtv", o_lat, wkv[:, layer.dn :]), ref, torch.float32, what="absorbed")
-        q_lat = q[..., : layer.r].contiguous()
         o_lat = mla_decode(q_lat, q_pe.contiguous(), c_kv.contiguous(), k_pe.contiguous(), layer.scale, indices=idx)
         out = torch.einsum("bhtr,hvr->bhtv", o_lat, wkv[:, layer.dn :])
         assert_close(out, ref, torch.float32, what="mla_decode with indices")
@@ -179,7 +97,8 @@ def test_pipeline_equals_dsa_layer():
 
 
 def test_bad_inputs(monkeypatch):
-    q, k, w = _indexer_inputs(1, 3, 7, 4, 16, torch.float32)
+    q, k, w = torch.randn(1, 3, 4, 16), torch.randn(1, 7, 16), torch.randn(1, 3, 4)
+    q, k, w = q.to(DEVICE), k.to(DEVICE), w.to(DEVICE)
     with pytest.raises(TypeError, match="k: expected dtype"):
         indexer_scores(q, k.half(), w, 1.0)
     with pytest.raises(ValueError, match="w: expected shape"):

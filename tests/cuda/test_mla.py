@@ -1,59 +1,49 @@
-"""Absorbed MLA decode (kernels/triton/mla.py) against `reference.mla.MLA.attend_absorbed` and its latent step.
-
-r and dr are not powers of two, S is not a multiple of the block, T > 1 checks the causal offset between the new
-tokens, and both the single-pass and the split-KV (flash-decoding) paths run. Outputs start as NaN.
+"""Absorbed MLA decode (kernels/triton/mla.py): the op's battery (`reference.testing.mla`), the split-KV
+(flash-decoding) path on the battery's ragged samples, the non-causal option, the kernel through an MLA layer's
+weights, and bad inputs. Outputs start as NaN (tests/cuda/conftest.py).
 """
+
+import functools
 
 import pytest
 import torch
 
 from kernels.triton.mla import mla_decode
 from reference.attention import attend, causal_mask
-from reference.mla import MLA
+from reference.mla import MLA, latent_qkv
+from reference.testing import assert_close
+from reference.testing.pytest_plugin import cases, check_case
 from tests.cuda.conftest import DEVICE
 from tests.reference_utils import make_config, randomize_
-from reference.testing import assert_close
 
 
-def _inputs(b, h, t, s, r, dr, dtype):
-    q_latent = torch.randn(b, h, t, r, device=DEVICE, dtype=dtype)
-    q_pe = torch.randn(b, h, t, dr, device=DEVICE, dtype=dtype)
-    c_kv = torch.randn(b, s, r, device=DEVICE, dtype=dtype)
-    k_pe = torch.randn(b, s, dr, device=DEVICE, dtype=dtype)
-    return q_latent, q_pe, c_kv, k_pe
+@pytest.mark.parametrize("case", cases("mla_decode"))
+def test_battery(case):
+    """The op's whole battery: one decode step at ragged cache lengths and over a single key, 3 new tokens (MTP /
+    speculative), a prefill through the absorbed form, query rows spanning many binades, r and dr not powers of
+    two, DeepSeek-V3 (128 heads) and V2-Lite absorbed dims; float32, bfloat16, float16; under torch.no_grad."""
+    check_case(case, mla_decode, DEVICE.type)
 
 
-def _latent_ref(q_latent, q_pe, c_kv, k_pe, scale, causal):
-    """The latent step of `MLA.attend_absorbed` in float64: MQA over ``[c_kv, k_pe]`` with values ``c_kv``."""
-    q_latent, q_pe, c_kv, k_pe = (x.double() for x in (q_latent, q_pe, c_kv, k_pe))
-    t, s = q_latent.shape[2], c_kv.shape[1]
-    mask = causal_mask(t, s, s - t, DEVICE) if causal else torch.ones(t, s, dtype=torch.bool, device=DEVICE)
-    q = torch.cat((q_latent, q_pe), dim=-1)
-    k = torch.cat((c_kv, k_pe), dim=-1)[:, None]
-    return attend(q, k, c_kv[:, None], mask, scale)
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("case", cases("mla_decode", tags=("ragged",)))
+def test_battery_split_kv(case, splits):
+    """The split-KV path (partial outputs merged by their log-sum-exp) on the ragged samples. With 3 splits of
+    ``3 new tokens, S=33`` the last split holds key 32 only, which queries 0 and 1 do not see."""
+    check_case(case, functools.partial(mla_decode, splits=splits), DEVICE.type)
 
 
-@pytest.mark.parametrize("t,s,splits", [(1, 45, 1), (3, 45, 1), (1, 45, 3), (3, 33, 4)])
-def test_latent_step_fp32(t, s, splits):
-    """(3, 33, 4): the last split holds key 32 only, which queries 0 and 1 do not see."""
-    x = _inputs(2, 5, t, s, 40, 12, torch.float32)
-    out = mla_decode(*x, 0.3, splits=splits)
-    assert out.shape == (2, 5, t, 40) and out.dtype == torch.float32
-    assert_close(out, _latent_ref(*x, 0.3, True), torch.float32)
+def _inputs(b, h, t, s, r, dr, dtype=torch.float32):
+    shapes = ((b, h, t, r), (b, h, t, dr), (b, s, r), (b, s, dr))
+    return [torch.randn(*shape, device=DEVICE, dtype=dtype) for shape in shapes]
 
 
 def test_non_causal_fp32():
-    x = _inputs(1, 3, 2, 21, 24, 8, torch.float32)
-    assert_close(mla_decode(*x, 0.2, causal=False, splits=2), _latent_ref(*x, 0.2, False), torch.float32)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_latent_step_half(dtype):
-    """bfloat16 runs under the interpreter with dot operands upcast (the interpreter's bf16 tl.dot is broken)."""
-    x = _inputs(2, 4, 2, 37, 40, 12, dtype)
-    out = mla_decode(*x, 0.3, splits=2)
-    assert out.dtype == dtype
-    assert_close(out, _latent_ref(*x, 0.3, True), dtype)
+    """``causal=False`` (beyond the op): every query sees every cached key."""
+    x = _inputs(1, 3, 2, 21, 24, 8)
+    q, k, v = latent_qkv(*(a.double() for a in x))
+    ref = attend(q, k, v, torch.ones(2, 21, dtype=torch.bool, device=DEVICE), 0.2)
+    assert_close(mla_decode(*x, 0.2, causal=False, splits=2), ref, torch.float32)
 
 
 def test_attend_absorbed_fp32():
@@ -75,7 +65,7 @@ def test_attend_absorbed_fp32():
 
 
 def test_bad_inputs(monkeypatch):
-    q_latent, q_pe, c_kv, k_pe = _inputs(1, 2, 3, 7, 16, 8, torch.float32)
+    q_latent, q_pe, c_kv, k_pe = _inputs(1, 2, 3, 7, 16, 8)
     with pytest.raises(TypeError, match="q_latent: expected dtype"):
         mla_decode(q_latent.double(), q_pe, c_kv, k_pe, 1.0)
     with pytest.raises(TypeError, match="c_kv: expected dtype"):

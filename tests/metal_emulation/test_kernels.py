@@ -18,9 +18,11 @@ import torch.nn.functional as F
 
 from reference import dsa as ref_dsa
 from reference import fp8 as ref_fp8
+from reference.mla import mla_decode as ref_mla_decode
 from reference.moe import route as ref_route
 from reference.rms_norm import rms_norm as ref_rms_norm
 from reference.swiglu import swiglu as ref_swiglu
+from reference.testing import assert_close
 from runtime_mlx.kernels import METAL_DIR, SPECS
 from runtime_mlx.kernels.cross_entropy import _cross_entropy_metal, _cross_entropy_metal_bwd
 from runtime_mlx.kernels.dsa import _indexer_scores_metal, _indexer_topk_metal
@@ -31,9 +33,8 @@ from runtime_mlx.kernels.moe import _route_metal
 from runtime_mlx.kernels.rms_norm import _rms_norm_metal, _rms_norm_metal_bwd
 from runtime_mlx.kernels.swiglu import _swiglu_metal, _swiglu_metal_bwd
 from tests.metal_emulation import driver
-from tests.mlx.kernel_refs import ref_mla_decode, spread
+from tests.mlx.kernel_refs import spread
 from tests.mlx.utils import to_mx, to_torch
-from reference.testing import assert_close
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is None,
                                 reason="the Metal emulation needs Linux and g++ (ucontext fibers, ELF sections)")

@@ -1,21 +1,14 @@
-"""Shared by the MLX kernel tests and the Metal emulation tests: inputs that span many binades, and the absorbed MLA
-decode written with the reference's `attend` on given latents (the reference computes it inside `MLA`)."""
+"""Shared by the MLX kernel tests and the Metal emulation tests: inputs that span many binades, drawn from torch's
+global generator (`reference.testing.spec.spread` draws from a given one). The absorbed MLA decode these tests
+compare with is the op `reference.mla.mla_decode`."""
 
 from __future__ import annotations
 
 import torch
 
-from reference.attention import attend, causal_mask
+from reference.testing.spec import spread as _spread
 
 
-def spread(*shape):
-    """randn scaled by a different power of ten per row, so tiles span many binades."""
-    x = torch.randn(*shape)
-    return x * 10.0 ** torch.randint(-3, 3, (*shape[:-1], 1)).float()
-
-
-def ref_mla_decode(ql, qp, ckv, kpe, scale):
-    """reference.mla.MLA.attend_absorbed before W_UV: one shared latent key/value head, causal to the end."""
-    t, s = ql.shape[2], ckv.shape[1]
-    k = torch.cat((ckv, kpe), -1)[:, None]
-    return attend(torch.cat((ql, qp), -1), k, ckv[:, None], causal_mask(t, s, s - t), scale)
+def spread(*shape) -> torch.Tensor:
+    """`reference.testing.spec.spread` from torch's global generator (seeded by the test's ``torch.manual_seed``)."""
+    return _spread(torch.default_generator, *shape)

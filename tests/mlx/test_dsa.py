@@ -1,9 +1,9 @@
-"""runtime_mlx DSA: the indexer scores and indexer_topk kernels (every path, exact ties, NaN scores) against
-reference.dsa, and the DSA layer's selection."""
+"""runtime_mlx DSA: the batteries of the indexer scores and indexer_topk kernels (`reference.testing.dsa`, every
+path: exact ties, NaN scores, -1 padding), `indices_to_mask`, and the DSA layer's selection, against the
+reference."""
 
 from __future__ import annotations
 
-import mlx.core as mx
 import pytest
 import torch
 from mlx.utils import tree_flatten
@@ -12,50 +12,35 @@ from reference import dsa as ref_dsa
 from reference.attention import causal_mask as ref_causal_mask
 from reference.dsa import DSA as RefDSA
 from reference.rope import RotaryEmbedding
+from reference.testing.pytest_plugin import cases, check_case
 from runtime_mlx import kernels as K
 from runtime_mlx.dsa import DSA
 from tests.mlx.utils import PATHS, layer_pair, to_mx, to_torch
 from tests.reference_utils import make_config
-from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape", [(2, 4, 5, 23, 16, 7), (1, 3, 9, 9, 8, 4), (1, 2, 2, 40, 12, 64)])
-def test_indexer(path, shape):
-    b, h, t, s, d, topk = shape
-    q, k = torch.randn(b, t, h, d, dtype=torch.float64), torch.randn(b, s, d, dtype=torch.float64)
-    w = torch.randn(b, t, h, dtype=torch.float64) * h**-0.5
-    q[0, 0] = 0.0  # a query whose scores are all exact zeros: ties go to the earlier key
-    scale = d**-0.5
-    ref_scores = ref_dsa.indexer_scores(q, k, w, scale)
-    qm, km, wm = (to_mx(a.float()) for a in (q, k, w))
-    scores = K.indexer_scores(qm, km, wm, scale)
-    assert_close(to_torch(scores), ref_scores)
-    idx = K.indexer_topk(scores, topk)
-    assert idx.shape == (b, t, min(topk, s)) and idx.dtype == mx.int32
-    ref_idx = ref_dsa.indexer_topk(ref_scores, topk)
+@pytest.mark.parametrize("case", cases("indexer_scores"))
+def test_indexer_scores_battery(path, case):
+    check_case(case, K.indexer_scores, "mlx")
+    assert K.kernel_path("indexer_scores") == path
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", cases("indexer_topk"))
+def test_indexer_topk_battery(path, case):
+    """Exact ties to the earlier key, NaN first, -1 padding, as the reference (int32 indices: MLX's dtype)."""
+    check_case(case, K.indexer_topk, "mlx")
+    assert K.kernel_path("indexer_topk") == path
+
+
+def test_indices_to_mask_equals_reference():
+    """`indices_to_mask` on MLX's int32 top-k (unfilled -1 slots included) is the reference's selection."""
+    scores = torch.round(torch.randn(2, 5, 23) * 2) / 2
+    ref_idx = ref_dsa.indexer_topk(scores, 7)
+    idx = K.indexer_topk(to_mx(scores), 7)
     assert torch.equal(to_torch(idx).long(), ref_idx)
-    assert torch.equal(to_torch(K.indices_to_mask(idx, s)), ref_dsa.indices_to_mask(ref_idx, s))
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("topk", [5, 40, 200])
-def test_indexer_topk_exact_ties(path, topk):
-    """Equal scores rank the earlier key first (DESIGN.md), as the reference: scores are multiples of 0.5, so
-    every row ties; -1 pads the slots past a query's visible keys."""
-    scores = torch.round(torch.randn(2, 6, 150) * 2) / 2
-    idx = K.indexer_topk(to_mx(scores), topk)
-    assert torch.equal(to_torch(idx).long(), ref_dsa.indexer_topk(scores, topk))
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_indexer_topk_nan_scores(path):
-    """NaN scores (a diverged model) rank first, as the reference (a stable sort puts NaN first)."""
-    scores = torch.randn(1, 3, 30)
-    scores[0, :, [4, 9]] = float("nan")
-    scores[0, 2] = float("nan")  # a whole row
-    idx = K.indexer_topk(to_mx(scores), 6)
-    assert torch.equal(to_torch(idx).long(), ref_dsa.indexer_topk(scores, 6))
+    assert torch.equal(to_torch(K.indices_to_mask(idx, 23)), ref_dsa.indices_to_mask(ref_idx, 23))
 
 
 def test_dsa_selection_equals_reference():

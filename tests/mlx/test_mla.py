@@ -1,5 +1,5 @@
-"""runtime_mlx MLA: the absorbed decode kernel (every path) and the MLA / DSA layers (naive and absorbed, full
-and cached) with gradients, against the reference."""
+"""runtime_mlx MLA: the absorbed decode kernel's battery (`reference.testing.mla`, every path) and the MLA / DSA
+layers (naive and absorbed, full and cached) with gradients, against the reference."""
 
 from __future__ import annotations
 
@@ -11,26 +11,22 @@ from reference.cache import LayerCache as RefLayerCache
 from reference.dsa import DSA as RefDSA
 from reference.mla import MLA as RefMLA
 from reference.rope import RotaryEmbedding
+from reference.testing import assert_close
+from reference.testing.pytest_plugin import cases, check_case
 from runtime_mlx import kernels as K
 from runtime_mlx.cache import LayerCache
 from runtime_mlx.dsa import DSA
 from runtime_mlx.mla import MLA
-from tests.mlx.kernel_refs import ref_mla_decode
 from tests.mlx.utils import PATHS, YARN, grads_of, layer_pair, to_mx, to_torch
 from tests.reference_utils import make_config
-from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape", [(2, 3, 1, 37, 40, 8), (1, 2, 3, 19, 33, 6)])
-def test_mla_decode(path, shape):
-    b, h, t, s, r, dr = shape
-    ql, qp = torch.randn(b, h, t, r, dtype=torch.float64), torch.randn(b, h, t, dr, dtype=torch.float64)
-    ckv, kpe = torch.randn(b, s, r, dtype=torch.float64), torch.randn(b, s, dr, dtype=torch.float64)
-    scale = (r + dr) ** -0.5
-    ref = ref_mla_decode(ql, qp, ckv, kpe, scale)
-    out = K.mla_decode(*(to_mx(a.float()) for a in (ql, qp, ckv, kpe)), scale)
-    assert_close(to_torch(out), ref)
+@pytest.mark.parametrize("case", cases("mla_decode"))
+def test_mla_decode_battery(path, case):
+    """The op's battery on `runtime_mlx.kernels.mla_decode`, on the path ``path`` (pure MLX, or Metal)."""
+    check_case(case, K.mla_decode, "mlx")
+    assert K.kernel_path("mla_decode") == path
 
 
 def _run_ref(layer, x, rot, prefill):
