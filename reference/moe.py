@@ -80,6 +80,39 @@ class Experts(nn.Module):
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
 
 
+def grouped_gemm(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Grouped GEMM over expert-sorted rows, the routed experts' matmuls (DeepSeek-V3 report section 2.1.2):
+    ``y[s:t] = x_sorted[s:t] @ w[e]^T`` for each expert ``e``'s segment ``[s, t) = [offsets[e], offsets[e+1])``.
+
+    ``x_sorted`` (M, K) float, rows sorted by expert; ``w`` (E, N, K) of the same dtype (the stacked
+    ``gate_proj``/``up_proj``/``down_proj`` of `Experts`); ``offsets`` (E+1,) integer (int32 or int64),
+    ``offsets[0] = 0``, nondecreasing, ``offsets[E] = M``. Returns (M, N) in x's dtype. An expert with no rows
+    adds nothing and its weights are never read (its gradient is an exact zero). Differentiable w.r.t.
+    ``x_sorted`` and ``w``. The signature of `kernels.triton.grouped_gemm.grouped_gemm`; `Experts`' per-expert
+    loop runs the same products with SwiGLU applied per segment between them (three calls of this function would
+    round SiLU differently in float32: its vectorized body and scalar tail differ in the last bit). Raises
+    ``TypeError`` for a non-float x, a w of another dtype or non-integer offsets, ``ValueError`` for wrong ranks or
+    shapes, or offsets that do not split the M rows.
+    """
+    if not x_sorted.is_floating_point() or w.dtype != x_sorted.dtype:
+        raise TypeError(f"grouped_gemm: x_sorted and w must share one float dtype, got {x_sorted.dtype} and {w.dtype}")
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"grouped_gemm: offsets must be int32 or int64, got {offsets.dtype}")
+    if x_sorted.ndim != 2 or w.ndim != 3 or w.shape[2] != x_sorted.shape[1]:
+        raise ValueError(f"grouped_gemm: expected x_sorted (M, K) and w (E, N, K), got {tuple(x_sorted.shape)} and "
+                         f"{tuple(w.shape)}")
+    if tuple(offsets.shape) != (w.shape[0] + 1,):
+        raise ValueError(f"grouped_gemm: offsets must have shape ({w.shape[0] + 1},), got {tuple(offsets.shape)}")
+    bounds = offsets.tolist()
+    counts = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if bounds[0] != 0 or bounds[-1] != x_sorted.shape[0] or min(counts, default=0) < 0:
+        raise ValueError(f"grouped_gemm: offsets must rise from 0 to M={x_sorted.shape[0]}, got {bounds}")
+    ws = w.unbind(0)  # once: per-expert indexing would fill a zero gradient of all of w per expert
+    outs = [seg @ ws[e].t() for e, seg in enumerate(x_sorted.split(counts)) if counts[e]]
+    # no segment at all means M = 0: an empty product that still carries x's gradient (an empty one)
+    return torch.cat(outs) if outs else x_sorted @ w.new_zeros(w.shape[2], w.shape[1])
+
+
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Tokens per expert: (E,) int64 counts of the expert ids ``ids`` (any shape, values in [0, E)). A
     scatter-add rather than ``torch.bincount``, whose data-dependent output size breaks ``torch.compile`` graphs."""

@@ -26,7 +26,7 @@ from reference.fp8 import (
     weight_dequant,
     weight_quant,
 )
-from reference.testing import assert_close, rel_err
+from reference.testing import assert_close, get_spec, rel_err
 
 # Every finite float8_e4m3fn value, decoded from its bit patterns (independent of torch's cast).
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).double()
@@ -236,3 +236,32 @@ def test_bad_inputs_raise(call, exc, match):
     args = _valid()
     with pytest.raises(exc, match=match):
         call(args)
+
+
+# ----------------------------------------------------------------------------- the specs (reference.testing.fp8)
+
+
+def test_spec_samples_exercise_what_they_name():
+    """act_quant's "scale exactly 1" sample has every scale 1 and its zero-tile sample clamped scales; the
+    weight_dequant bit-pattern sample holds every finite e4m3 value; fp8_gemm's reference (float32 accumulation)
+    is within 2e-7 of the float64 product of the dequantized operands on every sample (the spec's claim)."""
+    spec = get_spec("act_quant")
+    samples = {s.name.split(":")[0]: s for s in spec.samples(spec.rng())}
+    _, s1 = act_quant(*samples["scale exactly 1"].args)
+    assert (s1 == 1).all()
+    _, sz = act_quant(*samples["zero tiles (amax clamped to 1e-4), a tile below 1e-4 (subnormals)"].args)
+    clamped = torch.tensor(AMAX_MIN, dtype=torch.float32) / 448.0
+    assert sz[0, 1] == clamped and sz[1, 2] == clamped and sz[2, 0] == clamped
+
+    spec = get_spec("weight_dequant")
+    bits = next(s for s in spec.samples(spec.rng()) if "bit pattern" in s.name).args[0]
+    assert torch.isin(E4M3_GRID, bits.double()).all()
+
+    spec = get_spec("fp8_gemm")
+    for s in spec.samples(spec.rng()):
+        a, a_s, b, b_s, bs, _ = s.args
+        k, n = a.shape[-1], b.shape[0]
+        kb = torch.arange(k) // bs
+        a64 = a.double() * a_s.double()[..., kb]
+        b64 = b.double() * b_s.double()[torch.arange(n)[:, None] // bs, kb[None, :]]
+        assert rel_err(fp8_gemm(a, a_s, b, b_s, bs, torch.float32), a64 @ b64.T) < 2e-7, s.name

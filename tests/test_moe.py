@@ -1,11 +1,16 @@
-"""reference/moe.py: route, experts, DeepSeekMoE routing and balancing, standard softmax MoE."""
+"""reference/moe.py: route, grouped_gemm, experts, DeepSeekMoE routing and balancing, standard softmax MoE; the route
+and grouped_gemm specs (`reference.testing.moe`): their samples and the torch builtin."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from reference.moe import DeepSeekMoE, Experts, MoE, _grouped_mm_applies, route, topk_indices
+from reference.moe import DeepSeekMoE, Experts, MoE, _grouped_mm_applies, grouped_gemm, route, topk_indices
+from reference.swiglu import swiglu
+from reference.testing import assert_close, get_spec
+from reference.testing import moe as moe_spec
+from reference.testing.pytest_plugin import cases, check_case
 from tests.reference_utils import (
     expert_ffn,
     gradcheck_module,
@@ -15,7 +20,6 @@ from tests.reference_utils import (
     rand_ids,
     randomize_,
 )
-from reference.testing import assert_close
 
 GROUPED = dict(n_routed_experts=256, n_group=8, topk_group=4, num_experts_per_tok=8, hidden_size=32,
                moe_intermediate_size=16, routed_scaling_factor=2.5)
@@ -446,3 +450,68 @@ def test_model_loss_adds_aux_losses():
     assert len(auxes) == 2 and all(a is not None and a > 0 for a in auxes)
     assert_close(out.aux_loss, auxes[0] + auxes[1], torch.float32)
     assert_close(out.loss, out.lm_loss + out.aux_loss + 0.3 * out.mtp_losses[0], torch.float32)
+
+
+# ----------------------------------------------------------------------------- grouped_gemm
+
+
+def test_grouped_gemm_is_the_experts_products():
+    """Three grouped GEMMs with SwiGLU between them give `Experts`' per-expert loop (to float32 rounding: the loop
+    applies SiLU per segment), an empty expert contributing nothing."""
+    torch.manual_seed(0)
+    experts = randomize_(Experts(5, 12, 7))
+    counts = torch.tensor([3, 0, 6, 1, 0])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    xs = torch.randn(10, 12)
+    h = swiglu(grouped_gemm(xs, experts.gate_proj, offsets), grouped_gemm(xs, experts.up_proj, offsets))
+    assert_close(grouped_gemm(h, experts.down_proj, offsets), experts.grouped_swiglu(xs, counts), torch.float32)
+
+
+def test_grouped_gemm_bad_inputs_raise():
+    x, w, off = torch.randn(6, 5), torch.randn(2, 3, 5), torch.tensor([0, 2, 6])
+    with pytest.raises(TypeError, match="one float dtype"):
+        grouped_gemm(x, w.double(), off)
+    with pytest.raises(TypeError, match="offsets must be int32 or int64"):
+        grouped_gemm(x, w, off.float())
+    with pytest.raises(ValueError, match=r"expected x_sorted \(M, K\) and w \(E, N, K\)"):
+        grouped_gemm(x[:, :4], w, off)
+    with pytest.raises(ValueError, match=r"offsets must have shape \(3,\)"):
+        grouped_gemm(x, w, off[:2])
+    for bad in ([1, 2, 6], [0, 2, 5], [0, 4, 2]):
+        with pytest.raises(ValueError, match="offsets must rise from 0 to M=6"):
+            grouped_gemm(x, w, torch.tensor(bad))
+
+
+# ----------------------------------------------------------------------------- the specs
+
+
+@pytest.mark.parametrize("case", cases("route") + cases("grouped_gemm"))
+def test_reference_passes_its_battery(case):
+    """The reference in the dtype under test against itself in float64: route's float32 top-k (integer keys)
+    decides every sample's cuts as its float64 path (a stable sort) does."""
+    spec = case[0]
+    check_case(case, spec.reference, "cpu")
+
+
+@pytest.mark.parametrize("case", cases("grouped_gemm"))
+def test_torch_grouped_mm_builtin_passes_the_battery(case):
+    """The grouped_gemm spec's torch builtin (``F.grouped_mm``, K and N padded to its 16-byte strides)."""
+    check_case(case, get_spec("grouped_gemm").builtin["torch"](), "cpu")
+
+
+def test_route_samples_are_what_their_names_say():
+    """Every token's cuts are decided (margins, or exact ties); the samples named for it leave each token's best
+    expert out of its groups, change every pick with the bias, or tie at the cut they name."""
+    spec = get_spec("route")
+    samples = spec.samples(spec.rng())
+    assert len({s.name for s in samples}) == len(samples)
+    for s in samples:
+        logits, bias, k, g, tg = s.args[:5]
+        assert moe_spec.decided(logits, bias, k, g, tg).all(), s.name
+        checks = {"excluded group": moe_spec._best_excluded, "changes every pick": moe_spec._bias_changes_pick,
+                  "ties at the top-3 cut": moe_spec._tie_at_expert_cut, "ties at the group cut":
+                  moe_spec._tie_at_group_cut}
+        for words, holds in checks.items():
+            if words in s.name:
+                assert holds(logits, bias, k, g, tg).all(), s.name
+    assert sum("excluded group" in s.name for s in samples) >= 3

@@ -1,5 +1,12 @@
-"""DeepSeek-V3 routing (``noaux_tc``) in MLX: the Metal kernel of ``kernels/metal/moe.metal`` (one thread per token,
-a custom VJP in MLX) or the pure-MLX path. Reference: `reference.moe.route`; Triton: `kernels.triton.moe.route`."""
+"""DeepSeekMoE ops in MLX.
+
+- `route`: DeepSeek-V3 routing (``noaux_tc``), the Metal kernel of ``kernels/metal/moe.metal`` (one thread per
+  token, a custom VJP in MLX) or the pure-MLX path. Reference: `reference.moe.route`; Triton:
+  `kernels.triton.moe.route`.
+- `grouped_gemm`: the routed experts' products over expert-sorted rows through ``mx.gather_mm`` (what
+  `runtime_mlx.moe.Experts` runs). Reference: `reference.moe.grouped_gemm`; Triton:
+  `kernels.triton.grouped_gemm.grouped_gemm`.
+"""
 
 from __future__ import annotations
 
@@ -119,3 +126,37 @@ def route(logits: mx.array, bias: mx.array, top_k: int, n_group: int = 1, topk_g
     if use_metal("route", key, lambda: _self_check(logits.dtype, e, *args)):
         return _route_custom(*args)(logits, bias)
     return route_mlx(logits, bias, *args)
+
+
+def grouped_gemm(x_sorted: mx.array, w: mx.array, offsets: mx.array) -> mx.array:
+    """Grouped GEMM over expert-sorted rows, as `reference.moe.grouped_gemm`: ``y[s:t] = x_sorted[s:t] @ w[e]^T``
+    for each expert ``e``'s segment ``[s, t) = [offsets[e], offsets[e+1])``.
+
+    ``x_sorted`` (M, K) float; ``w`` (E, N, K) of the same dtype; ``offsets`` (E+1,) integer, rising from 0 to M
+    (not checked: that would need the values). Returns (M, N) in x's dtype. One ``mx.gather_mm`` with each row's
+    expert id as ``rhs_indices`` (sorted): an expert with no rows is never read. On MLX's CPU back end, whose
+    ``gather_mm`` takes float32 only (MLX 0.32), half inputs are multiplied in float32 and the result rounded.
+    Differentiable w.r.t. ``x_sorted`` and ``w``. Raises TypeError on a non-float x or a w of another dtype,
+    ValueError on wrong shapes.
+    Source: DeepSeek-V3 report section 2.1.2.
+    """
+    check_float("x_sorted", x_sorted)
+    if w.dtype != x_sorted.dtype:
+        raise TypeError(f"w: expected {x_sorted.dtype} like x_sorted, got {w.dtype}")
+    if x_sorted.ndim != 2:
+        raise ValueError(f"x_sorted: expected (M, K), got {tuple(x_sorted.shape)}")
+    m, k = x_sorted.shape
+    check_shape("w", w, (None, None, k))
+    e, n, _ = w.shape
+    check_shape("offsets", offsets, (e + 1,))
+    if m == 0:
+        return mx.zeros((0, n), x_sorted.dtype)
+    # row r's expert = the number of segment ends offsets[1:E] at or before r (a cumsum of marks at the ends)
+    ends = mx.minimum(offsets[1:e].astype(mx.int32), m)
+    marks = mx.zeros((m + 1,), mx.int32).at[ends].add(mx.array(1, mx.int32))
+    expert = mx.stop_gradient(mx.cumsum(marks[:m]).astype(mx.uint32))
+    a, b = x_sorted, w
+    if a.dtype != mx.float32 and mx.default_device().type == mx.cpu:  # MLX's CPU gather_mm takes float32 only
+        a, b = a.astype(mx.float32), b.astype(mx.float32)
+    y = mx.gather_mm(a[:, None, :], b.swapaxes(-1, -2), rhs_indices=expert, sorted_indices=True)
+    return y[:, 0].astype(x_sorted.dtype)

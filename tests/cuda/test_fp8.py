@@ -1,14 +1,18 @@
-"""kernels/triton/fp8.py against reference/fp8.py.
+"""kernels/triton/fp8.py: the batteries of act_quant, weight_dequant and fp8_gemm (`reference.testing.fp8`), on both
+rounding paths for act_quant, the fp32 rounding alone, quantize-then-GEMM end to end, bad inputs.
 
-Which rounding path each test takes is in its id: ``fp32-round`` (the kernel rounds to the e4m3 grid in float32,
-then casts exactly) or ``cast`` (Triton's float32 -> e4m3 cast). Under the interpreter the ``cast`` path is
+Which rounding path an act_quant test takes is in its id: ``fp32-round`` (the kernel rounds to the e4m3 grid in
+float32, then casts exactly) or ``cast`` (Triton's float32 -> e4m3 cast). Under the interpreter the ``cast`` path is
 skipped: its cast is wrong where rounding carries into the next power of two (DESIGN.md); on a GPU both run.
 
-Bounds: act_quant and weight_dequant must equal the reference bit for bit (the same float32 operations, IEEE
-division). fp8_gemm is compared with the float64 product of the dequantized operands: 1e-5 (float32) under the
-interpreter, which accumulates each K-block's fp8 product exactly; 5e-4 on a GPU, whose fp8 tensor cores keep
-about 14 bits while accumulating within a K-block (arXiv 2412.19437, section 3.3.2).
+Bounds (the specs'): act_quant and weight_dequant must equal the reference bit for bit (the same float32
+operations, IEEE division). fp8_gemm is compared with the reference's float32 accumulation of exact fp8 products
+(within 1e-7 of the float64 product of the dequantized operands): 5e-4 for float32 output, for the fp8 tensor cores
+of a GPU, which keep about 14 bits while accumulating within a K-block (arXiv 2412.19437, section 3.3.2); under the
+interpreter the kernel matches the reference exactly.
 """
+
+from functools import partial
 
 import pytest
 import torch
@@ -16,24 +20,38 @@ import torch
 from kernels.triton.fp8 import act_quant, fp8_gemm, weight_dequant
 from kernels.triton.utils import interpreted
 from reference import fp8 as ref
-from tests.cuda.conftest import DEVICE
 from reference.testing import assert_close
+from reference.testing.pytest_plugin import cases, check_case
+from tests.cuda.conftest import DEVICE
 
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(ref.FP8_DTYPE).double()
 E4M3_GRID = E4M3_GRID[E4M3_GRID.isfinite()]
 PATHS = [pytest.param(True, id="fp32-round"),
          pytest.param(False, id="cast", marks=pytest.mark.skipif(
              interpreted(), reason="the interpreter's float32 -> e4m3 cast is wrong where rounding carries"))]
-GEMM_BOUND = 1e-5 if interpreted() else 5e-4
 
 
-def _spanning(*shape, block=128):
-    """randn scaled by a different power of ten (1e-2 .. 1e2) per block of the last dim, one tiny tile."""
-    x = torch.randn(*shape)
-    f = 10.0 ** (torch.rand(-(-shape[-1] // block)) * 4 - 2)
-    x = x * f.repeat_interleave(block)[: shape[-1]]
-    x.view(-1, shape[-1])[0, :block] *= 1e-7  # amax below 1e-4: the tile lands among the subnormals
-    return x
+@pytest.mark.parametrize("rnd", PATHS)
+@pytest.mark.parametrize("case", cases("act_quant"))
+def test_act_quant_battery(case, rnd):
+    """The op's battery on each rounding path: ragged K, zero and sub-1e-4 tiles, scale exactly 1 (carries,
+    ties, subnormals), block_size 64, no rows, V3 and V2-Lite widths; float32, bfloat16, float16 inputs; the e4m3
+    bits and the scales exactly."""
+    check_case(case, partial(act_quant, round_in_fp32=rnd), DEVICE.type)
+
+
+@pytest.mark.parametrize("case", cases("weight_dequant"))
+def test_weight_dequant_battery(case):
+    """Partial edge blocks, every e4m3 bit pattern, a zero block, block_size 64, V3 and V2-Lite expert weights;
+    each output dtype, exactly."""
+    check_case(case, weight_dequant, DEVICE.type)
+
+
+@pytest.mark.parametrize("case", cases("fp8_gemm"))
+def test_fp8_gemm_battery(case):
+    """Ragged K and N (partial blocks), K below one block, zero tiles and blocks, block_size 64, a decode token
+    against V3's gate_proj, V2-Lite's gate_proj; each output dtype."""
+    check_case(case, fp8_gemm, DEVICE.type)
 
 
 def _bits(t):
@@ -55,51 +73,12 @@ def test_fp32_rounding_is_nearest_grid_point():
     assert yd[:2].tolist() == [-8.0, 32.0]
 
 
-@pytest.mark.parametrize("rnd", PATHS)
-@pytest.mark.parametrize("bs", [128, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_act_quant_equals_reference(dtype, bs, rnd):
-    x = _spanning(2, 9, 300, block=bs).to(dtype)
-    x[1, 3, bs:2 * bs] = 0.0  # all-zero tile
-    y, s = act_quant(x.to(DEVICE), bs, round_in_fp32=rnd)
-    y_ref, s_ref = ref.act_quant(x, bs)
-    assert y.dtype == ref.FP8_DTYPE and y.shape == x.shape and s.shape == s_ref.shape
-    assert torch.equal(s.cpu(), s_ref), "scales differ"
-    assert torch.equal(_bits(y), _bits(y_ref)), f"{(_bits(y) != _bits(y_ref)).sum()} values differ"
-
-
-@pytest.mark.parametrize("bs", [128, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weight_dequant_equals_reference_with_partial_blocks(dtype, bs):
-    w = _spanning(200, 300, block=bs) * 10.0 ** (torch.rand(200, 1) * 2 - 1)
-    wq, ws = ref.weight_quant(w, bs)
-    out = weight_dequant(wq.to(DEVICE), ws.to(DEVICE), bs, dtype=dtype)
-    assert out.dtype == dtype and out.shape == w.shape
-    assert torch.equal(out.cpu(), ref.weight_dequant(wq, ws, bs, dtype=dtype))  # one rounding, to nearest
-
-
-@pytest.mark.parametrize("bs", [128, 64])
-def test_fp8_gemm_matches_float64_product(bs):
-    N, K = 200, 300
-    x, w = _spanning(5, 7, K, block=bs), _spanning(N, K, block=bs)
-    a, a_s = ref.act_quant(x, bs)
-    b, b_s = ref.weight_quant(w, bs)
-    c = fp8_gemm(a.to(DEVICE), a_s.to(DEVICE), b.to(DEVICE), b_s.to(DEVICE), bs)
-    assert c.dtype == torch.float32 and c.shape == (5, 7, N)
-    k_blk = torch.arange(K) // bs
-    a64 = a.double() * a_s.double()[..., k_blk]
-    b64 = b.double() * b_s.double()[torch.arange(N)[:, None] // bs, k_blk[None, :]]
-    assert_close(c, a64 @ b64.T, bound=GEMM_BOUND, what="fp8_gemm vs float64 dequantized product")
-    c16 = fp8_gemm(a.to(DEVICE), a_s.to(DEVICE), b.to(DEVICE), b_s.to(DEVICE), bs, out_dtype=torch.bfloat16)
-    assert c16.dtype == torch.bfloat16
-    assert_close(c16, a64 @ b64.T, torch.bfloat16)
-
-
 def test_quantize_then_gemm_end_to_end():
     x, w = torch.randn(33, 260, device=DEVICE), torch.randn(70, 260)
     a, a_s = act_quant(x)
     b, b_s = ref.weight_quant(w)
     c = fp8_gemm(a, a_s, b.to(DEVICE), b_s.to(DEVICE))
+    assert c.dtype == torch.get_default_dtype()  # out_dtype=None (the battery passes it explicitly)
     err = assert_close(c, x.double().cpu() @ w.double().T, bound=0.06, what="fp8 vs unquantized product")
     assert err > 1e-3  # it really went through fp8
 

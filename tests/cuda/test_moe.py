@@ -1,4 +1,6 @@
-"""kernels/triton/moe.py against reference/moe.py: routing, permutation, experts; fwd and grads.
+"""kernels/triton/moe.py against reference/moe.py: the route op's battery (`reference.testing`), routing beyond the
+spec (the order of the K slots, NaN logits, the backward without a scores gradient), permutation, experts; fwd and
+grads.
 
 The grouped GEMM has its own tests (tests/cuda/test_grouped_gemm.py). Under the interpreter (no CUDA) every
 kernel runs on CPU tensors, with the tile helpers' policy for bfloat16 there (kernels/triton/utils.py: dot
@@ -13,10 +15,11 @@ import torch
 
 from kernels.triton import moe
 from reference import moe as ref_moe
-from reference.moe import DeepSeekMoE, Experts, Router
+from reference.moe import DeepSeekMoE, Experts
+from reference.testing import assert_close
+from reference.testing.pytest_plugin import cases, check_case
 from tests.cuda.conftest import DEVICE
 from tests.reference_utils import make_config, randomize_
-from reference.testing import assert_close
 
 # (n_experts, n_group, topk_group, top_k, norm_topk_prob, routed_scaling_factor, tokens)
 ROUTES = [
@@ -27,38 +30,15 @@ ROUTES = [
 ]
 
 
-def _router(e, g, tg, k, norm, rsf, hidden=24):
-    c = make_config(n_routed_experts=e, n_group=g, topk_group=tg, num_experts_per_tok=k, norm_topk_prob=norm,
-                    routed_scaling_factor=rsf, hidden_size=hidden)
-    r = Router(c)
-    with torch.no_grad():
-        r.weight.normal_(0.0, hidden**-0.5)
-        r.e_score_correction_bias.normal_(0.0, 0.1)
-    return r
-
-
 # ----------------------------------------------------------------------------- routing
 
 
-@pytest.mark.parametrize("e,g,tg,k,norm,rsf,n", ROUTES)
-def test_route_matches_router(e, g, tg, k, norm, rsf, n):
-    r = _router(e, g, tg, k, norm, rsf)
-    x = torch.randn(n, 24, dtype=torch.float64)
-    ref_idx, ref_w, ref_s = r.double()(x.requires_grad_())
-    gw, gs = torch.randn_like(ref_w), torch.randn_like(ref_s)
-    ref_dx, ref_dwt = torch.autograd.grad((ref_w * gw).sum() + (ref_s * gs).sum(), (x, r.weight))
-
-    xk = x.detach().float().to(DEVICE).requires_grad_()
-    wk = r.weight.detach().float().to(DEVICE).requires_grad_()
-    logits = xk @ wk.t()
-    idx, w, s = moe.route(logits, r.e_score_correction_bias.float().to(DEVICE), k, g, tg, norm, rsf)
-    assert idx.dtype == torch.int64 and w.dtype == s.dtype == torch.float32
-    assert torch.equal(idx.cpu(), ref_idx), "expert choice differs from reference.moe.Router"
-    assert_close(w, ref_w, what="topk_weight")
-    assert_close(s, ref_s, what="scores")
-    dx, dwt = torch.autograd.grad((w * gw.float().to(DEVICE)).sum() + (s * gs.float().to(DEVICE)).sum(), (xk, wk))
-    assert_close(dx, ref_dx, what="d x")
-    assert_close(dwt, ref_dwt, what="d router weight")
+@pytest.mark.parametrize("case", cases("route"))
+def test_route_battery(case):
+    """The op's battery (`reference.testing.moe`): the configurations above and V2-Lite's sizes, group-limited
+    routing that must leave out a token's best expert, a bias that changes every pick, exact ties at the expert
+    and group cuts, one token, no tokens; the set of experts, weights, scores and d logits."""
+    check_case(case, moe.route, DEVICE.type)
 
 
 def test_route_grad_through_weights_only():
@@ -89,7 +69,8 @@ def test_route_ties_pick_lower_index():
 @pytest.mark.parametrize("e,g,tg,k,norm,rsf,n", ROUTES)
 def test_route_ties_equal_reference_exactly(e, g, tg, k, norm, rsf, n):
     """Logits from five values (many equal expert and group scores), bias zero or two-valued: the kernel's
-    expert ids, in order, are the reference's (`reference.moe.route`: equal scores rank the lower index first)."""
+    expert ids, in order, are the reference's (`reference.moe.route`: equal scores rank the lower index first).
+    The battery compares each token's set of experts; this pins the order of the K slots as well."""
     torch.manual_seed(e + n)
     logits = torch.randint(-2, 3, (max(n, 16), e)).float() * 0.5
     for bias in (torch.zeros(e), torch.tensor([0.0, 0.25]).repeat(e // 2)):

@@ -1,5 +1,5 @@
-"""runtime_mlx FP8: act_quant (1x128 tiles) and weight_dequant (128x128 blocks) on every path against
-reference.fp8."""
+"""runtime_mlx FP8: the batteries of act_quant (1x128 tiles) and weight_dequant (128x128 blocks) on every path
+(`reference.testing.fp8`), and NaN inputs beyond the spec."""
 
 from __future__ import annotations
 
@@ -8,18 +8,36 @@ import pytest
 import torch
 
 from reference import fp8 as ref_fp8
+from reference.testing.pytest_plugin import cases, check_case
 from runtime_mlx import kernels as K
 from tests.mlx.kernel_refs import spread
 from tests.mlx.utils import PATHS, to_mx, to_torch
-from reference.testing import assert_close
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", cases("act_quant"))
+def test_act_quant_battery(path, case):
+    """The act_quant battery: the e4m3 bits (uint8 here) and the scales, exactly, on the path ``path``."""
+    check_case(case, K.act_quant, "mlx")
+    assert K.kernel_path("act_quant") == path
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", cases("weight_dequant"))
+def test_weight_dequant_battery(path, case):
+    """The weight_dequant battery (its ``dtype`` argument is the torch dtype under test), exactly."""
+    check_case(case, K.weight_dequant, "mlx")
+    assert K.kernel_path("weight_dequant") == path
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape,bs", [((3, 5, 300), 128), ((7, 64), 32), ((2, 1), 128)])
-def test_act_quant(path, shape, bs):
+def test_act_quant_nan_tile(path, shape, bs):
+    """Beyond the spec (whose comparisons never pass a NaN): a NaN makes its tile's scale NaN and its values the
+    e4m3 NaN 0x7F, as the reference; the other tiles are untouched."""
     x = spread(*shape)
     x[0, ..., :3] = 0.0
-    x[-1, ..., -1] = float("nan")  # its tile: NaN scale and NaN (0x7F) values, as the reference
+    x[-1, ..., -1] = float("nan")
     y_ref, s_ref = ref_fp8.act_quant(x, bs)
     y, s = K.act_quant(to_mx(x), bs)
     assert y.dtype == mx.uint8 and s.dtype == mx.float32
@@ -27,10 +45,11 @@ def test_act_quant(path, shape, bs):
     assert torch.equal(to_torch(y), y_ref.view(torch.uint8))  # round-to-nearest-even e4m3 bits, exactly
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape,bs", [((300, 200), 128), ((45, 70), 32)])
-def test_weight_dequant(path, shape, bs):
-    w_fp8, s = ref_fp8.weight_quant(spread(*shape), bs)
-    ref = ref_fp8.weight_dequant(w_fp8, s, bs)
-    out = K.weight_dequant(to_mx(w_fp8.view(torch.uint8)), to_mx(s), bs)
-    assert_close(to_torch(out), ref, bound=0.0)
+def test_weight_dequant_takes_mx_and_torch_dtypes():
+    """``dtype`` as an mx dtype (MLX code) or a torch dtype (the op's spec) gives the same result."""
+    w_fp8, s = ref_fp8.weight_quant(spread(45, 70), 32)
+    w, sm = to_mx(w_fp8.view(torch.uint8)), to_mx(s)
+    a, b = K.weight_dequant(w, sm, 32, mx.bfloat16), K.weight_dequant(w, sm, 32, torch.bfloat16)
+    assert a.dtype == b.dtype == mx.bfloat16 and mx.array_equal(a, b).item()
+    with pytest.raises(TypeError, match="dtype"):
+        K.weight_dequant(w, sm, 32, "not a dtype")

@@ -1,5 +1,6 @@
-"""runtime_mlx MoE: the route kernel (every path, NaN logits, exact ties) against reference.moe.route, the
-gather_mm experts, DeepSeekMoE and the standard softmax MoE with gradients and loads."""
+"""runtime_mlx MoE: the batteries of route (every path) and grouped_gemm (`reference.testing.moe`), route beyond
+the spec (NaN logits, the order of exact ties), the gather_mm experts, DeepSeekMoE and the standard softmax MoE
+with gradients and loads."""
 
 from __future__ import annotations
 
@@ -11,35 +12,27 @@ from reference.moe import DeepSeekMoE as RefDeepSeekMoE
 from reference.moe import Experts as RefExperts
 from reference.moe import MoE as RefMoE
 from reference.moe import route as ref_route
+from reference.testing import assert_close
+from reference.testing.pytest_plugin import cases, check_case
 from runtime_mlx import kernels as K
+from runtime_mlx.kernels.moe import grouped_gemm
 from runtime_mlx.moe import DeepSeekMoE, Experts, MoE
 from tests.mlx.utils import PATHS, copy_weights, grads_of, to_mx, to_torch
 from tests.reference_utils import make_config, randomize_
-from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("cfg", [(8, 2, 1, 1, True, 2.5), (24, 3, 4, 2, True, 1.0), (16, 4, 1, 1, False, 1.5)])
-def test_route(path, cfg):
-    e, top_k, n_group, topk_group, norm, rsf = cfg
-    logits, bias = torch.randn(37, e, dtype=torch.float64), torch.randn(e, dtype=torch.float64) * 0.3
-    gw, gs = torch.randn(37, top_k), torch.randn(37, e)
-    lr = logits.clone().requires_grad_()
-    idx, w, scores = ref_route(lr, bias, top_k, n_group, topk_group, norm, rsf)
-    (w * gw.double()).sum().add((scores * gs.double()).sum()).backward()
-    args = (top_k, n_group, topk_group, norm, rsf)
-    lm, bm = to_mx(logits.float()), to_mx(bias.float())
-    midx, mw, ms = K.route(lm, bm, *args)
-    assert midx.dtype == mx.int32
-    assert torch.equal(to_torch(midx).long(), idx)
-    assert_close(to_torch(mw), w)
-    assert_close(to_torch(ms), scores)
+@pytest.mark.parametrize("case", cases("route"))
+def test_route_battery(path, case):
+    """The route op's battery on `runtime_mlx.kernels.route`, on the path ``path`` (pure MLX, or Metal)."""
+    check_case(case, K.route, "mlx")
+    assert K.kernel_path("route") == path
 
-    def loss(lg):
-        _, w_, s_ = K.route(lg, bm, *args)
-        return (w_ * to_mx(gw)).sum() + (s_ * to_mx(gs)).sum()
 
-    assert_close(to_torch(mx.grad(loss)(lm)), lr.grad, what="dlogits")
+@pytest.mark.parametrize("case", cases("grouped_gemm"))
+def test_grouped_gemm_battery(case):
+    """The grouped_gemm op's battery on `runtime_mlx.kernels.moe.grouped_gemm` (``mx.gather_mm``, every path)."""
+    check_case(case, grouped_gemm, "mlx")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -63,7 +56,8 @@ def test_route_nan_logit(path, cfg):
 @pytest.mark.parametrize("cfg", [(16, 4, 1, 1), (24, 3, 4, 2)], ids=["flat", "groups"])
 def test_route_exact_ties(path, cfg):
     """Equal biased scores (and equal group scores) rank the lower expert (group) index first (DESIGN.md), as the
-    reference: logits drawn from 4 levels, so most rows tie at the top-k cut."""
+    reference: logits drawn from 4 levels, so most rows tie at the top-k cut. The battery compares each token's set
+    of experts; this pins the order of the K slots as well."""
     e, top_k, n_group, topk_group = cfg
     levels = torch.randn(4)
     logits = levels[torch.randint(0, 4, (40, e))]
