@@ -71,6 +71,46 @@ def test_rms_norm_accumulating_in_bf16_fails_at_model_width(capsys):
     assert any(r["case"].startswith("ragged") and r["dtype"] == "bfloat16" and r["passed"] for r in report["rows"])
 
 
+def _cases(report: dict, passed: bool) -> set[str]:
+    bad = {r["case"] for r in report["rows"] if not r["passed"]}
+    return bad if not passed else {r["case"] for r in report["rows"]} - bad
+
+
+def test_rope_with_the_wrong_pairing_fails_every_interleaved_case(capsys):
+    rc, report = _check_json(capsys, "rope", "--impl", f"{BYOK / 'broken_rope.py'}:rope")
+    assert rc == 1
+    bad, good = _cases(report, False), _cases(report, True)
+    assert bad and all(c.endswith(" interleaved") for c in bad)
+    assert all(c.endswith(" neox") or c.startswith("no heads") for c in good)
+    assert {r["check"] for r in _failing(report)} == {"y", "dx"}
+
+
+def test_router_admitting_an_expert_of_an_unselected_group_fails_the_grouped_cases(capsys):
+    rc, report = _check_json(capsys, "route", "--impl", f"{BYOK / 'broken_route.py'}:route")
+    assert rc == 1
+    bad, good = _cases(report, False), _cases(report, True)
+    assert {c for c in bad if "best expert in an excluded group" in c} == {
+        c for c in bad | good if "best expert in an excluded group" in c} != set()
+    assert all("groups" not in c or "no groups" in c or "all logits equal" in c for c in good), good
+    assert "topk_idx" in {r["check"] for r in _failing(report)}
+
+
+def test_cross_entropy_writing_its_gradient_into_its_input_fails_inputs_unchanged(capsys):
+    rc, report = _check_json(capsys, "linear_cross_entropy", "--impl",
+                             f"{BYOK / 'broken_cross_entropy.py'}:linear_cross_entropy")
+    assert rc == 1
+    bad = _failing(report)
+    assert {r["check"] for r in bad} == {"inputs unchanged"} and {r["note"] for r in bad} == {"wrote into hidden"}
+    assert _cases(report, False) == {r["case"] for r in report["rows"]}  # every case, the loss itself right
+
+
+def test_mla_decode_off_by_one_fails_every_decode_step(capsys):
+    rc, report = _check_json(capsys, "mla_decode", "--impl", f"{BYOK / 'broken_mla.py'}:mla_decode")
+    assert rc == 1
+    decode = {r["case"] for r in report["rows"] if "decode step" in r["case"] or "T=1" in r["case"]}
+    assert len(decode) >= 4 and decode <= _cases(report, False)
+
+
 def test_fixed_rms_norm_passes_and_the_table_says_so(capsys):
     rc, out, _ = _cli(capsys, "check", "rms_norm", "--impl", f"{BYOK / 'my_rms_norm.py'}:rms_norm")
     assert rc == 0

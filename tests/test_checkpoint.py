@@ -31,9 +31,9 @@ from safetensors.torch import load_file, save_file
 from reference import Model, ModelConfig
 from reference.checkpoint import CheckpointWarning, to_hf_state_dict
 from reference.fp8 import weight_quant
+from reference.testing import assert_close
 from tests.reference_utils import make_config, rand_ids, randomize_, tiny_model
 from tests.test_oracle import randomize
-from reference.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from reference.model import masked_cross_entropy
 from reference.moe import MoE, Router
 from reference.rms_norm import rms_norm
+from reference.testing import assert_close, rel_err
 from tests.reference_utils import (
     make_config,
     naive_experts,
@@ -18,7 +19,6 @@ from tests.reference_utils import (
     randomize_,
     tiny_model,
 )
-from reference.testing import assert_close, rel_err
 
 ATTN = ["mla", "dsa", "mha", "mqa", "gqa"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from reference.rms_norm import rms_norm
+from reference.testing import assert_close
 from tests.reference_utils import (
     naive_rms,
 )
-from reference.testing import assert_close
 
 
 def test_rms_norm_equals_formula():

@@ -41,12 +41,7 @@ def all_specs() -> dict[str, OpSpec]:
     """Every op spec by name, in inventory order."""
     out: dict[str, OpSpec] = {}
     for family in FAMILIES:
-        try:
-            mod = importlib.import_module(f"{__name__}.{family}")
-        except ModuleNotFoundError as e:  # TODO(issue 20): remove once every family has its spec module
-            if e.name == f"{__name__}.{family}":
-                continue
-            raise
+        mod = importlib.import_module(f"{__name__}.{family}")
         for spec in getattr(mod, "SPECS", None) or [mod.SPEC]:
             out[spec.name] = spec
     return out

@@ -144,7 +144,8 @@ def to_torch(a) -> torch.Tensor:
 
 
 def is_mx(x) -> bool:
-    return type(x).__module__.startswith("mlx")
+    """Whether ``x`` is an ``mx.array`` (not an ``mx.Dtype`` or another MLX object)."""
+    return type(x).__module__.startswith("mlx") and type(x).__name__ == "array"
 
 
 class _Torch:
@@ -156,6 +157,9 @@ class _Torch:
     def put(self, t: torch.Tensor, grad: bool):
         t = t.to(self.device, copy=True)
         return t.requires_grad_(True) if grad else t
+
+    def put_value(self, v):
+        return v
 
     def get(self, x) -> torch.Tensor:
         return x.detach().cpu()
@@ -169,9 +173,9 @@ class _Torch:
 
     def grads(self, fn, args, kwargs, grad_pos, outs, cotangents):
         ins = [args[i] for i in grad_pos]
-        pairs = [(o, c) for o, c in zip(outs, cotangents, strict=True) if c is not None]
-        gs = torch.autograd.grad([o for o, _ in pairs], ins, [c.to(o.device, o.dtype) for o, c in pairs],
-                                 allow_unused=True)
+        pairs = [(o, c) for o, c in zip(outs, cotangents, strict=True) if c is not None and o.requires_grad]
+        gs = (torch.autograd.grad([o for o, _ in pairs], ins, [c.to(o.device, o.dtype) for o, c in pairs],
+                                  allow_unused=True) if pairs else [None] * len(ins))
         return [torch.zeros_like(i) if g is None else g for g, i in zip(gs, ins, strict=True)]
 
     def snapshot(self, x):
@@ -199,6 +203,10 @@ class _MLX:
 
     def put(self, t: torch.Tensor, grad: bool):
         return to_mx(t)
+
+    def put_value(self, v):
+        """A non-tensor argument: a torch dtype becomes the mx dtype of the same name."""
+        return getattr(self.mx, str(v).removeprefix("torch.")) if isinstance(v, torch.dtype) else v
 
     def get(self, x) -> torch.Tensor:
         return to_torch(x)
@@ -308,9 +316,10 @@ def reference_outputs(spec: OpSpec, args: list, grad_pos: list[int], rng: torch.
             for o, out in zip(outs, spec.outputs, strict=True)]
     grads = []
     if grad_pos and any(c is not None for c in cots):
-        pairs = [(o, c.to(o.dtype)) for o, c in zip(outs, cots, strict=True) if c is not None]
-        gs = torch.autograd.grad([o for o, _ in pairs], [ref_args[i] for i in grad_pos], [c for _, c in pairs],
-                                 allow_unused=True)
+        # an output without autograd history (an empty one, a constant) contributes a zero gradient
+        pairs = [(o, c.to(o.dtype)) for o, c in zip(outs, cots, strict=True) if c is not None and o.requires_grad]
+        gs = (torch.autograd.grad([o for o, _ in pairs], [ref_args[i] for i in grad_pos], [c for _, c in pairs],
+                                  allow_unused=True) if pairs else [None] * len(grad_pos))
         grads = [torch.zeros_like(ref_args[i]) if g is None else g.detach() for g, i in zip(gs, grad_pos, strict=True)]
     return tuple(o.detach() for o in outs), grads, cots
 
@@ -375,7 +384,8 @@ def run_case(spec: OpSpec, fn: Callable, sample: Sample, dtype: torch.dtype, arr
     if not any(c is not None for c in cots):
         grad_pos = []
 
-    dev_args = [arrays.put(a, i in grad_pos) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+    dev_args = [arrays.put(a, i in grad_pos) if isinstance(a, torch.Tensor) else arrays.put_value(a)
+                for i, a in enumerate(args)]
     before = [arrays.snapshot(a) if arrays.is_array(a) else None for a in dev_args]
     kwargs = {}
     wants = [_expected_dtype(o, dtype, r) for o, r in zip(spec.outputs, ref_outs, strict=True)]

@@ -116,27 +116,17 @@ def act_quant(x: mx.array, block_size: int = 128):
     return act_quant_mlx(x, block_size)
 
 
-def _mx_dtype(dtype) -> mx.Dtype:
-    """``dtype`` as an ``mx.Dtype``: an ``mx.Dtype`` itself, or a dtype of another library named alike (such as
-    ``torch.bfloat16``, as the op's spec passes it) or its name (``"bfloat16"``). Raises TypeError otherwise."""
-    if isinstance(dtype, mx.Dtype):
-        return dtype
-    found = getattr(mx, str(dtype).rpartition(".")[2], None)
-    if not isinstance(found, mx.Dtype):
-        raise TypeError(f"dtype: expected an mx dtype (or a dtype named like one), got {dtype!r}")
-    return found
-
-
 def weight_dequant(w: mx.array, scale_inv: mx.array, block_size: int = 128, dtype=mx.float32) -> mx.array:
     """Dequantize block-scaled FP8 weights, as `reference.fp8.weight_dequant`:
     ``out[n, k] = e4m3(w[n, k]) * scale_inv[n // bs, k // bs]``.
 
     ``w`` (N, K) uint8 e4m3fn bits; ``scale_inv`` (ceil(N / bs), ceil(K / bs)) float32 (edge blocks may be
-    partial). Returns (N, K) in ``dtype`` (computed in float32): an ``mx.Dtype``, or a torch dtype of the same
-    name (the op's signature, as `reference.testing` calls it). Raises TypeError on wrong dtypes, ValueError on
-    a wrong rank or scale_inv shape. Source: DeepSeek-V3 inference/kernel.py ``weight_dequant``; report sec. 3.3.
+    partial). Returns (N, K) in ``dtype`` (an ``mx.Dtype``, computed in float32). Raises TypeError on wrong dtypes,
+    ValueError on a wrong rank or scale_inv shape. Source: DeepSeek-V3 inference/kernel.py ``weight_dequant``;
+    report sec. 3.3.
     """
-    dtype = _mx_dtype(dtype)
+    if not isinstance(dtype, mx.Dtype):
+        raise TypeError(f"dtype: expected an mx.Dtype, got {dtype!r}")
     if not isinstance(w, mx.array) or w.dtype != mx.uint8:
         raise TypeError(f"w: expected a uint8 mx.array of e4m3 bits, got {getattr(w, 'dtype', type(w).__name__)}")
     if not isinstance(scale_inv, mx.array) or scale_inv.dtype != mx.float32:

@@ -6,9 +6,9 @@ import torch
 
 import runtime_cuda
 from reference import Model
+from reference.testing import assert_close
 from tests.cuda.conftest import DEVICE
 from tests.reference_utils import assert_o1, make_config, make_model, rand_ids
-from reference.testing import assert_close
 
 CASES = {
     "mla-qlora-mtp-groups": dict(q_lora_rank=12, num_nextn_predict_layers=1, n_group=4, topk_group=2,

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from kernels.triton.utils import cast, load_tile, pow2, store_tile, tile_dot
-from tests.cuda.conftest import DEVICE
 from reference.testing import assert_close
+from tests.cuda.conftest import DEVICE
 
 
 @triton.jit

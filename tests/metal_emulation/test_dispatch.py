@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from reference.testing import assert_close
 from runtime_mlx import kernels as K
 from runtime_mlx.kernels import launch
 from runtime_mlx.kernels.rms_norm import _rms_norm_custom
 from tests.metal_emulation import driver
 from tests.mlx.utils import to_torch
-from reference.testing import assert_close
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is None,
                                 reason="the Metal emulation needs Linux and g++ (ucontext fibers, ELF sections)")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from reference.rms_norm import rms_norm as ref_rms_norm
+from reference.testing import assert_close, rel_err
 from runtime_mlx.kernels import SPECS
 from runtime_mlx.kernels.cross_entropy import _cross_entropy_metal
 from runtime_mlx.kernels.dsa import _indexer_topk_metal, indexer_topk_mlx
@@ -26,7 +27,6 @@ from runtime_mlx.kernels.swiglu import _swiglu_metal
 from tests.metal_emulation import driver
 from tests.metal_emulation.driver import MetalEmulationError
 from tests.mlx.utils import to_mx, to_torch
-from reference.testing import assert_close, rel_err
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or driver.find_cxx() is None,
                                 reason="the Metal emulation needs Linux and g++ (ucontext fibers, ELF sections)")

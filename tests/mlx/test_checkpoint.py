@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from reference import Model as ReferenceModel
 from reference.checkpoint import CheckpointWarning, DiskFullError
 from reference.fp8 import weight_quant
+from reference.testing import assert_close
 from runtime_mlx import Model
 from runtime_mlx.checkpoint import to_hf
 from tests.mlx.utils import copy_weights, model_pair, mx, to_mx, to_torch
@@ -37,7 +38,6 @@ from tests.test_checkpoint import (
     hf_float32,
     write_deepseek_checkpoint,
 )
-from reference.testing import assert_close
 
 mlx_utils = pytest.importorskip("mlx_lm.utils")
 transformers = pytest.importorskip("transformers")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
+from reference.testing import assert_close, rel_err
 from runtime_mlx import Model
 from tests.mlx.utils import model_pair, mx, to_mx, to_torch
 from tests.reference_utils import make_config
-from reference.testing import assert_close, rel_err
 
 CASES = {
     "mla_deepseek_mtp2_aux": dict(attention_type="mla", q_lora_rank=12, num_nextn_predict_layers=2,

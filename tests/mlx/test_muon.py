@@ -8,9 +8,9 @@ import torch
 
 from reference.muon import Muon as ReferenceMuon
 from reference.muon import zeropower_via_newtonschulz5 as reference_ns
+from reference.testing import assert_close
 from runtime_mlx.muon import Muon, zeropower_via_newtonschulz5
 from tests.mlx.utils import mx, to_mx, to_torch
-from reference.testing import assert_close
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (5, 7), (16, 16), (3, 6, 9), (2, 9, 4)])

@@ -20,11 +20,11 @@ from dsfs.presets import MODEL_PRESETS
 from dsfs.train import train
 from reference import Model as ReferenceModel
 from reference.optim import optimizer_groups
+from reference.testing import assert_close
 from runtime_mlx import Model
 from runtime_mlx.train import MLXTrainer, make_mlx_optimizer, optimizer_state_from_torch, optimizer_state_to_torch
 from tests.mlx.utils import mx, to_mx, to_torch
 from tests.test_train import MICRO_MODEL, MICRO_TRAIN, assert_is_trainer, make_data_dir, read_metrics
-from reference.testing import assert_close
 
 STEPS = dict(MICRO_TRAIN, max_steps=4, eval_every=2, eval_batches=1, optimizer="adamw")
 
