@@ -113,7 +113,7 @@ def run_check(args) -> int:
     except ValueError as e:
         raise KernelError(str(e)) from None
 
-    report, failed, total = [], 0, 0
+    report, failed, total, checked = [], 0, 0, 0
     for spec in selected:
         if args.op == "all" and not args.impl and ("mlx" if device == "mlx" else "cuda") not in spec.ours:
             print(f"{spec.name}: skipped, no implementation of ours for --device {device}", file=sys.stderr)
@@ -127,17 +127,21 @@ def run_check(args) -> int:
         except (ImplError, ValueError) as e:
             raise KernelError(str(e).splitlines()[0]) from None
         bad = failures(rows)
-        failed, total = failed + len(bad), total + len(rows)
+        failed, total, checked = failed + len(bad), total + len(rows), checked + 1
         if args.json:
             report.append({"op": spec.name, "impl": target, "device": device, "signature": spec.signature,
                            "rows": [_json_row(r) for r in rows], "failed": len(bad)})
             continue
         cases = len({(r.case, r.dtype) for r in rows})
-        print(format_rows(bad if args.failures_only else rows))
+        shown = bad if args.failures_only else rows
+        if shown:
+            print(format_rows(shown))
         print(f"{spec.name}: {target} on {device}: {len(rows)} checks in {cases} cases, "
               f"{len(bad)} failed\n")
     if args.json:
         print(json.dumps(report[0] if len(report) == 1 else report, indent=1))
+    elif len(selected) > 1:
+        print(f"{checked} ops: {total} checks, {failed} failed")
     return 1 if failed else 0
 
 
