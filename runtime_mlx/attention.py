@@ -1,5 +1,5 @@
-"""Causal attention through ``mx.fast.scaled_dot_product_attention`` and the MHA / MQA / GQA layer
-(mirrors `reference.attention`)."""
+"""The attention op (`attention`: causal or not), `attend` (under a boolean mask), both through
+``mx.fast.scaled_dot_product_attention``, and the MHA / MQA / GQA layer (mirrors `reference.attention`)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,35 @@ def causal_mask(q_len: int, kv_len: int, offset: int) -> mx.array:
     return mx.arange(kv_len)[None, :] <= (mx.arange(q_len)[:, None] + offset)
 
 
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = True) -> mx.array:
+    """The attention op, as `reference.attention.attention` (and `kernels.triton.attention.attention`):
+    ``softmax(q k^T * scale [+ causal mask]) v`` through ``mx.fast.scaled_dot_product_attention``.
+
+    ``q`` (B, H, T, Dk), ``k`` (B, Hk, S, Dk), ``v`` (B, Hk, S, Dv) float, ``H % Hk == 0`` (MHA, MQA, GQA: query
+    head ``h`` reads key head ``h // (H / Hk)``, natively), ``Dk`` may differ from ``Dv`` (MLA prefill: 192 and
+    128; MLX then takes its unfused path). ``causal``: the T queries are the last T positions of the S keys, so
+    query ``t`` sees key ``j`` iff ``j <= t + S - T`` (MLX's "causal" mask is aligned to the end of the keys);
+    needs ``S >= T``. ``causal=False`` attends to every key. Returns (B, H, T, Dv) in ``q.dtype`` (MLX's precise
+    softmax); differentiable in ``q``, ``k`` and ``v``. Raises ``ValueError`` for causal with ``S < T`` (a query
+    would see no key).
+    """
+    t, s = q.shape[-2], k.shape[-2]
+    if causal and s < t:
+        raise ValueError(f"attention: causal needs at least as many keys as queries, got S={s} < T={t}")
+    mask = "causal" if causal and t > 1 else None  # one query at the end of the keys sees them all
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
 def attend(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None, scale: float) -> mx.array:
     """``softmax(q k^T * scale + mask) v`` with grouped key/value heads.
 
     ``q`` (B, H, T, Dk), ``k`` (B, Hk, S, Dk), ``v`` (B, Hk, S, Dv), ``H % Hk == 0``; ``mask`` boolean,
     broadcastable to (B, H, T, S), True = attend, or None: causal with the last query at the last key
-    (``mx.fast.scaled_dot_product_attention``'s "causal", which equals `causal_mask` with offset ``S - T``).
+    (`attention` with ``causal=True``, which equals `causal_mask` with offset ``S - T``).
     Returns (B, H, T, Dv) in ``q.dtype``.
     """
     if mask is None:
-        mask = "causal" if q.shape[2] > 1 else None
+        return attention(q, k, v, scale, causal=True)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 

@@ -4,8 +4,10 @@ picks each query's top-k previous tokens and MLA attends to those only.
 Index score ``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s] * D**-0.5)`` with one shared key head
 ``k = LayerNorm(wk h_s)``, queries ``wq_b`` of MLA's query latent, ``w = weights_proj(h_t) * H**-0.5``, NeoX RoPE
 on the first ``qk_rope_head_dim`` features; ``k = min(index_topk, visible)`` keys per query, causal, shared by all
-heads. Scores and top-k are `runtime_mlx.kernels.indexer_scores` and `indexer_topk`; the selection carries no
-gradient, so the indexer's parameters are frozen (the reference's get no gradient from the LM loss either).
+heads. Scores, top-k and the attention over the selected keys are `runtime_mlx.kernels.indexer_scores`,
+`indexer_topk` and `sparse_attention` (the op `reference.dsa.sparse_attention`; the reference layer passes the
+same selection as a boolean mask); the selection carries no gradient, so the indexer's parameters are frozen (the
+reference's get no gradient from the LM loss either).
 """
 
 from __future__ import annotations
@@ -47,17 +49,26 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5
         return q, k, w
 
+    def scores(self, x: mx.array, q_latent: mx.array, offset: int = 0, cache=None) -> mx.array:
+        """Index scores (B, T, S) float32 of the T new queries against all S cached + new keys (unmasked):
+        `runtime_mlx.kernels.indexer_scores` of `project`."""
+        return kernels.indexer_scores(*self.project(x, q_latent, offset, cache), self.scale)
+
+    def indices(self, x: mx.array, q_latent: mx.array, offset: int = 0, cache=None) -> mx.array:
+        """int32 (B, T, min(index_topk, S)) key indices: each query's causal top-k keys, best first (exact ties to
+        the earlier key), -1 for slots a query cannot fill (`runtime_mlx.kernels.indexer_topk`)."""
+        return kernels.indexer_topk(self.scores(x, q_latent, offset, cache), self.topk)
+
     def select(self, x: mx.array, q_latent: mx.array, offset: int = 0, cache=None) -> mx.array:
-        """Boolean (B, T, S) selection: each query's causal top-``min(index_topk, S)`` keys (exact ties to the
-        earlier key)."""
-        q, k, w = self.project(x, q_latent, offset, cache)
-        idx = kernels.indexer_topk(kernels.indexer_scores(q, k, w, self.scale), self.topk)
-        return kernels.indices_to_mask(idx, k.shape[1])
+        """Boolean (B, T, S) selection: `indices` as a mask (`runtime_mlx.kernels.indices_to_mask`)."""
+        scores = self.scores(x, q_latent, offset, cache)
+        return kernels.indices_to_mask(kernels.indexer_topk(scores, self.topk), scores.shape[-1])
 
 
 class DSA(MLA):
-    """MLA whose attention is restricted to the indexer's top-k selection (V3.2); parameters of MLA plus
-    ``indexer.*`` (frozen). With ``index_topk >= seq_len`` it equals MLA."""
+    """MLA whose attention is restricted to the indexer's top-k selection (V3.2), in either MLA form, through
+    `runtime_mlx.kernels.sparse_attention`; parameters of MLA plus ``indexer.*`` (frozen). With ``index_topk >=
+    seq_len`` it equals MLA."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, rope: RoPE):
         super().__init__(config, layer_idx, rope)
@@ -65,5 +76,10 @@ class DSA(MLA):
         self.indexer.freeze()
 
     def select_mask(self, x, q_latent, cache, offset):
-        sel = self.indexer.select(mx.stop_gradient(x), mx.stop_gradient(q_latent), offset, cache)
-        return sel[:, None]  # (B, 1, T, S)
+        """The indexer's selection as int32 key indices (B, T, k) (-1: unused slot), shared by all heads."""
+        return self.indexer.indices(mx.stop_gradient(x), mx.stop_gradient(q_latent), offset, cache)
+
+    def attend(self, q, k, v, mask):
+        """Attention over the selected keys: `runtime_mlx.kernels.sparse_attention` with ``mask`` the indices of
+        `select_mask`."""
+        return kernels.sparse_attention(q, k, v, mask, self.scale)

@@ -80,12 +80,13 @@ class MLA(nn.Module):
         k_pe = mx.broadcast_to(k_pe[:, None], (b, self.n_heads, s, self.dr))
         k = mx.concatenate([kv[..., : self.dn], k_pe], axis=-1)
         q = mx.concatenate([q_nope, q_pe], axis=-1)
-        return attend(q, k, kv[..., self.dn :], mask, self.scale)
+        return self.attend(q, k, kv[..., self.dn :], mask)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attend over the latent: ``q_nope W_UK`` against ``c_kv`` plus ``q_pe`` against ``k_pe`` (one shared
         key head), output latent through ``W_UV``. Without a sparse ``mask`` this is
-        `runtime_mlx.kernels.mla_decode` (forward only: decode). Returns (B, H, T, dv)."""
+        `runtime_mlx.kernels.mla_decode` (forward only: decode), else `attend` over the latent. Returns
+        (B, H, T, dv)."""
         w_uk, w_uv = self._w_uk_uv()
         q_lat = q_nope @ w_uk  # (B, H, T, dn) @ (H, dn, r) -> (B, H, T, r)
         if mask is None:  # causal, aligned to the end of the cache
@@ -93,12 +94,17 @@ class MLA(nn.Module):
         else:
             q = mx.concatenate([q_lat, q_pe], axis=-1)
             k = mx.concatenate([c_kv, k_pe], axis=-1)[:, None]
-            o_lat = attend(q, k, c_kv[:, None], mask, self.scale)
+            o_lat = self.attend(q, k, c_kv[:, None], mask)
         return o_lat @ w_uv.swapaxes(-1, -2)  # (B, H, T, r) @ (H, r, dv)
 
+    def attend(self, q, k, v, mask):
+        """Softmax attention with this layer's scale, ``q`` (B, H, T, Dk), ``k`` (B, Hk, S, Dk), ``v`` (B, Hk, S,
+        Dv) -> (B, H, T, Dv): `runtime_mlx.attention.attend` (``mask`` None: causal, aligned to the end of the
+        keys). DSA overrides it to attend over its selection."""
+        return attend(q, k, v, mask, self.scale)
+
     def select_mask(self, x, q_latent, cache, offset):
-        """Hook for sparse attention (DSA): a boolean mask broadcastable to (B, H, T, S), or None (MLA: every
-        causal key)."""
+        """Hook for sparse attention (DSA): the selection `attend` takes, or None (MLA: every causal key)."""
         return None
 
     def __call__(self, x: mx.array, cache=None, offset: int = 0) -> mx.array:

@@ -170,7 +170,7 @@ def test_module_raising_on_import_gets_one_line(capsys, tmp_path):
     (["all", "--impl", "reference.rms_norm:rms_norm"], "--impl needs one op"),
     (["rms_norm", "--device", "cuda"] if not torch.cuda.is_available() else ["rms_norm", "--device", "mps"],
      "no CUDA device here" if not torch.cuda.is_available() else "no MPS device"),
-    (["fp8_gemm", "--device", "mlx"], "fp8_gemm: no implementation of ours for --device mlx"),
+    (["rope", "--device", "mlx"], "rope: no implementation of ours for --device mlx"),
 ])
 def test_bad_command_gets_one_line(capsys, argv, msg):
     assert msg in _error(capsys, *argv)

@@ -101,7 +101,7 @@ def _mlx_attention():
 SPEC = OpSpec(
     name="attention", reference=attention, outputs=(Output("o", grad=True),), grads=("q", "k", "v"),
     samples=samples, bench_samples=bench_samples, flops=_flops, bytes=_bytes,
-    ours={"cuda": "kernels.triton.attention:attention"},
+    ours={"cuda": "kernels.triton.attention:attention", "mlx": "runtime_mlx.attention:attention"},
     builtin={"torch": _torch_attention, "mlx": _mlx_attention},
     source="Vaswani et al. 2017 section 3.2.1; FlashAttention-2 (Dao 2023); GQA (Ainslie et al. 2023); "
            "DeepSeek-V3 report section 2.1.1 (MLA prefill head dims)",

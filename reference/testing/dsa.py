@@ -252,7 +252,7 @@ def _mlx_sparse():
 SPARSE = OpSpec(
     name="sparse_attention", reference=sparse_attention, outputs=(Output("o", grad=True),), grads=("q", "k", "v"),
     samples=sparse_samples, bench_samples=sparse_bench, flops=_sparse_flops, bytes=_sparse_bytes,
-    ours={"cuda": "kernels.triton.dsa:sparse_attention"},
+    ours={"cuda": "kernels.triton.dsa:sparse_attention", "mlx": "runtime_mlx.kernels.dsa:sparse_attention"},
     builtin={"torch": _torch_sparse, "mlx": _mlx_sparse},
     source="DeepSeek-V3.2-Exp report section 2.1 (sparse MLA over the selected tokens)",
 )

@@ -238,7 +238,8 @@ def _gemm_bytes(s: Sample, dtype) -> float:
 FP8_GEMM = OpSpec(
     name="fp8_gemm", reference=fp8_gemm, outputs=(Output("c", bound={torch.float32: 5e-4}),),
     samples=fp8_gemm_samples, bench_samples=fp8_gemm_bench_samples, reference_float64=False,
-    flops=_gemm_flops, bytes=_gemm_bytes, ours={"cuda": "kernels.triton.fp8:fp8_gemm"},
+    flops=_gemm_flops, bytes=_gemm_bytes,
+    ours={"cuda": "kernels.triton.fp8:fp8_gemm", "mlx": "runtime_mlx.kernels.fp8:fp8_gemm"},
     source="DeepSeek-V3 report section 3.3 (fine-grained quantization, increased accumulation precision: "
            "promotion to float32 every 128 elements of K); official inference/kernel.py fp8_gemm",
 )

@@ -5,7 +5,9 @@ One module per op family, named like ``kernels/metal/<family>.metal`` (`rms_norm
 fallback to the pure-MLX path (``DSFS_REQUIRE_METAL=1`` makes a failing kernel an error), `KernelSpec` / `Launch`
 / `run_metal`, and the argument checks. Each op has the name and the arguments of the reference op (and the
 Triton op) of the same name; its pure-MLX path is ``<op>_mlx``, its Metal path ``_<op>_metal(..., runner=None)``
-(``runner`` runs a `Launch`: the CPU emulation in ``tests/metal_emulation`` sets it).
+(``runner`` runs a `Launch`: the CPU emulation in ``tests/metal_emulation`` sets it). `fp8_gemm` and
+`sparse_attention` have no Metal kernel: pure MLX (matmuls, ``mx.fast.scaled_dot_product_attention``) on every
+device.
 
 Kernels with a gradient (rms_norm, swiglu, cross_entropy, and route's weights) are ``mx.custom_function`` with a
 ``.vjp``; the backward kernels recompute what they need (rstd, logsumexp) instead of keeping it alive between
@@ -22,8 +24,8 @@ Source for the semantics: the plain-PyTorch ``reference`` package (the definitio
 from reference.fp8 import AMAX_MIN, FP8_MAX
 
 from .cross_entropy import cross_entropy, linear_cross_entropy
-from .dsa import indexer_scores, indexer_topk, indices_to_mask
-from .fp8 import act_quant, weight_dequant
+from .dsa import indexer_scores, indexer_topk, indices_to_mask, sparse_attention
+from .fp8 import act_quant, fp8_gemm, weight_dequant
 from .launch import (
     METAL_DIR,
     SPECS,
@@ -56,6 +58,7 @@ __all__ = [
     "backend",
     "cross_entropy",
     "fallbacks",
+    "fp8_gemm",
     "indexer_scores",
     "indexer_topk",
     "indices_to_mask",
@@ -67,6 +70,7 @@ __all__ = [
     "rms_norm",
     "route",
     "run_metal",
+    "sparse_attention",
     "swiglu",
     "weight_dequant",
 ]

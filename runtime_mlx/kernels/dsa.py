@@ -1,6 +1,7 @@
-"""The DSA lightning indexer (DeepSeek-V3.2) in MLX: its scores and its causal top-k, each a Metal kernel of
-``kernels/metal/dsa.metal`` or a pure-MLX path. Reference: `reference.dsa.indexer_scores` and
-`reference.dsa.indexer_topk`; Triton: `kernels.triton.dsa`."""
+"""DeepSeek Sparse Attention (DeepSeek-V3.2) in MLX: the lightning indexer's scores and its causal top-k, each a
+Metal kernel of ``kernels/metal/dsa.metal`` or a pure-MLX path, and attention over the selected keys
+(`sparse_attention`, pure MLX). Reference: `reference.dsa.indexer_scores`, `reference.dsa.indexer_topk` and
+`reference.dsa.sparse_attention`; Triton: `kernels.triton.dsa`."""
 
 from __future__ import annotations
 
@@ -151,3 +152,37 @@ def indices_to_mask(indices: mx.array, num_keys: int) -> mx.array:
     slot = mx.where(ok, indices, num_keys)  # to a spare column, dropped below
     sel = mx.put_along_axis(mx.zeros((b, t, num_keys + 1), mx.bool_), slot, mx.array(True), axis=-1)
     return sel[..., :num_keys]
+
+
+def sparse_attention(q: mx.array, k: mx.array, v: mx.array, indices: mx.array, scale: float) -> mx.array:
+    """Attention of every query head over the keys its query selected, as `reference.dsa.sparse_attention` (and
+    `kernels.triton.dsa.sparse_attention`): ``mx.fast.scaled_dot_product_attention`` under the mask
+    `indices_to_mask` makes of ``indices``, differentiable in ``q``, ``k`` and ``v`` through MLX autodiff.
+
+    ``q`` (B, H, T, Dk), ``k`` (B, Hk, S, Dk), ``v`` (B, Hk, S, Dv) float with ``H % Hk == 0`` (query head ``h``
+    reads key head ``h // (H / Hk)``): the naive MLA form (Hk = H) or the absorbed one (Hk = 1, ``k = [c_kv,
+    k_pe]``, ``v = c_kv``). ``indices`` (B, T, NK) integer (int32 from `indexer_topk`, or int64): the keys query
+    ``t`` attends to, shared by all heads, distinct within a query, in any order; entries outside [0, S) (-1: an
+    unfilled slot) select nothing, and a query that selects nothing gets a zero output and no gradient. Returns
+    (B, H, T, Dv) in ``q.dtype`` (MLX's precise softmax). The mask is dense (B, T, S): the cost is that of attention
+    over all S keys, not NK. Raises TypeError on non-float q, k, v or non-integer indices, ValueError on
+    mismatched shapes. Source: DeepSeek-V3.2-Exp report section 2.1.
+    """
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        check_float(name, a)
+    if q.ndim != 4:
+        raise ValueError(f"q: expected (B, H, T, Dk), got {tuple(q.shape)}")
+    b, h, t, dk = q.shape
+    check_shape("k", k, (b, None, None, dk))
+    hk, s = k.shape[1], k.shape[2]
+    check_shape("v", v, (b, hk, s, None))
+    if hk == 0 or h % hk:
+        raise ValueError(f"sparse_attention: query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if not isinstance(indices, mx.array) or not mx.issubdtype(indices.dtype, mx.integer):
+        raise TypeError(f"indices: expected an integer mx.array, got {getattr(indices, 'dtype', type(indices))}")
+    check_shape("indices", indices, (b, t, None))
+    sel = indices_to_mask(indices, s)
+    empty = ~sel.any(axis=-1, keepdims=True)  # (B, T, 1): a query that selected nothing
+    sel = sel | (empty & (mx.arange(s) == 0))  # sees key 0, its output zeroed below
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=sel[:, None])
+    return mx.where(empty[:, None], mx.array(0, o.dtype), o)

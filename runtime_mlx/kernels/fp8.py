@@ -1,9 +1,12 @@
 """Fine-grained FP8 (e4m3) in MLX: activation quantization per 1 x 128 tile and weight dequantization per 128 x 128
-block, each a Metal kernel of ``kernels/metal/fp8.metal`` or a pure-MLX path. Reference: `reference.fp8`, whose
-``FP8_MAX`` (448) and ``AMAX_MIN`` (1e-4) both paths use (the Metal kernel gets them as arguments). e4m3 values
-travel as their uint8 bit patterns (``mx.to_fp8`` / ``torch.float8_e4m3fn.view(uint8)``)."""
+block, each a Metal kernel of ``kernels/metal/fp8.metal`` or a pure-MLX path, and the block-scaled GEMM
+`fp8_gemm` (pure MLX). Reference: `reference.fp8`, whose ``FP8_MAX`` (448) and ``AMAX_MIN`` (1e-4) both paths use
+(the Metal kernel gets them as arguments). e4m3 values travel as their uint8 bit patterns (``mx.to_fp8`` /
+``torch.float8_e4m3fn.view(uint8)``)."""
 
 from __future__ import annotations
+
+import math
 
 import mlx.core as mx
 
@@ -140,3 +143,52 @@ def weight_dequant(w: mx.array, scale_inv: mx.array, block_size: int = 128, dtyp
     if use_metal("weight_dequant", (block_size, dtype), lambda: _check_weight_dequant(block_size, dtype)):
         return _weight_dequant_metal(w, scale_inv, block_size, dtype)
     return weight_dequant_mlx(w, scale_inv, block_size, dtype)
+
+
+def fp8_gemm_mlx(a, a_s, b, b_s, block_size=128, out_dtype=mx.float32):
+    """Pure MLX `fp8_gemm` (same contract): the reference's loop over K blocks, each block's product of exact e4m3
+    values (float32 matmul) scaled by ``a_s[:, kb] * b_s[n // bs, kb]`` and added to a float32 accumulator."""
+    k, n = a.shape[-1], b.shape[0]
+    kb = cdiv(k, block_size)
+    m = math.prod(a.shape[:-1])
+    a2, a_s2 = a.reshape(m, k), a_s.reshape(m, kb)
+    b_s_n = mx.repeat(b_s, block_size, axis=0)[:n]  # (N, KB): the scale of row n's block
+    acc = mx.zeros((m, n), mx.float32)
+    for i in range(kb):
+        k0, k1 = i * block_size, min((i + 1) * block_size, k)
+        part = mx.from_fp8(a2[:, k0:k1], dtype=mx.float32) @ mx.from_fp8(b[:, k0:k1], dtype=mx.float32).T
+        acc = acc + part * a_s2[:, i, None] * b_s_n[None, :, i]
+    return acc.astype(out_dtype).reshape(*a.shape[:-1], n)
+
+
+def fp8_gemm(a: mx.array, a_s: mx.array, b: mx.array, b_s: mx.array, block_size: int = 128,
+             out_dtype=None) -> mx.array:
+    """Block-scaled FP8 matmul ``c = dequant(a) @ dequant(b).T`` with a float32 accumulator, as
+    `reference.fp8.fp8_gemm` (and `kernels.triton.fp8.fp8_gemm`).
+
+    ``a`` (..., K) uint8 e4m3fn bits with ``a_s`` (..., ceil(K / bs)) float32 per-tile scales (`act_quant`);
+    ``b`` (N, K) uint8 e4m3fn bits with ``b_s`` (ceil(N / bs), ceil(K / bs)) float32 block scales
+    (``weight_scale_inv``; edge blocks may be partial). For each K block ``kb``: ``acc += (a_kb @ b_kb.T) *
+    a_s[..., kb] * b_s[n // bs, kb]`` in float32 (the report's promotion to float32 every 128 elements of K).
+    Returns (..., N) in ``out_dtype`` (an ``mx.Dtype``; None: float32, the reference's default
+    ``torch.get_default_dtype()`` unless a program changes it). Pure MLX on every device. Raises TypeError on
+    wrong dtypes, ValueError on mismatched shapes or a bad block_size. Source: DeepSeek-V3 report section 3.3;
+    official inference/kernel.py ``fp8_gemm``.
+    """
+    out_dtype = mx.float32 if out_dtype is None else out_dtype
+    if not isinstance(out_dtype, mx.Dtype):
+        raise TypeError(f"out_dtype: expected an mx.Dtype, got {out_dtype!r}")
+    for name, t, dtype, what in (("a", a, mx.uint8, "uint8 e4m3 bits"), ("b", b, mx.uint8, "uint8 e4m3 bits"),
+                                 ("a_s", a_s, mx.float32, "float32"), ("b_s", b_s, mx.float32, "float32")):
+        if not isinstance(t, mx.array) or t.dtype != dtype:
+            raise TypeError(f"{name}: expected a {what} mx.array, got {getattr(t, 'dtype', type(t).__name__)}")
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if a.ndim < 1 or b.ndim != 2:
+        raise ValueError(f"a must be (..., K) and b (N, K); got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    k, n = a.shape[-1], b.shape[0]
+    check_shape("b", b, (n, k))
+    kb = cdiv(k, block_size)
+    check_shape("a_s", a_s, (*a.shape[:-1], kb))
+    check_shape("b_s", b_s, (cdiv(n, block_size), kb))
+    return fp8_gemm_mlx(a, a_s, b, b_s, block_size, out_dtype)

@@ -1,6 +1,6 @@
-"""MLX attention: the op's battery (`reference.testing.attention`) on its MLX builtin,
-``mx.fast.scaled_dot_product_attention``, which the runtime calls; and the runtime's `attend` (causal, grouped
-heads, cached, boolean masks) against the reference."""
+"""MLX attention: the op's battery (`reference.testing.attention`) on the runtime's `attention` and on its MLX
+builtin, ``mx.fast.scaled_dot_product_attention``, which the runtime calls; and the runtime's `attend` (causal,
+grouped heads, cached, boolean masks) against the reference."""
 
 from __future__ import annotations
 
@@ -11,8 +11,21 @@ from reference.attention import attend as ref_attend
 from reference.attention import causal_mask as ref_causal_mask
 from reference.testing import assert_close, get_spec
 from reference.testing.pytest_plugin import cases, check_case
-from runtime_mlx.attention import attend
+from runtime_mlx.attention import attend, attention
 from tests.mlx.utils import to_mx, to_torch
+
+
+@pytest.mark.parametrize("case", cases("attention"))
+def test_attention_battery(case):
+    """The runtime's `attention` (causal aligned to the end of the keys, non-causal, GQA/MQA, Dk != Dv): forward and
+    the gradients of q, k and v."""
+    check_case(case, attention, "mlx")
+
+
+def test_attention_causal_needs_enough_keys():
+    q, k = to_mx(torch.randn(1, 2, 5, 8)), to_mx(torch.randn(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="S=4 < T=5"):
+        attention(q, k, k, 0.3)
 
 
 @pytest.mark.parametrize("case", cases("attention"))

@@ -1,6 +1,6 @@
 """runtime_mlx DSA: the batteries of the indexer scores and indexer_topk kernels (`reference.testing.dsa`, every
-path: exact ties, NaN scores, -1 padding), `indices_to_mask`, and the DSA layer's selection, against the
-reference."""
+path: exact ties, NaN scores, -1 padding) and of sparse_attention (pure MLX), `indices_to_mask`, and the DSA
+layer's selection, against the reference."""
 
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ def test_indexer_topk_battery(path, case):
     """Exact ties to the earlier key, NaN first, -1 padding, as the reference (int32 indices: MLX's dtype)."""
     check_case(case, K.indexer_topk, "mlx")
     assert K.kernel_path("indexer_topk") == path
+
+
+@pytest.mark.parametrize("case", cases("sparse_attention"))
+def test_sparse_attention_battery(case):
+    """Both MLA forms and grouped heads, -1 slots, a query selecting nothing (zero output and gradient): forward
+    and the gradients of q, k and v through MLX autodiff (pure MLX, no Metal path)."""
+    check_case(case, K.sparse_attention, "mlx")
 
 
 def test_indices_to_mask_equals_reference():

@@ -1,5 +1,5 @@
 """runtime_mlx FP8: the batteries of act_quant (1x128 tiles) and weight_dequant (128x128 blocks) on every path
-(`reference.testing.fp8`), and NaN inputs beyond the spec."""
+and of fp8_gemm (pure MLX) (`reference.testing.fp8`), and NaN inputs beyond the spec."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def test_weight_dequant_battery(path, case):
     assert K.kernel_path("weight_dequant") == path
 
 
+@pytest.mark.parametrize("case", cases("fp8_gemm"))
+def test_fp8_gemm_battery(case):
+    """The fp8_gemm battery (pure MLX, no Metal path): float32 accumulation of each K block's exact e4m3 products,
+    scaled per block, in the output dtype under test (``out_dtype`` becomes the mx dtype of the same name)."""
+    check_case(case, K.fp8_gemm, "mlx")
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape,bs", [((3, 5, 300), 128), ((7, 64), 32), ((2, 1), 128)])
 def test_act_quant_nan_tile(path, shape, bs):
@@ -50,3 +57,20 @@ def test_weight_dequant_refuses_a_non_mlx_dtype():
     w_fp8, s = ref_fp8.weight_quant(spread(45, 70), 32)
     with pytest.raises(TypeError, match="dtype: expected an mx.Dtype"):
         K.weight_dequant(to_mx(w_fp8), to_mx(s), 32, torch.bfloat16)
+
+
+def test_fp8_gemm_default_out_dtype_and_refusals():
+    """``out_dtype=None`` is float32 (the reference's default, ``torch.get_default_dtype()``); a torch dtype, float
+    (not e4m3 bits) operands and mismatched scales are errors."""
+    a, a_s = ref_fp8.act_quant(spread(3, 200), 64)
+    b, b_s = ref_fp8.weight_quant(spread(70, 200), 64)
+    args = [to_mx(t) for t in (a, a_s, b, b_s)]
+    c = K.fp8_gemm(*args, 64)
+    assert c.dtype == mx.float32
+    assert torch.equal(to_torch(c), ref_fp8.fp8_gemm(a, a_s, b, b_s, 64))
+    with pytest.raises(TypeError, match="out_dtype: expected an mx.Dtype"):
+        K.fp8_gemm(*args, 64, torch.bfloat16)
+    with pytest.raises(TypeError, match="a: expected a uint8"):
+        K.fp8_gemm(args[0].astype(mx.float32), *args[1:], 64)
+    with pytest.raises(ValueError, match="b_s: expected shape"):
+        K.fp8_gemm(*args[:3], args[3][:, :1], 64)
