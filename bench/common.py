@@ -1,6 +1,8 @@
-"""Shared setup of the asv suites: backends, checkpoints, models, inputs, synchronisation and backward passes.
+"""Shared setup of the asv suites: backends, checkpoints, models, inputs; synchronisation and backward passes come
+from `dsfs.bench` (``dsfs bench`` uses the same).
 
-Every suite is parametrized by ``backend``, one of `BACKENDS`:
+Every suite but ``ops.py`` (which adds ``compiled`` and the built-ins: see its docstring) is parametrized by
+``backend``, one of `BACKENDS`:
 
 - ``reference``: the plain-PyTorch model of `reference/` (the definition of correct), on CUDA when there is a
   GPU, else on the CPU;
@@ -26,10 +28,15 @@ import tempfile
 
 import numpy as np
 
+# The device synchronization and forward+backward step of every suite, shared with `dsfs bench` (one copy, in
+# dsfs/bench.py): ``sync(backend, *outs)``, ``forward_backward(backend, fn, module=None)``, ``no_grad(backend)``,
+# ``total(out)``; a backend name of `MLX_BACKENDS` means mx arrays, any other torch tensors.
+from dsfs.bench import MLX_NAMES, forward_backward, no_grad, sync, total  # noqa: F401 (re-exported for the suites)
+
 BACKENDS = ["reference", "cuda", "mlx", "transformers", "mlx_lm"]
 OURS = ("reference", "cuda", "mlx")
 PEERS = ("transformers", "mlx_lm")
-MLX_BACKENDS = ("mlx", "mlx_lm")
+MLX_BACKENDS = MLX_NAMES  # backends whose inputs are mx arrays
 
 # A small DeepSeek-V3 block (hidden 256, 4 heads, MLA, 8 experts), one decoder layer; suites override fields.
 BASE_CONFIG = dict(
@@ -193,75 +200,6 @@ def array(backend: str, shape, seed: int = 0, kind: str = "normal", high: int | 
     return torch.from_numpy(a).to(torch_device())
 
 
-def sync(backend: str, *outs) -> None:
-    """Wait for ``outs`` to be computed: ``mx.eval`` for MLX (lazy), a CUDA synchronize for torch on a GPU."""
-    if backend in MLX_BACKENDS:
-        import mlx.core as mx
-
-        mx.eval(*outs)
-    else:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-
 def first(out):
     """The output tensor of a module call that may return a tuple (transformers' attention does)."""
     return out[0] if isinstance(out, tuple) else out
-
-
-def total(out):
-    """The sum of every element of ``out`` (an array/tensor or a tuple of them): the loss of a backward pass."""
-    outs = out if isinstance(out, tuple) else (out,)
-    loss = outs[0].sum()
-    for o in outs[1:]:
-        loss = loss + o.sum()
-    return loss
-
-
-def forward_backward(backend: str, fn, module=None):
-    """A function ``step(*inputs)`` that runs ``fn(*inputs)``, takes the sum of its output(s) as the loss and
-    computes the gradients, waiting for all of it. With a ``module``: the gradients of its parameters (and, for
-    torch, of inputs that require grad); without: the gradients of the float inputs (for torch, those that require
-    grad). Torch gradients are reset to None after each step."""
-    if backend in MLX_BACKENDS:
-        import mlx.core as mx
-        import mlx.nn as nn
-
-        def loss(*a):
-            return total(fn(*a))
-
-        grad_fn = nn.value_and_grad(module, loss) if module is not None else None
-
-        def step(*inputs):
-            if module is None:
-                argnums = [i for i, a in enumerate(inputs) if mx.issubdtype(a.dtype, mx.floating)]
-                value, grads = mx.value_and_grad(loss, argnums=argnums)(*inputs)
-            else:
-                value, grads = grad_fn(*inputs)
-            mx.eval(value, grads)
-
-        return step
-
-    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
-
-    def step(*inputs):
-        total(fn(*inputs)).float().backward()
-        sync(backend)
-        for t in (*params, *inputs):
-            if getattr(t, "grad", None) is not None:
-                t.grad = None
-
-    return step
-
-
-def no_grad(backend: str):
-    """A context manager that disables autograd for the torch backends (nothing for MLX)."""
-    import contextlib
-
-    if backend in MLX_BACKENDS:
-        return contextlib.nullcontext()
-    import torch
-
-    return torch.no_grad()

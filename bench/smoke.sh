@@ -12,8 +12,8 @@ SUBSET=(
   "attention\.KVCacheSize"
   "moe\.FFN\.time_forward_backward\(.*, 'deepseek_8', 256\)"
   "moe\.Router\.time_router\(.*, 'deepseek_64', 256\)"
-  "layers\.Op\.time_forward_backward\(.*, 'rms_norm', 512\)"
-  "fp8\.FP8\.time_forward\(.*, 'weight_dequant', 512\)"
+  "ops\.rms_norm_grad\.time_forward_backward\(.*, 'V2-Lite hidden, 1 tokens'\)"
+  "ops\.weight_dequant\.time_forward\(.*, 'V3 671B expert gate_proj"
   "model\.DecodeStep\.track_tokens_per_s\(.*, 128\)"
 )
 BENCH=()

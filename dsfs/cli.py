@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from dsfs import data
+from dsfs.bench import add_bench
 from dsfs.check import add_check
 from dsfs.data import DataError
 from dsfs.errors import ConfigError, UserError
@@ -300,7 +301,7 @@ def _run_eval(args) -> int:
 
 
 # one add_<verb> function per verb, in --help order
-COMMANDS = [add_prepare, add_train, add_generate, add_eval, add_check]
+COMMANDS = [add_prepare, add_train, add_generate, add_eval, add_check, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,5 +33,5 @@ class TrainError(UserError):
 
 
 class KernelError(UserError):
-    """``dsfs check`` / ``dsfs bench``: an unknown op, a candidate that does not import or has the wrong signature,
-    a device or dtype the op or the machine does not have."""
+    """``dsfs check`` / ``dsfs bench``: an unknown op or shape, a candidate that does not import, has the wrong
+    signature or (for bench) returns outputs of the wrong shape, a device or dtype the op or the machine lacks."""

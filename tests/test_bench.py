@@ -42,7 +42,8 @@ def _rows(doc, **match) -> list[dict]:
 
 def test_cpu_json_document_and_ratios(capsys, small):
     doc = _json(capsys, "rms_norm", "--device", "cpu", "--shape", small, "--impl", "reference.rms_norm:rms_norm",
-                "--impls", "candidate,reference,ours,builtin", *FAST)
+                "--impls", "candidate,reference,ours,builtin", "--threads", "1", *FAST)
+    assert doc["settings"]["threads"] == 1
     assert doc["op"] == "rms_norm" and doc["device"] == "cpu" and doc["dtype"] == "float32"
     assert doc["device_name"].startswith("CPU") and doc["peak"] is None and doc["modes"] == ["forward"]
     assert set(doc["versions"]) >= {"torch", "triton", "mlx", "python"}
@@ -136,6 +137,7 @@ TWO_OUTPUTS = "def rms_norm(x, weight, eps=1e-6):\n    return x, x\n"
     (["rms_norm", "--repeat", "0"], "--repeat 0: expected an integer >= 1"),
     (["rms_norm", "--warmup", "0"], "--warmup 0: expected an integer >= 1"),
     (["rms_norm", "--min-time", "-1"], "--min-time -1.0: expected a finite number"),
+    (["rms_norm", "--threads", "0"], "--threads 0: expected an integer >= 1"),
 ])
 def test_bad_input(capsys, argv, msg):
     assert msg in _error(capsys, *argv)
@@ -220,7 +222,7 @@ def test_peaks_are_dense_and_consistent():
     for _, p in bench.PEAKS:
         assert p.mem > 0
         if p.half is not None and p.fp8 is not None:
-            assert p.fp8 == pytest.approx(2 * p.half, rel=0.01)  # FP8 runs at twice the bf16 rate, dense
+            assert p.fp8 == pytest.approx(2 * p.half, rel=0.02)  # FP8 runs at twice the bf16 rate, dense
 
 
 class _Fake:
@@ -260,7 +262,7 @@ def test_failed_compile_is_reported_not_raised(monkeypatch):
     spec = get_spec("rms_norm")
     sample = bench.bench_samples(spec)[0]
 
-    def broken(fn):
+    def broken(fn, **options):
         def call(*a):
             raise RuntimeError("no C compiler")
         return call
