@@ -11,9 +11,10 @@
 # transformers or huggingface_hub (tests/cuda/test_imports.py). Verified: the kernel tests pass under triton
 # 3.6.0 and 3.9.0 (interpreter, torch 2.13/2.15), and every kernel compiles for sm_90 with both
 # (bench/triton_compile.py). Each phase has its own timeout (seconds, overridable), so that one stuck phase cannot
-# eat the budget: with the defaults the whole script ends within 10 minutes on one Hopper GPU.
+# eat the budget: with the defaults the whole script ends within 12 minutes on one Hopper GPU.
 # Results in $OUT (default bench/results): gpu_check.txt (versions and every phase's exit status),
-# gpu_tests.txt, gpu_kernels.{json,txt}, gpu_kernels_compiled.{json,txt}. Exit status: the tests' status.
+# gpu_tests.txt, gpu_kernels.{json,txt}, gpu_kernels_compiled.{json,txt}, dsfs_bench_<op>.json (`dsfs bench` of every
+# op spec, forward and backward). Exit status: the tests' status.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -21,6 +22,7 @@ OUT="${OUT:-bench/results}"
 TESTS_TIMEOUT="${TESTS_TIMEOUT:-300}"
 KERNELS_TIMEOUT="${KERNELS_TIMEOUT:-100}"
 COMPILED_TIMEOUT="${COMPILED_TIMEOUT:-150}"
+DSFS_BENCH_TIMEOUT="${DSFS_BENCH_TIMEOUT:-150}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -90,4 +92,16 @@ phase kernels "$KERNELS_TIMEOUT" "$OUT/gpu_kernels.txt" \
 # shellcheck disable=SC2086
 phase kernels-compiled "$COMPILED_TIMEOUT" "$OUT/gpu_kernels_compiled.txt" \
     $PYTHON -m bench.gpu_kernels --out "$OUT/gpu_kernels_compiled.json"
+# `dsfs bench` of every op spec, forward and backward: reference, torch.compile, our Triton kernel, the built-in
+# shellcheck disable=SC2086
+phase dsfs-bench "$DSFS_BENCH_TIMEOUT" "$OUT/dsfs_bench.txt" \
+    $PYTHON -c '
+import subprocess, sys
+from reference.testing import all_specs
+for op in all_specs():
+    with open(f"{sys.argv[1]}/dsfs_bench_{op}.json", "w") as f:
+        r = subprocess.run([sys.executable, "-m", "dsfs.cli", "bench", op, "--device", "cuda", "--mode", "both",
+                            "--repeat", "5", "--json"], stdout=f)
+    print(f"dsfs bench {op}: exit {r.returncode}", flush=True)
+' "$OUT"
 exit "$tests_rc"
