@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from dsfs import bench
+from dsfs import bench, peaks
 from dsfs.cli import main
 from reference.testing import OpSpec, Output, Sample, get_spec
 
@@ -214,12 +214,12 @@ def test_percent_of_peak_on_a_known_device(capsys, monkeypatch, small):
     ("Apple M4 Max", "Apple M4 Max"), ("CPU Apple M2", None), ("NVIDIA GeForce GTX 1080", None),
 ])
 def test_find_peak(name, peak):
-    got = bench.find_peak(name)
+    got = peaks.find_peak(name)
     assert (got.name if got else None) == peak
 
 
 def test_peaks_are_dense_and_consistent():
-    for _, p in bench.PEAKS:
+    for _, p in peaks.PEAKS:
         assert p.mem > 0
         if p.half is not None and p.fp8 is not None:
             assert p.fp8 == pytest.approx(2 * p.half, rel=0.02)  # FP8 runs at twice the bf16 rate, dense
