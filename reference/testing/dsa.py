@@ -233,27 +233,11 @@ def _torch_sparse():
     return sparse_attention_sdpa
 
 
-def _mlx_sparse():
-    """``mx.fast.scaled_dot_product_attention`` under the dense mask of the selection (as the torch builtin)."""
-    import mlx.core as mx
-
-    def sparse_attention_sdpa(q, k, v, indices, scale):
-        s = k.shape[2]
-        ok = (indices >= 0) & (indices < s)
-        sel = (mx.where(ok, indices, -1)[..., None] == mx.arange(s)).any(axis=-2)  # (B, T, S)
-        empty = ~sel.any(axis=-1, keepdims=True)
-        sel = sel | (empty & (mx.arange(s) == 0))
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=sel[:, None])
-        return mx.where(empty[:, None], mx.zeros_like(o), o)
-
-    return sparse_attention_sdpa
-
-
 SPARSE = OpSpec(
     name="sparse_attention", reference=sparse_attention, outputs=(Output("o", grad=True),), grads=("q", "k", "v"),
     samples=sparse_samples, bench_samples=sparse_bench, flops=_sparse_flops, bytes=_sparse_bytes,
     ours={"cuda": "kernels.triton.dsa:sparse_attention", "mlx": "runtime_mlx.kernels.dsa:sparse_attention"},
-    builtin={"torch": _torch_sparse, "mlx": _mlx_sparse},
+    builtin={"torch": _torch_sparse},  # MLX has no sparse attention: ours is mx.fast's SDPA under the selection mask
     source="DeepSeek-V3.2-Exp report section 2.1 (sparse MLA over the selected tokens)",
 )
 
