@@ -458,16 +458,28 @@ def _timed(spec, impl, fn, args, sample, where, target, backward, warm) -> Timed
 
 
 def check_candidate(spec, fn: Callable, target: str, sample, dtype, device: str, cache: dict | None = None) -> None:
-    """Check the candidate before timing it: its signature (`reference.testing.check_signature`), then one call on
+    """Check the candidate before timing it: its signature (`reference.testing.check_signature`), the forward
+    checks of the op's first three battery cases at ``dtype`` (values, dtypes, inputs unchanged), then one call on
     ``sample`` whose outputs must be as many, and of the same shapes, as the reference's on the same inputs.
     Raises `KernelError` (one line, pointing to ``dsfs check``) otherwise."""
-    from reference.testing import ImplError, check_signature
+    import shlex
 
-    hint = f"run `dsfs check {spec.name} --impl {target}` for the whole battery"
+    from reference.testing import ImplError, arrays_for, check_signature, run_case
+
+    hint = f"run `dsfs check {spec.name} --impl {shlex.quote(target)} --device {device}` for the whole battery"
     try:
-        check_signature(spec, fn)
+        takes_out = check_signature(spec, fn)
     except ImplError as e:
         raise KernelError(f"--impl: {e}; {hint}") from None
+    # values first, cheaply: the forward checks of the battery's first samples at this dtype (a kernel that is
+    # wrong is not timed)
+    arrays = arrays_for(device)
+    for case, case_dtype in [c for c in spec.cases([dtype])][:3]:
+        bad = [r for r in run_case(spec, fn, case, case_dtype, arrays, takes_out, backward=False) if not r.passed]
+        if bad:
+            r = bad[0]
+            raise KernelError(f"--impl {target} fails the battery's case '{r.case}' ({r.dtype}, {r.check}: "
+                              f"{r.note}); {hint}")
     ref_args = device_args(spec, sample, dtype, "cpu" if device == "mlx" else device, cache)
     with no_grad("cpu"):
         ref = as_tuple(spec.reference(*ref_args))
@@ -476,7 +488,9 @@ def check_candidate(spec, fn: Callable, target: str, sample, dtype, device: str,
         with no_grad(device):
             got = as_tuple(fn(*args))
         sync(device, *[o for o in got if type(o).__module__.startswith("mlx")] if is_mlx(device) else ())
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
         raise KernelError(f"--impl {target} fails on shape '{sample.name}' ({_one_line(e)}); {hint}") from None
     if len(got) != len(ref):
         raise KernelError(f"--impl {target} returns {len(got)} output(s) on shape '{sample.name}', the reference "
@@ -656,6 +670,10 @@ def run(settings: Settings) -> dict:
             raise KernelError(f"--threads {s.threads}: expected an integer >= 1")
         torch.set_num_threads(s.threads)
     candidate = None
+    if s.candidate is not None and not s.candidate.strip():
+        raise KernelError("--impl is empty: expected module:function (for example kernels.triton.rms_norm:rms_norm)")
+    if not [i for i in s.impls if i != "candidate" or s.candidate is not None]:
+        raise KernelError(f"--impls {','.join(s.impls) or '(none)'}: nothing to time (candidate needs --impl)")
     if s.candidate is not None:
         try:
             candidate = load_impl(s.candidate)
@@ -792,8 +810,8 @@ def format_table(doc: dict) -> str:
         if r["status"] == "ok" and r["where"] not in (doc["device"], None):
             note = f"on {r['where']}"
         body.append([f"#{r['shape_index']} {r['shape']}", *([r["mode"]] if both else []), r["impl"],
-                     _num(r["median_ms"]), _num(r["min_ms"]), _num(r["vs_reference"], "{:.2f}"),
-                     _num(r["vs_candidate"], "{:.2f}"), _num(r["gb_per_s"], "{:.3g}"), _num(r["tflop_per_s"], "{:.3g}"),
+                     _num(r["median_ms"]), _num(r["min_ms"]), _num(r["vs_reference"], "{:.3g}"),
+                     _num(r["vs_candidate"], "{:.3g}"), _num(r["gb_per_s"], "{:.3g}"), _num(r["tflop_per_s"], "{:.3g}"),
                      _num(r["pct_peak_bandwidth"], "{:.1f}"), _num(r["pct_peak_flops"], "{:.1f}"), note])
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
@@ -900,5 +918,7 @@ def run_bench(args) -> int:
             doc = run(settings)
         print(json.dumps(doc, indent=1))
     else:
-        print(format_table(run(settings)))
-    return 0
+        doc = run(settings)
+        print(format_table(doc))
+    # exit 1 when the candidate failed on some shape: a broken kernel must not read as a timed one
+    return 1 if any(r["impl"] == "candidate" and r["status"] == "failed" for r in doc["rows"]) else 0

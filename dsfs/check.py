@@ -8,6 +8,7 @@ check fails. Without ``--impl`` the candidate is our own implementation for the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -39,7 +40,10 @@ def add_check(sub) -> None:
                    help="only samples with this tag (repeatable)")
     p.add_argument("--forward-only", action="store_true", help="skip the gradient checks")
     p.add_argument("--failures-only", action="store_true", help="print only the rows that fail")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list on stdout instead of the tables: per op {op, impl, device, signature, rows, "
+                        "checks, failed}, each row {case, shape, dtype, check, error, bound, passed, note} (error "
+                        "null when not a number or infinite)")
     p.add_argument("--list", action="store_true", help="print the ops, their signatures, dtypes and gradients")
     p.set_defaults(func=run_check)
 
@@ -104,6 +108,8 @@ def run_check(args) -> int:
     specs = all_specs()
     if args.op != "all" and args.op not in specs:
         raise KernelError(f"unknown op {args.op!r}; expected one of {', '.join(specs)} (or all)")
+    if args.impl is not None and not args.impl.strip():
+        raise KernelError("--impl is empty: expected module:function (for example kernels.triton.rms_norm:rms_norm)")
     if args.op == "all" and args.impl:
         raise KernelError("--impl needs one op (dsfs check OP --impl module:function), not all")
     selected = list(specs.values()) if args.op == "all" else [specs[args.op]]
@@ -121,16 +127,19 @@ def run_check(args) -> int:
         target = args.impl or default_impl(spec, device)
         op_dtypes = [d for d in dtypes if d in spec.dtypes] if dtypes and args.op == "all" else dtypes
         try:
-            fn = load_impl(target)
-            rows = run(spec, fn, device, op_dtypes, args.cases, backward=not args.forward_only,
-                       progress=_progress(spec, target, device, op_dtypes, args.cases))
+            # the candidate's own prints go to stderr, so that --json's stdout stays one JSON document
+            with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+                fn = load_impl(target)
+                rows = run(spec, fn, device, op_dtypes, args.cases, backward=not args.forward_only,
+                           progress=_progress(spec, target, device, op_dtypes, args.cases))
         except (ImplError, ValueError) as e:
             raise KernelError(str(e).splitlines()[0]) from None
         bad = failures(rows)
         failed, total, checked = failed + len(bad), total + len(rows), checked + 1
         if args.json:
             report.append({"op": spec.name, "impl": target, "device": device, "signature": spec.signature,
-                           "rows": [_json_row(r) for r in rows], "failed": len(bad)})
+                           "rows": [_json_row(r) for r in (bad if args.failures_only else rows)],
+                           "checks": len(rows), "failed": len(bad)})
             continue
         cases = len({(r.case, r.dtype) for r in rows})
         shown = bad if args.failures_only else rows
@@ -139,7 +148,7 @@ def run_check(args) -> int:
         print(f"{spec.name}: {target} on {device}: {len(rows)} checks in {cases} cases, "
               f"{len(bad)} failed\n")
     if args.json:
-        print(json.dumps(report[0] if len(report) == 1 else report, indent=1))
+        print(json.dumps(report, indent=1))
     elif len(selected) > 1:
         print(f"{checked} ops: {total} checks, {failed} failed")
     return 1 if failed else 0

@@ -154,15 +154,18 @@ def test_cuda_without_gpu(capsys):
 
 
 @pytest.mark.parametrize("source, msg", [
-    (WRONG_SHAPE, "output y is shape"),
-    (RAISES, "fails on shape"),
-    (TWO_OUTPUTS, "returns 2 output(s)"),
+    (WRONG_SHAPE, "fails the battery's case 'ragged (2, 5, 100)' (float32, y: shape (2, 5, 99), expected (2, 5, 100))"),
+    (RAISES, "(float32, call: RuntimeError: boom)"),
+    (TWO_OUTPUTS, "(float32, outputs: returned 2 output(s), expected 1 (y))"),
+    ("import torch\n\ndef rms_norm(x, weight, eps=1e-6):\n"
+     "    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))\n", "(float32, y: error above the bound)"),
+    # ^ ignores the weight: wrong values are not timed either
 ])
 def test_wrong_candidate_is_not_timed(capsys, tmp_path, small, source, msg):
     path = tmp_path / "cand.py"
     path.write_text(source)
     err = _error(capsys, "rms_norm", "--device", "cpu", "--shape", small, "--impl", f"{path}:rms_norm", *FAST)
-    assert msg in err and f"dsfs check rms_norm --impl {path}:rms_norm" in err
+    assert msg in err and f"dsfs check rms_norm --impl {path}:rms_norm --device cpu" in err
 
 
 def test_interpreted_triton_is_never_timed(capsys, monkeypatch):

@@ -25,7 +25,9 @@ INVENTORY = ["rms_norm", "rope", "swiglu", "linear_cross_entropy", "attention", 
 
 def _check_json(capsys, *argv) -> tuple[int, dict]:
     rc, out, err = _cli(capsys, "check", *argv, "--json")
-    return rc, json.loads(out)
+    report = json.loads(out)
+    assert isinstance(report, list) and len(report) == 1
+    return rc, report[0]
 
 
 def test_every_inventory_op_has_a_spec():
@@ -219,3 +221,50 @@ def test_out_buffer_is_poisoned(tmp_path):
 def test_families_cover_the_spec_modules():
     mods = {p.stem for p in (ROOT / "reference" / "testing").glob("*.py")}
     assert set(FAMILIES) <= mods
+
+
+@pytest.mark.parametrize("body, check, note", [
+    ("def rms_norm(x, weight, eps=1e-6):\n    raise SystemExit(0)\n", "call", "SystemExit: 0"),
+    ("def rms_norm(x, weight, eps=1e-6):\n    return torch.empty(x.shape, device='meta')\n", "y",
+     "on device meta, expected cpu"),
+    ("from reference.rms_norm import rms_norm as ref\n\ndef rms_norm(x, weight, eps=1e-6):\n"
+     "    return ref(x, weight, eps).detach()\n", "backward", "no output carries an autograd graph"),
+])
+def test_candidates_that_escape_the_checks_fail_a_row(capsys, tmp_path, body, check, note):
+    """(issue 20 review) a candidate calling sys.exit, an output on another device, a detached output."""
+    rc, report = _check_json(capsys, "rms_norm", "--impl", _write(tmp_path, body), "--dtype", "float32",
+                             "--cases", "ragged")
+    assert rc == 1
+    first = _failing(report)[0]
+    assert first["check"] == check and note in first["note"], first
+
+
+def test_out_kernel_gets_gradients_without_its_buffer(tmp_path):
+    path = tmp_path / "outgrad.py"
+    path.write_text("from reference.rms_norm import rms_norm as ref\n\n"
+                    "def rms_norm(x, weight, eps=1e-6, out=None):\n"
+                    "    y = ref(x, weight, eps)\n    return y if out is None else out.copy_(y)\n")
+    from reference.testing import failures, load_impl
+
+    rows = run(get_spec("rms_norm"), load_impl(f"{path}:rms_norm"), "cpu", [torch.float32], ["ragged"])
+    assert not failures(rows) and any(r.check == "dx" for r in rows)
+
+
+def test_file_candidates_import_their_neighbours_and_shadow_nothing(capsys, tmp_path):
+    (tmp_path / "helpers.py").write_text("from reference.rms_norm import rms_norm\n")
+    (tmp_path / "runtime_mlx.py").write_text("from helpers import rms_norm\n")
+    rc, report = _check_json(capsys, "rms_norm", "--impl", f"{tmp_path / 'runtime_mlx.py'}:rms_norm",
+                             "--dtype", "float32", "--cases", "ragged")
+    assert rc == 0 and report["failed"] == 0
+    import runtime_mlx.kernels  # the package, not the candidate file of the same name
+
+    assert hasattr(runtime_mlx.kernels, "rms_norm")
+
+
+def test_empty_selection_and_empty_impl_are_errors(capsys):
+    assert "no sample has the tag(s) decode" in _error(capsys, "weight_dequant", "--cases", "decode")
+    assert "--impl is empty" in _error(capsys, "rms_norm", "--impl", "")
+    from reference.testing.pytest_plugin import cases
+
+    with pytest.raises(ValueError, match="route: no case"):
+        cases("route", dtypes=[torch.bfloat16])

@@ -68,6 +68,8 @@ def load_impl(target: str) -> Callable:
     """The function named by ``target``: ``package.module:function`` (importable from ``sys.path`` and the
     current directory) or ``path/to/file.py:function``. Raises `ImplError` (one line) when the module does not
     import or has no such callable."""
+    if not target or not target.strip():
+        raise ImplError("--impl is empty: expected module:function (for example kernels.triton.rms_norm:rms_norm)")
     if ":" not in target:
         raise ImplError(f"--impl {target!r}: expected module:function (for example kernels.triton.rms_norm:rms_norm)")
     mod_name, _, fn_name = target.rpartition(":")
@@ -76,17 +78,21 @@ def load_impl(target: str) -> Callable:
             path = Path(mod_name)
             if not path.is_file():
                 raise ImplError(f"--impl {target!r}: no such file {mod_name}")
-            spec = importlib.util.spec_from_file_location(path.stem, path)
+            folder = str(path.resolve().parent)  # its neighbours import, after every installed package
+            if folder not in sys.path:
+                sys.path.append(folder)
+            name = f"_dsfs_candidate_{path.stem}_{abs(hash(str(path.resolve())))}"  # never shadows a package
+            spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
-            sys.modules.setdefault(path.stem, module)
+            sys.modules[name] = module
             spec.loader.exec_module(module)
         else:
             if os.getcwd() not in sys.path and "" not in sys.path:
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(mod_name)
-    except ImplError:
+    except (ImplError, KeyboardInterrupt):
         raise
-    except Exception as e:  # the user's module: any error while importing it is theirs
+    except BaseException as e:  # the user's module: any error while importing it is theirs (SystemExit too)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ImplError(f"--impl {target!r}: module {mod_name} does not import ({type(e).__name__}: {msg})") from None
     fn = getattr(module, fn_name, None)
@@ -107,9 +113,9 @@ def check_signature(spec: OpSpec, fn: Callable) -> bool:
     try:
         sig.bind(*spec.params)
     except TypeError as e:
-        names = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
-                          for p in sig.parameters.values())
-        raise ImplError(f"{_name(fn)}({names}) does not take the arguments of {spec.signature} ({e})") from None
+        bare = sig.replace(parameters=[p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()],
+                           return_annotation=inspect.Signature.empty)
+        raise ImplError(f"{_name(fn)}{bare} does not take the arguments of {spec.signature} ({e})") from None
     return "out" in sig.parameters
 
 
@@ -164,6 +170,12 @@ class _Torch:
     def get(self, x) -> torch.Tensor:
         return x.detach().cpu()
 
+    def wrong_device(self, x) -> str:
+        """Why an output tensor is not where the inputs are ('' when it is)."""
+        if x.device.type != self.device.type:
+            return f"on device {x.device}, expected {self.device.type} (the inputs')"
+        return ""
+
     def is_array(self, x) -> bool:
         return isinstance(x, torch.Tensor)
 
@@ -173,6 +185,12 @@ class _Torch:
 
     def grads(self, fn, args, kwargs, grad_pos, outs, cotangents):
         ins = [args[i] for i in grad_pos]
+        if kwargs.get("out") is not None or not any(o.requires_grad for o, c in zip(outs, cotangents, strict=True)
+                                                     if c is not None and isinstance(o, torch.Tensor)):
+            outs = _tuple(fn(*args))  # a forward with autograd (and without out=)
+        if not any(o.requires_grad for o, c in zip(outs, cotangents, strict=True) if c is not None):
+            raise RuntimeError("no output carries an autograd graph (detached, or computed outside autograd): "
+                               "no gradient reaches the inputs")
         pairs = [(o, c) for o, c in zip(outs, cotangents, strict=True) if c is not None and o.requires_grad]
         gs = (torch.autograd.grad([o for o, _ in pairs], ins, [c.to(o.device, o.dtype) for o, c in pairs],
                                   allow_unused=True) if pairs else [None] * len(ins))
@@ -210,6 +228,9 @@ class _MLX:
 
     def get(self, x) -> torch.Tensor:
         return to_torch(x)
+
+    def wrong_device(self, x) -> str:
+        return ""
 
     def is_array(self, x) -> bool:
         return is_mx(x)
@@ -330,11 +351,11 @@ def _expected_dtype(out: Output, dtype: torch.dtype, ref: torch.Tensor) -> torch
     return out.dtype
 
 
-def _dtype_ok(got: torch.Tensor, want) -> bool:
+def _dtype_ok(got: torch.Tensor, want, mlx: bool) -> bool:
     if want == "int":
         return not got.dtype.is_floating_point and not got.is_complex() and got.dtype != torch.bool
-    if want == FP8:
-        return got.dtype in (FP8, torch.uint8)
+    if want == FP8 and mlx:
+        return got.dtype == torch.uint8  # runtime_mlx's FP8 convention: the e4m3 bit patterns
     return got.dtype == want
 
 
@@ -365,7 +386,8 @@ def _poison_buffer(ref: torch.Tensor, want, arrays):
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:160]
+    line = f"{type(e).__name__}: {text[0] if text else ''}"
+    return line if len(line) <= 240 else line[:240].rsplit(" ", 1)[0] + " ..."
 
 
 def run_case(spec: OpSpec, fn: Callable, sample: Sample, dtype: torch.dtype, arrays, takes_out: bool = False,
@@ -396,7 +418,9 @@ def run_case(spec: OpSpec, fn: Callable, sample: Sample, dtype: torch.dtype, arr
         with poisoned_outputs():
             outs = arrays.call(fn, dev_args, kwargs, bool(grad_pos))
         arrays.sync()
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit, asyncio.CancelledError ...: the candidate's, a failed case
         return [row("call", passed=False, note=_one_line(e))]
     if outs is None and takes_out:
         outs = kwargs["out"]
@@ -416,13 +440,24 @@ def run_case(spec: OpSpec, fn: Callable, sample: Sample, dtype: torch.dtype, arr
                                                                f"array of shape {tuple(r.shape)}"))
             got_cpu.append(None)
             continue
-        g = arrays.get(o)
+        where = arrays.wrong_device(o)
+        if where:
+            rows.append(row(spec_out.name, passed=False, note=where))
+            got_cpu.append(None)
+            continue
+        try:
+            g = arrays.get(o)
+        except Exception as e:
+            rows.append(row(spec_out.name, passed=False, note=f"cannot read the output: {_one_line(e)}"))
+            got_cpu.append(None)
+            continue
         if tuple(g.shape) != tuple(r.shape):
             rows.append(row(spec_out.name, passed=False,
                             note=f"shape {tuple(g.shape)}, expected {tuple(r.shape)}"))
             got_cpu.append(None)
-        elif not _dtype_ok(g, want):
-            expected = "an integer dtype" if want == "int" else _dtype_name(want)
+        elif not _dtype_ok(g, want, isinstance(arrays, _MLX)):
+            expected = ("an integer dtype" if want == "int" else
+                        "uint8 (e4m3 bits)" if want == FP8 and isinstance(arrays, _MLX) else _dtype_name(want))
             rows.append(row(spec_out.name, passed=False, note=f"dtype {_dtype_name(g.dtype)}, expected {expected}"))
             got_cpu.append(None)
         else:
@@ -430,17 +465,16 @@ def run_case(spec: OpSpec, fn: Callable, sample: Sample, dtype: torch.dtype, arr
     if any(g is None for g in got_cpu):
         return rows
 
-    got_c, ref_c = tuple(got_cpu), ref_outs
-    if spec.canonical is not None:
-        got_c, ref_c = _tuple(spec.canonical(got_c, args)), _tuple(spec.canonical(ref_outs, args))
-    for spec_out, g, r in zip(spec.outputs, got_c, ref_c, strict=True):
+    for spec_out, g, r in zip(spec.outputs, got_cpu, ref_outs, strict=True):
         rows.append(_compare(row, spec_out.name, spec_out, g, r, dtype))
 
     if grad_pos:
         try:
-            grads = arrays.grads(fn, dev_args, kwargs, grad_pos, outs, cots)
+            grads = arrays.grads(fn, dev_args, {}, grad_pos, outs, cots)  # no out=: its buffer has no graph
             arrays.sync()
-        except Exception as e:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
             rows.append(row("backward", passed=False, note=_one_line(e)))
             grads = None
         if grads is not None:
@@ -472,7 +506,8 @@ def _why(err: float) -> str:
 def _compare(row, name: str, out: Output, got: torch.Tensor, ref: torch.Tensor, dtype) -> Row:
     if out.compare == "equal":
         frac = _equal_error(got, ref)
-        return row(name, frac, 0.0, frac == 0.0, "" if frac == 0.0 else f"{frac:.1%} of elements differ")
+        n = round(frac * max(1, ref.numel()))
+        return row(name, frac, 0.0, frac == 0.0, "" if frac == 0.0 else f"{n} of {ref.numel()} elements differ")
     bound = out.bound_for(dtype)
     if bound is None:
         bound = BOUNDS[dtype] if got.dtype.is_floating_point and dtype in BOUNDS else BOUNDS[got.dtype]
@@ -498,9 +533,12 @@ def run(spec: OpSpec, fn: Callable, device: str = "cpu", dtypes: Sequence[torch.
             raise ValueError(f"{spec.name} is specified for {', '.join(map(_dtype_name, spec.dtypes))}; "
                              f"got {', '.join(map(_dtype_name, bad))}")
     rows: list[Row] = []
-    for sample, dtype in spec.cases(dtypes):
-        if tags and not set(tags) & set(sample.tags):
-            continue
+    selected = [(s, d) for s, d in spec.cases(dtypes) if not tags or set(tags) & set(s.tags)]
+    if not selected:
+        have = sorted({t for s, _ in spec.cases(dtypes) for t in s.tags})
+        raise ValueError(f"{spec.name}: no sample has the tag(s) {', '.join(tags or [])} at these dtypes "
+                         f"(its tags: {', '.join(have)})")
+    for sample, dtype in selected:
         case_rows = run_case(spec, fn, sample, dtype, arrays, takes_out, backward)
         rows.extend(case_rows)
         if progress is not None:

@@ -4,7 +4,10 @@
 Routing samples are drawn so that every top-k cut is decided: at the ``topk_group``-th group score and at the
 ``top_k``-th biased score of the kept experts, every value within `MARGIN` of the cut equals it exactly, in
 float64 and in float32 (DESIGN.md: "oracle tests draw inputs whose top-k cuts have a margin"). Exact ties are
-deliberate (logits from a few levels, or all equal), and there the lower expert (group) index wins.
+deliberate (logits from a few levels, or all equal), and there the lower expert (group) index wins. The K slots
+of a token are ordered as the reference orders them: by biased score, best first, the lower index first among ties
+(DESIGN.md: "Ties in any top-k"), so ``topk_idx`` is compared exactly and ``topk_weight``'s cotangent follows the
+slots.
 """
 
 from __future__ import annotations
@@ -183,15 +186,6 @@ def route_bench_samples(rng: torch.Generator) -> list[Sample]:
                           V3["routed_scaling_factor"], tags=("model",)) for n in (1, 4096)]
 
 
-def _expert_set(outs, args):
-    """``canonical`` of route: each token's (expert, weight) pairs sorted by expert id, so the set of experts and
-    their weights are compared, not the order of the K slots (every implementation here also orders them best
-    first, lower index first among ties; that order is pinned by their own tests)."""
-    idx, w, scores = outs
-    idx_sorted, perm = idx.to(torch.int64).sort(-1)
-    return idx_sorted, w.gather(1, perm), scores
-
-
 def _route_flops(s: Sample, dtype) -> float:
     n, e = s.args[0].shape
     k = s.args[2]
@@ -209,7 +203,7 @@ ROUTE = OpSpec(
     outputs=(Output("topk_idx", dtype="int", compare="equal"), Output("topk_weight", grad=True),
              Output("scores", grad=True)),
     grads=("logits",), dtypes=(torch.float32,), samples=route_samples, bench_samples=route_bench_samples,
-    canonical=_expert_set, flops=_route_flops, bytes=_route_bytes,
+    flops=_route_flops, bytes=_route_bytes,
     ours={"cuda": "kernels.triton.moe:route", "mlx": "runtime_mlx.kernels.moe:route"},
     source="DeepSeek-V3 report section 2.1.2 (eq. 12-16: sigmoid affinities, group-limited routing, the "
            "auxiliary-loss-free bias that picks but never weighs); official inference/model.py Gate",

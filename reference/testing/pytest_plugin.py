@@ -14,6 +14,7 @@ the case's table rows (check, error, bound, why). For more control, parametrize 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -34,7 +35,17 @@ def cases(op: str | OpSpec, dtypes: Sequence[torch.dtype] | None = None, tags: S
         if tags and not set(tags) & set(sample.tags):
             continue
         out.append(pytest.param((spec, sample, dtype), id=f"{sample.name}-{str(dtype).replace('torch.', '')}"))
+    if not out:  # an empty parameter set would only skip: a typo must not turn a check green
+        raise ValueError(f"{spec.name}: no case with dtypes {dtypes} and tags {tags} (its dtypes: "
+                         f"{[str(d).replace('torch.', '') for d in spec.dtypes]}, tags: "
+                         f"{sorted({t for s in spec.samples(spec.rng()) for t in s.tags})})")
     return out
+
+
+@functools.cache
+def _load(target: str) -> Callable:
+    """`load_impl`, once per target string for the whole session (a file candidate is imported once)."""
+    return load_impl(target)
 
 
 def check_case(case: tuple[OpSpec, Sample, torch.dtype], fn: Callable | str, device: str = "cpu",
@@ -42,8 +53,12 @@ def check_case(case: tuple[OpSpec, Sample, torch.dtype], fn: Callable | str, dev
     """Run one case of the battery on ``fn`` (a function or ``"module:function"``) on ``device``; fails the test
     with the case's rows when any check fails."""
     spec, sample, dtype = case
-    fn = load_impl(fn) if isinstance(fn, str) else fn
-    rows = run_case(spec, fn, sample, dtype, arrays_for(device), check_signature(spec, fn), backward)
+    try:
+        fn = _load(fn) if isinstance(fn, str) else fn
+        arrays, takes_out = arrays_for(device), check_signature(spec, fn)
+    except ValueError as e:  # ImplError included: one line, no traceback through this module
+        pytest.fail(str(e), pytrace=False)
+    rows = run_case(spec, fn, sample, dtype, arrays, takes_out, backward)
     bad = failures(rows)
     if bad:
         pytest.fail(f"{spec.name} on {getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', fn)}, "

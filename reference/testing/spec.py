@@ -76,17 +76,15 @@ class Sample:
 class OpSpec:
     """Everything needed to test and time one op (see the module docstring).
 
-    ``reference``: the plain-PyTorch function, called with float64 inputs (``reference_float64``) or the
-    inputs as the candidate gets them. ``params``: the parameter names of the signature, in order (the
-    reference's own, so the table and ``--list`` print it). ``grads``: the parameters that get a gradient
-    (empty: forward only); outputs with ``grad=True`` get a random cotangent. ``samples(rng)``: the battery's
-    inputs; ``bench_samples(rng)``: the realistic shapes ``dsfs bench`` times. ``canonical(outs, args)``: maps
-    an output tuple to a comparable form (for example sorting each token's experts) before comparing, applied to
-    the candidate's and the reference's alike. ``flops(sample, dtype)`` / ``bytes(sample, dtype)``: work and
-    memory traffic of one forward call (bytes read and written once, the roofline minimum). ``ours``: backend
-    (``cuda``, ``mlx``) -> ``module:function`` of our implementation; ``builtin``: backend (``torch``, ``mlx``)
-    -> a function returning a library's own op wrapped to the op's signature (imported when called), timed by
-    ``dsfs bench``. ``source``: the paper section or code it follows.
+    ``reference``: the plain-PyTorch function, called with float64 inputs (``reference_float64``) or the inputs as
+    the candidate gets them. ``params``: the parameter names of the signature, in order (the reference's own, so the
+    table and ``--list`` print it). ``grads``: the parameters that get a gradient (empty: forward only); outputs
+    with ``grad=True`` get a random cotangent. ``samples(rng)``: the battery's inputs; ``bench_samples(rng)``: the
+    realistic shapes ``dsfs bench`` times. ``flops(sample, dtype)`` / ``bytes(sample, dtype)``: work and memory
+    traffic of one forward call (bytes read and written once, the roofline minimum). ``ours``: backend (``cuda``,
+    ``mlx``) -> ``module:function`` of our implementation; ``builtin``: backend (``torch``, ``mlx``) -> a function
+    returning a library's own op wrapped to the op's signature (imported when called), timed by ``dsfs bench``.
+    ``source``: the paper section or code it follows.
     """
 
     name: str
@@ -97,7 +95,6 @@ class OpSpec:
     grads: tuple[str, ...] = ()
     params: tuple[str, ...] | None = None
     bench_samples: Callable[[torch.Generator], list[Sample]] | None = None
-    canonical: Callable | None = None
     reference_float64: bool = True
     flops: Callable[[Sample, torch.dtype], float] | None = None
     bytes: Callable[[Sample, torch.dtype], float] | None = None
