@@ -126,6 +126,10 @@ def run_check(args) -> int:
             continue
         target = args.impl or default_impl(spec, device)
         op_dtypes = [d for d in dtypes if d in spec.dtypes] if dtypes and args.op == "all" else dtypes
+        if args.op == "all" and (op_dtypes == [] or not any(not args.cases or set(args.cases) & set(s.tags)
+                                                            for s, _ in spec.cases(op_dtypes))):
+            print(f"{spec.name}: skipped, no case with these dtypes and tags", file=sys.stderr)
+            continue
         try:
             # the candidate's own prints go to stderr, so that --json's stdout stays one JSON document
             with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
