@@ -215,7 +215,7 @@ def describe(spec, counts: bool = True) -> list[dict]:
     """The op's bench shapes without their data: per shape its ``index``, ``name``, ``shape`` (``shape_str``), and
     with ``counts`` ``flops`` / ``bytes`` of one float32 forward call (None where the spec has no count, or where
     the count needs the tensors' values). The samples are drawn as torch fake tensors (shapes, no memory: the V3
-    LM head alone is 3.7 GB in float32) where the spec's code allows it, else for real."""
+    LM head alone is 3.7 GB in float32)."""
     import torch
 
     def count(f, smp):
@@ -233,21 +233,13 @@ def describe(spec, counts: bool = True) -> list[dict]:
             out.append(row)
         return out
 
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            return rows(bench_samples(spec))
-    except Exception:  # sample code that reads values (nonzero, .item()): draw the samples for real
-        pass
-    # On one thread: asv imports bench/ops.py (which calls this) in the server it forks every benchmark from, and
-    # a process forked after an OpenMP parallel region hangs in its next one (libgomp's thread pool is not copied).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # Shapes only, never real work: asv imports bench/ops.py (which calls this) in the server it forks every
+    # benchmark from, and a process forked after torch's OpenMP pool was set up fails in its next parallel region
+    # ("Invalid thread pool", or a hang). So bench samples must draw without reading values (tests/test_bench.py).
+    with FakeTensorMode(allow_non_fake_inputs=True):
         return rows(bench_samples(spec))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _dtype_name(dtype) -> str:

@@ -326,3 +326,11 @@ def test_asv_peers(peer):
     suite = ops.rms_norm_grad()
     suite.setup(peer, name)
     suite.time_forward_backward(peer, name)
+
+
+def test_bench_shapes_draw_as_fake_tensors():
+    """Every spec's bench samples are drawn without reading values (asv's forkserver must not run torch work)."""
+    from reference.testing import all_specs
+
+    for spec in all_specs().values():
+        assert bench.describe(spec, counts=False), spec.name

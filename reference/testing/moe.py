@@ -181,9 +181,13 @@ def route_samples(rng: torch.Generator) -> list[Sample]:
 
 
 def route_bench_samples(rng: torch.Generator) -> list[Sample]:
+    """V3's router at 1 and 4,096 tokens: plain draws (timing needs no decided cuts, and plain draws are shapes
+    only under torch's fake tensors, which ``dsfs bench --list`` and the asv suite use)."""
     e, k, g, tg = V3["n_routed_experts"], V3["num_experts_per_tok"], V3["n_group"], V3["topk_group"]
-    return [_route_sample(rng, f"{V3['name']} router, {n} token{'s' * (n > 1)}", n, e, k, g, tg, True,
-                          V3["routed_scaling_factor"], tags=("model",)) for n in (1, 4096)]
+    b = randn(rng, e, scale=0.1)
+    return [Sample(f"{V3['name']} router, {n} token{'s' * (n > 1)}",
+                   (randn(rng, n, e), b, k, g, tg, True, V3["routed_scaling_factor"]), tags=("model",))
+            for n in (1, 4096)]
 
 
 def _route_flops(s: Sample, dtype) -> float:
