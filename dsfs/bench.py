@@ -53,6 +53,8 @@ from dsfs.peaks import Peak, device_name, find_peak
 
 IMPLS = ("candidate", "reference", "compiled", "ours", "builtin")
 MODES = ("forward", "backward")
+# The names of `reference.testing.DEVICES` and `reference.testing.FLOATS`, spelled here so that building the CLI's
+# parser imports no torch (tests/test_bench.py checks they agree).
 DEVICES = ("cpu", "cuda", "mps", "mlx")
 DTYPES = ("float32", "bfloat16", "float16")
 MLX_NAMES = ("mlx", "mlx_lm")  # where-names that mean MLX arrays: the device, and the asv backends

@@ -13,9 +13,8 @@ import json
 import os
 import sys
 
+from dsfs.bench import DEVICES, DTYPES
 from dsfs.errors import KernelError
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_check(sub) -> None:
@@ -31,7 +30,7 @@ def add_check(sub) -> None:
     p.add_argument("--impl", metavar="MODULE:FUNCTION",
                    help="the candidate: package.module:function or path/to/file.py:function (default: ours for "
                         "--device: kernels.triton on cpu/cuda, runtime_mlx.kernels on mlx)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps", "mlx"],
+    p.add_argument("--device", default="auto", choices=["auto", *DEVICES],
                    help="where the candidate runs: torch tensors on cpu/cuda/mps, mx arrays on mlx (default: cuda "
                         "when available, else cpu; Triton kernels run on cpu under TRITON_INTERPRET=1)")
     p.add_argument("--dtype", action="append", choices=DTYPES, help="only these dtypes (repeatable; default: all "

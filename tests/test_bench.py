@@ -334,3 +334,10 @@ def test_bench_shapes_draw_as_fake_tensors():
 
     for spec in all_specs().values():
         assert bench.describe(spec, counts=False), spec.name
+
+
+def test_cli_names_agree_with_the_battery():
+    from reference.testing import DEVICES, FLOATS
+
+    assert bench.DEVICES == DEVICES
+    assert bench.DTYPES == tuple(str(d).removeprefix("torch.") for d in FLOATS)

@@ -23,6 +23,7 @@ def _sample(rng, name, b, h, hk, t, s, dk, dv, causal=True, tags=()):
 
 
 def samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `attention`, seeded by ``rng`` (`OpSpec.samples`)."""
     out = [_sample(rng, f"{kind} causal, T=21 < S=35 (prefill over a cache), Dk 48 Dv 24", b, h, hk, 21, 35, 48, 24,
                    tags=("ragged",))
            for kind, b, h, hk in [("MHA", 1, 2, 2), ("GQA 4/2", 1, 4, 2), ("MQA 3/1, batch 2", 2, 3, 1)]]
@@ -43,6 +44,7 @@ def samples(rng: torch.Generator) -> list[Sample]:
 
 
 def bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `attention` (`OpSpec.bench_samples`)."""
     dk, dv, n = V3["qk_nope_head_dim"] + V3["qk_rope_head_dim"], V3["v_head_dim"], 4096
     return [
         _sample(rng, f"{V3['name']} MLA prefill, {V3['num_attention_heads']} heads, {n} tokens", 1,

@@ -547,6 +547,7 @@ def run(spec: OpSpec, fn: Callable, device: str = "cpu", dtypes: Sequence[torch.
 
 
 def failures(rows: Sequence[Row]) -> list[Row]:
+    """The rows of ``rows`` that failed (an empty list: every check passed)."""
     return [r for r in rows if not r.passed]
 
 

@@ -35,6 +35,7 @@ def _inputs(rng, n: int, h: int, v: int, ignored=(), ignore_index: int = -100, l
 
 
 def samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `linear_cross_entropy`, seeded by ``rng`` (`OpSpec.samples`)."""
     out = []
     # 21 tokens, a vocabulary of 300 (not a multiple of any chunk or block), every fourth row ignored.
     h, w, t = _inputs(rng, 21, 24, 300, ignored=range(1, 21, 4), logit_scale=2.0)
@@ -64,6 +65,7 @@ def samples(rng: torch.Generator) -> list[Sample]:
 
 
 def bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `linear_cross_entropy` (`OpSpec.bench_samples`)."""
     n = 4096
     out = []
     for m in (V3, V2_LITE):

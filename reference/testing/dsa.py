@@ -35,6 +35,7 @@ def _indexer_inputs(rng, b, t, s, h, d, q=randn) -> tuple:
 
 
 def scores_samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `indexer_scores`, seeded by ``rng`` (`OpSpec.samples`)."""
     out = []
     for name, (b, t, s, h, d), tags in [
         ("ragged: 6 heads of 24, S=29", (2, 5, 29, 6, 24), ("ragged",)),
@@ -53,6 +54,7 @@ def scores_samples(rng: torch.Generator) -> list[Sample]:
 
 
 def scores_bench(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `indexer_scores` (`OpSpec.bench_samples`)."""
     h, d = V32["index_n_heads"], V32["index_head_dim"]
     return [Sample(f"{V32['name']} indexer, prefill of 4096", _indexer_inputs(rng, 1, 4096, 4096, h, d),
                    tags=("model",)),
@@ -87,6 +89,7 @@ def _with(x: torch.Tensor, at: tuple, value: float) -> torch.Tensor:
 
 
 def topk_samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `indexer_topk`, seeded by ``rng`` (`OpSpec.samples`)."""
     out = [
         Sample("causal offset, S=21 T=3 topk 5", (randn(rng, 2, 3, 21), 5), tags=("ragged",)),
         Sample("topk > S: every visible key (a NaN first), -1 padding", (_with(randn(rng, 1, 4, 13), (0, 2, 5),
@@ -121,6 +124,7 @@ def topk_samples(rng: torch.Generator) -> list[Sample]:
 
 
 def topk_bench(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `indexer_topk` (`OpSpec.bench_samples`)."""
     topk = V32["index_topk"]
     return [Sample(f"{V32['name']} index_topk {topk}, prefill of 4096", (randn(rng, 1, 4096, 4096), topk),
                    tags=("model",)),
@@ -162,6 +166,7 @@ def _sparse_shape(b, h, hk, t, s, dk, dv, nk) -> str:
 
 
 def sparse_samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `sparse_attention`, seeded by ``rng`` (`OpSpec.samples`)."""
     out = []
     for name, dims, tags in [
         ("naive (Hk=H), 20 indices, -1 slots", (1, 3, 3, 5, 21, 40, 24, 20), ("ragged",)),
@@ -190,6 +195,7 @@ def sparse_samples(rng: torch.Generator) -> list[Sample]:
 
 
 def sparse_bench(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `sparse_attention` (`OpSpec.bench_samples`)."""
     h, dn, dr, dv, r = (V32["num_attention_heads"], V32["qk_nope_head_dim"], V32["qk_rope_head_dim"],
                         V32["v_head_dim"], V32["kv_lora_rank"])
     topk = V32["index_topk"]

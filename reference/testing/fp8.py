@@ -60,6 +60,7 @@ def _rounding_rows(rng: torch.Generator) -> torch.Tensor:
 
 
 def act_quant_samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `act_quant`, seeded by ``rng`` (`OpSpec.samples`)."""
     zero = tiles_spanning(rng, 3, 300)
     zero[0, 128:256] = 0.0  # an all-zero tile: amax clamped to 1e-4, y all zeros
     zero[1, 256:] = 0.0  # an all-zero partial tile
@@ -85,6 +86,7 @@ def act_quant_samples(rng: torch.Generator) -> list[Sample]:
 
 
 def act_quant_bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `act_quant` (`OpSpec.bench_samples`)."""
     h = V3["hidden_size"]
     return [Sample(f"{V3['name']} hidden {h}, {n} token{'s' * (n > 1)}", (randn(rng, n, h), 128), tags=("model",))
             for n in (1, 4096)]
@@ -118,6 +120,7 @@ def _all_bit_patterns(n: int, k: int) -> torch.Tensor:
 
 
 def weight_dequant_samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `weight_dequant`, seeded by ``rng`` (`OpSpec.samples`)."""
     keep = ("scale_inv",)
     out = []
     wq, ws = weight_quant(tiles_spanning(rng, 200, 300, 128, 128))
@@ -144,6 +147,7 @@ def weight_dequant_samples(rng: torch.Generator) -> list[Sample]:
 
 
 def weight_dequant_bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `weight_dequant` (`OpSpec.bench_samples`)."""
     keep, out = ("scale_inv",), []
     for what, n, k in (("expert gate_proj", V3["moe_intermediate_size"], V3["hidden_size"]),
                        ("q_b_proj", V3["num_attention_heads"] * (V3["qk_nope_head_dim"] + V3["qk_rope_head_dim"]),
@@ -189,6 +193,7 @@ def _operands(rng, lead: tuple[int, ...], n: int, k: int, bs: int = 128, zero: b
 
 
 def fp8_gemm_samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `fp8_gemm`, seeded by ``rng`` (`OpSpec.samples`)."""
     keep, out = ("a_s", "b_s"), []
 
     def add(name, ops, bs, tags, dtypes=FLOATS):
@@ -213,6 +218,7 @@ def fp8_gemm_samples(rng: torch.Generator) -> list[Sample]:
 
 
 def fp8_gemm_bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `fp8_gemm` (`OpSpec.bench_samples`)."""
     keep, out = ("a_s", "b_s"), []
     i3, h3 = V3["moe_intermediate_size"], V3["hidden_size"]
     for n_tok in (1, 4096):

@@ -36,6 +36,7 @@ def _shape(b, h, t, s, r, dr) -> str:
 
 
 def samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `mla_decode`, seeded by ``rng`` (`OpSpec.samples`)."""
     out = []
     for name, (b, h, t, s, r, dr), tags in [
         ("one decode step, S=45", (2, 5, 1, 45, 40, 12), ("decode", "ragged")),
@@ -58,6 +59,7 @@ def samples(rng: torch.Generator) -> list[Sample]:
 
 
 def bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `mla_decode` (`OpSpec.bench_samples`)."""
     out = []
     for m, b, t, s in [(V3, 1, 1, 4096), (V3, 16, 1, 4096), (V3, 16, 2, 4096), (V2_LITE, 16, 1, 4096)]:
         h = m["num_attention_heads"]

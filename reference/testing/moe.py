@@ -141,6 +141,7 @@ def _route_sample(rng, name, n, e, top_k, n_group=1, topk_group=1, norm=True, rs
 
 
 def route_samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `route`, seeded by ``rng`` (`OpSpec.samples`)."""
     v3, v2 = V3, V2_LITE
     v3_cfg = (v3["n_routed_experts"], v3["num_experts_per_tok"], v3["n_group"], v3["topk_group"], True,
               v3["routed_scaling_factor"])
@@ -233,6 +234,7 @@ def _gg_sample(rng, name, counts, n, k, nan_empty=False, index=torch.int64, dtyp
 
 
 def gg_samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `grouped_gemm`, seeded by ``rng`` (`OpSpec.samples`)."""
     h3, i3 = V3["hidden_size"], V3["moe_intermediate_size"]
     h2, i2 = V2_LITE["hidden_size"], V2_LITE["moe_intermediate_size"]
     bf16 = (torch.bfloat16,)
@@ -257,6 +259,7 @@ def gg_samples(rng: torch.Generator) -> list[Sample]:
 
 
 def gg_bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `grouped_gemm` (`OpSpec.bench_samples`)."""
     out = []
     for m, ep in ((V3, 32), (V2_LITE, 8)):
         e = m["n_routed_experts"] // ep

@@ -15,6 +15,7 @@ def _gain(rng, h):
 
 
 def samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `rms_norm`, seeded by ``rng`` (`OpSpec.samples`)."""
     out = [
         Sample(f"ragged {shape}", (randn(rng, *shape), _gain(rng, shape[-1]), 1e-6), tags=("ragged",))
         for shape in [(2, 5, 100), (1, 33), (9, 3)]
@@ -31,6 +32,7 @@ def samples(rng: torch.Generator) -> list[Sample]:
 
 
 def bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `rms_norm` (`OpSpec.bench_samples`)."""
     return [Sample(f"{m['name']} hidden, {n} tokens", (randn(rng, n, m["hidden_size"]), _gain(rng, m["hidden_size"]),
                                                         1e-6), tags=("model",))
             for m in (V3, V2_LITE) for n in (1, 4096)]

@@ -37,6 +37,7 @@ def _both(name: str, x: torch.Tensor, table, offset: int, tags: tuple[str, ...])
 
 
 def samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `rope`, seeded by ``rng`` (`OpSpec.samples`)."""
     out = []
     # D/2 of 10, 64 and 3 (not all powers of two); 39 rows of D = 128 leave the Triton kernel's 32-row block partial.
     for shape in [(2, 3, 7, 20), (3, 13, 128), (5, 3, 6)]:
@@ -60,6 +61,7 @@ def samples(rng: torch.Generator) -> list[Sample]:
 
 
 def bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `rope` (`OpSpec.bench_samples`)."""
     r, n = V3["qk_rope_head_dim"], 4096
     table = _table(r, n, V3_YARN)
     out = [Sample(f"{V3['name']} MLA q_pe, {n} tokens", (randn(rng, 1, V3["num_attention_heads"], n, r), *table, True,

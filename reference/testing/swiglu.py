@@ -17,6 +17,7 @@ def _gate(rng, *shape):
 
 def samples(rng: torch.Generator) -> list[Sample]:
     # 630, 3000 = 2 * 1024 + 952 and 333 elements: never a multiple of a 1024- or 256-element block.
+    """The battery's samples of `swiglu`, seeded by ``rng`` (`OpSpec.samples`)."""
     out = [Sample(f"ragged {shape}", (_gate(rng, *shape), randn(rng, *shape)), tags=("ragged",))
            for shape in [(3, 7, 30), (2, 1500), (1, 333)]]
     big = torch.linspace(-30.0, 30.0, 7 * 130).reshape(7, 130)
@@ -35,6 +36,7 @@ def samples(rng: torch.Generator) -> list[Sample]:
 
 
 def bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `swiglu` (`OpSpec.bench_samples`)."""
     n = 4096
     return [Sample(f"{m['name']} {what} FFN, {n} tokens", (_gate(rng, n, width), randn(rng, n, width)), tags=("model",))
             for m, width, what in [(V3, V3["moe_intermediate_size"], "expert"), (V3, V3["intermediate_size"], "dense"),
