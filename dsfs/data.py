@@ -53,7 +53,7 @@ DEFAULT_VOCAB = 4096
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 MAX_VOCAB = 2**32  # ids must fit uint32
 MIN_TRAIN_TOKENS = 64  # a train split below one window of a short --seq-len is refused at prepare
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: digits pre-split (one token per digit)
 SPLITS = ("train", "val")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = REPO_ROOT.parent / "shared" / "data" / "tinystories_sample.txt"
@@ -204,8 +204,10 @@ def train_tokenizer(
 ):
     """Train a byte-level BPE ``tokenizers.Tokenizer`` on an iterable of strings (or of lists of strings).
 
-    ByteLevel pre-tokenizer (GPT-2 regex, no prefix space) and decoder, so ``decode(encode(s).ids) == s`` for
-    any string. Ids 0..6 are ``SPECIAL_TOKENS`` (0 = ``<|endoftext|>`` eos, 1 = ``<|begin_of_text|>`` bos,
+    Digits are split off one by one first (``Digits(individual_digits=True)``, as Llama's and DeepSeek-V3's
+    tokenizers do, so ``"348"`` is always the three tokens ``3 4 8`` and a small model can learn arithmetic on
+    them), then the ByteLevel pre-tokenizer (GPT-2 regex, no prefix space) and decoder, so
+    ``decode(encode(s).ids) == s`` for any string. Ids 0..6 are ``SPECIAL_TOKENS`` (0 = ``<|endoftext|>`` eos, 1 = ``<|begin_of_text|>`` bos,
     2 = ``<|pad|>``), then the 256 byte tokens, then merges. The result holds at most ``vocab_size`` tokens
     (fewer when the text runs out of pairs to merge). ``length``: number of items, for the progress bar.
     Raises ``DataError`` for a vocab size outside [263, 2**32].
@@ -214,7 +216,8 @@ def train_tokenizer(
 
     shard_dtype(vocab_size)  # validates the size
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # every digit its own token, as Llama's and DeepSeek's
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
