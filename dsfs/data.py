@@ -207,10 +207,10 @@ def train_tokenizer(
     Digits are split off one by one first (``Digits(individual_digits=True)``, as Llama's and DeepSeek-V3's
     tokenizers do, so ``"348"`` is always the three tokens ``3 4 8`` and a small model can learn arithmetic on
     them), then the ByteLevel pre-tokenizer (GPT-2 regex, no prefix space) and decoder, so
-    ``decode(encode(s).ids) == s`` for any string. Ids 0..6 are ``SPECIAL_TOKENS`` (0 = ``<|endoftext|>`` eos, 1 = ``<|begin_of_text|>`` bos,
-    2 = ``<|pad|>``), then the 256 byte tokens, then merges. The result holds at most ``vocab_size`` tokens
-    (fewer when the text runs out of pairs to merge). ``length``: number of items, for the progress bar.
-    Raises ``DataError`` for a vocab size outside [263, 2**32].
+    ``decode(encode(s).ids) == s`` for any string. Ids 0..6 are ``SPECIAL_TOKENS`` (0 = ``<|endoftext|>`` eos,
+    1 = ``<|begin_of_text|>`` bos, 2 = ``<|pad|>``), then the 256 byte tokens, then merges. The result holds at
+    most ``vocab_size`` tokens (fewer when the text runs out of pairs to merge). ``length``: number of items, for
+    the progress bar. Raises ``DataError`` for a vocab size outside [263, 2**32].
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
