@@ -214,7 +214,8 @@ def add_generate(sub) -> None:
         "generate",
         help="continue a prompt with a trained model",
         description="Load a model (a Hugging Face model dir, or a run/checkpoints dir: its newest model), "
-        "continue the prompt until eos or --max-new-tokens, print the text, then tokens/s on stderr.",
+        "continue the prompt until eos or --max-new-tokens, print the text, then tokens/s on stderr. With --chat, "
+        "the prompt is a user message of the chat template and only the assistant's reply is printed.",
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="model, run or checkpoints directory")
     p.add_argument("--prompt", default="Once upon a time", help="text to continue (default: %(default)r)")
@@ -224,6 +225,9 @@ def add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="rerun the whole prefix each token (no KV cache)")
+    p.add_argument("--chat", action="store_true",
+                   help="render --prompt as one user message of the chat template (bos, <|user|>, prompt, "
+                   "<|assistant|>) and print only the reply, with <think>/</think> kept (for SFT/DPO/GRPO models)")
     p.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="default: cuda when available, else cpu")
@@ -246,9 +250,13 @@ def _run_generate(args) -> int:
     G.check_prompt(args.prompt)
     model_dir = resolve_model_dir(args.checkpoint)
     tok = G.load_tokenizer(model_dir, args.tokenizer)
+    if args.chat:  # before the model loads: fail fast on a tokenizer without the chat tokens
+        from dsfs.chat import render
+
+        render([{"role": "user", "content": args.prompt}], tok, add_generation_prompt=True)
     model = load_model_dir(model_dir, device=G.pick_device(args.device))
     g = G.generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                        args.seed, use_cache=not args.no_cache)
+                        args.seed, use_cache=not args.no_cache, chat=args.chat)
     print(g.text)
     print(f"{data.plural(g.new_tokens, 'token')} in {g.seconds:.2f} s: {g.tokens_per_s:,.1f} tokens/s "
           f"({'no ' if args.no_cache else ''}KV cache, {model_dir})", file=sys.stderr)
@@ -301,7 +309,28 @@ def _run_eval(args) -> int:
 
 
 # one add_<verb> function per verb, in --help order
-COMMANDS = [add_prepare, add_train, add_generate, add_eval, add_check, add_bench]
+def add_sft(sub) -> None:
+    """Register ``dsfs sft`` (`dsfs.sft.add_sft`)."""
+    from dsfs.sft import add_sft as add
+
+    add(sub)
+
+
+def add_dpo(sub) -> None:
+    """Register ``dsfs dpo`` (`dsfs.dpo.add_dpo`)."""
+    from dsfs.dpo import add_dpo as add
+
+    add(sub)
+
+
+def add_distill(sub) -> None:
+    """Register ``dsfs distill`` (`dsfs.distill.add_distill`)."""
+    from dsfs.distill import add_distill as add
+
+    add(sub)
+
+
+COMMANDS = [add_prepare, add_train, add_generate, add_eval, add_sft, add_dpo, add_distill, add_check, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

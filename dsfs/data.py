@@ -3,7 +3,7 @@
 ``prepare()`` (the ``dsfs prepare`` verb) turns a text source into a directory::
 
     tokenizer.json          byte-level BPE (``tokenizers``), special tokens at ids 0..6
-    tokenizer_config.json   names bos/eos/pad for ``transformers.AutoTokenizer``
+    tokenizer_config.json   bos/eos/pad and the chat template (`dsfs.chat`) for ``transformers.AutoTokenizer``
     train.bin, val.bin      raw token ids, documents packed back to back, each followed by eos
     meta.json               dtype, vocab size, token/document counts, special ids, source and its sha256
 
@@ -258,6 +258,34 @@ def _batched(items, n: int):
 # ---------------------------------------------------------------- prepare
 
 
+def tokenizer_config() -> dict:
+    """The ``tokenizer_config.json`` of a prepared directory: ``PreTrainedTokenizerFast`` with bos/eos/pad and the
+    chat template (`dsfs.chat.CHAT_TEMPLATE`), so ``transformers.AutoTokenizer`` loads the tokenizer and its
+    ``apply_chat_template`` renders the ids of `dsfs.chat.render`."""
+    from dsfs.chat import CHAT_TEMPLATE  # dsfs.chat imports this module
+
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def write_tokenizer_config(directory: str | os.PathLike, only_if_changed: bool = False) -> None:
+    """Write `tokenizer_config` as ``directory/tokenizer_config.json`` (through a temporary file and a rename).
+    ``only_if_changed``: leave a file that already holds it untouched (the skip path of `prepare`)."""
+    path = Path(directory) / "tokenizer_config.json"
+    text = json.dumps(tokenizer_config(), indent=2) + "\n"
+    if only_if_changed and path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def _source_info(path: Path, text_field: str) -> dict:
     return {
         "path": str(path.resolve()),
@@ -498,6 +526,10 @@ def prepare(
             complete = all((out / f).is_file() for f in ("tokenizer.json", "train.bin", "val.bin"))
             if complete and _settings(old) == _settings(wanted) and not force:
                 log(f"{out}: already prepared from {input} with these settings; skipping (--force to redo)")
+                try:
+                    write_tokenizer_config(out, only_if_changed=True)  # an older output gains the chat template
+                except OSError as e:  # a read-only directory keeps its older tokenizer_config.json
+                    log(f"{out}: could not update tokenizer_config.json ({e.strerror}); it lacks the chat template")
                 return out
             log(f"{out}: {'--force' if force else 'settings or source changed'}; preparing it again")
         elif any(out.iterdir()):
@@ -528,14 +560,7 @@ def prepare(
     try:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         tok.save(str(tmp / "tokenizer.json"))
-        hf_config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": PAD,
-            "clean_up_tokenization_spaces": False,
-        }
-        (tmp / "tokenizer_config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        write_tokenizer_config(tmp)
         if val_input is None:
             docs = (
                 (d, "val" if i in val_ids else "train")

@@ -83,3 +83,42 @@ def evaluate(model, batches: Iterable[Batch], batch_loss: Callable[[Batch], floa
     if n == 0:
         raise ValueError("evaluate: no batches")
     return total / n
+
+
+def greedy_completions(model, prompts: list[list[int]], eos_id: int, max_new_tokens: int,
+                       batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuations of token-id ``prompts`` with ``model.generate`` (a torch model of the
+    ``reference.Model`` API or a ``runtime_mlx.Model``), each cut before its first ``eos_id`` (at most
+    ``max_new_tokens`` tokens, fewer where a prompt would pass ``max_position_embeddings``).
+
+    Prompts of equal length are batched together (up to ``batch_size``), so no padding enters the model and a
+    batch gives exactly what each prompt gives alone. Runs with the KV cache, in eval mode (the mode is restored)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    torch_model = isinstance(model, torch.nn.Module)
+    was_training = model.training
+    model.eval()
+    try:
+        for length, idx in sorted(by_len.items()):
+            room = min(max_new_tokens, model.config.max_position_embeddings - length)
+            for s in range(0, len(idx), batch_size):
+                rows = idx[s:s + batch_size]
+                if room <= 0:
+                    continue
+                ids = [prompts[i] for i in rows]
+                if torch_model:
+                    device = next(model.parameters()).device
+                    with torch.no_grad():
+                        seq = model.generate(torch.tensor(ids, device=device), room, stop_tokens=[eos_id])
+                    new = seq[:, length:].tolist()
+                else:
+                    import mlx.core as mx
+
+                    new = model.generate(mx.array(ids), room, stop_tokens=[eos_id])[:, length:].tolist()
+                for i, toks in zip(rows, new, strict=True):
+                    out[i] = toks[:toks.index(eos_id)] if eos_id in toks else toks
+    finally:
+        model.train(was_training)
+    return out

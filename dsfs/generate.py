@@ -3,7 +3,8 @@
 
 Prompts are encoded with the checkpoint's ``tokenizer.json`` and preceded by the eos token: in the packed
 training stream every document follows the previous document's eos, so this is the context the model saw at
-the start of each story (and an empty prompt works).
+the start of each story (and an empty prompt works). With ``chat`` (``dsfs generate --chat``) the prompt is one
+user message of the chat template instead (`dsfs.chat`), and only the assistant's reply is returned.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dsfs.checkpointing import CheckpointError, load_model_dir, resolve_model_dir
-from dsfs.data import DataError, file_sha256, load_meta, load_tokens, plural, read_tokenizer
+from dsfs.data import BOS, EOS, PAD, DataError, file_sha256, load_meta, load_tokens, plural, read_tokenizer
 from dsfs.evaluation import eval_batches, eval_starts, evaluate  # noqa: F401 (eval_starts: imported from here too)
 
 
@@ -98,8 +99,9 @@ def evaluate_checkpoint(
 
 @dataclass
 class Generation:
-    """``text``: prompt + continuation (special tokens dropped); ``new_tokens``: tokens generated (the stop
-    token included); ``seconds``: wall time of ``Model.generate``; ``tokens_per_s``: their ratio."""
+    """``text``: prompt + continuation (special tokens dropped), or with ``chat`` the reply alone; ``new_tokens``:
+    tokens generated (the stop token included); ``seconds``: wall time of ``Model.generate``; ``tokens_per_s``: their
+    ratio."""
 
     text: str
     new_tokens: int
@@ -161,15 +163,20 @@ def generate_text(
     top_p: float | None = None,
     seed: int = 0,
     use_cache: bool = True,
+    chat: bool = False,
 ) -> Generation:
     """Continue ``prompt`` with ``model.generate`` (stops at the eos token); see ``Model.generate`` for the
     sampling options (``temperature`` 0 is greedy; ``seed`` seeds the sampling generator).
 
-    The prompt is encoded without special tokens and preceded by eos (``config.eos_token_id``). The total
+    The prompt is encoded without special tokens and preceded by eos (``config.eos_token_id``), and ``text`` is
+    the prompt + the continuation with special tokens dropped. With ``chat``, the prompt is one user message
+    rendered by the chat template with the generation prompt (`dsfs.chat.render`: bos, ``<|user|>``, the prompt,
+    ``<|assistant|>``), and ``text`` is only the assistant's reply, up to eos: decoded with its special tokens except
+    bos, eos and pad, so ``<think>`` / ``</think>`` (and a role token the model may emit) stay visible. The total
     length is capped at ``max_position_embeddings``. Raises ``DataError`` when the prompt is not UTF-8 text (a
     command line's undecodable bytes arrive as surrogate escapes) or alone is too long, when the tokenizer's vocab
-    is larger than the model's, or when a sampling option is out of range. Runs in the model's dtype (no
-    autocast), so cached and uncached decoding agree.
+    is larger than the model's or (``chat``) lacks the chat tokens, or when a sampling option is out of range. Runs
+    in the model's dtype (no autocast), so cached and uncached decoding agree.
     """
     cfg = model.config
     check_prompt(prompt)
@@ -177,8 +184,14 @@ def generate_text(
         raise DataError(f"the tokenizer's vocab of {tokenizer.get_vocab_size()} tokens is larger than the model's "
                         f"vocab_size {cfg.vocab_size}; expected the tokenizer the model was trained with (--tokenizer)")
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    ids = ([eos] if eos is not None else []) + ids
+    if chat:
+        from dsfs.chat import render
+
+        ids = render([{"role": "user", "content": prompt}], tokenizer, add_generation_prompt=True)[0]
+        eos = tokenizer.token_to_id(EOS)  # the chat template's end of turn
+    else:
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids = ([eos] if eos is not None else []) + ids
     room = cfg.max_position_embeddings - len(ids)
     if room < 0 or (room == 0 and max_new_tokens > 0):
         raise DataError(f"prompt of {plural(len(ids), 'token')} leaves no room in max_position_embeddings "
@@ -201,5 +214,9 @@ def generate_text(
     n_new = len(new)
     if eos is not None and eos in new:
         new = new[: new.index(eos)]
-    text = prompt + tokenizer.decode(new, skip_special_tokens=True)
+    if chat:
+        drop = {tokenizer.token_to_id(t) for t in (BOS, EOS, PAD)}
+        text = tokenizer.decode([t for t in new if t not in drop], skip_special_tokens=False)
+    else:
+        text = prompt + tokenizer.decode(new, skip_special_tokens=True)
     return Generation(text, n_new, seconds)

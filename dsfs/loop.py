@@ -83,22 +83,27 @@ class TrainingRun:
 
     ``trainer``: a `Trainer`; ``tc``: its `TrainConfig` (schedule, accumulation, cadence, time budget);
     ``next_batch()``: the next micro-batch for ``trainer.micro_step``; ``eval_batches``: the fixed validation
-    batches for ``trainer.eval_loss``; ``tokens_per_step``: tokens one optimizer step trains on (for the records);
+    batches for ``trainer.eval_loss``; ``tokens_per_step``: tokens one optimizer step trains on (for the records),
+    or a callable giving the tokens of the step just taken (post-training batches vary in length);
     ``stage_state()``: what the stage adds to each checkpoint's trainer state (its data generator state and
     provenance; called at each save); ``tokenizer_file``: copied into every checkpoint and ``final/``;
     ``keep_last``: checkpoints kept (0: all); ``save_every``: steps between checkpoints (``None``:
     ``tc.eval_every``); ``start``: the resumed checkpoint's `Progress` (``None``: a fresh run, which evaluates at
     step 0); ``overwrite``: a fresh run deletes the outputs of a run already in ``out`` (without it, it refuses
     such a directory); ``say``: prints one progress line; ``verbose``: the progress bar (titled ``desc``);
-    ``command``: the verb that resumes the run, for the messages; ``on_step``: called with each step's record (tests).
+    ``command``: the verb that resumes the run, for the messages; ``on_step``: called with each step's record (tests);
+    ``extra_eval()``: more metrics for each evaluation record (a stage's held-out accuracy); ``plot_keys``: metrics
+    of the records drawn in a second panel of the plot.
     """
 
     def __init__(self, trainer: Trainer, tc: TrainConfig, out: str | os.PathLike, next_batch: Callable[[], Batch],
-                 eval_batches: list[Batch], tokens_per_step: int, stage_state: Callable[[], dict],
+                 eval_batches: list[Batch], tokens_per_step: int | Callable[[], int],
+                 stage_state: Callable[[], dict],
                  tokenizer_file: str | os.PathLike | None, *, keep_last: int = 3, save_every: int | None = None,
                  start: Progress | None = None, overwrite: bool = False,
                  say: Callable[[str], None] = lambda msg: None, verbose: bool = True,
-                 desc: str = "train", command: str = "dsfs train", on_step: Callable[[dict], None] | None = None):
+                 desc: str = "train", command: str = "dsfs train", on_step: Callable[[dict], None] | None = None,
+                 extra_eval: Callable[[], dict] | None = None, plot_keys: tuple[str, ...] | list[str] = ()):
         self.trainer, self.tc, self.out = trainer, tc, Path(out)
         self.next_batch, self.eval_batches, self.tokens_per_step = next_batch, eval_batches, tokens_per_step
         self.stage_state, self.tokenizer_file = stage_state, tokenizer_file
@@ -107,9 +112,11 @@ class TrainingRun:
         self.progress = start or Progress()
         self.start_step = self.progress.step
         self.say, self.verbose, self.desc, self.command, self.on_step = say, verbose, desc, command, on_step
+        self.extra_eval, self.plot_keys = extra_eval, tuple(plot_keys)
         self.ckpt_dir, self.metrics_path, self.plot_path = self.out / CHECKPOINTS, self.out / METRICS, self.out / PLOT
         self.records: list[dict] = []
         self.train_time = 0.0  # this session, optimizer steps only
+        self.tokens_trained = 0  # this session
         self.session_start = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -126,8 +133,9 @@ class TrainingRun:
         """Validation loss over ``eval_batches`` (`dsfs.evaluation.evaluate` with the trainer's ``eval_loss``),
         logged with its perplexity; the plot is redrawn."""
         v = evaluate(self.trainer.model, self.eval_batches, self.trainer.eval_loss)
-        self.log({"step": self.progress.step, "val_loss": v, "val_ppl": math.exp(min(v, 700.0))})
-        plot_losses(self.records, self.plot_path)
+        extra = self.extra_eval() if self.extra_eval is not None else {}
+        self.log({"step": self.progress.step, "val_loss": v, "val_ppl": math.exp(min(v, 700.0)), **extra})
+        plot_losses(self.records, self.plot_path, self.plot_keys)
         return v
 
     def save(self) -> Path:
@@ -161,11 +169,13 @@ class TrainingRun:
                              f"or resume from an earlier checkpoint in {self.ckpt_dir}")
         opt_metrics = self.trainer.optimizer_step(lr)
         p.step += 1
-        p.tokens += self.tokens_per_step
+        n = self.tokens_per_step() if callable(self.tokens_per_step) else self.tokens_per_step
+        p.tokens += n
+        self.tokens_trained += n
         dt = time.perf_counter() - t0
         self.train_time += dt
         rec = {"step": p.step, **means, "lr": lr, **opt_metrics, "tokens": p.tokens,
-               "tokens_per_s": self.tokens_per_step / dt, "elapsed_s": self.elapsed()}
+               "tokens_per_s": n / dt, "elapsed_s": self.elapsed()}
         self.log(rec)
         return rec
 
@@ -237,10 +247,10 @@ class TrainingRun:
             if last_saved != p.step:
                 self.save()
             save_model_dir(self.trainer.model, out / FINAL, self.tokenizer_file)
-        plot_losses(self.records, self.plot_path)
+        plot_losses(self.records, self.plot_path, self.plot_keys)
         return {
             "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "steps": p.step, "tokens": p.tokens,
-            "tokens_per_s": (p.step - self.start_step) * self.tokens_per_step / max(self.train_time, 1e-9),
+            "tokens_per_s": self.tokens_trained / max(self.train_time, 1e-9),
             "elapsed_s": self.elapsed(), "stopped": stopped, "device": self.trainer.device_type,
             **self.trainer.summary, "out_dir": str(out), "final_dir": str(out / FINAL),
             "checkpoint": str(latest_checkpoint(out)), "metrics": str(self.metrics_path), "plot": str(self.plot_path),
@@ -250,7 +260,7 @@ class TrainingRun:
         step = self.progress.step
         if last_saved != step:
             self.save()
-        plot_losses(self.records, self.plot_path)
+        plot_losses(self.records, self.plot_path, self.plot_keys)
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         print(f"{what} at step {step}: checkpoint saved in {self.ckpt_dir / step_dir_name(step)}; "
               f"continue with {self.command} --resume --out {self.out}", file=sys.stderr)
@@ -311,17 +321,20 @@ def _write_metrics(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
+def plot_losses(records: list[dict], path: str | os.PathLike, extra: tuple[str, ...] = ()) -> None:
     """Draw train loss (total and main-model CE) and validation loss against step from metrics records into
-    a PNG (matplotlib Agg, written to a temporary file named with the pid, then renamed)."""
+    a PNG (matplotlib Agg, written to a temporary file named with the pid, then renamed). ``extra``: metric names
+    (``"rewards/margins"``, ``"val_accuracy"``, ...) drawn against step in a second panel, where records hold
+    them."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     train = [(r["step"], r["loss"], r.get("lm_loss", r["loss"])) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig = Figure(figsize=(7, 4.5))
+    extra = [k for k in extra if any(r.get(k) is not None for r in records)]
+    fig = Figure(figsize=(7, 7.5 if extra else 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(2, 1, 1) if extra else fig.add_subplot()
     if train:
         steps, loss, lm = zip(*train, strict=True)
         ax.plot(steps, loss, lw=1, alpha=0.4, label="train loss (LM + MTP + aux)")
@@ -332,6 +345,15 @@ def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if extra:
+        ax2 = fig.add_subplot(2, 1, 2)
+        for k in extra:
+            pts = [(r["step"], r[k]) for r in records if r.get(k) is not None]
+            ax2.plot(*zip(*pts, strict=True), "o-" if len(pts) < 60 else "-", ms=3, lw=1, label=k)
+        ax2.set_xlabel("step")
+        ax2.grid(alpha=0.3)
+        ax2.legend()
+    fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -1,8 +1,8 @@
 """Model and training presets for ``dsfs train --preset``.
 
-``tiny`` (DeepSeekMoE + MLA + MTP depth 1) is sized for 2 CPU cores and 10 minutes; ``small`` and ``base`` are
-for a GPU or an Apple Silicon Mac. Each preset is a ``ModelConfig`` keyword dict (`MODEL_PRESETS`) plus a
-`TrainConfig` (`TRAIN_PRESETS`).
+``tiny`` (DeepSeekMoE + MLA + MTP depth 1) is sized for 2 CPU cores and 10 minutes; ``nano`` is a student for
+distilling it; ``small`` and ``base`` are for a GPU or an Apple Silicon Mac. Each preset is a ``ModelConfig``
+keyword dict (`MODEL_PRESETS`) plus a `TrainConfig` (`TRAIN_PRESETS`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ MODEL_PRESETS: dict[str, dict] = {
         n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
         q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         num_nextn_predict_layers=1, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
+    ),
+    # a student for distilling tiny (dsfs distill --student-preset nano): 1.1M parameters against tiny's 2.8M, without
+    # MTP; `dsfs train --preset nano` trains the same model from scratch on tiny's schedule (the baseline)
+    "nano": dict(
+        hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=288,
+        moe_intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
+        q_lora_rank=None, kv_lora_rank=48, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        num_nextn_predict_layers=0, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
     ),
     "small": dict(
         hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1536,
@@ -43,6 +52,9 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # a zero lr removes its noise: 0.04 nats over ending at 0.1 lr); the time budget caps a slow machine's run at
     # 9 min 10 s of training. The sweep behind each value: bench/results/tiny_preset_sweep.md
     "tiny": TrainConfig(batch_size=8, seq_len=256, lr=6e-3, min_lr_ratio=0.0, warmup_steps=60, max_steps=1300,
+                        time_budget_s=550, weight_decay=1.0, grad_clip=1.0, grad_accum=1, eval_every=100,
+                        eval_batches=12, mtp_weight=0.3, optimizer="muon"),
+    "nano": TrainConfig(batch_size=8, seq_len=256, lr=6e-3, min_lr_ratio=0.0, warmup_steps=60, max_steps=1300,
                         time_budget_s=550, weight_decay=1.0, grad_clip=1.0, grad_accum=1, eval_every=100,
                         eval_batches=12, mtp_weight=0.3, optimizer="muon"),
     "small": TrainConfig(batch_size=32, seq_len=512, lr=1e-3, min_lr_ratio=0.1, warmup_steps=200, max_steps=5000,

@@ -295,15 +295,19 @@ def save_model(model, path, tokenizer_file=None) -> None:
                     tokenizer_file, dtype=dtype_name(model.model.embed_tokens.weight.dtype))
 
 
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
 def write_model_dir(path, config: ModelConfig, main: dict, mtp: dict, save: Callable, tokenizer_file=None,
                     dtype: str | None = None) -> None:
     """Write a checkpoint directory atomically: ``config.json`` (stating ``dtype``, the stored weights' dtype
     name, as ``torch_dtype`` and ``dtype``: `ModelConfig.to_dict`), ``save(main, ".../model.safetensors")``,
-    ``save(mtp, ".../mtp.safetensors")`` when ``mtp`` is not empty, a copy of ``tokenizer_file`` and, last,
-    ``checksums.json`` (`write_checksums`) go to a temporary sibling directory ``.tmp-<name>-*`` that is renamed over
-    ``path`` at the end (`replace_dir`), so a crash never leaves a half-written checkpoint. Modes follow the umask
-    (`follow_umask`). On any error the temporary directory is removed and the error re-raised; a full disk as
-    `DiskFullError` naming ``path``."""
+    ``save(mtp, ".../mtp.safetensors")`` when ``mtp`` is not empty, a copy of ``tokenizer_file`` (as
+    ``tokenizer.json``) with the ``tokenizer_config.json`` beside it when there is one (``dsfs prepare`` writes it:
+    bos/eos/pad and the chat template) and, last, ``checksums.json`` (`write_checksums`) go to a temporary sibling
+    directory ``.tmp-<name>-*`` that is renamed over ``path`` at the end (`replace_dir`), so a crash never leaves a
+    half-written checkpoint. Modes follow the umask (`follow_umask`). On any error the temporary directory is
+    removed and the error re-raised; a full disk as `DiskFullError` naming ``path``."""
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -315,6 +319,9 @@ def write_model_dir(path, config: ModelConfig, main: dict, mtp: dict, save: Call
             save(mtp, os.path.join(tmp, "mtp.safetensors"))
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+            tokenizer_config = os.path.join(os.path.dirname(os.path.abspath(tokenizer_file)), TOKENIZER_CONFIG)
+            if os.path.isfile(tokenizer_config):  # bos/eos/pad and the chat template, for transformers
+                shutil.copyfile(tokenizer_config, os.path.join(tmp, TOKENIZER_CONFIG))
         write_checksums(tmp)
         follow_umask(tmp)
         replace_dir(tmp, path)

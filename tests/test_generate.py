@@ -220,3 +220,47 @@ def test_sampling_api_rejects_nan_inf_and_bad_prompts(run):
     with pytest.raises(ValueError, match="ModelConfig: n_routed_experts='8'; expected an integer >= 1"):
         ModelConfig(n_routed_experts="8")
     assert ModelConfig(attention_type="gqa", num_key_value_heads=2, kv_lora_rank=None).kv_lora_rank is None
+
+
+# ---------------------------------------------------------------- --chat
+
+
+def test_generate_chat(capsys, run, monkeypatch, tmp_path):
+    """--chat renders the prompt as one user turn with the generation prompt (bos first), decodes greedily until eos
+    and prints only the reply; <think>/</think> stay visible, bos/eos/pad are dropped. The model directory carries
+    the chat template (tokenizer_config.json, copied from the prepared data by write_model_dir)."""
+    from dsfs import chat
+
+    model_dir = run / "final"
+    assert json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"] == chat.CHAT_TEMPLATE
+    model, tok = Model.from_pretrained(model_dir), load_tokenizer(model_dir)
+    prompt = "What is 2 + 3?"
+    ids = chat.render([{"role": "user", "content": prompt}], tok, add_generation_prompt=True)[0]
+    bos, eos, user, assistant = (tok.token_to_id(t) for t in (data.BOS, data.EOS, "<|user|>", "<|assistant|>"))
+    assert ids[0] == bos and ids[1] == user and ids[-1] == assistant
+    out = model.generate(torch.tensor([ids]), 12, temperature=0.0, stop_tokens=[eos])[0, len(ids):].tolist()
+    new = out[: out.index(eos)] if eos in out else out
+    want = tok.decode([t for t in new if t not in (bos, eos, tok.token_to_id(data.PAD))], skip_special_tokens=False)
+    g = generate_text(model, tok, prompt, 12, chat=True)
+    assert g.text == want and g.new_tokens == len(out)
+    rc, printed, err = _cli(capsys, "generate", "--checkpoint", run, "--chat", "--prompt", prompt,
+                            "--max-new-tokens", 12, "--temperature", 0, "--device", "cpu")
+    assert rc == 0 and printed == want + "\n" and "tokens/s" in err, err
+
+    digit = tok.token_to_id("7")
+    reply = [tok.token_to_id("<think>"), digit, tok.token_to_id("</think>"), bos, digit, tok.token_to_id(data.PAD),
+             eos, digit]
+
+    def scripted(x, max_new_tokens, **kw):  # a model that answers "<think>7</think>7", stray bos/pad, eos, "7"
+        return torch.cat([x, torch.tensor([reply[:max_new_tokens]])], dim=1)
+
+    monkeypatch.setattr(model, "generate", scripted)
+    g = generate_text(model, tok, prompt, 20, chat=True)
+    assert g.text == "<think>7</think>7" and g.new_tokens == len(reply)
+
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE()).save(str(tmp_path / "plain.json"))  # no special tokens: no chat template
+    rc, _, err = _cli(capsys, "generate", "--checkpoint", run, "--chat", "--tokenizer", tmp_path / "plain.json",
+                      "--device", "cpu")
+    assert rc == 1 and err.count("\n") == 1 and "the tokenizer has no <|begin_of_text|> token" in err, err
