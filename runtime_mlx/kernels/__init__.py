@@ -1,16 +1,17 @@
 """The hot ops of the MLX runtime: Metal kernels through ``mx.fast.metal_kernel``, or pure MLX where Metal is absent.
 
 One module per op family, named like ``kernels/metal/<family>.metal`` (`rms_norm`, `swiglu`, `moe`, `mla`, `dsa`,
-`fp8`, `cross_entropy`), plus `launch`: path choice (`kernel_path`, `backend`), the one-time self-check and its
-fallback to the pure-MLX path (``DSFS_REQUIRE_METAL=1`` makes a failing kernel an error), `KernelSpec` / `Launch`
-/ `run_metal`, and the argument checks. Each op has the name and the arguments of the reference op (and the
+`fp8`, `cross_entropy`, `distill`; `preference` builds on `cross_entropy` and has no kernel of its own), plus
+`launch`: path choice (`kernel_path`, `backend`), the one-time self-check and its fallback to the pure-MLX path
+(``DSFS_REQUIRE_METAL=1`` makes a failing kernel an error), `KernelSpec` / `Launch` / `run_metal`, and the argument
+checks. Each op has the name and the arguments of the reference op (and the
 Triton op) of the same name; its pure-MLX path is ``<op>_mlx``, its Metal path ``_<op>_metal(..., runner=None)``
 (``runner`` runs a `Launch`: the CPU emulation in ``tests/metal_emulation`` sets it). `fp8_gemm` and
 `sparse_attention` have no Metal kernel: pure MLX (matmuls, ``mx.fast.scaled_dot_product_attention``) on every
 device.
 
-Kernels with a gradient (rms_norm, swiglu, cross_entropy, and route's weights) are ``mx.custom_function`` with a
-``.vjp``; the backward kernels recompute what they need (rstd, logsumexp) instead of keeping it alive between
+Kernels with a gradient (rms_norm, swiglu, cross_entropy, distill, and route's weights) are ``mx.custom_function``
+with a ``.vjp``; the backward kernels recompute what they need (rstd, logsumexp) instead of keeping it alive between
 forward and backward.
 
 Conventions (all ops):
@@ -24,6 +25,7 @@ Source for the semantics: the plain-PyTorch ``reference`` package (the definitio
 from reference.fp8 import AMAX_MIN, FP8_MAX
 
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .distill import distill, distill_logits
 from .dsa import indexer_scores, indexer_topk, indices_to_mask, sparse_attention
 from .fp8 import act_quant, fp8_gemm, weight_dequant
 from .launch import (
@@ -42,6 +44,7 @@ from .launch import (
 )
 from .mla import mla_decode
 from .moe import route
+from .preference import preference, preference_loss, sequence_logps
 from .rms_norm import rms_norm
 from .swiglu import swiglu
 
@@ -57,6 +60,8 @@ __all__ = [
     "act_quant",
     "backend",
     "cross_entropy",
+    "distill",
+    "distill_logits",
     "fallbacks",
     "fp8_gemm",
     "indexer_scores",
@@ -66,10 +71,13 @@ __all__ = [
     "linear_cross_entropy",
     "metal_available",
     "mla_decode",
+    "preference",
+    "preference_loss",
     "reset_checks",
     "rms_norm",
     "route",
     "run_metal",
+    "sequence_logps",
     "sparse_attention",
     "swiglu",
     "weight_dequant",

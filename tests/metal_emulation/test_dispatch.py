@@ -120,3 +120,45 @@ def test_router_and_inference_ops(emulated_metal):
     o1, o2 = both(lambda: K.mla_decode(ql, qp, ckv, kpe, 0.2))
     close(o1, o2, "mla_decode")
     assert launch.fallbacks() == {}, "a self-check failed under the emulation"
+
+
+def test_post_training_losses(emulated_metal):
+    """`distill` (its own kernels, per chunk, the VJP kernel under ``mx.vjp``) and `preference` (the cross-entropy
+    kernels under `sequence_logps`) through the public ops, chunks of 5 tokens over 13 (a partial last chunk):
+    every output and the student's (policy's) gradients match the pure-MLX path, and the self-checks pass. V = 700 and
+    float32, as in test_kernels.py, so the compiled kernels are reused."""
+    n, v = 13, 700
+    sh, sw = mx.random.normal((n, 16)), mx.random.normal((v, 16)) * 0.3
+    th, tw = mx.random.normal((n, 24)), mx.random.normal((v, 24)) * 0.3
+    tg = mx.where(mx.arange(n) == 3, -100, mx.arange(n) * 50).astype(mx.int32)
+    cots = [mx.array(1.3), mx.array(-0.4), mx.array(0.7)]
+    for beta in (0.0, 0.5, 1.0):
+        def run(beta=beta):
+            outs, grads = mx.vjp(lambda a, b: K.distill(a, b, th, tw, tg, beta, 2.0, 0.3, 0.7, chunk_size=5),
+                                 [sh, sw], cots)
+            return K.kernel_path("distill"), outs, grads
+
+        (path, outs, grads), (path_p, outs_p, grads_p) = both(run)
+        assert (path, path_p) == ("metal", "mlx")
+        for name, x, y in zip(("loss", "soft_loss", "hard_loss"), outs, outs_p, strict=True):
+            close(x, y, f"distill {name} beta {beta}")
+        close(grads[0], grads_p[0], f"distill d_student_hidden beta {beta}")
+        close(grads[1], grads_p[1], f"distill d_student_weight beta {beta}")
+
+    hidden, weight = mx.random.normal((4, 6, 16)), mx.random.normal((v, 16)) * 0.3
+    targets = mx.where(mx.arange(6)[None, :] < 2, -100, mx.arange(24).reshape(4, 6) * 29).astype(mx.int32)
+    ref_c, ref_r = mx.array([-30.0, -25.0]), mx.array([-31.0, -24.0])
+    pcots = [mx.array(1.0), mx.array([0.5, -0.2]), mx.array([0.3, 0.1])]
+
+    def pref():
+        outs, grads = mx.vjp(lambda a, b: K.preference(a, b, targets, ref_c, ref_r, 0.1, "sigmoid", 0.1,
+                                                       chunk_size=5), [hidden, weight], pcots)
+        return K.kernel_path("cross_entropy"), outs, grads
+
+    (path, outs, grads), (path_p, outs_p, grads_p) = both(pref)
+    assert (path, path_p) == ("metal", "mlx")
+    for name, x, y in zip(("loss", "chosen_logps", "rejected_logps"), outs, outs_p, strict=True):
+        close(x, y, f"preference {name}")
+    close(grads[0], grads_p[0], "preference d_hidden")
+    close(grads[1], grads_p[1], "preference d_weight")
+    assert launch.fallbacks() == {}, "a self-check failed under the emulation"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from reference import dsa as ref_dsa
 from reference import fp8 as ref_fp8
+from reference.distill import soft_terms
 from reference.mla import mla_decode as ref_mla_decode
 from reference.moe import route as ref_route
 from reference.rms_norm import rms_norm as ref_rms_norm
@@ -25,6 +26,7 @@ from reference.swiglu import swiglu as ref_swiglu
 from reference.testing import assert_close
 from runtime_mlx.kernels import METAL_DIR, SPECS
 from runtime_mlx.kernels.cross_entropy import _cross_entropy_metal, _cross_entropy_metal_bwd
+from runtime_mlx.kernels.distill import _distill_logits_metal, _distill_logits_metal_bwd
 from runtime_mlx.kernels.dsa import _indexer_scores_metal, _indexer_topk_metal
 from runtime_mlx.kernels.fp8 import _act_quant_metal, _weight_dequant_metal
 from runtime_mlx.kernels.launch import metal_file
@@ -232,6 +234,70 @@ def test_cross_entropy_masked_vocab():
     assert_close(to_torch(loss), ref)
     assert_close(to_torch(lse), logits.double().logsumexp(-1), what="lse")
     assert_close(to_torch(dlogits), lr.grad, what="dlogits")
+
+
+def _distill_ref(z, u, tg, beta, temperature, gs, gh):
+    """float64 per-token soft and hard losses and dz of `distill_logits` (`reference.distill.soft_terms` and
+    ``F.cross_entropy``), 0 on ignored rows (-100)."""
+    valid = tg != -100
+    zs, us = torch.where(valid[:, None], z, 0.0), torch.where(valid[:, None], u, 0.0)
+    soft, g_soft = soft_terms(zs / temperature, us / temperature, beta)
+    zr = zs.clone().requires_grad_()
+    hard = F.cross_entropy(zr, tg, reduction="none", ignore_index=-100)
+    (g_hard,) = torch.autograd.grad(hard, zr, gh)
+    dz = torch.where(valid[:, None], g_soft * (gs / temperature)[:, None] + g_hard, 0.0)
+    return torch.where(valid, soft, 0.0), hard.detach(), dz
+
+
+@pytest.mark.parametrize("dtypes,beta", [((torch.float32, torch.float32), 0.0), ((torch.float32, torch.float32), 1.0),
+                                         ((torch.float32, torch.float32), 0.5),
+                                         ((torch.bfloat16, torch.bfloat16), 0.5),
+                                         ((torch.bfloat16, torch.float32), 1.0)],
+                         ids=["f32-beta0", "f32-beta1", "f32-beta0.5", "bf16-beta0.5", "bf16-student-beta1"])
+def test_distill(dtypes, beta):
+    """Both distill kernels (modes 0, 1, 2: forward KL, reverse KL, JSD) at temperature 2 against the reference: V =
+    700 (TG = 256 threads, a partial last stride), two rows ignored (their outputs written, 0)."""
+    n, v = 9, 700
+    zdt, udt = dtypes
+    z, u = (torch.randn(n, v) * 3).to(zdt), (torch.randn(n, v) * 3).to(udt)
+    tg, gs, gh = torch.randint(0, v, (n,)), torch.randn(n), torch.randn(n)
+    tg[[2, 7]] = -100
+    soft_ref, hard_ref, dz_ref = _distill_ref(z.double(), u.double(), tg, beta, 2.0, gs.double(), gh.double())
+    zm, um, tm = to_mx(z), to_mx(u), to_mx(tg).astype(mx.int32)
+    soft, hard = twice(_distill_logits_metal, zm, um, tm, beta, 2.0, -100)
+    dz = twice(_distill_logits_metal_bwd, zm, um, tm, to_mx(gs), to_mx(gh), beta, 2.0, -100)
+    assert soft.dtype == hard.dtype == mx.float32 and dz.dtype == zm.dtype
+    assert_close(to_torch(soft), soft_ref, zdt, what="soft")
+    assert_close(to_torch(hard), hard_ref, zdt, what="hard")
+    assert_close(to_torch(dz), dz_ref, zdt, what="dz")
+    assert (to_torch(soft)[[2, 7]] == 0).all() and (to_torch(dz)[[2, 7]] == 0).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distill_masked_vocab(beta):
+    """-inf logits: every seventh column in both models (column 0 too: lane 0 starts on a -inf and then meets
+    column 256), a column -inf in the student only (p_s = 0: beta 1 and between) or in the teacher only (p_t = 0:
+    beta 0 and between), so 0 * log 0 terms count 0, never NaN; an ignored row of -inf and an ignored row of NaN
+    give 0 and a zero dz. The rows that are not ignored match the reference (the same shapes as `test_distill`, so
+    its compiled kernels are reused)."""
+    n, v = 9, 700
+    z, u = torch.randn(n, v) * 3, torch.randn(n, v) * 3
+    z[:, ::7] = u[:, ::7] = float("-inf")
+    if beta > 0:
+        z[:, 3] = float("-inf")
+    if beta < 1:
+        u[:, 5] = float("-inf")
+    tg, gs, gh = torch.tensor([1, 2, -100, 8, -100, 699, 10, 11, 12]), torch.randn(n), torch.randn(n)
+    z[2], u[2] = float("-inf"), float("-inf")  # a fully masked row
+    z[4] = float("nan")
+    soft_ref, hard_ref, dz_ref = _distill_ref(z.double(), u.double(), tg, beta, 2.0, gs.double(), gh.double())
+    zm, um, tm = to_mx(z), to_mx(u), to_mx(tg).astype(mx.int32)
+    soft, hard = twice(_distill_logits_metal, zm, um, tm, beta, 2.0, -100)
+    dz = twice(_distill_logits_metal_bwd, zm, um, tm, to_mx(gs), to_mx(gh), beta, 2.0, -100)
+    assert_close(to_torch(soft), soft_ref, what="soft")
+    assert_close(to_torch(hard), hard_ref, what="hard")
+    assert_close(to_torch(dz), dz_ref, what="dz")
+    assert (to_torch(dz)[[2, 4]] == 0).all()
 
 
 def test_every_body_has_a_spec():
