@@ -20,6 +20,7 @@ data, comparable with ``dsfs train``'s.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -28,14 +29,13 @@ from torch import nn
 from dsfs import data as data_mod
 from dsfs.backend import resolve_backend
 from dsfs.checkpointing import load_model_dir, resolve_model_dir
-from dsfs.errors import BackendError, ConfigError, DataError
+from dsfs.errors import ConfigError, DataError
 from dsfs.evaluation import Batch, eval_batches
 from dsfs.presets import MODEL_PRESETS
 from dsfs.stage import ExampleOrder, StageStart, run_stage, say_fn, start_stage, tokenizer_file_of
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import TorchTrainer
 from reference import Model, ModelConfig
-from reference.distill import distill as distill_loss
 
 DISTILL_CONFIG = TrainConfig(batch_size=8, seq_len=256, lr=6e-3, min_lr_ratio=0.0, warmup_steps=60, max_steps=1300,
                              time_budget_s=None, weight_decay=1.0, grad_clip=1.0, grad_accum=1, eval_every=100,
@@ -46,12 +46,16 @@ class DistillTrainer(TorchTrainer):
     """A `dsfs.trainer.Trainer` that distills ``teacher`` into ``model`` (torch models of the ``reference.Model`` API).
 
     ``beta``, ``temperature``, ``lmbda`` (TRL's GKD names), ``weight_hard_loss`` (Liger's); ``max_new_tokens``: the
-    length of on-policy samples. Eager forward; the optimizer, clipping and MoE bias update are `TorchTrainer`'s."""
+    length of on-policy samples; ``ops``: the module of the fused ``distill`` op (`reference.distill`, or
+    ``kernels.triton.distill`` on CUDA). Eager forward; the optimizer, clipping and MoE bias update are
+    `TorchTrainer`'s."""
 
     def __init__(self, model: nn.Module, teacher: nn.Module, device: torch.device, tc: TrainConfig, beta: float,
-                 temperature: float, weight_hard_loss: float, lmbda: float, max_new_tokens: int, eos_id: int):
+                 temperature: float, weight_hard_loss: float, lmbda: float, max_new_tokens: int, eos_id: int,
+                 ops=None):
         super().__init__(model, device, tc.lr, tc.weight_decay, tc.grad_clip, 0.0, False, tc.optimizer,
                          deterministic=False)
+        self.ops = ops or importlib.import_module("reference.distill")
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.beta, self.temperature, self.weight_hard_loss = beta, temperature, weight_hard_loss
         self.lmbda, self.max_new_tokens, self.eos_id = lmbda, max_new_tokens, eos_id
@@ -77,7 +81,7 @@ class DistillTrainer(TorchTrainer):
         hs = self.model.hidden_states(x)
         with torch.no_grad():
             ht = self.teacher.hidden_states(x)
-        return distill_loss(hs.flatten(0, 1), self.model.lm_head.weight, ht.flatten(0, 1),
+        return self.ops.distill(hs.flatten(0, 1), self.model.lm_head.weight, ht.flatten(0, 1),
                             self.teacher.lm_head.weight, y.flatten(), beta=self.beta, temperature=self.temperature,
                             weight_hard_loss=hard_weight, weight_soft_loss=1.0 - hard_weight)
 
@@ -91,6 +95,23 @@ class DistillTrainer(TorchTrainer):
         (loss / accum).backward()
         return {"loss": loss.item(), "soft_loss": soft.item(), "hard_loss": None if on else hard.item(),
                 "on_policy": float(on)}
+
+
+def make_distill_trainer(be, model, teacher, tc: TrainConfig, beta: float, temperature: float,
+                         weight_hard_loss: float, lmbda: float, max_new_tokens: int, eos_id: int):
+    """The distillation trainer of backend ``be``: `DistillTrainer` with the reference's op, or the Triton op on
+    ``runtime_cuda``, or ``runtime_mlx.posttrain.MLXDistillTrainer`` (``model`` and ``teacher``: reference models,
+    converted) on the MLX runtime."""
+    if be.name == "mlx":
+        from runtime_mlx.posttrain import MLXDistillTrainer
+
+        from runtime_mlx.train import from_reference
+
+        return MLXDistillTrainer(from_reference(model), from_reference(teacher), tc.lr, tc.weight_decay, tc.grad_clip,
+                                 tc.optimizer, beta, temperature, weight_hard_loss, lmbda, max_new_tokens, eos_id)
+    ops = importlib.import_module("kernels.triton.distill" if be.name == "cuda" else "reference.distill")
+    return DistillTrainer(model, teacher, be.device, tc, beta, temperature, weight_hard_loss, lmbda, max_new_tokens,
+                          eos_id, ops)
 
 
 def _student(start: StageStart, teacher_cfg: ModelConfig, preset: str | None, say) -> nn.Module:
@@ -145,9 +166,6 @@ def distill(teacher: str | os.PathLike | None = None, out_dir: str | os.PathLike
     if not temperature > 0:
         raise ConfigError(f"--temperature {temperature}: expected a number > 0")
     be = resolve_backend(backend)
-    if be.name == "mlx":
-        raise BackendError("dsfs distill runs on the torch backends (reference, cuda); the MLX runtime has the fused "
-                           "distill op (runtime_mlx.kernels.distill) but no distillation trainer yet")
     teacher_dir = resolve_model_dir(opt["teacher"])
     teacher_model = load_model_dir(teacher_dir, Model)
     tcfg = teacher_model.config
@@ -176,8 +194,8 @@ def distill(teacher: str | os.PathLike | None = None, out_dir: str | os.PathLike
     tc.check_model(min(scfg.max_position_embeddings, tcfg.max_position_embeddings))
     eos = tcfg.eos_token_id[0] if isinstance(tcfg.eos_token_id, list) else tcfg.eos_token_id
     n_teacher = sum(p.numel() for p in teacher_model.parameters())
-    trainer = DistillTrainer(student, teacher_model, be.device, tc, beta, temperature, hard, lmbda,
-                             opt["max_new_tokens"] or tc.seq_len // 2, eos)
+    trainer = make_distill_trainer(be, student, teacher_model, tc, beta, temperature, hard, lmbda,
+                                   opt["max_new_tokens"] or tc.seq_len // 2, eos)
     say(f"teacher {teacher_dir}: {n_teacher / 1e6:.2f}M parameters; student {trainer.n_params / 1e6:.2f}M "
         f"({trainer.n_params / n_teacher:.0%}); beta {beta}, temperature {temperature}, weight_hard_loss {hard}, "
         f"lmbda {lmbda}; data {ddir}")

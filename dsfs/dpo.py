@@ -21,6 +21,7 @@ answer), or a JSONL file of ``{"prompt", "chosen", "rejected"}`` (`dsfs.chat.rea
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass, field
 
@@ -30,13 +31,13 @@ from torch import nn
 from dsfs import chat
 from dsfs.backend import resolve_backend
 from dsfs.data import plural, read_tokenizer
-from dsfs.errors import BackendError, ConfigError, DataError
+from dsfs.errors import ConfigError, DataError
 from dsfs.evaluation import Batch
 from dsfs.sft import IGNORE_INDEX, PAD_MULTIPLE, Check, accuracy
 from dsfs.stage import ExampleOrder, load_model, run_stage, say_fn, start_stage, tokenizer_file_of
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import TorchTrainer
-from reference.preference import LOSS_TYPES, preference, sequence_logps
+from reference.preference import LOSS_TYPES
 
 DPO_CONFIG = TrainConfig(batch_size=16, seq_len=256, lr=5e-4, min_lr_ratio=0.0, warmup_steps=10, max_steps=200,
                          time_budget_s=None, weight_decay=0.0, grad_clip=1.0, grad_accum=1, eval_every=50,
@@ -150,16 +151,19 @@ class DPOTrainer(TorchTrainer):
     """A `dsfs.trainer.Trainer` for DPO on torch models of the ``reference.Model`` API (the reference, runtime_cuda).
 
     ``ref_model``: the frozen reference (eval mode, no gradients), or ``None`` when every batch carries
-    ``ref_chosen_logps`` / ``ref_rejected_logps``. ``beta``, ``loss_type``, ``label_smoothing``: TRL's. The
-    optimizer, clipping and MoE bias update are `TorchTrainer`'s; the forward runs eagerly (the policy and the
-    reference take the same code path, so their log-probs agree bit for bit at initialization)."""
+    ``ref_chosen_logps`` / ``ref_rejected_logps``. ``beta``, ``loss_type``, ``label_smoothing``: TRL's. ``ops``: the
+    module of the fused ``preference`` op and its ``sequence_logps`` (`reference.preference`, or
+    ``kernels.triton.preference`` on CUDA). The optimizer, clipping and MoE bias update are `TorchTrainer`'s; the
+    forward runs eagerly (the policy and the reference take the same code path, so their log-probs agree bit for
+    bit at initialization)."""
 
     def __init__(self, model: nn.Module, ref_model: nn.Module | None, device: torch.device, tc: TrainConfig,
-                 beta: float, loss_type: str, label_smoothing: float):
+                 beta: float, loss_type: str, label_smoothing: float, ops=None):
         super().__init__(disable_dropout(model), device, tc.lr, tc.weight_decay, tc.grad_clip, 0.0, False,
                          tc.optimizer, deterministic=False)
         self.ref = None if ref_model is None else disable_dropout(ref_model).to(device).eval().requires_grad_(False)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.ops = ops or importlib.import_module("reference.preference")
 
     @torch.no_grad()
     def ref_logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,15 +173,16 @@ class DPOTrainer(TorchTrainer):
         if self.ref is None:
             raise ValueError("batch has no ref_chosen_logps and the trainer no reference model")
         x, y = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
-        lp = sequence_logps(self.ref.hidden_states(x), self.ref.lm_head.weight, y, average=self.loss_type == "ipo")
+        lp = self.ops.sequence_logps(self.ref.hidden_states(x), self.ref.lm_head.weight, y,
+                                     average=self.loss_type == "ipo")
         return lp.chunk(2)
 
     def _loss(self, batch: Batch):
         ref_c, ref_r = self.ref_logps(batch)
         x, y = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
         h = self.model.hidden_states(x)
-        loss, c, r = preference(h, self.model.lm_head.weight, y, ref_c, ref_r, beta=self.beta,
-                                loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+        loss, c, r = self.ops.preference(h, self.model.lm_head.weight, y, ref_c, ref_r, beta=self.beta,
+                                         loss_type=self.loss_type, label_smoothing=self.label_smoothing)
         return loss, c, r, ref_c, ref_r
 
     def _metrics(self, loss, c, r, ref_c, ref_r, prefix: str = "") -> dict[str, float]:
@@ -209,6 +214,21 @@ class DPOTrainer(TorchTrainer):
         finally:
             self.model.train(was)
         return {k: sum(m[k] for m in ms) / len(ms) for k in ms[0] if "rewards" in k}
+
+
+def make_dpo_trainer(be, model, ref_model, tc: TrainConfig, beta: float, loss_type: str, label_smoothing: float):
+    """The DPO trainer of backend ``be``: `DPOTrainer` with the reference's ops, or with the Triton ops on
+    ``runtime_cuda``, or ``runtime_mlx.posttrain.MLXDPOTrainer`` (``model`` and ``ref_model``: reference models,
+    converted) on the MLX runtime."""
+    if be.name == "mlx":
+        from runtime_mlx.posttrain import MLXDPOTrainer
+
+        from runtime_mlx.train import from_reference
+
+        return MLXDPOTrainer(from_reference(disable_dropout(model)), from_reference(disable_dropout(ref_model)), tc.lr,
+                             tc.weight_decay, tc.grad_clip, tc.optimizer, beta, loss_type, label_smoothing)
+    ops = importlib.import_module("kernels.triton.preference" if be.name == "cuda" else "reference.preference")
+    return DPOTrainer(model, ref_model, be.device, tc, beta, loss_type, label_smoothing, ops)
 
 
 def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *, init_from=None, resume=False,
@@ -245,9 +265,6 @@ def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
     if smoothing and loss_type != "sigmoid":
         raise ConfigError(f"--label-smoothing applies to --loss-type sigmoid (cDPO), not {loss_type}")
     be = resolve_backend(backend)
-    if be.name == "mlx":
-        raise BackendError("dsfs dpo runs on the torch backends (reference, cuda); the MLX runtime has the fused "
-                           "preference op (runtime_mlx.kernels.preference) but no DPO trainer yet")
     tok_file = tokenizer_file_of(start.init_dir, tokenizer)
     tok = read_tokenizer(tok_file)
     model = load_model(be, start.model_dir, say)
@@ -264,14 +281,14 @@ def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
         + (f"; {plural(cut, 'pair')} truncated to --seq-len {tc.seq_len}" if cut else ""))
     torch.manual_seed(start.seed)
     ref_model = load_model(be, start.init_dir, train=False)  # the run's start: the frozen reference, also on resume
-    trainer = DPOTrainer(model, ref_model, be.device, tc, beta, loss_type, smoothing)
+    trainer = make_dpo_trainer(be, model, ref_model, tc, beta, loss_type, smoothing)
     ref_lp = None
     if opt["precompute_ref_log_probs"]:
         say(f"precomputing the reference log-probs of {plural(len(data.train), 'pair')}")
         ref_lp = []
         for s in range(0, len(data.train), tc.batch_size):
             b = collate_pairs(data.train[s:s + tc.batch_size], pad)
-            ref_lp.extend(zip(*(t.cpu().tolist() for t in trainer.ref_logps(b)), strict=True))
+            ref_lp.extend(zip(*(t.tolist() for t in trainer.ref_logps(b)), strict=True))
     order = ExampleOrder(len(data.train), start.seed, start.state["order"] if start.state else 0)
     counted = [0]
 
