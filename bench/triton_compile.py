@@ -61,7 +61,19 @@ def launch_all(dtypes) -> None:
     """Call every launcher once per dtype at DeepSeek-V3's head dims (short sequences)."""
     import torch
 
-    from kernels.triton import attention, cross_entropy, dsa, fp8, grouped_gemm, mla, moe, rms_norm, rope, swiglu
+    from kernels.triton import (
+        attention,
+        cross_entropy,
+        distill,
+        dsa,
+        fp8,
+        grouped_gemm,
+        mla,
+        moe,
+        rms_norm,
+        rope,
+        swiglu,
+    )
 
     def r(*shape, dtype=torch.float32):
         return torch.randn(*shape).to(dtype)
@@ -75,6 +87,11 @@ def launch_all(dtypes) -> None:
         g, u = r(5, 2048, dtype=dt), r(5, 2048, dtype=dt)
         swiglu.swiglu_bwd(swiglu.swiglu_fwd(g, u), g, u)
         cross_entropy.linear_cross_entropy(r(6, 64, dtype=dt), r(129280, 64, dtype=dt), torch.randint(0, 99, (6,)))
+        hs, ws = r(6, 64, dtype=dt).requires_grad_(), r(129280, 64, dtype=dt).requires_grad_()
+        for beta in (0.0, 0.5, 1.0):  # the kernel's three modes: forward KL, generalized JSD, reverse KL
+            out = distill.distill(hs, ws, r(6, 32, dtype=dt), r(129280, 32, dtype=dt), torch.randint(0, 99, (6,)),
+                                  beta=beta)
+            torch.autograd.grad(out[1] + out[2], (hs, ws))  # both cotangents: the backward's second pass
         for dk, dv in ((192, 128), (576, 512), (64, 64)):  # MLA naive, absorbed (sparse only), a plain head
             q, k, v = r(1, 4, 9, dk, dtype=dt), r(1, 2, 9, dk, dtype=dt), r(1, 2, 9, dv, dtype=dt)
             if dk != 576:  # dense absorbed attention is mla_decode's (576 padded to 1024 overflows shared memory)

@@ -1,6 +1,7 @@
 """The MLX backend of ``dsfs train --backend mlx``: `MLXTrainer`, the per-step work that the one training loop
 (`dsfs.loop.TrainingRun`: schedule, batches, accumulation sums, evaluation cadence, metrics, checkpoints, resume)
-drives through the `dsfs.trainer.Trainer` protocol.
+drives through the `dsfs.trainer.Trainer` protocol; `MLXTrainerBase`, what it shares with the post-training
+trainers of `runtime_mlx.posttrain` (optimizer, accumulation, update, MoE bias update, optimizer state).
 
 The reference's optimizer, group by group (`reference.optim.optimizer_groups`), through
 ``mlx.optimizers.MultiOptimizer``: AdamW (betas, eps and weight
@@ -36,7 +37,6 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from reference.optim import optimizer_groups
 
-from . import kernels
 from .checkpoint import load_torch_state_dict
 from .model import Model
 from .muon import Muon
@@ -124,28 +124,44 @@ def optimizer_state_from_torch(opt: optim.MultiOptimizer, sd: dict, groups: list
         o.state.update(tree_unflatten(list(flat.items())))
 
 
-# ---------------------------------------------------------------- the trainer
+# ---------------------------------------------------------------- the trainers
 
 
 def _to_mx(t: torch.Tensor) -> mx.array:
     return mx.array(t.numpy().astype(np.int32))
 
 
-class MLXTrainer:
-    """A `dsfs.trainer.Trainer` for language modelling with a `runtime_mlx.Model`, the MLX twin of
-    `dsfs.trainer.TorchTrainer` (same arguments but the device).
+def eval_cross_entropy(model: Model, batch: dict[str, torch.Tensor]) -> mx.array:
+    """Mean next-token cross-entropy (nats/token) of ``model``'s main head for ``batch["input_ids"]`` (B, T) against
+    ``batch["targets"]`` (B, T), over the targets that are not -100 (padding, prompt tokens), as
+    `dsfs.evaluation.torch_eval_loss` (``F.cross_entropy`` with ``ignore_index=-100``); 0 for a batch without a
+    valid target (where ``F.cross_entropy`` gives NaN: `Model.lm_loss`'s convention, as the training loss).
+    Fused with the head and chunked (`Model.lm_loss`): the (B, T, vocab) logits are never held. A scalar
+    float32 array, not evaluated."""
+    return model.lm_loss(model.hidden_states(_to_mx(batch["input_ids"])), _to_mx(batch["targets"]))
 
-    ``model``: put in train mode; the optimizer: the reference's (`reference.optim.optimizer_groups` of ``lr``,
-    ``weight_decay``, ``optimizer``: ``"adamw"`` or ``"muon"``) through `make_mlx_optimizer`; ``grad_clip``: max
-    global gradient norm (0: no clipping); ``mtp_weight``: weight of the MTP loss; ``compile``: ``mx.compile`` the
-    micro-step and the update. Attributes for the loop: ``model``, ``device_type`` ("gpu" or "cpu"), ``n_params``,
-    ``label`` (kernel path and compilation, for the start line), ``note`` (the OpenBLAS hint on a Linux CPU
-    without it, else ``None``), ``summary`` (``{"kernel_path": ...}`` for the run summary), ``groups`` (the
-    optimizer's parameter groups by name).
+
+class MLXTrainerBase:
+    """What every MLX trainer shares (`MLXTrainer`, `runtime_mlx.posttrain.MLXDPOTrainer` and ``MLXDistillTrainer``):
+    the optimizer, gradient accumulation, the update, the MoE bias update, the optimizer state in the reference
+    layout, and the attributes the training loop reads. A subclass computes a micro-batch's loss, gradients and
+    expert loads and hands them to `_accumulate`.
+
+    ``model``: put in train mode; parameters it freezes before calling this constructor get no optimizer state
+    and are never updated (as torch's optimizers skip parameters whose ``.grad`` is ``None``). The optimizer: the
+    reference's (`reference.optim.optimizer_groups` of ``lr``, ``weight_decay``, ``optimizer``: ``"adamw"`` or
+    ``"muon"``) through `make_mlx_optimizer`; ``grad_clip``: max global gradient norm (0: no clipping);
+    ``compile``: ``mx.compile`` the update (clipping and the optimizer: every shape static), its state
+    ``_compile_state`` (the model's, the optimizer's and MLX's random state) for a subclass that compiles more.
+    ``label``: what follows the kernel path in the start line's parenthesis (default: ``", mx.compile"`` when
+    compiled). Attributes for the loop: ``model``, ``device_type`` ("gpu" or "cpu"), ``n_params``, ``label``
+    (kernel path and compilation), ``note`` (the OpenBLAS hint on a Linux CPU without it, else ``None``),
+    ``summary`` (``{"kernel_path": ...}`` for the run summary), ``groups`` (the optimizer's parameter groups by
+    name).
     """
 
-    def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float, mtp_weight: float,
-                 compile: bool = True, optimizer: str = "adamw"):
+    def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float, optimizer: str = "adamw",
+                 compile: bool = True, label: str | None = None):
         groups = optimizer_groups(model.config, lr, weight_decay, optimizer)
         self.model, self.groups = model, groups
         model.train()
@@ -153,50 +169,35 @@ class MLXTrainer:
         self.opt.init(model.trainable_parameters())
         mx.eval(model.parameters(), self.opt.state)
         clip = grad_clip if grad_clip > 0 else float("inf")
-        self.n_mtp = len(model.mtp)
-
-        def loss_fn(x, y):
-            # the MTP losses go out one by one: returning a recomputed mean of them trips mx.compile (MLX 0.32:
-            # IndexError _Map_base::at, the output's node merged away with its twin inside the loss)
-            o = model.loss(x, y, mtp_weight=mtp_weight, check_values=False)
-            return o.loss, o.lm_loss, o.aux_loss, *o.mtp_losses, *o.expert_loads
 
         def update(grads):
             grads, norm = optim.clip_grad_norm(grads, clip)
             self.opt.update(model, grads)
             return norm
 
-        micro = nn.value_and_grad(model, loss_fn)
-        self._reseed = model.config.hidden_dropout > 0  # dropout masks: a fresh MLX key per micro-step
+        self._compile_state = [model.state, self.opt.state, mx.random.state]  # the random state: dropout masks
         if compile:
-            state = [model.state, self.opt.state, mx.random.state]  # the random state: dropout masks
-            micro = mx.compile(micro, inputs=state, outputs=state)
-            update = mx.compile(update, inputs=state, outputs=state)
-        self._micro, self._update = micro, update
+            update = mx.compile(update, inputs=self._compile_state, outputs=self._compile_state)
+        self._update = update
         self._grads = self._loads = None
         self.device_type = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
         self.n_params = sum(a.size for _, a in tree_flatten(model.parameters()))
-        self.label = f" ({model.kernel_path} kernels{', mx.compile' if compile else ''})"
+        if label is None:
+            label = ", mx.compile" if compile else ""
+        self.label = f" ({model.kernel_path} kernels{label})"
         slow_blas = sys.platform == "linux" and "openblas" not in os.environ.get("LD_PRELOAD", "")
         self.note = BLAS_NOTE if slow_blas and self.device_type == "cpu" else None
         self.summary = {"kernel_path": model.kernel_path}
 
-    def micro_step(self, batch: dict[str, torch.Tensor], accum: int) -> dict[str, float | None]:
-        """Loss and gradients of ``batch["input_ids"]`` (B, T) int64 with ``batch["targets"]``; ``1 / accum`` of the
-        gradients (and all of the expert loads) are added to those kept for `optimizer_step`. Returns floats
-        ``loss``, ``lm_loss``, ``mtp_loss`` (the mean over MTP depths; ``None`` without MTP) and ``aux_loss``. With
-        dropout, the masks' MLX key is drawn from torch's global generator, which the training loop checkpoints: a
-        resumed run draws the same masks."""
-        if self._reseed:
-            mx.random.seed(int(torch.randint(0, 2**31 - 1, ())))
-        outs, g = self._micro(_to_mx(batch["input_ids"]), _to_mx(batch["targets"]))
-        g = tree_map(lambda a: a / accum, g) if accum > 1 else g
+    def _accumulate(self, grads, loads: list[mx.array], accum: int, outs=()) -> None:
+        """Add ``1 / accum`` of ``grads`` (a micro-batch's gradient tree) and all of ``loads`` (one (E,) count per
+        DeepSeekMoE layer) to those kept for `optimizer_step`, and evaluate them with ``outs`` (the micro-batch's
+        other outputs)."""
+        g = tree_map(lambda a: a / accum, grads) if accum > 1 else grads
         self._grads = g if self._grads is None else tree_map(mx.add, self._grads, g)
-        loads = list(outs[3 + self.n_mtp :])
+        loads = list(loads)
         self._loads = loads if self._loads is None else [a + b for a, b in zip(self._loads, loads, strict=True)]
         mx.eval(self._grads, self._loads, outs)
-        mtp = (sum(outs[3 : 3 + self.n_mtp]) / self.n_mtp).item() if self.n_mtp else None
-        return {"loss": outs[0].item(), "lm_loss": outs[1].item(), "mtp_loss": mtp, "aux_loss": outs[2].item()}
 
     def optimizer_step(self, lr: float) -> dict[str, float]:
         """Clip the accumulated gradients, apply the optimizer at learning rate ``lr``, update the MoE correction
@@ -210,14 +211,6 @@ class MLXTrainer:
         self._grads = self._loads = None
         return {"grad_norm": norm.item()}
 
-    def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
-        """Mean next-token cross-entropy (nats/token) of the main model's logits for ``batch["input_ids"]`` against
-        ``batch["targets"]`` (the model already in eval mode; `dsfs.evaluation.evaluate` averages it over the
-        validation batches)."""
-        logits = self.model(_to_mx(batch["input_ids"]))
-        targets = _to_mx(batch["targets"])
-        return kernels.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).mean().item()
-
     def state_dict(self) -> dict:
         """The optimizer state in the reference optimizer's ``state_dict()`` layout (`optimizer_state_to_torch`)."""
         return optimizer_state_to_torch(self.opt, self.groups)
@@ -227,3 +220,54 @@ class MLXTrainer:
         fit)."""
         optimizer_state_from_torch(self.opt, sd, self.groups)
         mx.eval(self.opt.state)
+
+
+class MLXTrainer(MLXTrainerBase):
+    """A `dsfs.trainer.Trainer` for language modelling with a `runtime_mlx.Model`, the MLX twin of
+    `dsfs.trainer.TorchTrainer` (same arguments but the device).
+
+    ``model``: put in train mode; the optimizer: the reference's (`reference.optim.optimizer_groups` of ``lr``,
+    ``weight_decay``, ``optimizer``: ``"adamw"`` or ``"muon"``) through `make_mlx_optimizer`; ``grad_clip``: max
+    global gradient norm (0: no clipping); ``mtp_weight``: weight of the MTP loss; ``compile``: ``mx.compile`` the
+    micro-step and the update. Attributes for the loop: ``model``, ``device_type`` ("gpu" or "cpu"), ``n_params``,
+    ``label`` (kernel path and compilation, for the start line), ``note`` (the OpenBLAS hint on a Linux CPU
+    without it, else ``None``), ``summary`` (``{"kernel_path": ...}`` for the run summary), ``groups`` (the
+    optimizer's parameter groups by name). The optimizer step and state are `MLXTrainerBase`'s.
+    """
+
+    def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float, mtp_weight: float,
+                 compile: bool = True, optimizer: str = "adamw"):
+        super().__init__(model, lr, weight_decay, grad_clip, optimizer, compile)
+        self.n_mtp = len(model.mtp)
+
+        def loss_fn(x, y):
+            # the MTP losses go out one by one: returning a recomputed mean of them trips mx.compile (MLX 0.32:
+            # IndexError _Map_base::at, the output's node merged away with its twin inside the loss)
+            o = model.loss(x, y, mtp_weight=mtp_weight, check_values=False)
+            return o.loss, o.lm_loss, o.aux_loss, *o.mtp_losses, *o.expert_loads
+
+        micro = nn.value_and_grad(model, loss_fn)
+        self._reseed = model.config.hidden_dropout > 0  # dropout masks: a fresh MLX key per micro-step
+        if compile:
+            micro = mx.compile(micro, inputs=self._compile_state, outputs=self._compile_state)
+        self._micro = micro
+
+    def micro_step(self, batch: dict[str, torch.Tensor], accum: int) -> dict[str, float | None]:
+        """Loss and gradients of ``batch["input_ids"]`` (B, T) int64 with ``batch["targets"]``; ``1 / accum`` of the
+        gradients (and all of the expert loads) are added to those kept for `optimizer_step`. Returns floats
+        ``loss``, ``lm_loss``, ``mtp_loss`` (the mean over MTP depths; ``None`` without MTP) and ``aux_loss``. With
+        dropout, the masks' MLX key is drawn from torch's global generator, which the training loop checkpoints: a
+        resumed run draws the same masks."""
+        if self._reseed:
+            mx.random.seed(int(torch.randint(0, 2**31 - 1, ())))
+        outs, g = self._micro(_to_mx(batch["input_ids"]), _to_mx(batch["targets"]))
+        self._accumulate(g, outs[3 + self.n_mtp :], accum, outs)
+        mtp = (sum(outs[3 : 3 + self.n_mtp]) / self.n_mtp).item() if self.n_mtp else None
+        return {"loss": outs[0].item(), "lm_loss": outs[1].item(), "mtp_loss": mtp, "aux_loss": outs[2].item()}
+
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        """Mean next-token cross-entropy (nats/token) of the main model over the non-ignored targets of ``batch``
+        (`eval_cross_entropy`: -100 targets, the padding and prompt tokens of SFT batches, do not count; 0 when
+        none is valid), the model already in eval mode (`dsfs.evaluation.evaluate` averages it over the
+        validation batches)."""
+        return eval_cross_entropy(self.model, batch).item()

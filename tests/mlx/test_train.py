@@ -56,7 +56,8 @@ def test_cli_mlx_run_matches_reference_and_reference_resumes_it(data_dir, refere
     state = load_trainer_state(out / "checkpoints" / "step_000002")
     assert state["backend"] == "mlx" and state["optimizer"]["state"]
     assert sorted(p.name for p in (out / "final").iterdir()) == [
-        "checksums.json", "config.json", "model.safetensors", "mtp.safetensors", "tokenizer.json"]
+        "checksums.json", "config.json", "model.safetensors", "mtp.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
     ref_final = ReferenceModel.from_pretrained(out / "final").eval()
     ids = torch.randint(0, ref_final.config.vocab_size, (2, 16))
     with torch.no_grad():
@@ -253,3 +254,26 @@ def test_init_from_on_mlx_matches_reference(data_dir, reference_run, tmp_path):
         assert a["mtp_loss"] is None and math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
     assert math.isclose(ea[-1]["val_loss"], eb[-1]["val_loss"], rel_tol=1e-5)
     assert load_trainer_state(runs["mlx"] / "checkpoints" / "step_000004")["backend"] == "mlx"
+
+
+def test_eval_loss_ignores_masked_targets():
+    """`MLXTrainer.eval_loss` on a batch with -100 targets (SFT's padding and prompt tokens) is the mean over the
+    valid targets, as `dsfs.evaluation.torch_eval_loss` (``F.cross_entropy``, ``ignore_index=-100``), on the same
+    weights; a batch without a valid target gives 0 (``F.cross_entropy`` gives NaN there)."""
+    from dsfs.evaluation import torch_eval_loss
+    from reference import ModelConfig
+    from runtime_mlx.train import from_reference
+    from tests.reference_utils import randomize_
+
+    torch.manual_seed(0)
+    ref = randomize_(ReferenceModel(ModelConfig(vocab_size=300, **MICRO_MODEL))).eval()
+    trainer = MLXTrainer(from_reference(ref), 1e-3, 0.1, 1.0, 0.3, compile=False)
+    x = torch.randint(0, 300, (3, 16))
+    y = torch.randint(0, 300, (3, 16))
+    y[0, :9], y[1, 4:], y[2, ::2] = -100, -100, -100
+    batch = {"input_ids": x, "targets": y}
+    ours = evaluate(trainer.model, [batch], trainer.eval_loss)
+    assert math.isclose(ours, torch_eval_loss(ref, batch), rel_tol=1e-5)
+    unmasked = evaluate(trainer.model, [{"input_ids": x, "targets": torch.where(y < 0, 7, y)}], trainer.eval_loss)
+    assert not math.isclose(ours, unmasked, rel_tol=1e-3)  # the masked positions do not count
+    assert evaluate(trainer.model, [{"input_ids": x, "targets": torch.full_like(y, -100)}], trainer.eval_loss) == 0.0
