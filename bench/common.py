@@ -49,10 +49,11 @@ BASE_CONFIG = dict(
 
 # Imported once by asv's forkserver (asv.conf.json: "launch_method": "forkserver") before it forks a process per
 # benchmark and parameter set, so that each of them does not import torch, transformers and mlx again (seconds
-# each on 2 cores). Linux only: forking after macOS's GPU frameworks are loaded is unsafe.
+# each on 2 cores). Linux only: forking after macOS's GPU frameworks are loaded is unsafe. Liger's chunked losses
+# (the ops.py peer) import torch._dynamo, about 5 s here, which every ``compiled`` benchmark needs too.
 HEAVY_MODULES = ("torch", "reference", "transformers", "transformers.models.deepseek_v3.modeling_deepseek_v3",
                  "transformers.models.deepseek_v32.modeling_deepseek_v32", "mlx.core", "mlx.nn", "mlx_lm.utils",
-                 "mlx_lm.models.deepseek_v3", "mlx_lm.models.deepseek_v32")
+                 "mlx_lm.models.deepseek_v3", "mlx_lm.models.deepseek_v32", "liger_kernel.chunked_loss")
 
 
 def preimport() -> None:
@@ -83,6 +84,85 @@ class Suite:
 def skip(reason: str):
     """Raise the ``NotImplementedError`` that asv records as 'skipped'."""
     raise NotImplementedError(reason)
+
+
+MIB = 1 << 20
+
+
+def peak_mib(where: str, fn) -> float:
+    """MiB by which the memory in use peaks above its level just before, while ``fn()`` runs: the memory a call
+    needs beyond its inputs (what it allocates, frees or keeps). ``where`` names the arrays ``fn`` works on, as in
+    `dsfs.bench.sync` (a device of ``dsfs.bench.DEVICES`` or an asv backend name).
+
+    - MLX (``mlx``, ``mlx_lm``): ``mx.get_peak_memory()`` after ``mx.reset_peak_memory()``, minus
+      ``mx.get_active_memory()`` before (MLX's allocator: arrays only, its buffer cache not counted).
+    - CUDA (``cuda``, and the asv backends when torch sees a GPU): ``torch.cuda.max_memory_allocated()`` after
+      ``torch.cuda.reset_peak_memory_stats()``, minus ``torch.cuda.memory_allocated()`` before (tensors only, not
+      the caching allocator's reserve).
+    - CPU (``cpu``, and the asv backends without a GPU), Linux only: the process's resident set. Unreachable
+      objects are collected and glibc's free heap memory is given back (``malloc_trim(0)``) so that reusing it
+      counts; then the kernel's high-water mark is reset to the current RSS (``"5"`` written to
+      ``/proc/self/clear_refs``), and the result is ``VmHWM`` after the call minus ``VmRSS`` before (from
+      ``/proc/self/status``, KiB). This counts everything the process touches (allocator slack, libraries loaded on
+      a first call), so warm ``fn`` up first. Elsewhere, or where the kernel does not reset the mark, it raises
+      ``NotImplementedError`` (asv: skipped); so does ``mps``.
+    """
+    from dsfs.bench import is_mlx
+
+    if is_mlx(where):
+        import mlx.core as mx
+
+        mx.synchronize()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        fn()
+        mx.synchronize()
+        return (mx.get_peak_memory() - before) / MIB
+    if where == "mps":
+        skip("peak memory: no peak counter for mps")
+    import torch
+
+    if where != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / MIB
+    return _rss_peak_mib(fn)
+
+
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    skip(f"peak memory: /proc/self/status has no {field}")
+
+
+def _rss_peak_mib(fn) -> float:
+    """`peak_mib` on the CPU: the rise of the resident set's high-water mark over the RSS before ``fn()``."""
+    if not sys.platform.startswith("linux"):
+        skip(f"peak memory on the CPU needs Linux's /proc/self/clear_refs (this is {sys.platform})")
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc: return the heap's free pages, so reusing them counts
+    except (AttributeError, OSError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS (Linux 4.0+)
+    except OSError as e:
+        skip(f"peak memory: cannot reset the peak RSS ({e})")
+    before = _status_kib("VmRSS")
+    if _status_kib("VmHWM") > before + 1024:
+        skip("peak memory: writing 5 to /proc/self/clear_refs did not reset VmHWM here")
+    fn()
+    return max(0, _status_kib("VmHWM") - before) / 1024
 
 
 def torch_device():

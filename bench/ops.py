@@ -7,14 +7,21 @@ bench shape's name). Seconds per call. Inputs and timed calls come from `dsfs.be
 bench`` times: the same inputs (the spec's seeded samples, cast as the battery casts them), the same fixed random
 cotangent on the outputs that carry gradients, gradients of the op's ``grads`` inputs.
 
+The losses fused with the LM head (`MEMORY_OPS`: ``preference``, ``distill``) get a third class, ``_memory``
+(``ops.preference_memory.track_peak_mib_forward_backward``): peak memory of forward and of forward+backward,
+asv's ``peakmem_`` (the process's peak RSS, bytes, baseline included) and ``track_peak_mib_`` (MiB above the memory
+in use before the call: `common.peak_mib`), see `_Memory`.
+
 Backends (`BACKENDS`): ``reference`` (the spec's reference), ``compiled`` (``torch.compile`` of it), ``cuda``
 (our Triton kernel, ``spec.ours['cuda']``; CUDA only, never under the interpreter), ``mlx`` (ours in MLX),
-``torch_builtin`` / ``mlx_builtin`` (the spec's built-ins), and the peers ``transformers`` and ``mlx_lm`` (their
-functions for the op, wrapped to its signature: `PEERS`). Torch backends run on CUDA when there is a GPU, else on
+``torch_builtin`` / ``mlx_builtin`` (the spec's built-ins; for the losses, the unfused PyTorch loss), and the peers
+``transformers``, ``mlx_lm`` and ``liger`` (Liger-Kernel's chunked losses for ``preference`` and ``distill``): their
+functions for the op, wrapped to its signature (`PEERS`). Torch backends run on CUDA when there is a GPU, else on
 the CPU; MLX ones on MLX's default device. The dtype is one per machine, so that every ratio compares like with
 like: bfloat16 where there is a GPU (CUDA or Metal), else float32, unless the shape is specified for other dtypes
 only (`dtype`). A backend that cannot run here is skipped (``NotImplementedError`` in ``setup``), and so is, on a
-CPU, a shape that would take more than `CPU_MAX_SECONDS` per call (the V3 LM head: minutes).
+CPU, a shape that would take more than `CPU_MAX_SECONDS` per call (the V3 LM head: minutes; the memory suites have
+their own limit, `MEMORY_CPU_MAX_SECONDS`).
 """
 
 from __future__ import annotations
@@ -29,12 +36,22 @@ from dsfs import bench as dsfs_bench
 from . import common
 from .common import Suite, skip
 
-BACKENDS = ["reference", "compiled", "cuda", "mlx", "torch_builtin", "mlx_builtin", "transformers", "mlx_lm"]
+BACKENDS = ["reference", "compiled", "cuda", "mlx", "torch_builtin", "mlx_builtin", "transformers", "mlx_lm",
+            "liger"]
 # On a CPU, a shape whose forward would take more than CPU_MAX_SECONDS at these rates (FLOP/s: torch's fp32 matmul
 # on a few cores; MLX's Linux wheel with its bundled reference BLAS, bench/README.md) is skipped: the V3 LM head is
 # minutes per call, and asv calls it several times.
 CPU_FLOPS = {"cpu": 1e11, "mlx": 4e9}
 CPU_MAX_SECONDS = 5.0
+# The memory suites (`_Memory`) make two calls per benchmark (one to warm up, one measured) and skip no realistic
+# loss shape: on a CPU they have their own, larger limit, on forward+backward (counted as BACKWARD_FACTOR forwards)
+# whatever the method. The realistic distillation shape is estimated at 24 s per forward+backward (30-60 s measured
+# on 2 shared cores) and is measured; on MLX's Linux CPU wheel (4 GFLOP/s) the realistic shapes are skipped.
+MEMORY_CPU_MAX_SECONDS = 60.0
+BACKWARD_FACTOR = 3.0
+# Ops whose peak memory is measured (a ``<op>_memory`` class each): the losses fused with the LM head, whose point
+# is memory. They must be differentiable.
+MEMORY_OPS = ("preference", "distill")
 
 
 # ----------------------------------------------------------------------------- peers
@@ -230,12 +247,75 @@ def _mlx_lm_weight_dequant(spec):
     return weight_dequant
 
 
+def _liger_compiled() -> bool:
+    """Whether Liger's chunked losses run their per-chunk step under ``torch.compile``: on CUDA yes (Liger's
+    default, what TRL's trainers use), on the CPU no (Liger targets GPUs; ``compiled=False`` is its eager path, the
+    one tests/test_preference.py and tests/test_distill.py check against ours)."""
+    return common.torch_device().type == "cuda"
+
+
+def _liger_preference(spec):
+    """Liger-Kernel's ``LigerFusedLinearDPOLoss`` (chunked over pairs, ``chunk_size=1``, its default; `_liger_compiled`)
+    with ``use_ref_model=False``, wrapped to ``(loss, chosen_logps, rejected_logps)``.
+
+    The closest honest equivalent of ours: Liger takes the reference model's hidden states and head
+    (``ref_input``, ``ref_weight``) and runs that model's head itself, chunk by chunk, while ours takes the reference
+    log-probs precomputed (an input, as TRL's ``precompute_ref_log_probs`` gives them). Without its reference model
+    Liger does the same work as ours (the policy's head, log-softmax, the targets' log-probs summed per sequence and
+    the loss, its gradients formed during forward) but computes the loss against reference log-probs of 0, so its
+    loss value differs while its cost does not. Its log-prob outputs carry no gradient (its backward scales the
+    loss's only), so they are returned tied to the loss with weight 0: the benchmark's cotangents on them add
+    nothing, and the backward timed is Liger's. Liger has no ``ipo`` and its ``sigmoid`` has no label smoothing
+    (ours is cDPO there): such samples are skipped."""
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    get = _named(spec, "hidden", "weight", "targets", "beta", "loss_type", "label_smoothing", "ignore_index")
+    modules = {}
+
+    def preference(*args):
+        hidden, weight, targets, beta, loss_type, label_smoothing, ignore_index = get(args)
+        if loss_type not in ("sigmoid", "hinge") or label_smoothing:
+            skip(f"Liger's DPO has no {loss_type} with label_smoothing {label_smoothing} as ours")
+        key = (beta, loss_type, ignore_index)
+        if key not in modules:
+            modules[key] = LigerFusedLinearDPOLoss(ignore_index=ignore_index, beta=beta, loss_type=loss_type,
+                                                   compiled=_liger_compiled(), use_ref_model=False)
+        loss, aux = modules[key](weight, hidden, targets)
+        zero = loss * 0
+        return loss, aux[0] + zero, aux[1] + zero
+
+    return preference
+
+
+def _liger_distill(spec):
+    """Liger-Kernel's ``LigerFusedLinearJSDLoss`` (``return_soft_hard_loss=True``; chunks of 1024 tokens, its
+    default; `_liger_compiled`): the same loss as ours (tests/test_distill.py), gradients formed during forward. Its
+    backward scales the loss's gradient only (the soft and hard terms' cotangents are ignored), the same work."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    get = _named(spec, "student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "targets", "beta",
+                 "temperature", "weight_hard_loss", "weight_soft_loss", "ignore_index")
+    modules = {}
+
+    def distill(*args):
+        sh, sw, th, tw, targets, beta, temperature, w_hard, w_soft, ignore_index = get(args)
+        key = (beta, temperature, w_hard, w_soft, ignore_index)
+        if key not in modules:
+            modules[key] = LigerFusedLinearJSDLoss(
+                weight_hard_loss=w_hard, weight_soft_loss=w_soft, beta=beta, ignore_index=ignore_index,
+                temperature=temperature, compiled=_liger_compiled(), return_soft_hard_loss=True)
+        return modules[key](sh, sw, th, tw, targets)
+
+    return distill
+
+
 PEERS = {
     "transformers": {"rms_norm": _hf_rms_norm, "rope": _hf_rope, "swiglu": _hf_swiglu,
                      "linear_cross_entropy": _hf_linear_cross_entropy, "weight_dequant": _hf_weight_dequant,
                      "fp8_gemm": _hf_fp8_gemm},
     "mlx_lm": {"rms_norm": _mlx_lm_rms_norm, "rope": _mlx_lm_rope, "swiglu": _mlx_lm_swiglu,
                "linear_cross_entropy": _mlx_lm_linear_cross_entropy, "weight_dequant": _mlx_lm_weight_dequant},
+    "liger": {"preference": _liger_preference, "distill": _liger_distill},
 }
 
 
@@ -248,7 +328,8 @@ def target(backend: str) -> tuple[str, str]:
     torch_dev = common.torch_device().type
     return {"reference": ("reference", torch_dev), "compiled": ("compiled", torch_dev), "cuda": ("ours", "cuda"),
             "mlx": ("ours", "mlx"), "torch_builtin": ("builtin", torch_dev), "mlx_builtin": ("builtin", "mlx"),
-            "transformers": ("transformers", torch_dev), "mlx_lm": ("mlx_lm", "mlx")}[backend]
+            "transformers": ("transformers", torch_dev), "mlx_lm": ("mlx_lm", "mlx"),
+            "liger": ("liger", torch_dev)}[backend]
 
 
 def dtype(spec, sample=None):
@@ -321,6 +402,14 @@ def build(op: str, mode: str, backend: str, shape: str):
 
 
 def _build(op: str, mode: str, backend: str, shape: str):
+    spec, impl, sample, dt, device, fn = _prepare(op, backend, shape, CPU_MAX_SECONDS)
+    return dsfs_bench.build(spec, impl, sample, dt, device, mode, fn=fn)
+
+
+def _prepare(op: str, backend: str, shape: str, max_seconds: float, factor: float = 1.0):
+    """``(spec, impl, sample, dtype, device, fn)``: what `dsfs.bench.build` needs for one benchmark, after the
+    checks that may skip it (``NotImplementedError``): the device is there, the peer has a function for the op, the
+    shape exists, and on a CPU one call (``factor`` forwards) takes at most ``max_seconds`` at `CPU_FLOPS`."""
     spec = _spec(op)
     impl, device = target(backend)
     why = dsfs_bench.unavailable(device)
@@ -340,10 +429,12 @@ def _build(op: str, mode: str, backend: str, shape: str):
     sample = samples[shape]
     dt = dtype(spec, sample)
     if _on_cpu(device) and spec.flops is not None:
-        seconds = spec.flops(sample, dt) / CPU_FLOPS[device]
-        if seconds > CPU_MAX_SECONDS:
-            skip(f"{spec.flops(sample, dt) / 1e9:.0f} GFLOP per call: about {seconds:.0f} s on this CPU")
-    return dsfs_bench.build(spec, impl, sample, dt, device, mode, fn=fn)
+        flops = factor * spec.flops(sample, dt)
+        seconds = flops / CPU_FLOPS[device]
+        if seconds > max_seconds:
+            call = "call" if factor == 1 else f"forward+backward (as {factor:g} forwards)"
+            skip(f"{flops / 1e9:.0f} GFLOP per {call}: about {seconds:.0f} s on this CPU (limit {max_seconds:.0f} s)")
+    return spec, impl, sample, dt, device, fn
 
 
 class _Forward(Suite):
@@ -366,8 +457,51 @@ class _ForwardBackward(Suite):
         self.call()
 
 
+class _Memory(Suite):
+    """Peak memory of one call, forward (``*_forward``) and forward+backward (``*_forward_backward``):
+
+    - ``peakmem_*``: asv's peak resident memory of the benchmark's process (bytes), which includes the Python,
+      torch and MLX baseline of the process (several hundred MB), the inputs and setup;
+    - ``track_peak_mib_*``: what the call itself needs (MiB): `common.peak_mib` of the second call (the first
+      warms up), the peak of the device's allocator above the memory in use before the call (CUDA, MLX), or of the
+      process's resident set on a CPU (Linux).
+
+    The benchmark builds its call itself (`dsfs.bench.build`, as the time suites), so that setup holds nothing and
+    each method builds only its own mode; setup makes the checks that may skip it, with the memory suites' CPU
+    limit (`MEMORY_CPU_MAX_SECONDS` on a forward+backward) instead of `CPU_MAX_SECONDS`."""
+
+    op = ""
+    unit = "MiB"  # of the track_ methods (asv gives peakmem_ its own, bytes)
+    timeout = 600
+
+    def setup(self, backend, shape):
+        _prepare(self.op, backend, shape, MEMORY_CPU_MAX_SECONDS, BACKWARD_FACTOR)
+
+    def _timed(self, mode, backend, shape):
+        spec, impl, sample, dt, device, fn = _prepare(self.op, backend, shape, MEMORY_CPU_MAX_SECONDS,
+                                                      BACKWARD_FACTOR)
+        return dsfs_bench.build(spec, impl, sample, dt, device, mode, fn=fn)
+
+    def _track(self, mode, backend, shape):
+        timed = self._timed(mode, backend, shape)
+        return common.peak_mib(timed.where, timed.call)
+
+    def peakmem_forward(self, backend, shape):
+        self._timed("forward", backend, shape).call()
+
+    def peakmem_forward_backward(self, backend, shape):
+        self._timed("backward", backend, shape).call()
+
+    def track_peak_mib_forward(self, backend, shape):
+        return self._track("forward", backend, shape)
+
+    def track_peak_mib_forward_backward(self, backend, shape):
+        return self._track("backward", backend, shape)
+
+
 def _suites() -> dict:
-    """One class per op (and per differentiable op one ``_grad`` class), parametrized by backend and shape name."""
+    """One class per op (and per differentiable op one ``_grad`` class), parametrized by backend and shape name; for
+    the ops of `MEMORY_OPS` one more, ``_memory`` (`_Memory`)."""
     from reference.testing import all_specs
 
     out = {}
@@ -377,13 +511,17 @@ def _suites() -> dict:
         except Exception as e:  # a broken spec must not hide every other suite; its own tests report it
             print(f"bench/ops.py: {name}: no bench shapes ({type(e).__name__}: {e})", file=sys.stderr)
             continue
-        doc = f"{spec.signature}: MODE (seconds per call) on its bench shapes. {spec.source}".strip()
-        attrs = dict(op=name, params=[BACKENDS, shapes], param_names=["backend", "shape"], __module__=__name__)
-        out[name] = type(name, (_Forward,), dict(attrs, __doc__=doc.replace("MODE", "forward"),
-                                                skip_params=_static_skips(spec, shapes)))
+        doc = f"{spec.signature}: MODE on its bench shapes. {spec.source}".strip()
+        attrs = dict(op=name, params=[BACKENDS, shapes], param_names=["backend", "shape"], __module__=__name__,
+                     skip_params=_static_skips(spec, shapes))
+        out[name] = type(name, (_Forward,), dict(attrs, __doc__=doc.replace("MODE", "forward (seconds per call)")))
         if spec.differentiable:
             out[f"{name}_grad"] = type(f"{name}_grad", (_ForwardBackward,), dict(
-                attrs, __doc__=doc.replace("MODE", "forward+backward"), skip_params=_static_skips(spec, shapes)))
+                attrs, __doc__=doc.replace("MODE", "forward+backward (seconds per call)")))
+        if name in MEMORY_OPS and spec.differentiable:
+            out[f"{name}_memory"] = type(f"{name}_memory", (_Memory,), dict(
+                attrs, __doc__=doc.replace("MODE", "peak memory of forward and forward+backward (bytes: peakmem_, "
+                                                   "MiB above the memory in use before: track_peak_mib_)")))
     return out
 
 

@@ -14,6 +14,7 @@ SUBSET=(
   "moe\.Router\.time_router\(.*, 'deepseek_64', 256\)"
   "ops\.rms_norm_grad\.time_forward_backward\(.*, 'V2-Lite hidden, 1 tokens'\)"
   "ops\.weight_dequant\.time_forward\(.*, 'V3 671B expert gate_proj"
+  "ops\.preference_memory\.track_peak_mib_forward_backward\(.*, '2x2 sequences of 128 tokens"
   "model\.DecodeStep\.track_tokens_per_s\(.*, 128\)"
 )
 BENCH=()

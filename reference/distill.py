@@ -171,6 +171,8 @@ class _FusedDistill(torch.autograd.Function):
         w_hard, w_soft, h_dtype, w_dtype = ctx.meta
         a = g_loss * w_soft + g_soft  # d / d soft_loss
         b = g_loss * w_hard + g_hard  # d / d hard_loss
-        dh = None if gh_soft is None else (gh_soft * a + gh_hard * b).to(h_dtype)
-        dw = None if gw_soft is None else (gw_soft * a + gw_hard * b).to(w_dtype)
+        # soft * a + hard * b with one new tensor, not three (the weight's gradient is V x Hs: at V 32k, Hs 1024
+        # two temporaries were 250 MiB more at the peak than the saved gradients and the result)
+        dh = None if gh_soft is None else (gh_soft * a).addcmul_(gh_hard, b).to(h_dtype)
+        dw = None if gw_soft is None else (gw_soft * a).addcmul_(gw_hard, b).to(w_dtype)
         return dh, dw, *([None] * 10)

@@ -60,7 +60,7 @@ def test_spec_samples_cover_the_contract():
     assert {s.args[6] for s in samples} == set(LOSS_TYPES) and any(s.args[7] > 0 for s in samples)
     assert {"ragged", "edge", "decode", "model"} <= {t for s in samples for t in s.tags}
     assert max(s.args[1].shape[0] for s in samples) > 4096
-    (row,) = bench.describe(spec)
+    row = max(bench.describe(spec), key=lambda r: r["flops"])  # the realistic shape (the small one is first)
     assert row["flops"] > 1e11 and row["bytes"] > 1e7
 
 

@@ -109,14 +109,19 @@ def samples(rng: torch.Generator) -> list[Sample]:
 
 
 def bench_samples(rng: torch.Generator) -> list[Sample]:
-    """The shape ``dsfs bench`` times for `preference`: 2 pairs of 512 tokens (a 128-token prompt ignored), hidden
-    1024, vocabulary 32,000 (drawn without reading values: the reference log-probs are random)."""
-    pairs, t, h, v = 2, 512, 1024, 32000
-    hidden, weight, targets = _inputs(rng, pairs, t, h, v, prompt=128, logit_scale=3.0)
-    ref_c, ref_r = randn(rng, pairs, scale=10.0) - 3000.0, randn(rng, pairs, scale=10.0) - 3000.0
-    return [Sample(f"{pairs}x2 sequences of {t} tokens, hidden {h}, vocab {v}, sigmoid",
-                   (hidden, weight, targets, ref_c, ref_r, 0.1, "sigmoid", 0.0, -100), keep=KEEP,
-                   shape=f"{2 * pairs}x{t}x{h}, {v}x{h}", tags=("model",))]
+    """The shapes ``dsfs bench`` times for `preference` (drawn without reading values: the reference log-probs are
+    random), a small one first: 2 pairs of 128 tokens (a 32-token prompt ignored), hidden 256, vocabulary 4,096; and
+    the realistic one: 2 pairs of 512 tokens (a 128-token prompt ignored), hidden 1024, vocabulary 32,000 (drawn
+    first, so its values do not depend on the small one's)."""
+    out = []
+    for pairs, t, h, v in ((2, 512, 1024, 32000), (2, 128, 256, 4096)):
+        hidden, weight, targets = _inputs(rng, pairs, t, h, v, prompt=t // 4, logit_scale=3.0)
+        offset = 3000.0 * t / 512  # about the policy's summed log-probs of the completion tokens
+        ref_c, ref_r = randn(rng, pairs, scale=10.0) - offset, randn(rng, pairs, scale=10.0) - offset
+        out.append(Sample(f"{pairs}x2 sequences of {t} tokens, hidden {h}, vocab {v}, sigmoid",
+                          (hidden, weight, targets, ref_c, ref_r, 0.1, "sigmoid", 0.0, -100), keep=KEEP,
+                          shape=f"{2 * pairs}x{t}x{h}, {v}x{h}", tags=("model",)))
+    return out[::-1]
 
 
 def _flops(s: Sample, dtype: torch.dtype) -> float:
