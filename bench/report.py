@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ["reference", "compiled", "cuda", "mlx", "torch_builtin", "mlx_builtin", "transformers", "mlx_lm"]
+BACKENDS = ["reference", "compiled", "cuda", "mlx", "torch_builtin", "mlx_builtin", "transformers", "mlx_lm", "liger"]
 PEER = {"reference": "transformers", "compiled": "transformers", "cuda": "transformers", "mlx": "mlx_lm",
         "torch_builtin": "transformers", "mlx_builtin": "mlx_lm"}  # compiled and the built-ins: ops.py only
 SWEEPS = {  # benchmark -> swept parameter, for the PNG

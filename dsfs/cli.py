@@ -268,9 +268,10 @@ def add_eval(sub) -> None:
     default_data = data.default_out_dir(data.DEFAULT_INPUT, data.DEFAULT_VOCAB)
     p = sub.add_parser(
         "eval",
-        help="validation loss (nats/token) and perplexity of a model",
+        help="validation loss (nats/token) and perplexity of a model, or its accuracy on a task",
         description="Mean next-token cross-entropy of the main model (no MTP) over fixed, evenly spaced "
-        "windows of a split, as the trainer's evaluations.",
+        "windows of a split, as the trainer's evaluations; with --task, greedy exact-match accuracy on the task's "
+        "held-out problems (as dsfs sft and dpo evaluate), per split.",
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="model, run or checkpoints directory")
     p.add_argument("--data", metavar="DIR", help=f"prepared data dir (default: {default_data})")
@@ -283,11 +284,44 @@ def add_eval(sub) -> None:
                    "prepared with")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="default: cuda when available, else cpu")
+    t = p.add_argument_group("task accuracy (instead of the loss)")
+    t.add_argument("--task", choices=["arithmetic", "gsm8k"], help="greedy exact-match accuracy on its held-out "
+                   "problems, with the chat template")
+    t.add_argument("--splits", metavar="A,B", help="arithmetic splits (default: the training mixture's)")
+    t.add_argument("--examples", type=int, default=200, metavar="N", help="held-out problems per split "
+                   "(default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, metavar="N", help="which held-out problems (default: %(default)s)")
     p.set_defaults(func=_run_eval)
+
+
+def _run_task_eval(args) -> int:
+    from dsfs import generate as G
+    from dsfs.checkpointing import load_model_dir, resolve_model_dir
+    from dsfs.tasks import accuracy, load_task
+
+    if args.examples < 1:
+        raise DataError(f"--examples {args.examples}: expected >= 1")
+    model_dir = resolve_model_dir(args.checkpoint)
+    tok = G.load_tokenizer(model_dir, args.tokenizer)
+    model = load_model_dir(model_dir, device=G.pick_device(args.device))
+    task = load_task(args.task, num_held_out=args.examples, seed=args.seed,
+                     splits=args.splits.split(",") if args.splits is not None else None)
+    eos = model.config.eos_token_id[0] if isinstance(model.config.eos_token_id, list) else model.config.eos_token_id
+    acc = accuracy(model, tok, task.checks(tok), eos, task.max_new_tokens)
+    for split in dict.fromkeys(task.splits):
+        n = task.splits.count(split)
+        v = acc.get(f"val_accuracy/{split}", acc["val_accuracy"])
+        print(f"{args.task} {split}: accuracy {v:.4f} ({round(v * n)}/{n}, greedy exact match)")
+    if len(set(task.splits)) > 1:
+        print(f"{args.task} all: accuracy {acc['val_accuracy']:.4f} ({len(task.splits)} problems, {model_dir})")
+    return 0
 
 
 def _run_eval(args) -> int:
     from dsfs.generate import evaluate_checkpoint
+
+    if args.task is not None:
+        return _run_task_eval(args)
 
     for name in ("batches", "batch_size", "seq_len"):
         if getattr(args, name) < 1:

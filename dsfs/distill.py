@@ -21,7 +21,9 @@ data, comparable with ``dsfs train``'s.
 from __future__ import annotations
 
 import importlib
+import math
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,7 +34,7 @@ from dsfs.checkpointing import load_model_dir, resolve_model_dir
 from dsfs.errors import ConfigError, DataError
 from dsfs.evaluation import Batch, eval_batches
 from dsfs.presets import MODEL_PRESETS
-from dsfs.stage import ExampleOrder, StageStart, run_stage, say_fn, start_stage, tokenizer_file_of
+from dsfs.stage import ExampleOrder, StageStart, fill_options, run_stage, say_fn, stage_tokenizer, start_stage
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import TorchTrainer
 from reference import Model, ModelConfig
@@ -104,7 +106,6 @@ def make_distill_trainer(be, model, teacher, tc: TrainConfig, beta: float, tempe
     converted) on the MLX runtime."""
     if be.name == "mlx":
         from runtime_mlx.posttrain import MLXDistillTrainer
-
         from runtime_mlx.train import from_reference
 
         return MLXDistillTrainer(from_reference(model), from_reference(teacher), tc.lr, tc.weight_decay, tc.grad_clip,
@@ -149,27 +150,26 @@ def distill(teacher: str | os.PathLike | None = None, out_dir: str | os.PathLike
     options = {"teacher": str(resolve_model_dir(teacher).resolve()) if teacher is not None else None,
                "student_preset": student_preset, "beta": beta, "temperature": temperature,
                "weight_hard_loss": weight_hard_loss, "lmbda": lmbda, "max_new_tokens": max_new_tokens,
-               "data_dir": str(data_dir) if data_dir is not None else None}
+               "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None}
     start = start_stage("distill", out_dir=out_dir, resume=resume, init_from=None if resume else init_from or teacher,
                         overwrite=overwrite, seed=seed, keep_last=keep_last, save_every=save_every,
                         default_tc=DISTILL_CONFIG, overrides=overrides, options=options)
-    opt, tc = start.options, start.tc
+    tc = start.tc
+    opt = fill_options(start, {"beta": 0.5, "temperature": 1.0, "weight_hard_loss": 0.5, "lmbda": 0.0,
+                               "max_new_tokens": tc.seq_len // 2})
     if opt["teacher"] is None:
         raise ConfigError("dsfs distill needs --teacher DIR (the model to distill)")
-    beta = 0.5 if opt["beta"] is None else opt["beta"]
-    temperature = 1.0 if opt["temperature"] is None else opt["temperature"]
-    hard = 0.5 if opt["weight_hard_loss"] is None else opt["weight_hard_loss"]
-    lmbda = 0.0 if opt["lmbda"] is None else opt["lmbda"]
+    beta, temperature, hard, lmbda = opt["beta"], opt["temperature"], opt["weight_hard_loss"], opt["lmbda"]
     for name, v, lo, hi in (("beta", beta, 0, 1), ("weight-hard-loss", hard, 0, 1), ("lmbda", lmbda, 0, 1)):
         if not lo <= v <= hi:
             raise ConfigError(f"--{name} {v}: expected a number in [{lo}, {hi}]")
-    if not temperature > 0:
-        raise ConfigError(f"--temperature {temperature}: expected a number > 0")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"--temperature {temperature}: expected a finite number > 0")
     be = resolve_backend(backend)
     teacher_dir = resolve_model_dir(opt["teacher"])
     teacher_model = load_model_dir(teacher_dir, Model)
     tcfg = teacher_model.config
-    tok_file = tokenizer_file_of(teacher_dir, tokenizer)
+    tok_file, _ = stage_tokenizer(teacher_dir, tcfg, tokenizer)
     torch.manual_seed(start.seed)
     student = _student(start, tcfg, opt["student_preset"] if start.ckpt is None and init_from is None else None,
                        say)
@@ -191,11 +191,16 @@ def distill(teacher: str | os.PathLike | None = None, out_dir: str | os.PathLike
         raise DataError(f"tokenizer mismatch: the data in {ddir} was prepared with another tokenizer than the "
                         f"teacher's {tok_file}")
     train_tokens, val_tokens = data_mod.load_tokens(ddir, "train"), data_mod.load_tokens(ddir, "val")
-    tc.check_model(min(scfg.max_position_embeddings, tcfg.max_position_embeddings))
+    positions = min(scfg.max_position_embeddings, tcfg.max_position_embeddings)
+    tc.check_model(positions)
+    if lmbda > 0 and tc.seq_len // 2 + opt["max_new_tokens"] > positions:
+        raise ConfigError(f"on-policy samples continue the first {tc.seq_len // 2} tokens of a window by "
+                          f"--max-new-tokens {opt['max_new_tokens']}: past max_position_embeddings {positions}; "
+                          "lower one of them")
     eos = tcfg.eos_token_id[0] if isinstance(tcfg.eos_token_id, list) else tcfg.eos_token_id
     n_teacher = sum(p.numel() for p in teacher_model.parameters())
     trainer = make_distill_trainer(be, student, teacher_model, tc, beta, temperature, hard, lmbda,
-                                   opt["max_new_tokens"] or tc.seq_len // 2, eos)
+                                   opt["max_new_tokens"], eos)
     say(f"teacher {teacher_dir}: {n_teacher / 1e6:.2f}M parameters; student {trainer.n_params / 1e6:.2f}M "
         f"({trainer.n_params / n_teacher:.0%}); beta {beta}, temperature {temperature}, weight_hard_loss {hard}, "
         f"lmbda {lmbda}; data {ddir}")

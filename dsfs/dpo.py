@@ -22,19 +22,32 @@ answer), or a JSONL file of ``{"prompt", "chosen", "rejected"}`` (`dsfs.chat.rea
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from dsfs import chat
 from dsfs.backend import resolve_backend
-from dsfs.data import plural, read_tokenizer
-from dsfs.errors import ConfigError, DataError
+from dsfs.checkpointing import model_dir_problem
+from dsfs.data import plural
+from dsfs.errors import CheckpointError, ConfigError, DataError
 from dsfs.evaluation import Batch
-from dsfs.sft import IGNORE_INDEX, PAD_MULTIPLE, Check, accuracy
-from dsfs.stage import ExampleOrder, load_model, run_stage, say_fn, start_stage, tokenizer_file_of
+from dsfs.sft import IGNORE_INDEX, cut_note, last_eval, padded_width
+from dsfs.stage import (
+    ExampleOrder,
+    dataset_option,
+    fill_options,
+    load_model,
+    run_stage,
+    say_fn,
+    stage_tokenizer,
+    start_stage,
+)
+from dsfs.tasks import TASKS, Check, accuracy, load_task
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import TorchTrainer
 from reference.preference import LOSS_TYPES
@@ -68,49 +81,35 @@ class PairData:
     max_new_tokens: int = 64
 
 
-def _pair_features(pairs: list[dict], tok, max_length: int, what: str) -> tuple[list, int]:
-    out, cut = [], 0
-    for i, p in enumerate(pairs):
+def _pair_features(pairs: list[dict], tok, max_length: int, what: str, counts: dict) -> list:
+    """`dsfs.chat.preference_features` of each pair (the readers have validated them). A pair cut to ``max_length``
+    counts in ``counts["truncated"]``; one whose prompt alone fills ``max_length`` is dropped and counted in
+    ``counts["dropped"]``. Raises `DataError` when every pair is dropped."""
+    out = []
+    for p in pairs:
         try:
             f = chat.preference_features(p["prompt"], p["chosen"], p["rejected"], tok, max_length)
-        except DataError as e:
-            raise DataError(f"{what}, pair {i + 1}: {e}") from None
+        except DataError:
+            counts["dropped"] = counts.get("dropped", 0) + 1
+            continue
         out.append((f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]))
-        cut += f["truncated"]
-    return out, cut
+        counts["truncated"] = counts.get("truncated", 0) + f["truncated"]
+    if pairs and not out:
+        raise DataError(f"{what}: every pair's prompt fills --seq-len {max_length}; raise it")
+    return out
 
 
 def load_pairs(dataset: str, tok, max_length: int, *, seed: int = 0, eval_dataset: str | None = None,
                num_examples: int | None = None, eval_examples: int = 200, splits: list[str] | None = None) -> PairData:
     """Tokenize preference pairs for DPO (module docstring); sizes and errors as `dsfs.sft.load_sft_data`'s."""
-    from dsfs import arithmetic
-
     checks: list[Check] = []
-    if dataset == "arithmetic":
-        names = splits or list(arithmetic.TRAIN_MIXTURE)
-        unknown = [s for s in names if s not in arithmetic.SPLITS]
-        if unknown:
-            raise DataError(f"unknown arithmetic split {unknown[0]!r} (known: {', '.join(arithmetic.SPLITS)})")
-        train_p = arithmetic.mixture(splits or arithmetic.TRAIN_MIXTURE, num_examples or 5_000, seed)
-        eval_p = {s: arithmetic.problems(s, min(eval_examples, arithmetic.capacity(s, held_out=True)), seed,
-                                          held_out=True) for s in names}
-        train_pairs = arithmetic.preference_pairs(train_p, seed)
-        eval_pairs = arithmetic.preference_pairs([p for s in names for p in eval_p[s]], seed + 1)
-        for s in names:
-            for p in eval_p[s]:
-                prompt = chat.render(arithmetic.conversation(p)[:-1], tok, add_generation_prompt=True)[0]
-                checks.append(Check(prompt, lambda text, a=p.answer: arithmetic.is_correct(text, a), s))
-        source, max_new = f"arithmetic {','.join(names)}", arithmetic.MAX_COMPLETION_TOKENS
-    elif dataset == "gsm8k":
-        from dsfs import gsm8k
-
-        rows = gsm8k.read(gsm8k.DEFAULT_TRAIN)[:num_examples or None]
-        test = gsm8k.read(gsm8k.DEFAULT_TEST)[:eval_examples]
-        train_pairs, eval_pairs = gsm8k.preference_pairs(rows, seed), gsm8k.preference_pairs(test, seed + 1)
-        for r in test:
-            prompt = chat.render(r.messages[:-1], tok, add_generation_prompt=True)[0]
-            checks.append(Check(prompt, lambda text, a=r.answer: gsm8k.is_correct(text, a), "gsm8k"))
-        source, max_new = "gsm8k", 256
+    if dataset in TASKS:
+        task = load_task(dataset, num_train=num_examples or (5_000 if dataset == "arithmetic" else 0),
+                         num_held_out=eval_examples, seed=seed, splits=splits)
+        train_pairs = task.preference_pairs(task.train, seed)
+        eval_pairs = task.preference_pairs(task.held_out, seed + 1)
+        checks, max_new = task.checks(tok), task.max_new_tokens
+        source = f"{dataset}{' ' + ','.join(dict.fromkeys(task.splits)) if dataset == 'arithmetic' else ''}"
     else:
         if not os.path.isfile(dataset):
             raise DataError(f"--dataset {dataset}: expected arithmetic, gsm8k or a .jsonl file of preference pairs")
@@ -125,19 +124,20 @@ def load_pairs(dataset: str, tok, max_length: int, *, seed: int = 0, eval_datase
             k = max(1, round(0.05 * len(train_pairs)))
             eval_pairs, train_pairs = [train_pairs[i] for i in perm[:k]], [train_pairs[i] for i in perm[k:]]
         source, max_new = str(dataset), 64
-    train, cut_t = _pair_features(train_pairs, tok, max_length, f"{source} train")
-    ev, cut_e = _pair_features(eval_pairs, tok, max_length, f"{source} held-out")
-    return PairData(train, ev, checks, {"train": cut_t, "eval": cut_e}, f"{source}: {plural(len(train), 'pair')}",
-                    max_new)
+    counts: dict[str, dict] = {"train": {}, "eval": {}}
+    train = _pair_features(train_pairs, tok, max_length, f"{source} train", counts["train"])
+    ev = _pair_features(eval_pairs, tok, max_length, f"{source} held-out", counts["eval"])
+    return PairData(train, ev, checks, counts, f"{source}: {plural(len(train), 'pair')}", max_new)
 
 
-def collate_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int,
+                  max_width: int | None = None) -> dict[str, torch.Tensor]:
     """``B`` pairs -> ``{"input_ids", "targets"}`` (2B, L) int64: rows ``[0, B)`` prompt + chosen, rows ``[B, 2B)``
     prompt + rejected, shifted (inputs drop the last token, targets the first), targets -100 on the prompt and the
-    padding; right-padded with ``pad_id`` to the longest row rounded up to a multiple of 16."""
+    padding; right-padded with ``pad_id`` to the longest row rounded up to a multiple of 16, not past ``max_width``
+    (`dsfs.sft.padded_width`)."""
     rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
-    longest = max(len(p) + len(c) - 1 for p, c in rows)
-    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    width = padded_width(max(len(p) + len(c) - 1 for p, c in rows), max_width)
     x = torch.full((len(rows), width), pad_id, dtype=torch.long)
     y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     for i, (p, c) in enumerate(rows):
@@ -222,7 +222,6 @@ def make_dpo_trainer(be, model, ref_model, tc: TrainConfig, beta: float, loss_ty
     converted) on the MLX runtime."""
     if be.name == "mlx":
         from runtime_mlx.posttrain import MLXDPOTrainer
-
         from runtime_mlx.train import from_reference
 
         return MLXDPOTrainer(from_reference(disable_dropout(model)), from_reference(disable_dropout(ref_model)), tc.lr,
@@ -243,42 +242,41 @@ def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
     ``precompute_ref_log_probs`` (False) are TRL's ``DPOConfig`` options; ``overrides``: `TrainConfig` fields over
     `DPO_CONFIG` (``batch_size`` counts pairs). Raises `dsfs.errors.UserError` subclasses on bad input."""
     say = say_fn(verbose)
-    options = {"dataset": dataset, "beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing,
-               "precompute_ref_log_probs": precompute_ref_log_probs, "eval_dataset": eval_dataset,
+    options = {"dataset": dataset_option(dataset, TASKS, splits, eval_dataset, "preference pairs"), "beta": beta,
+               "loss_type": loss_type, "label_smoothing": label_smoothing,
+               "precompute_ref_log_probs": precompute_ref_log_probs,
+               "eval_dataset": str(Path(eval_dataset).resolve()) if eval_dataset is not None else None,
                "num_examples": num_examples, "eval_examples": eval_examples, "splits": splits}
     start = start_stage("dpo", out_dir=out_dir, resume=resume, init_from=init_from, overwrite=overwrite, seed=seed,
                         keep_last=keep_last, save_every=save_every, default_tc=DPO_CONFIG, overrides=overrides,
                         options=options)
-    opt, tc = start.options, start.tc
-    opt.setdefault("beta", None)
-    beta = 0.1 if opt["beta"] is None else opt["beta"]
-    loss_type = opt["loss_type"] or "sigmoid"
-    smoothing = opt["label_smoothing"] or 0.0
+    opt = fill_options(start, {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
+                               "precompute_ref_log_probs": False, "eval_examples": 200})
+    tc, beta, loss_type, smoothing = start.tc, opt["beta"], opt["loss_type"], opt["label_smoothing"]
     if opt["dataset"] is None:
         raise ConfigError("dsfs dpo needs --dataset (arithmetic, gsm8k, or a .jsonl file of preference pairs)")
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"--loss-type {loss_type}: expected one of {', '.join(LOSS_TYPES)}")
-    if not beta > 0:
-        raise ConfigError(f"--beta {beta}: expected a number > 0")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ConfigError(f"--beta {beta}: expected a finite number > 0")
     if not 0 <= smoothing <= 0.5:
         raise ConfigError(f"--label-smoothing {smoothing}: expected a number in [0, 0.5]")
     if smoothing and loss_type != "sigmoid":
         raise ConfigError(f"--label-smoothing applies to --loss-type sigmoid (cDPO), not {loss_type}")
     be = resolve_backend(backend)
-    tok_file = tokenizer_file_of(start.init_dir, tokenizer)
-    tok = read_tokenizer(tok_file)
+    if start.ckpt is not None and model_dir_problem(start.init_dir) is not None:
+        raise CheckpointError(f"the run's reference model, its --init-from {start.init_dir}, is gone "
+                              f"({model_dir_problem(start.init_dir)}); DPO needs it to continue")
     model = load_model(be, start.model_dir, say)
     cfg = model.config
+    tok_file, tok = stage_tokenizer(start.model_dir, cfg, tokenizer)
     tc.check_model(cfg.max_position_embeddings)
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
     data = load_pairs(opt["dataset"], tok, tc.seq_len, seed=start.seed, eval_dataset=opt["eval_dataset"],
-                      num_examples=opt["num_examples"], eval_examples=opt["eval_examples"] or 200,
-                      splits=opt["splits"])
-    cut = sum(data.truncated.values())
+                      num_examples=opt["num_examples"], eval_examples=opt["eval_examples"], splits=opt["splits"])
     say(f"data: {data.source}; {plural(len(data.eval), 'held-out pair')}; beta {beta}, loss_type {loss_type}"
-        + (f", label_smoothing {smoothing}" if smoothing else "")
-        + (f"; {plural(cut, 'pair')} truncated to --seq-len {tc.seq_len}" if cut else ""))
+        + (f", label_smoothing {smoothing}" if smoothing else "") + cut_note(data.truncated, tc.seq_len))
     torch.manual_seed(start.seed)
     ref_model = load_model(be, start.init_dir, train=False)  # the run's start: the frozen reference, also on resume
     trainer = make_dpo_trainer(be, model, ref_model, tc, beta, loss_type, smoothing)
@@ -287,14 +285,14 @@ def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
         say(f"precomputing the reference log-probs of {plural(len(data.train), 'pair')}")
         ref_lp = []
         for s in range(0, len(data.train), tc.batch_size):
-            b = collate_pairs(data.train[s:s + tc.batch_size], pad)
+            b = collate_pairs(data.train[s:s + tc.batch_size], pad, tc.seq_len)
             ref_lp.extend(zip(*(t.tolist() for t in trainer.ref_logps(b)), strict=True))
     order = ExampleOrder(len(data.train), start.seed, start.state["order"] if start.state else 0)
     counted = [0]
 
     def next_batch() -> Batch:
         idx = order.take(tc.batch_size)
-        batch = collate_pairs([data.train[i] for i in idx], pad)
+        batch = collate_pairs([data.train[i] for i in idx], pad, tc.seq_len)
         if ref_lp is not None:
             batch["ref_chosen_logps"] = torch.tensor([ref_lp[i][0] for i in idx])
             batch["ref_rejected_logps"] = torch.tensor([ref_lp[i][1] for i in idx])
@@ -306,7 +304,7 @@ def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
         return n
 
     n_eval = min(tc.eval_batches * tc.batch_size, len(data.eval))
-    evals = [collate_pairs(data.eval[s:s + tc.batch_size], pad) for s in range(0, n_eval, tc.batch_size)]
+    evals = [collate_pairs(data.eval[s:s + tc.batch_size], pad, tc.seq_len) for s in range(0, n_eval, tc.batch_size)]
 
     def extra() -> dict:
         m = trainer.eval_metrics(evals)
@@ -319,11 +317,10 @@ def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
         keys += ["val_accuracy"] + [f"val_accuracy/{s}" for s in dict.fromkeys(c.split for c in data.checks)]
     summary = run_stage(start, trainer, next_batch=next_batch, eval_batches=evals, tokens_per_step=tokens_done,
                         order=order, tokenizer_file=tok_file, overwrite=overwrite, say=say, verbose=verbose,
-                        extra_eval=extra, plot_keys=keys, on_step=on_step)
-    from dsfs.sft import _last_eval
-
-    last = _last_eval(start.out)
-    return {**summary, "backend": be.name, "truncated": data.truncated,
+                        extra_eval=extra, plot_keys=keys, on_step=on_step, perplexity=False,
+                        extra_state=lambda: {"truncated": data.truncated})
+    last = last_eval(start.out)
+    return {**summary, "backend": be.name, "truncated": data.truncated, "seq_len": tc.seq_len,
             **{k: v for k, v in last.items() if k.startswith(("val_accuracy", "val_rewards"))}}
 
 
@@ -360,8 +357,10 @@ def _run_dpo(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} {v}: expected an integer >= 1")
     s = dpo(args.dataset, init_from=args.init_from, beta=args.beta, loss_type=args.loss_type,
             label_smoothing=args.label_smoothing, precompute_ref_log_probs=args.precompute_ref_log_probs,
-            eval_dataset=args.eval_dataset, splits=args.splits.split(",") if args.splits else None,
+            eval_dataset=args.eval_dataset,
+            splits=args.splits.split(",") if args.splits is not None else None,
             num_examples=args.num_examples, eval_examples=args.eval_examples, **stage_kwargs(args))
-    print_summary(s, [", ".join(f"{k} {v:.3f}" for k, v in s.items() if k.startswith(("val_accuracy",
-                                                                                        "val_rewards")))])
+    cut = cut_note(s["truncated"], s["seq_len"])
+    print_summary(s, [", ".join(f"{k} {v:.3f}" for k, v in s.items() if k.startswith(("val_accuracy", "val_rewards")))]
+                  + ([cut.lstrip("; ")] if cut else []))
     return 0

@@ -93,7 +93,8 @@ class TrainingRun:
     such a directory); ``say``: prints one progress line; ``verbose``: the progress bar (titled ``desc``);
     ``command``: the verb that resumes the run, for the messages; ``on_step``: called with each step's record (tests);
     ``extra_eval()``: more metrics for each evaluation record (a stage's held-out accuracy); ``plot_keys``: metrics
-    of the records drawn in a second panel of the plot.
+    of the records drawn in a second panel of the plot; ``perplexity``: log ``val_ppl`` (the validation loss is a
+    cross-entropy; a DPO loss is not).
     """
 
     def __init__(self, trainer: Trainer, tc: TrainConfig, out: str | os.PathLike, next_batch: Callable[[], Batch],
@@ -103,7 +104,8 @@ class TrainingRun:
                  start: Progress | None = None, overwrite: bool = False,
                  say: Callable[[str], None] = lambda msg: None, verbose: bool = True,
                  desc: str = "train", command: str = "dsfs train", on_step: Callable[[dict], None] | None = None,
-                 extra_eval: Callable[[], dict] | None = None, plot_keys: tuple[str, ...] | list[str] = ()):
+                 extra_eval: Callable[[], dict] | None = None, plot_keys: tuple[str, ...] | list[str] = (),
+                 perplexity: bool = True):
         self.trainer, self.tc, self.out = trainer, tc, Path(out)
         self.next_batch, self.eval_batches, self.tokens_per_step = next_batch, eval_batches, tokens_per_step
         self.stage_state, self.tokenizer_file = stage_state, tokenizer_file
@@ -112,7 +114,7 @@ class TrainingRun:
         self.progress = start or Progress()
         self.start_step = self.progress.step
         self.say, self.verbose, self.desc, self.command, self.on_step = say, verbose, desc, command, on_step
-        self.extra_eval, self.plot_keys = extra_eval, tuple(plot_keys)
+        self.extra_eval, self.plot_keys, self.perplexity = extra_eval, tuple(plot_keys), perplexity
         self.ckpt_dir, self.metrics_path, self.plot_path = self.out / CHECKPOINTS, self.out / METRICS, self.out / PLOT
         self.records: list[dict] = []
         self.train_time = 0.0  # this session, optimizer steps only
@@ -134,7 +136,8 @@ class TrainingRun:
         logged with its perplexity; the plot is redrawn."""
         v = evaluate(self.trainer.model, self.eval_batches, self.trainer.eval_loss)
         extra = self.extra_eval() if self.extra_eval is not None else {}
-        self.log({"step": self.progress.step, "val_loss": v, "val_ppl": math.exp(min(v, 700.0)), **extra})
+        ppl = {"val_ppl": math.exp(min(v, 700.0))} if self.perplexity else {}
+        self.log({"step": self.progress.step, "val_loss": v, **ppl, **extra})
         plot_losses(self.records, self.plot_path, self.plot_keys)
         return v
 
@@ -228,8 +231,8 @@ class TrainingRun:
                         self.on_step(rec)
                     if p.step % tc.eval_every == 0 or p.step == tc.max_steps:
                         val_loss, last_eval = self.evaluate(), p.step
-                        self.say(f"step {p.step}: val loss {val_loss:.4f} "
-                                 f"(ppl {math.exp(min(val_loss, 700.0)):.1f})")
+                        ppl = f" (ppl {math.exp(min(val_loss, 700.0)):.1f})" if self.perplexity else ""
+                        self.say(f"step {p.step}: val loss {val_loss:.4f}{ppl}")
                     if p.step % self.save_every == 0 and p.step < tc.max_steps:
                         self.save()
                         last_saved = p.step
@@ -270,19 +273,31 @@ class TrainingRun:
 # ---------------------------------------------------------------- the run directory
 
 
+def _trained_steps(path: Path) -> bool:
+    """Whether a metrics.jsonl holds a training step's record (not only the step-0 evaluation of a run that stopped
+    before its first step)."""
+    if not path.is_file():
+        return False
+    with open(path) as f:
+        return any('"loss"' in line for line in f)
+
+
 def _holds_run(out: Path) -> bool:
-    return bool(list_checkpoints(out / CHECKPOINTS)) or (out / METRICS).exists() or (out / FINAL).exists()
+    return bool(list_checkpoints(out / CHECKPOINTS)) or (out / FINAL).exists() or _trained_steps(out / METRICS)
 
 
 def _check_fresh(out: Path, fresh: bool, overwrite: bool) -> None:
     if fresh and not overwrite and _holds_run(out):
+        if not list_checkpoints(out / CHECKPOINTS) and not (out / FINAL).exists():
+            raise DataError(f"{out} holds the metrics of a run that stopped before its first checkpoint (nothing to "
+                            "resume); pass --overwrite to start over, or choose another --out")
         raise DataError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start over, "
                         "or choose another --out")
 
 
 def check_out(out: str | os.PathLike, fresh: bool, overwrite: bool) -> None:
     """Raise `dsfs.rundir.RunDirBusy` when another process holds the run directory ``out``, and, for a ``fresh``
-    run, `DataError` when ``out`` already holds a run (checkpoints, metrics.jsonl or final/) and not
+    run, `DataError` when ``out`` already holds a run (checkpoints, final/, or the metrics of trained steps) and not
     ``overwrite``. Reads only: a verb calls it before its slow work, and `TrainingRun.run` checks again under the
     lock before it changes anything."""
     check_run_dir_free(out)
@@ -370,18 +385,22 @@ class Interrupted(KeyboardInterrupt):
 
 class _StopSignals:
     """While active, the first Ctrl-C (SIGINT) or SIGTERM sets ``signum`` (the loop finishes its step, saves and
-    stops); a second one raises `Interrupted` at once. Only in the main thread; elsewhere the signals behave as
-    usual."""
+    stops); a second one, `REPEAT_S` or more later, raises `Interrupted` at once (``timeout -s INT`` around ``uv
+    run`` delivers one SIGINT twice within milliseconds: that stays one). Only in the main thread; elsewhere the
+    signals behave as usual."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_S = 0.5  # a second signal within this many seconds of the first is the same one, delivered twice
 
     def __init__(self, say):
-        self.signum, self.say, self.old = None, say, {}
+        self.signum, self.say, self.old, self.first_at = None, say, {}, 0.0
 
     def _handler(self, signum, frame):
         if self.signum is not None:
+            if time.monotonic() - self.first_at < self.REPEAT_S:
+                return  # the same keypress or kill delivered twice (a launcher forwarding it to its child as well)
             raise Interrupted(signum)
-        self.signum = signum
+        self.signum, self.first_at = signum, time.monotonic()
         if signum == signal.SIGINT:
             self.say("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit without saving)")
         else:

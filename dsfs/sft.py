@@ -19,7 +19,6 @@ held-out prompts (``val_accuracy``, and ``val_accuracy/<split>`` per arithmetic 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +26,19 @@ import torch
 
 from dsfs import chat
 from dsfs.backend import resolve_backend
-from dsfs.data import plural, read_tokenizer
+from dsfs.data import plural
 from dsfs.errors import ConfigError, DataError
-from dsfs.evaluation import greedy_completions
-from dsfs.stage import ExampleOrder, load_model, run_stage, say_fn, start_stage, tokenizer_file_of
+from dsfs.stage import (
+    ExampleOrder,
+    dataset_option,
+    fill_options,
+    load_model,
+    run_stage,
+    say_fn,
+    stage_tokenizer,
+    start_stage,
+)
+from dsfs.tasks import TASKS, Check, accuracy, load_task
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import make_trainer
 
@@ -38,19 +46,9 @@ IGNORE_INDEX = -100
 PAD_MULTIPLE = 16
 
 # Sized for the default `dsfs train` checkpoint on 2 CPU cores: the arithmetic task in about 10 minutes.
-SFT_CONFIG = TrainConfig(batch_size=32, seq_len=256, lr=2e-3, min_lr_ratio=0.0, warmup_steps=30, max_steps=1000,
-                         time_budget_s=None, weight_decay=0.0, grad_clip=1.0, grad_accum=1, eval_every=100,
+SFT_CONFIG = TrainConfig(batch_size=32, seq_len=256, lr=3e-3, min_lr_ratio=0.0, warmup_steps=50, max_steps=1200,
+                         time_budget_s=None, weight_decay=0.0, grad_clip=1.0, grad_accum=1, eval_every=300,
                          eval_batches=4, mtp_weight=0.3, optimizer="muon")
-
-
-@dataclass
-class Check:
-    """A held-out prompt with a checker: ``prompt_ids`` (the chat template's rendering up to the generation
-    prompt), ``is_correct(completion_text) -> bool``, and the ``split`` it counts toward."""
-
-    prompt_ids: list[int]
-    is_correct: Callable[[str], bool]
-    split: str
 
 
 @dataclass
@@ -67,16 +65,22 @@ class SFTData:
     max_new_tokens: int = 64
 
 
-def _features(convs, tok, max_length: int, what: str) -> tuple[list, int]:
-    out, cut = [], 0
-    for i, messages in enumerate(convs):
+def _features(convs, tok, max_length: int, what: str, counts: dict) -> list:
+    """`dsfs.chat.sft_features` of each conversation (the readers have validated them). One cut to ``max_length``
+    counts in ``counts["truncated"]``; one whose assistant tokens all lie past ``max_length`` is dropped and counted in
+    ``counts["dropped"]``. Raises `DataError` when every conversation is dropped."""
+    out = []
+    for messages in convs:
         try:
             ids, labels, truncated = chat.sft_features(messages, tok, max_length)
-        except DataError as e:
-            raise DataError(f"{what}, conversation {i + 1}: {e}") from None
+        except DataError:
+            counts["dropped"] = counts.get("dropped", 0) + 1
+            continue
         out.append((ids, labels))
-        cut += truncated
-    return out, cut
+        counts["truncated"] = counts.get("truncated", 0) + truncated
+    if convs and not out:
+        raise DataError(f"{what}: every conversation's assistant tokens lie past --seq-len {max_length}; raise it")
+    return out
 
 
 def load_sft_data(dataset: str, tok, max_length: int, *, seed: int = 0, eval_dataset: str | None = None,
@@ -91,42 +95,17 @@ def load_sft_data(dataset: str, tok, max_length: int, *, seed: int = 0, eval_dat
     one, held out; no accuracy). Raises `DataError` for bad files (naming file and line), unknown splits, or data
     whose truncation leaves no assistant token.
     """
-    from dsfs import arithmetic
-
-    truncated: dict[str, int] = {}
-    checks: list[Check] = []
-    if dataset == "arithmetic":
-        names = splits or list(arithmetic.TRAIN_MIXTURE)
-        unknown = [s for s in names if s not in arithmetic.SPLITS]
-        if unknown:
-            raise DataError(f"unknown arithmetic split {unknown[0]!r} (known: {', '.join(arithmetic.SPLITS)})")
-        n = num_examples or 50_000
-        train_p = arithmetic.mixture(splits or arithmetic.TRAIN_MIXTURE, n, seed)
-        convs = [arithmetic.conversation(p) for p in train_p]
-        train, truncated["train"] = _features(convs, tok, max_length, "arithmetic train")
-        eval_p = {s: arithmetic.problems(s, min(eval_examples, arithmetic.capacity(s, held_out=True)), seed,
-                                          held_out=True) for s in names}
-        ev_convs = [arithmetic.conversation(p) for s in names for p in eval_p[s]]
-        ev, truncated["eval"] = _features(ev_convs, tok, max_length, "arithmetic held-out")
-        for s in names:
-            for p in eval_p[s]:
-                prompt = chat.render(arithmetic.conversation(p)[:-1], tok, add_generation_prompt=True)[0]
-                checks.append(Check(prompt, lambda text, a=p.answer: arithmetic.is_correct(text, a), s))
-        source = f"arithmetic {','.join(names)}: {plural(len(train), 'problem')}"
-        return SFTData(train, ev, checks, truncated, source, max_new_tokens=arithmetic.MAX_COMPLETION_TOKENS)
-    if dataset == "gsm8k":
-        from dsfs import gsm8k
-
-        rows = gsm8k.read(gsm8k.DEFAULT_TRAIN)
-        if num_examples:
-            rows = rows[:num_examples]
-        train, truncated["train"] = _features([r.messages for r in rows], tok, max_length, "gsm8k train")
-        test = gsm8k.read(gsm8k.DEFAULT_TEST)[:eval_examples]
-        ev, truncated["eval"] = _features([r.messages for r in test], tok, max_length, "gsm8k test")
-        for r in test:
-            prompt = chat.render(r.messages[:-1], tok, add_generation_prompt=True)[0]
-            checks.append(Check(prompt, lambda text, a=r.answer: gsm8k.is_correct(text, a), "gsm8k"))
-        return SFTData(train, ev, checks, truncated, f"gsm8k: {plural(len(train), 'problem')}", max_new_tokens=256)
+    truncated: dict[str, dict] = {"train": {}, "eval": {}}
+    if dataset in TASKS:
+        task = load_task(dataset, num_train=num_examples or (50_000 if dataset == "arithmetic" else 0),
+                         num_held_out=eval_examples, seed=seed, splits=splits)
+        train = _features([task.conversation(p) for p in task.train], tok, max_length, f"{dataset} train",
+                          truncated["train"])
+        ev = _features([task.conversation(p) for p in task.held_out], tok, max_length, f"{dataset} held-out",
+                       truncated["eval"])
+        what = f"{dataset}{' ' + ','.join(dict.fromkeys(task.splits)) if dataset == 'arithmetic' else ''}"
+        return SFTData(train, ev, task.checks(tok), truncated, f"{what}: {plural(len(train), 'problem')}",
+                       max_new_tokens=task.max_new_tokens)
     path = Path(dataset)
     if not path.is_file():
         raise DataError(f"--dataset {dataset}: expected arithmetic, gsm8k or a .jsonl file of conversations")
@@ -143,17 +122,24 @@ def load_sft_data(dataset: str, tok, max_length: int, *, seed: int = 0, eval_dat
         perm = torch.randperm(len(convs), generator=g).tolist()
         k = max(1, round(0.05 * len(convs)))
         ev_convs, convs = [convs[i] for i in perm[:k]], [convs[i] for i in perm[k:]]
-    train, truncated["train"] = _features(convs, tok, max_length, str(path))
-    ev, truncated["eval"] = _features(ev_convs, tok, max_length, str(eval_dataset or path))
+    train = _features(convs, tok, max_length, str(path), truncated["train"])
+    ev = _features(ev_convs, tok, max_length, str(eval_dataset or path), truncated["eval"])
     return SFTData(train, ev, [], truncated, f"{path}: {plural(len(train), 'conversation')}")
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def padded_width(longest: int, max_width: int | None) -> int:
+    """``longest`` rounded up to a multiple of `PAD_MULTIPLE`, at most ``max_width`` (and at least ``longest``)."""
+    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    return max(longest, min(width, max_width)) if max_width is not None else width
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int,
+            max_width: int | None = None) -> dict[str, torch.Tensor]:
     """Shift and right-pad ``(input_ids, labels)`` examples into ``{"input_ids", "targets"}`` (B, L) int64:
     ``input_ids = ids[:-1]``, ``targets = labels[1:]`` (the label of the next token), padded with ``pad_id`` /
-    -100 to the longest, rounded up to a multiple of `PAD_MULTIPLE`."""
-    longest = max(len(ids) - 1 for ids, _ in examples)
-    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    -100 to the longest, rounded up to a multiple of `PAD_MULTIPLE` but not past ``max_width`` (the model's
+    positions)."""
+    width = padded_width(max(len(ids) - 1 for ids, _ in examples), max_width)
     x = torch.full((len(examples), width), pad_id, dtype=torch.long)
     y = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for r, (ids, labels) in enumerate(examples):
@@ -163,25 +149,11 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": x, "targets": y}
 
 
-def accuracy(model, tok, checks: list[Check], eos_id: int, max_new_tokens: int) -> dict[str, float]:
-    """Greedy exact-match accuracy of ``model`` on ``checks``: ``{"val_accuracy": overall, "val_accuracy/<split>":
-    per split}`` (one split: the overall only)."""
-    outs = greedy_completions(model, [c.prompt_ids for c in checks], eos_id, max_new_tokens)
-    right: dict[str, list[bool]] = {}
-    for c, ids in zip(checks, outs, strict=True):
-        right.setdefault(c.split, []).append(c.is_correct(tok.decode(ids, skip_special_tokens=False)))
-    every = [r for v in right.values() for r in v]
-    res = {"val_accuracy": sum(every) / len(every)}
-    if len(right) > 1:
-        res.update({f"val_accuracy/{s}": sum(v) / len(v) for s, v in right.items()})
-    return res
-
-
 def sft(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *, init_from=None, resume=False,
         backend: str = "auto", seed: int | None = None, eval_dataset: str | None = None,
         num_examples: int | None = None, eval_examples: int | None = None, splits: list[str] | None = None,
         tokenizer: str | None = None, keep_last: int | None = None, save_every: int | None = None,
-        overwrite: bool = False, compile: bool | str = "auto", verbose: bool = True, on_step=None,
+        overwrite: bool = False, compile: bool | str = False, verbose: bool = True, on_step=None,
         **overrides) -> dict:
     """Fine-tune the model of ``init_from`` on ``dataset`` (`load_sft_data`) and return the run summary.
 
@@ -193,32 +165,26 @@ def sft(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
     Raises `dsfs.errors.UserError` subclasses on bad input (see `dsfs.stage.start_stage`, `load_sft_data`).
     """
     say = say_fn(verbose)
-    options = {"dataset": dataset, "eval_dataset": eval_dataset, "num_examples": num_examples,
-               "eval_examples": eval_examples, "splits": splits}
+    options = {"dataset": dataset_option(dataset, TASKS, splits, eval_dataset, "conversations"),
+               "eval_dataset": str(Path(eval_dataset).resolve()) if eval_dataset is not None else None,
+               "num_examples": num_examples, "eval_examples": eval_examples, "splits": splits}
     start = start_stage("sft", out_dir=out_dir, resume=resume, init_from=init_from, overwrite=overwrite, seed=seed,
                         keep_last=keep_last, save_every=save_every, default_tc=SFT_CONFIG, overrides=overrides,
                         options=options)
-    opt, tc = start.options, start.tc
+    opt, tc = fill_options(start, {"eval_examples": 200}), start.tc
     if opt["dataset"] is None:
         raise ConfigError("dsfs sft needs --dataset (arithmetic, gsm8k, or a .jsonl file of conversations)")
     be = resolve_backend(backend)
-    tok_file = tokenizer_file_of(start.init_dir, tokenizer)
-    tok = read_tokenizer(tok_file)
     model = load_model(be, start.model_dir, say)
     cfg = model.config
-    if tok.get_vocab_size() > cfg.vocab_size:
-        raise DataError(f"{tok_file} has {tok.get_vocab_size()} tokens, more than the model's vocab_size "
-                        f"{cfg.vocab_size}; expected the tokenizer the model was trained with")
+    tok_file, tok = stage_tokenizer(start.model_dir, cfg, tokenizer)
     tc.check_model(cfg.max_position_embeddings)
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
     data = load_sft_data(opt["dataset"], tok, tc.seq_len, seed=start.seed, eval_dataset=opt["eval_dataset"],
-                         num_examples=opt["num_examples"], eval_examples=opt["eval_examples"] or 200,
+                         num_examples=opt["num_examples"], eval_examples=opt["eval_examples"],
                          splits=opt["splits"], eos_id=eos)
-    cut = sum(data.truncated.values())
-    say(f"data: {data.source}; {plural(len(data.eval), 'held-out conversation')}"
-        + (f"; {plural(cut, 'sequence')} cut to --seq-len {tc.seq_len} "
-           f"({', '.join(f'{k} {v}' for k, v in data.truncated.items())})" if cut else ""))
+    say(f"data: {data.source}; {plural(len(data.eval), 'held-out conversation')}{cut_note(data.truncated, tc.seq_len)}")
     if be.note:
         say(be.note)
     torch.manual_seed(start.seed)
@@ -227,7 +193,7 @@ def sft(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
     counted = [0]
 
     def next_batch():
-        batch = collate([data.train[i] for i in order.take(tc.batch_size)], pad)
+        batch = collate([data.train[i] for i in order.take(tc.batch_size)], pad, tc.seq_len)
         counted[0] += int((batch["input_ids"] != pad).sum())
         return batch
 
@@ -236,18 +202,31 @@ def sft(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
         return n
 
     n_eval = min(tc.eval_batches * tc.batch_size, len(data.eval))
-    evals = [collate(data.eval[s:s + tc.batch_size], pad) for s in range(0, n_eval, tc.batch_size)]
+    evals = [collate(data.eval[s:s + tc.batch_size], pad, tc.seq_len) for s in range(0, n_eval, tc.batch_size)]
     extra = (lambda: accuracy(trainer.model, tok, data.checks, eos, data.max_new_tokens)) if data.checks else None
     keys = ["val_accuracy"] + [f"val_accuracy/{s}" for s in dict.fromkeys(c.split for c in data.checks)]
     summary = run_stage(start, trainer, next_batch=next_batch, eval_batches=evals, tokens_per_step=tokens_done,
                         order=order, tokenizer_file=tok_file, overwrite=overwrite, say=say, verbose=verbose,
-                        extra_eval=extra, plot_keys=keys if data.checks else (), on_step=on_step)
-    last = _last_eval(start.out)
-    return {**summary, "backend": be.name, "truncated": data.truncated,
+                        extra_eval=extra, plot_keys=keys if data.checks else (), on_step=on_step,
+                        extra_state=lambda: {"truncated": data.truncated})
+    last = last_eval(start.out)
+    return {**summary, "backend": be.name, "truncated": data.truncated, "seq_len": tc.seq_len,
             **{k: v for k, v in last.items() if k.startswith("val_accuracy")}}
 
 
-def _last_eval(out: Path) -> dict:
+def cut_note(counts: dict[str, dict], seq_len: int) -> str:
+    """``"; 12 sequences cut to --seq-len 256 (train 10, eval 2); ..."`` for the data line, or ``""``: the counts of
+    `_features` per split."""
+    out = ""
+    for key, what in (("truncated", "cut to"), ("dropped", "dropped: nothing to learn within")):
+        per = {split: c.get(key, 0) for split, c in counts.items() if c.get(key)}
+        if per:
+            out += (f"; {plural(sum(per.values()), 'sequence')} {what} --seq-len {seq_len} "
+                    f"({', '.join(f'{k} {v}' for k, v in per.items())})")
+    return out
+
+
+def last_eval(out: Path) -> dict:
     """The newest evaluation record of the run's metrics.jsonl."""
     import json
 
@@ -279,8 +258,9 @@ def add_sft(sub) -> None:
                    "files: all)")
     p.add_argument("--eval-examples", type=int, metavar="N", help="held-out problems per split for the accuracy "
                    "(default: 200)")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the loss (auto: on for cpu and cuda; default: auto)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="off",
+                   help="torch.compile the loss (auto: on for cpu and cuda). Default: off: batches are padded to their "
+                   "longest conversation, so each new width would compile again")
     add_stage_options(p, "sft", SFT_CONFIG, mtp=True)
     p.set_defaults(func=_run_sft)
 
@@ -293,10 +273,11 @@ def _run_sft(args) -> int:
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {v}: expected an integer >= 1")
     s = sft(args.dataset, init_from=args.init_from, eval_dataset=args.eval_dataset,
-            splits=args.splits.split(",") if args.splits else None, num_examples=args.num_examples,
+            splits=args.splits.split(",") if args.splits is not None else None,
+            num_examples=args.num_examples,
             eval_examples=args.eval_examples, compile={"auto": "auto", "on": True, "off": False}[args.compile],
             **stage_kwargs(args, mtp=True))
     acc = [f"{k} {v:.3f}" for k, v in s.items() if k.startswith("val_accuracy")]
-    cut = sum(s["truncated"].values())
-    print_summary(s, ([", ".join(acc)] if acc else []) + ([f"{cut} sequences cut to --seq-len"] if cut else []))
+    cut = cut_note(s["truncated"], s["seq_len"])
+    print_summary(s, ([", ".join(acc)] if acc else []) + ([cut.lstrip("; ")] if cut else []))
     return 0

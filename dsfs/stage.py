@@ -148,12 +148,54 @@ def load_model(be: Backend, path: Path, say: Callable[[str], None] = lambda m: N
     return model.train(train)
 
 
-def tokenizer_file_of(model_dir: Path, tokenizer: str | os.PathLike | None = None) -> Path:
-    """The ``tokenizer.json`` a stage trains with: ``tokenizer`` (a file or a directory holding one), else the model
-    directory's. Raises `DataError` when there is none."""
+def stage_tokenizer(model_dir: Path, cfg, tokenizer: str | os.PathLike | None = None):
+    """``(path, tokenizers.Tokenizer)`` a stage trains with: ``tokenizer`` (a file or a directory holding one), else
+    the model directory's ``tokenizer.json``. Raises `DataError` / `CheckpointError` when there is none, when
+    ``tokenizer`` differs from the one the model directory holds, or when it has more tokens than the model's
+    ``cfg.vocab_size``."""
+    from dsfs.data import file_sha256, read_tokenizer
     from dsfs.generate import tokenizer_file
 
-    return tokenizer_file(model_dir, tokenizer)
+    path = tokenizer_file(model_dir, tokenizer)
+    own = Path(model_dir) / "tokenizer.json"
+    if tokenizer is not None and own.is_file() and file_sha256(own) != file_sha256(path):
+        raise DataError(f"--tokenizer {tokenizer} differs from the tokenizer.json of {model_dir}, which the model was "
+                        "trained with; drop --tokenizer")
+    tok = read_tokenizer(path)
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise DataError(f"{path} has {tok.get_vocab_size()} tokens, more than the model's vocab_size "
+                        f"{cfg.vocab_size}; expected the tokenizer the model was trained with")
+    return path, tok
+
+
+def dataset_option(dataset: str | None, tasks: tuple[str, ...], splits: list[str] | None, eval_dataset,
+                   what: str) -> str | None:
+    """The ``--dataset`` a stage stores: a task name as given, a file as its absolute path (so a resumed run finds it
+    from any directory). Raises `ConfigError` for options the dataset does not use: ``--splits`` off arithmetic,
+    ``--eval-dataset`` with a built-in task, an empty split name."""
+    if dataset is None:
+        return None
+    if splits is not None and (not splits or any(not s for s in splits)):
+        raise ConfigError(f"--splits {','.join(splits)!r}: expected comma-separated split names")
+    if dataset in tasks:
+        if splits and dataset != "arithmetic":
+            raise ConfigError(f"--splits applies to --dataset arithmetic, not {dataset}")
+        if eval_dataset is not None:
+            raise ConfigError(f"--eval-dataset applies to a file of {what}; --dataset {dataset} holds out its own "
+                              "problems (size them with --eval-examples)")
+        return dataset
+    if splits:
+        raise ConfigError(f"--splits applies to --dataset arithmetic, not a file of {what}")
+    return str(Path(dataset).resolve())
+
+
+def fill_options(start: StageStart, defaults: dict) -> dict:
+    """``start.options`` with ``defaults`` where an option was not given, in place: the checkpoints store the
+    values the run used, so a resumed run given the same values explicitly is not refused."""
+    for k, v in defaults.items():
+        if start.options.get(k) is None:
+            start.options[k] = v
+    return start.options
 
 
 class ExampleOrder:
@@ -203,14 +245,14 @@ def restore(trainer, start: StageStart) -> Progress | None:
 
 def run_stage(start: StageStart, trainer, *, next_batch: Callable[[], Batch], eval_batches: list[Batch],
               tokens_per_step: Callable[[], int] | int, order: ExampleOrder, tokenizer_file: Path,
-              overwrite: bool, say: Callable[[str], None], verbose: bool,
+              overwrite: bool, say: Callable[[str], None], verbose: bool, perplexity: bool = True,
               extra_state: Callable[[], dict] | None = None,
               extra_eval: Callable[[], dict] | None = None, plot_keys: Sequence[str] = (),
               on_step: Callable[[dict], None] | None = None) -> dict:
     """Hand a stage to `dsfs.loop.TrainingRun` and return its summary. ``order``'s position and ``extra_state()``
     (more of the stage's state, such as a data generator's) go into every checkpoint with the stage's options;
     ``extra_eval`` adds metrics to each evaluation record; ``plot_keys``: metrics drawn in loss.png's second
-    panel."""
+    panel; ``perplexity``: whether ``val_loss`` is a cross-entropy (``val_ppl`` is logged) or another loss."""
     progress = restore(trainer, start)
 
     def stage_state() -> dict:
@@ -228,7 +270,7 @@ def run_stage(start: StageStart, trainer, *, next_batch: Callable[[], Batch], ev
     run = TrainingRun(trainer, tc, start.out, next_batch, eval_batches, tokens_per_step, stage_state,
                       tokenizer_file, keep_last=start.keep_last, save_every=start.save_every, start=progress,
                       overwrite=overwrite, say=say, verbose=verbose, desc=start.verb, command=f"dsfs {start.verb}",
-                      on_step=on_step, extra_eval=extra_eval, plot_keys=plot_keys)
+                      on_step=on_step, extra_eval=extra_eval, plot_keys=plot_keys, perplexity=perplexity)
     return run.run()
 
 

@@ -140,7 +140,7 @@ def test_sft_counts_truncated_sequences(base, tmp_path):
                           {"role": "assistant", "content": " ".join(["7"] * 40)}]}] * 6
     data = write_jsonl(tmp_path / "long.jsonl", long + conversations(6))
     s = sft(str(data), tmp_path / "t", init_from=base["plain"], max_steps=1, **{**SFT, "seq_len": 40})
-    assert sum(s["truncated"].values()) >= 5
+    assert sum(c.get("truncated", 0) for c in s["truncated"].values()) >= 5
 
 
 def test_sft_resume_keeps_its_options(base, tmp_path):
@@ -246,3 +246,72 @@ def test_arithmetic_prompts_fit_the_generation_budget(base):
             ids, _ = chat.render(arithmetic.conversation(p), tok)
             prompt, _ = chat.render(arithmetic.conversation(p)[:-1], tok, add_generation_prompt=True)
             assert len(ids) - len(prompt) <= arithmetic.MAX_COMPLETION_TOKENS
+
+
+# ---------------------------------------------------------------- bad input found by trying to break the verbs
+
+
+def test_padding_stops_at_the_models_positions(base, tmp_path):
+    """Batches round their width up to 16 but never past --seq-len (here the model's 100 positions)."""
+    micro_train(base["data"], tmp_path / "m100", max_steps=1,
+                model_overrides={**MICRO_MODEL, "max_position_embeddings": 100})
+    long = [{"messages": [{"role": "user", "content": "Many sevens?"},
+                          {"role": "assistant", "content": " ".join(["7"] * 60)}]}] * 8
+    data = write_jsonl(tmp_path / "long.jsonl", long)
+    s = sft(str(data), tmp_path / "s", init_from=tmp_path / "m100" / "final", max_steps=1,
+            **{**SFT, "seq_len": 100})
+    assert s["truncated"]["train"]["truncated"] >= 1
+    pairs = [{"prompt": "Say sevens.", "chosen": " ".join(["7"] * 60), "rejected": "no"}] * 8
+    d = dpo(str(write_jsonl(tmp_path / "p.jsonl", pairs)), tmp_path / "d", init_from=tmp_path / "m100" / "final",
+            max_steps=1, **{**STAGE, "seq_len": 100})
+    assert math.isfinite(d["val_loss"])
+
+
+def test_conversations_whose_prompt_fills_the_length_are_dropped_and_counted(base, tmp_path):
+    rows = conversations(8) + [{"messages": [{"role": "user", "content": " ".join(["word"] * 80)},
+                                             {"role": "assistant", "content": "ok"}]}] * 3
+    s = sft(str(write_jsonl(tmp_path / "c.jsonl", rows)), tmp_path / "s", init_from=base["plain"], max_steps=1,
+            eval_dataset=str(write_jsonl(tmp_path / "e.jsonl", conversations(3))), **{**SFT, "seq_len": 40})
+    assert s["truncated"]["train"]["dropped"] == 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(beta=float("inf")), "--beta inf"),
+    (dict(splits=["add_sub_1"], dataset="FILE"), "--splits applies"),
+    (dict(eval_dataset="FILE"), "--eval-dataset applies"),
+    (dict(splits=[""]), "--splits"),
+])
+def test_dpo_refuses_options_it_would_ignore_or_crash_on(base, tmp_path, kw, match):
+    f = str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 4))
+    kw = {k: f if v == "FILE" else v for k, v in kw.items()}
+    with pytest.raises(ConfigError, match=match):
+        dpo(kw.pop("dataset", "arithmetic"), tmp_path / "x", init_from=base["plain"], **kw, **STAGE)
+
+
+def test_distill_checks_temperature_and_on_policy_length(base, tmp_path):
+    with pytest.raises(ConfigError, match="--temperature inf"):
+        distill(base["plain"], tmp_path / "x", init_from=base["plain"], data_dir=base["data"],
+                temperature=float("inf"), **STAGE)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        distill(base["plain"], tmp_path / "x", init_from=base["plain"], data_dir=base["data"], lmbda=1.0,
+                max_new_tokens=500, **STAGE)
+
+
+def test_resume_accepts_options_given_at_their_value(base, tmp_path):
+    kw = dict(init_from=base["plain"], max_steps=2, num_examples=12, eval_examples=2, splits=["add_sub_1"],
+              **{**STAGE, "seq_len": 128})
+    with pytest.raises(KeyboardInterrupt):
+        dpo("arithmetic", tmp_path / "r", on_step=ctrl_c_at(1), **kw)
+    kw.pop("init_from")
+    s = dpo("arithmetic", tmp_path / "r", resume=True, beta=0.1, loss_type="sigmoid", **kw)
+    assert s["steps"] == 2
+
+
+def test_a_run_that_stopped_before_its_first_step_can_start_again(base, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "val_loss": 3.0}\n')
+    data = write_jsonl(tmp_path / "conv.jsonl", conversations())
+    assert sft(str(data), out, init_from=base["plain"], max_steps=1, **SFT)["steps"] == 1
+    with pytest.raises(DataError, match="already holds a run"):
+        sft(str(data), out, init_from=base["plain"], max_steps=1, **SFT)

@@ -581,12 +581,27 @@ def test_a_second_signal_quits_at_once(data_dir, tmp_path):
     def twice(rec):
         if rec["step"] == 3:
             os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(loop._StopSignals.REPEAT_S + 0.1)
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(loop.Interrupted) as e:
         micro_train(data_dir, tmp_path / "run", max_steps=8, eval_every=2, on_step=twice)
     assert e.value.signum == signal.SIGINT
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "run/checkpoints")] == ["step_000002"]
+
+
+def test_one_signal_delivered_twice_still_saves(data_dir, tmp_path):
+    """``timeout -s INT 60 uv run dsfs ...`` delivers one SIGINT to the run twice within milliseconds (once from the
+    process group, once forwarded by uv): that is one Ctrl-C, which checkpoints."""
+    def doubled(rec):
+        if rec["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(loop.Interrupted):
+        micro_train(data_dir, tmp_path / "run", max_steps=8, eval_every=2, on_step=doubled)
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "run/checkpoints")] == [
+        "step_000002", "step_000003"]
 
 
 def test_cli_exit_code_names_the_signal(capsys, monkeypatch):
