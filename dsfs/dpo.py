@@ -151,18 +151,19 @@ class DPOTrainer(TorchTrainer):
     """A `dsfs.trainer.Trainer` for DPO on torch models of the ``reference.Model`` API (the reference, runtime_cuda).
 
     ``ref_model``: the frozen reference (eval mode, no gradients), or ``None`` when every batch carries
-    ``ref_chosen_logps`` / ``ref_rejected_logps``. ``beta``, ``loss_type``, ``label_smoothing``: TRL's. ``ops``: the
+    ``ref_chosen_logps`` / ``ref_rejected_logps``. ``beta``, ``loss_type``, ``label_smoothing``, ``rpo_alpha``: TRL's
+    (``rpo_alpha``: add that times the chosen completions' mean token NLL, RPO, Pang et al. 2024). ``ops``: the
     module of the fused ``preference`` op and its ``sequence_logps`` (`reference.preference`, or
     ``kernels.triton.preference`` on CUDA). The optimizer, clipping and MoE bias update are `TorchTrainer`'s; the
     forward runs eagerly (the policy and the reference take the same code path, so their log-probs agree bit for
     bit at initialization)."""
 
     def __init__(self, model: nn.Module, ref_model: nn.Module | None, device: torch.device, tc: TrainConfig,
-                 beta: float, loss_type: str, label_smoothing: float, ops=None):
+                 beta: float, loss_type: str, label_smoothing: float, ops=None, rpo_alpha: float | None = None):
         super().__init__(disable_dropout(model), device, tc.lr, tc.weight_decay, tc.grad_clip, 0.0, False,
                          tc.optimizer, deterministic=False)
         self.ref = None if ref_model is None else disable_dropout(ref_model).to(device).eval().requires_grad_(False)
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
         self.ops = ops or importlib.import_module("reference.preference")
 
     @torch.no_grad()
@@ -183,6 +184,10 @@ class DPOTrainer(TorchTrainer):
         h = self.model.hidden_states(x)
         loss, c, r = self.ops.preference(h, self.model.lm_head.weight, y, ref_c, ref_r, beta=self.beta,
                                          loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+        if self.rpo_alpha:
+            n = (y[: c.shape[0]] != IGNORE_INDEX).sum(-1)
+            self.nll = -(c * n if self.loss_type == "ipo" else c).sum() / n.sum().clamp(min=1)
+            loss = loss + self.rpo_alpha * self.nll
         return loss, c, r, ref_c, ref_r
 
     def _metrics(self, loss, c, r, ref_c, ref_r, prefix: str = "") -> dict[str, float]:
@@ -197,7 +202,8 @@ class DPOTrainer(TorchTrainer):
         and log-prob metrics."""
         loss, c, r, ref_c, ref_r = self._loss(batch)
         (loss / accum).backward()
-        return {"loss": loss.item(), **self._metrics(loss, c, r, ref_c, ref_r)}
+        nll = {"nll_loss": self.nll.item()} if self.rpo_alpha else {}
+        return {"loss": loss.item(), **self._metrics(loss, c, r, ref_c, ref_r), **nll}
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> float:
@@ -216,7 +222,8 @@ class DPOTrainer(TorchTrainer):
         return {k: sum(m[k] for m in ms) / len(ms) for k in ms[0] if "rewards" in k}
 
 
-def make_dpo_trainer(be, model, ref_model, tc: TrainConfig, beta: float, loss_type: str, label_smoothing: float):
+def make_dpo_trainer(be, model, ref_model, tc: TrainConfig, beta: float, loss_type: str, label_smoothing: float,
+                     rpo_alpha: float | None = None):
     """The DPO trainer of backend ``be``: `DPOTrainer` with the reference's ops, or with the Triton ops on
     ``runtime_cuda``, or ``runtime_mlx.posttrain.MLXDPOTrainer`` (``model`` and ``ref_model``: reference models,
     converted) on the MLX runtime."""
@@ -225,32 +232,34 @@ def make_dpo_trainer(be, model, ref_model, tc: TrainConfig, beta: float, loss_ty
         from runtime_mlx.train import from_reference
 
         return MLXDPOTrainer(from_reference(disable_dropout(model)), from_reference(disable_dropout(ref_model)), tc.lr,
-                             tc.weight_decay, tc.grad_clip, tc.optimizer, beta, loss_type, label_smoothing)
+                             tc.weight_decay, tc.grad_clip, tc.optimizer, beta, loss_type, label_smoothing, rpo_alpha)
     ops = importlib.import_module("kernels.triton.preference" if be.name == "cuda" else "reference.preference")
-    return DPOTrainer(model, ref_model, be.device, tc, beta, loss_type, label_smoothing, ops)
+    return DPOTrainer(model, ref_model, be.device, tc, beta, loss_type, label_smoothing, ops, rpo_alpha)
 
 
 def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *, init_from=None, resume=False,
         backend: str = "auto", seed: int | None = None, beta: float | None = None, loss_type: str | None = None,
-        label_smoothing: float | None = None, precompute_ref_log_probs: bool | None = None,
+        label_smoothing: float | None = None, rpo_alpha: float | None = None,
+        precompute_ref_log_probs: bool | None = None,
         eval_dataset: str | None = None, num_examples: int | None = None, eval_examples: int | None = None,
         splits: list[str] | None = None, tokenizer: str | None = None, keep_last: int | None = None,
         save_every: int | None = None, overwrite: bool = False, verbose: bool = True, on_step=None,
         **overrides) -> dict:
     """Align the model of ``init_from`` with DPO on ``dataset``'s preference pairs (`load_pairs`); return the run
     summary (as `dsfs.sft.sft`'s). ``beta`` (default 0.1), ``loss_type`` (``sigmoid``), ``label_smoothing`` (0),
-    ``precompute_ref_log_probs`` (False) are TRL's ``DPOConfig`` options; ``overrides``: `TrainConfig` fields over
-    `DPO_CONFIG` (``batch_size`` counts pairs). Raises `dsfs.errors.UserError` subclasses on bad input."""
+    ``rpo_alpha`` (0), ``precompute_ref_log_probs`` (False) are TRL's ``DPOConfig`` options; ``overrides``:
+    `TrainConfig` fields over `DPO_CONFIG` (``batch_size`` counts pairs). Raises `dsfs.errors.UserError`
+    subclasses on bad input."""
     say = say_fn(verbose)
     options = {"dataset": dataset_option(dataset, TASKS, splits, eval_dataset, "preference pairs"), "beta": beta,
-               "loss_type": loss_type, "label_smoothing": label_smoothing,
+               "loss_type": loss_type, "label_smoothing": label_smoothing, "rpo_alpha": rpo_alpha,
                "precompute_ref_log_probs": precompute_ref_log_probs,
                "eval_dataset": str(Path(eval_dataset).resolve()) if eval_dataset is not None else None,
                "num_examples": num_examples, "eval_examples": eval_examples, "splits": splits}
     start = start_stage("dpo", out_dir=out_dir, resume=resume, init_from=init_from, overwrite=overwrite, seed=seed,
                         keep_last=keep_last, save_every=save_every, default_tc=DPO_CONFIG, overrides=overrides,
                         options=options)
-    opt = fill_options(start, {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
+    opt = fill_options(start, {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0,
                                "precompute_ref_log_probs": False, "eval_examples": 200})
     tc, beta, loss_type, smoothing = start.tc, opt["beta"], opt["loss_type"], opt["label_smoothing"]
     if opt["dataset"] is None:
@@ -261,6 +270,8 @@ def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
         raise ConfigError(f"--beta {beta}: expected a finite number > 0")
     if not 0 <= smoothing <= 0.5:
         raise ConfigError(f"--label-smoothing {smoothing}: expected a number in [0, 0.5]")
+    if not (math.isfinite(opt["rpo_alpha"]) and opt["rpo_alpha"] >= 0):
+        raise ConfigError(f"--rpo-alpha {opt['rpo_alpha']}: expected a finite number >= 0")
     if smoothing and loss_type != "sigmoid":
         raise ConfigError(f"--label-smoothing applies to --loss-type sigmoid (cDPO), not {loss_type}")
     be = resolve_backend(backend)
@@ -279,7 +290,7 @@ def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
         + (f", label_smoothing {smoothing}" if smoothing else "") + cut_note(data.truncated, tc.seq_len))
     torch.manual_seed(start.seed)
     ref_model = load_model(be, start.init_dir, train=False)  # the run's start: the frozen reference, also on resume
-    trainer = make_dpo_trainer(be, model, ref_model, tc, beta, loss_type, smoothing)
+    trainer = make_dpo_trainer(be, model, ref_model, tc, beta, loss_type, smoothing, opt["rpo_alpha"])
     ref_lp = None
     if opt["precompute_ref_log_probs"]:
         say(f"precomputing the reference log-probs of {plural(len(data.train), 'pair')}")
@@ -342,6 +353,8 @@ def add_dpo(sub) -> None:
     p.add_argument("--beta", type=float, metavar="B", help="the KL penalty's inverse temperature (default: 0.1)")
     p.add_argument("--loss-type", choices=list(LOSS_TYPES), help="default: sigmoid")
     p.add_argument("--label-smoothing", type=float, metavar="E", help="cDPO's label noise, sigmoid only (default: 0)")
+    p.add_argument("--rpo-alpha", type=float, metavar="A", help="add A times the chosen completions' token NLL (RPO, "
+                   "Pang et al. 2024; keeps the chosen likelihood from falling; default: 0)")
     p.add_argument("--precompute-ref-log-probs", action="store_true", default=None,
                    help="compute the reference model's log-probs once before training, then drop it")
     add_stage_options(p, "dpo", DPO_CONFIG)
@@ -356,7 +369,8 @@ def _run_dpo(args) -> int:
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {v}: expected an integer >= 1")
     s = dpo(args.dataset, init_from=args.init_from, beta=args.beta, loss_type=args.loss_type,
-            label_smoothing=args.label_smoothing, precompute_ref_log_probs=args.precompute_ref_log_probs,
+            label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha,
+            precompute_ref_log_probs=args.precompute_ref_log_probs,
             eval_dataset=args.eval_dataset,
             splits=args.splits.split(",") if args.splits is not None else None,
             num_examples=args.num_examples, eval_examples=args.eval_examples, **stage_kwargs(args))

@@ -99,18 +99,22 @@ class MLXDPOTrainer(_PostTrainer):
     """
 
     def __init__(self, model: Model, ref_model: Model | None, lr: float, weight_decay: float, grad_clip: float,
-                 optimizer: str, beta: float, loss_type: str, label_smoothing: float):
+                 optimizer: str, beta: float, loss_type: str, label_smoothing: float, rpo_alpha: float | None = None):
         super().__init__(disable_dropout(model), lr, weight_decay, grad_clip, optimizer)
         self.ref = None if ref_model is None else disable_dropout(ref_model)
         if self.ref is not None:
             self.ref.eval()
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
 
         def loss_fn(x, y, ref_c, ref_r):
             stats = {"loads": [], "aux": []}
             h = model.hidden_states(x, stats=stats, check_values=False)
             loss, c, r = kernels.preference(h, head_weight(model), y, ref_c, ref_r, beta=beta, loss_type=loss_type,
                                             label_smoothing=label_smoothing)
+            if rpo_alpha:  # RPO: the chosen completions' mean token NLL, as dsfs.dpo.DPOTrainer
+                n = (y[: c.shape[0]] != -100).sum(-1).astype(mx.float32)
+                nll = -(c * n if loss_type == "ipo" else c).sum() / mx.maximum(n.sum(), 1.0)
+                loss = loss + rpo_alpha * nll
             return loss, c, r, *stats["loads"]
 
         self._micro = nn.value_and_grad(model, loss_fn)

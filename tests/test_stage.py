@@ -315,3 +315,11 @@ def test_a_run_that_stopped_before_its_first_step_can_start_again(base, tmp_path
     assert sft(str(data), out, init_from=base["plain"], max_steps=1, **SFT)["steps"] == 1
     with pytest.raises(DataError, match="already holds a run"):
         sft(str(data), out, init_from=base["plain"], max_steps=1, **SFT)
+
+
+def test_dpo_rpo_alpha_adds_the_chosen_nll(base, tmp_path):
+    dpo("arithmetic", tmp_path / "d", init_from=base["plain"], max_steps=1, num_examples=8, eval_examples=2,
+        splits=["add_sub_1"], rpo_alpha=0.5, **{**STAGE, "seq_len": 128})
+    first = records(tmp_path / "d")[0][0]
+    ln2 = torch.tensor(math.log(2), dtype=torch.float32).item()
+    assert first["nll_loss"] > 0 and first["loss"] == pytest.approx(ln2 + 0.5 * first["nll_loss"], rel=1e-6)
