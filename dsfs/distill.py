@@ -137,10 +137,10 @@ def distill(teacher: str | os.PathLike | None = None, out_dir: str | os.PathLike
     """Distill the model in ``teacher`` into a student (``init_from``, or a fresh ``student_preset`` model) on the
     prepared token shards of ``data_dir`` (default: `dsfs.data.prepare`'s default output); return the run summary.
 
-    ``beta`` (default 0.5), ``temperature`` (1.0), ``lmbda`` (0: off-policy only), ``max_new_tokens`` (on-policy
-    sample length, default ``seq_len // 2``) are TRL's GKD options; ``weight_hard_loss`` (0.5) Liger's. ``overrides``:
-    `TrainConfig` fields over `DISTILL_CONFIG`. Raises `dsfs.errors.UserError` subclasses on bad input: among them a
-    teacher whose tokenizer or vocabulary differs from the student's or the data's."""
+    ``beta`` (default 0: forward KL), ``temperature`` (1.0), ``lmbda`` (0: off-policy only), ``max_new_tokens``
+    (on-policy sample length, default ``seq_len // 2``) are TRL's GKD options; ``weight_hard_loss`` (0.5) Liger's.
+    ``overrides``: `TrainConfig` fields over `DISTILL_CONFIG`. Raises `dsfs.errors.UserError` subclasses on bad
+    input: among them a teacher whose tokenizer or vocabulary differs from the student's or the data's."""
     say = say_fn(verbose)
     if not resume and init_from is None and student_preset is None:
         raise ConfigError("dsfs distill needs the student: --init-from DIR (a checkpoint) or --student-preset NAME "
@@ -155,7 +155,7 @@ def distill(teacher: str | os.PathLike | None = None, out_dir: str | os.PathLike
                         overwrite=overwrite, seed=seed, keep_last=keep_last, save_every=save_every,
                         default_tc=DISTILL_CONFIG, overrides=overrides, options=options)
     tc = start.tc
-    opt = fill_options(start, {"beta": 0.5, "temperature": 1.0, "weight_hard_loss": 0.5, "lmbda": 0.0,
+    opt = fill_options(start, {"beta": 0.0, "temperature": 1.0, "weight_hard_loss": 0.5, "lmbda": 0.0,
                                "max_new_tokens": tc.seq_len // 2})
     if opt["teacher"] is None:
         raise ConfigError("dsfs distill needs --teacher DIR (the model to distill)")
@@ -235,8 +235,9 @@ def add_distill(sub) -> None:
     p.add_argument("--student-preset", choices=list(MODEL_PRESETS), help="a fresh student of this preset")
     p.add_argument("--data", metavar="DIR", help="prepared data dir, tokenized with the teacher's tokenizer "
                    "(default: dsfs prepare's default output)")
-    p.add_argument("--beta", type=float, metavar="B", help="generalized JSD weight: 0 forward KL, 1 reverse KL "
-                   "(default: 0.5)")
+    p.add_argument("--beta", type=float, metavar="B", help="generalized JSD weight: 0 forward KL (Hinton's), 1 "
+                   "reverse KL, between: the JSD (default: 0; TRL's GKD defaults to 0.5, which distilled the default "
+                   "checkpoint worse here: docs/posttraining.md)")
     p.add_argument("--temperature", type=float, metavar="T", help="softmax temperature of both models (default: 1)")
     p.add_argument("--weight-hard-loss", type=float, metavar="W", help="weight of the cross-entropy on the data's "
                    "tokens; the divergence gets 1 - W (default: 0.5)")

@@ -278,7 +278,7 @@ def dpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
     if start.ckpt is not None and model_dir_problem(start.init_dir) is not None:
         raise CheckpointError(f"the run's reference model, its --init-from {start.init_dir}, is gone "
                               f"({model_dir_problem(start.init_dir)}); DPO needs it to continue")
-    model = load_model(be, start.model_dir, say)
+    model = load_model(be, start.model_dir)
     cfg = model.config
     tok_file, tok = stage_tokenizer(start.model_dir, cfg, tokenizer)
     tc.check_model(cfg.max_position_embeddings)

@@ -175,7 +175,7 @@ def sft(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
     if opt["dataset"] is None:
         raise ConfigError("dsfs sft needs --dataset (arithmetic, gsm8k, or a .jsonl file of conversations)")
     be = resolve_backend(backend)
-    model = load_model(be, start.model_dir, say)
+    model = load_model(be, start.model_dir)
     cfg = model.config
     tok_file, tok = stage_tokenizer(start.model_dir, cfg, tokenizer)
     tc.check_model(cfg.max_position_embeddings)

@@ -65,8 +65,8 @@ def start_stage(verb: str, *, out_dir, resume, init_from, overwrite: bool, seed:
                 save_every: int | None, default_tc: TrainConfig, overrides: dict, options: dict) -> StageStart:
     """Resolve the start of a ``verb`` run (``"sft"``, ``"dpo"``, ``"distill"``).
 
-    A fresh run needs ``init_from`` (a model, run or checkpoints directory, `resolve_model_dir`), except where the
-    verb makes its own model (``options["init_optional"]``); it takes ``default_tc`` with ``overrides`` (a dict of
+    A fresh run needs ``init_from`` (a model, run or checkpoints directory, `resolve_model_dir`; a distillation with a
+    fresh student passes its teacher, the run's recorded start); it takes ``default_tc`` with ``overrides`` (a dict of
     `TrainConfig` fields, ``None`` values ignored) and ``options``. ``resume`` (``True``: the newest checkpoint of
     ``out_dir``; or a path) continues a run of the same verb: its training config (``overrides`` still apply, as
     in ``dsfs train``), its options (a given option that differs is refused: ``None`` means not given), its seed and
@@ -138,7 +138,7 @@ def start_stage(verb: str, *, out_dir, resume, init_from, overwrite: bool, seed:
                       3 if keep_last is None else keep_last, save_every)
 
 
-def load_model(be: Backend, path: Path, say: Callable[[str], None] = lambda m: None, train: bool = True):
+def load_model(be: Backend, path: Path, train: bool = True):
     """The model in ``path`` as backend ``be``'s torch class (the reference model for the MLX runtime, which
     `dsfs.trainer.make_trainer` converts), in train mode (``train``) or eval mode. Raises `CheckpointError`."""
     from reference import Model
@@ -220,11 +220,6 @@ class ExampleOrder:
             out.append(self._perm[i])
             self.pos += 1
         return out
-
-    @property
-    def epoch(self) -> float:
-        """Epochs done, fractional."""
-        return self.pos / self.n
 
 
 def restore(trainer, start: StageStart) -> Progress | None:
