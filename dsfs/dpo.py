@@ -105,7 +105,7 @@ def load_pairs(dataset: str, tok, max_length: int, *, seed: int = 0, eval_datase
     checks: list[Check] = []
     if dataset in TASKS:
         task = load_task(dataset, num_train=num_examples or (5_000 if dataset == "arithmetic" else 0),
-                         num_held_out=eval_examples, seed=seed, splits=splits)
+                         num_held_out=eval_examples, seed=seed, splits=splits, at_most=num_examples is None)
         train_pairs = task.preference_pairs(task.train, seed)
         eval_pairs = task.preference_pairs(task.held_out, seed + 1)
         checks, max_new = task.checks(tok), task.max_new_tokens

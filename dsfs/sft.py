@@ -98,7 +98,7 @@ def load_sft_data(dataset: str, tok, max_length: int, *, seed: int = 0, eval_dat
     truncated: dict[str, dict] = {"train": {}, "eval": {}}
     if dataset in TASKS:
         task = load_task(dataset, num_train=num_examples or (50_000 if dataset == "arithmetic" else 0),
-                         num_held_out=eval_examples, seed=seed, splits=splits)
+                         num_held_out=eval_examples, seed=seed, splits=splits, at_most=num_examples is None)
         train = _features([task.conversation(p) for p in task.train], tok, max_length, f"{dataset} train",
                           truncated["train"])
         ev = _features([task.conversation(p) for p in task.held_out], tok, max_length, f"{dataset} held-out",

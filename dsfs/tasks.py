@@ -54,13 +54,14 @@ class Task:
 
 
 def load_task(name: str, *, num_train: int = 0, num_held_out: int = 200, seed: int = 0,
-              splits: list[str] | None = None) -> Task:
+              splits: list[str] | None = None, at_most: bool = False) -> Task:
     """The task ``name`` with ``num_train`` training problems and up to ``num_held_out`` held-out problems per split.
 
     ``arithmetic``: training problems drawn over ``splits`` (default: the task's training mixture, by its weights;
     given names: equal weights), held-out ones from each split (capped at what its held-out side holds). ``gsm8k``:
     the first ``num_train`` rows of the shared train split (0: all), the first ``num_held_out`` of its test split.
-    Raises `DataError` for an unknown task or split, or more training problems than a split holds."""
+    ``at_most``: ``num_train`` is a default, cut to what the arithmetic splits' training sides hold. Raises
+    `DataError` for an unknown task or split, or more training problems than the splits hold (not ``at_most``)."""
     if name == "arithmetic":
         from dsfs import arithmetic as A
 
@@ -68,6 +69,8 @@ def load_task(name: str, *, num_train: int = 0, num_held_out: int = 200, seed: i
         unknown = [s for s in names if s not in A.SPLITS]
         if unknown:
             raise DataError(f"unknown arithmetic split {unknown[0]!r} (known: {', '.join(A.SPLITS)})")
+        if at_most:
+            num_train = min(num_train, sum(A.capacity(s) for s in names))
         train = A.mixture(splits or A.TRAIN_MIXTURE, num_train, seed) if num_train else []
         held, held_splits = [], []
         for s in names:

@@ -323,3 +323,14 @@ def test_dpo_rpo_alpha_adds_the_chosen_nll(base, tmp_path):
     first = records(tmp_path / "d")[0][0]
     ln2 = torch.tensor(math.log(2), dtype=torch.float32).item()
     assert first["nll_loss"] > 0 and first["loss"] == pytest.approx(ln2 + 0.5 * first["nll_loss"], rel=1e-6)
+
+
+def test_task_default_sizes_stop_at_what_a_split_holds():
+    from dsfs.tasks import load_task
+
+    t = load_task("arithmetic", num_train=5000, num_held_out=500, splits=["mul_2x1"], at_most=True)
+    assert len(t.train) == arithmetic.capacity("mul_2x1") and len(t.held_out) == arithmetic.capacity(
+        "mul_2x1", held_out=True)
+    assert not {p.canonical for p in t.train} & {p.canonical for p in t.held_out}
+    with pytest.raises(DataError, match="ask fewer"):
+        load_task("arithmetic", num_train=5000, splits=["mul_2x1"])
