@@ -364,16 +364,9 @@ def add_dpo(sub) -> None:
 def _run_dpo(args) -> int:
     from dsfs.stage import print_summary, stage_kwargs
 
-    for name in ("num_examples", "eval_examples"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {v}: expected an integer >= 1")
-    s = dpo(args.dataset, init_from=args.init_from, beta=args.beta, loss_type=args.loss_type,
+    s = dpo(init_from=args.init_from, beta=args.beta, loss_type=args.loss_type,
             label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha,
-            precompute_ref_log_probs=args.precompute_ref_log_probs,
-            eval_dataset=args.eval_dataset,
-            splits=args.splits.split(",") if args.splits is not None else None,
-            num_examples=args.num_examples, eval_examples=args.eval_examples, **stage_kwargs(args))
+            precompute_ref_log_probs=args.precompute_ref_log_probs, **stage_kwargs(args))
     cut = cut_note(s["truncated"], s["seq_len"])
     print_summary(s, [", ".join(f"{k} {v:.3f}" for k, v in s.items() if k.startswith(("val_accuracy", "val_rewards")))]
                   + ([cut.lstrip("; ")] if cut else []))

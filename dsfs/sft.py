@@ -268,14 +268,7 @@ def add_sft(sub) -> None:
 def _run_sft(args) -> int:
     from dsfs.stage import print_summary, stage_kwargs
 
-    for name in ("num_examples", "eval_examples"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {v}: expected an integer >= 1")
-    s = sft(args.dataset, init_from=args.init_from, eval_dataset=args.eval_dataset,
-            splits=args.splits.split(",") if args.splits is not None else None,
-            num_examples=args.num_examples,
-            eval_examples=args.eval_examples, compile={"auto": "auto", "on": True, "off": False}[args.compile],
+    s = sft(init_from=args.init_from, compile={"auto": "auto", "on": True, "off": False}[args.compile],
             **stage_kwargs(args, mtp=True))
     acc = [f"{k} {v:.3f}" for k, v in s.items() if k.startswith("val_accuracy")]
     cut = cut_note(s["truncated"], s["seq_len"])

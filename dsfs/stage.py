@@ -26,6 +26,7 @@ from dsfs.data import check_out_dir
 from dsfs.errors import CheckpointError, ConfigError, DataError
 from dsfs.evaluation import Batch
 from dsfs.loop import Progress, TrainingRun, check_out
+from dsfs.train import check_run_options
 from dsfs.train_config import TrainConfig
 
 STAGE_KEYS = {"step", "tokens", "elapsed_s", "optimizer", "rng_cpu", "train_config", "stage", "stage_options",
@@ -81,12 +82,7 @@ def start_stage(verb: str, *, out_dir, resume, init_from, overwrite: bool, seed:
     if resume and init_from is not None:
         raise ConfigError("pass --resume (continue a run exactly) or --init-from (start from a checkpoint's "
                           "weights), not both")
-    if resume and overwrite:
-        raise ConfigError("pass --resume (continue the run) or --overwrite (delete it and start over), not both")
-    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 0):
-        raise ConfigError(f"--keep-last {keep_last}: expected an integer >= 0 (0 keeps every checkpoint)")
-    if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
-        raise ConfigError(f"--save-every {save_every}: expected an integer >= 1")
+    check_run_options(resume, overwrite, keep_last, save_every)
     state = ckpt = None
     if resume:
         where = Path(resume) if resume is not True else Path(out_dir or Path("runs") / verb)
@@ -308,10 +304,19 @@ def add_stage_options(p, verb: str, tc: TrainConfig, init_help: str | None = Non
 
 
 def stage_kwargs(args, mtp: bool = False) -> dict:
-    """The keyword arguments the shared options of `add_stage_options` give a stage function, values checked
-    (`dsfs.train_config.check_value`, naming the option)."""
+    """The keyword arguments the shared options of `add_stage_options` (and the data options ``--dataset``,
+    ``--eval-dataset``, ``--splits``, ``--num-examples``, ``--eval-examples`` where the verb has them) give a stage
+    function, values checked (`dsfs.train_config.check_value`, naming the option)."""
     from dsfs.train_config import check_value
 
+    for name in ("num_examples", "eval_examples"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {v}: expected an integer >= 1")
+    data = {k: getattr(args, k) for k in ("dataset", "eval_dataset", "num_examples", "eval_examples")
+            if hasattr(args, k)}
+    if hasattr(args, "splits"):
+        data["splits"] = args.splits.split(",") if args.splits is not None else None
     fields = [n.replace("-", "_") for n, _, _ in TRAIN_OPTIONS] + ["optimizer"] + (["mtp_weight"] if mtp else [])
     kw = {f: getattr(args, f) for f in fields}
     kw["time_budget_s"] = args.time_budget
@@ -320,7 +325,7 @@ def stage_kwargs(args, mtp: bool = False) -> dict:
             check_value(f, v, cli=True)
     return {**kw, "out_dir": args.out, "resume": args.resume, "overwrite": args.overwrite, "backend": args.backend,
             "seed": args.seed, "keep_last": args.keep_last, "save_every": args.save_every,
-            "tokenizer": args.tokenizer, "verbose": not args.quiet}
+            "tokenizer": args.tokenizer, "verbose": not args.quiet, **data}
 
 
 def print_summary(s: dict, extra: list[str] = ()) -> None:

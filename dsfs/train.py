@@ -148,7 +148,9 @@ def _resume_state(resume, out_dir, preset) -> tuple[Path, dict]:
     return ckpt, state
 
 
-def _check_run_options(resume, overwrite: bool, keep_last: int | None, save_every: int | None) -> None:
+def check_run_options(resume, overwrite: bool, keep_last: int | None, save_every: int | None) -> None:
+    """Raise `ConfigError` for ``resume`` with ``overwrite``, a negative ``keep_last`` or a ``save_every`` below 1
+    (every verb that writes a run directory: ``dsfs train`` and the post-training stages)."""
     if resume and overwrite:
         raise ConfigError("pass --resume (continue the run) or --overwrite (delete it and start over), not both")
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 0):
@@ -251,7 +253,7 @@ def train(
                           "weights), not both")
     if preset is not None and preset not in TRAIN_PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (expected one of {', '.join(TRAIN_PRESETS)})")
-    _check_run_options(resume, overwrite, keep_last, save_every)
+    check_run_options(resume, overwrite, keep_last, save_every)
     be = resolve_backend(backend)
 
     # ---- checkpoint to resume, or to start from
