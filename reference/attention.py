@@ -22,6 +22,23 @@ def causal_mask(q_len: int, kv_len: int, offset: int, device=None) -> torch.Tens
     return j <= i
 
 
+def padding_mask(attention_mask: torch.Tensor, q_len: int, offset: int) -> torch.Tensor:
+    """The attention mask of a padded batch: boolean (B, 1, T, S), True where key ``j`` is visible to query ``i``
+    of row ``b``: causal (``j <= offset + i``, as `causal_mask`) and the key a real token or the query itself
+    (``j == offset + i``).
+
+    ``attention_mask`` (B, S) bool or integer, 1/True = a real token, 0/False = padding, over the cached and the
+    new tokens (S = offset + q_len: transformers' ``attention_mask`` with a cache); ``q_len`` = T new tokens at
+    positions ``offset ..``. Positions are not shifted by the padding: RoPE is relative, so a real query scores
+    the real keys as in the unpadded sequence (up to the rounding of the rotation angles). A real query's own key
+    is real, so it sees exactly the real keys before it; a padding query sees only itself (a finite, meaningless
+    output instead of the NaN of an empty softmax).
+    """
+    i = torch.arange(q_len, device=attention_mask.device)[:, None] + offset
+    j = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :]
+    return (j <= i) & (attention_mask.bool()[:, None, None, :] | (j == i))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` with grouped key/value heads.
 
@@ -95,9 +112,10 @@ class Attention(AttentionOps, nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x, cos, sin, cache=None, offset: int = 0):
+    def forward(self, x, cos, sin, cache=None, offset: int = 0, mask=None):
         """``x`` (B, T, hidden); ``cos``/``sin`` (T, head_dim/2) for positions offset..offset+T-1;
-        ``cache`` a `reference.cache.LayerCache` or None."""
+        ``cache`` a `reference.cache.LayerCache` or None; ``mask`` None (no padding: causal) or a padded batch's
+        (B, 1, T, S) boolean mask (`padding_mask`)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -105,6 +123,7 @@ class Attention(AttentionOps, nn.Module):
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k=k, v=v)
-        mask = None if k.shape[2] == t else causal_mask(t, k.shape[2], offset, x.device)
+        if mask is None:
+            mask = None if k.shape[2] == t else causal_mask(t, k.shape[2], offset, x.device)
         o = self.attend(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))

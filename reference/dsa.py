@@ -132,7 +132,9 @@ class Indexer(nn.Module):
         """Boolean (B, T, S) selection from ``scores`` (B, T, S): `indexer_topk` (the causal top-``min(index_topk,
         S)`` keys of each query) restricted to ``mask`` ((T, S) or (B, T, S) boolean, True = visible), which also
         hides its False keys from the ranking. The DSA layer passes the causal mask (queries at the end of the
-        keys), so the restriction changes nothing there."""
+        keys), where the restriction changes nothing, or a padded batch's mask (`reference.attention.padding_mask`),
+        where it does: a padding key never takes a slot from a real one, and a query with fewer real visible keys
+        than ``index_topk`` selects all of them."""
         idx = indexer_topk(scores.masked_fill(~mask, float("-inf")), self.topk)
         return indices_to_mask(idx, scores.shape[-1]) & mask
 
@@ -149,6 +151,8 @@ class DSA(MLA):
     def select_mask(self, x, q_latent, cos, sin, mask, cache):
         if mask is None:
             mask = causal_mask(x.shape[1], x.shape[1], 0, x.device)
+        elif mask.ndim == 4:  # a padded batch's (B, 1, T, S) mask
+            mask = mask[:, 0]
         with torch.no_grad():
             scores = self.indexer.scores(x, q_latent, cos, sin, cache)
             return self.indexer.select(scores, mask)[:, None]  # (B, 1, T, S)

@@ -134,18 +134,21 @@ class MLA(AttentionOps, nn.Module):
         return self.attend(*latent_qkv(q_lat, q_pe, c_kv, k_pe), mask)
 
     def select_mask(self, x, q_latent, cos, sin, mask, cache):
-        """Hook for sparse attention (DSA); MLA attends to every causal key. ``mask``: (T, S) boolean or None
-        (plain causal, T == S)."""
+        """Hook for sparse attention (DSA); MLA attends to every causal key. ``mask``: (T, S) boolean (causal, a
+        cached step), a padded batch's (B, 1, T, S) boolean (`reference.attention.padding_mask`) or None (plain
+        causal, T == S)."""
         return mask
 
-    def forward(self, x, cos, sin, cache=None, offset: int = 0):
+    def forward(self, x, cos, sin, cache=None, offset: int = 0, mask=None):
         """``x`` (B, T, hidden); ``cos``/``sin`` (T, dr/2) for positions offset..offset+T-1; ``cache`` a
-        `reference.cache.LayerCache` holding ``c_kv`` and ``k_pe``, or None."""
+        `reference.cache.LayerCache` holding ``c_kv`` and ``k_pe``, or None; ``mask`` None (no padding: causal)
+        or a padded batch's (B, 1, T, S) boolean mask (`reference.attention.padding_mask`)."""
         b, t, _ = x.shape
         q_nope, q_pe, c_kv, k_pe, q_latent = self.project(x, cos, sin)
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv=c_kv, k_pe=k_pe)
-        mask = None if c_kv.shape[1] == t else causal_mask(t, c_kv.shape[1], offset, x.device)
+        if mask is None:
+            mask = None if c_kv.shape[1] == t else causal_mask(t, c_kv.shape[1], offset, x.device)
         mask = self.select_mask(x, q_latent, cos, sin, mask, cache)
         absorb = self.absorb if self.absorb is not None else (cache is not None and t == 1)
         fn = self.attend_absorbed if absorb else self.attend_naive

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, padding_mask
 from .cache import KVCache
 from .config import ModelConfig
 from .cross_entropy import linear_cross_entropy
@@ -50,8 +50,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.hidden_dropout = c.hidden_dropout
 
-    def forward(self, x, cos, sin, cache=None, offset: int = 0):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, offset))
+    def forward(self, x, cos, sin, cache=None, offset: int = 0, mask=None):
+        """``x`` (B, T, hidden) -> (B, T, hidden); ``mask`` a padded batch's (B, 1, T, S) boolean mask
+        (`reference.attention.padding_mask`) or None."""
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, offset, mask))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
     def dropout(self, y: torch.Tensor) -> torch.Tensor:
@@ -193,21 +195,51 @@ class Model(nn.Module):
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids: token ids must lie in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-normed hidden states (B, T, hidden_size). With a ``cache`` the tokens continue it."""
+    @staticmethod
+    def _check_attention_mask(attention_mask, input_ids: torch.Tensor, offset: int) -> None:
+        b, t = input_ids.shape
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(f"attention_mask: expected a torch.Tensor of shape (batch, cache + new) = ({b}, "
+                             f"{offset + t}), got {type(attention_mask).__name__}")
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise ValueError(f"attention_mask: expected a bool or integer dtype (1 = real token, 0 = padding), "
+                             f"got {attention_mask.dtype}")
+        if tuple(attention_mask.shape) != (b, offset + t):
+            raise ValueError(f"attention_mask: expected shape (batch, cache + new) = ({b}, {offset} + {t}), got "
+                             f"{tuple(attention_mask.shape)}")
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, hidden_size). With a ``cache`` the tokens continue it.
+
+        ``attention_mask``: None (no padding), or (B, S) bool or integer over the cached and the new tokens
+        (S = ``cache.seq_len`` + T, transformers' ``attention_mask`` with a cache), 1/True = a real token,
+        0/False = padding (a left-padded batch of prompts, decoded together). No query attends to a padding key
+        except a padding query to itself (`reference.attention.padding_mask`), and DSA's indexer selects among
+        real keys only. Positions are not shifted: token ``j`` sits at position ``j`` whatever the padding; RoPE
+        is relative, so every real position's output equals that of the unpadded sequence (up to float rounding
+        of the rotation angles); outputs at padding positions are finite and meaningless. Raises ``ValueError``
+        for a mask that is not a tensor, has a float dtype or a shape other than (B, S).
+        """
         offset = cache.seq_len if cache is not None else 0
         self._check_input_ids(input_ids, offset)
+        mask = None
+        if attention_mask is not None:
+            self._check_attention_mask(attention_mask, input_ids, offset)
+            mask = padding_mask(attention_mask.to(input_ids.device), input_ids.shape[1], offset)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(input_ids.shape[1], offset, x.device, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, offset)
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, offset, mask)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, vocab_size) logits. ``cache``: a `KVCache` from `new_cache` to continue."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab_size) logits. ``cache``: a `KVCache` from `new_cache` to continue;
+        ``attention_mask``: (B, cache.seq_len + T) padding mask, 1 = real token, or None (see `hidden_states`)."""
+        return self.lm_head(self.hidden_states(input_ids, cache, attention_mask))
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for this model's decoder layers."""

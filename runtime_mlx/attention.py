@@ -16,6 +16,21 @@ def causal_mask(q_len: int, kv_len: int, offset: int) -> mx.array:
     return mx.arange(kv_len)[None, :] <= (mx.arange(q_len)[:, None] + offset)
 
 
+def padding_mask(attention_mask: mx.array, q_len: int, offset: int) -> mx.array:
+    """The attention mask of a padded batch, as `reference.attention.padding_mask`: boolean (B, 1, T, S), True
+    where key ``j`` is visible to query ``i`` of row ``b``: causal (``j <= offset + i``) and the key a real token
+    or the query itself (``j == offset + i``).
+
+    ``attention_mask`` (B, S) bool or integer, 1/True = a real token, 0/False = padding, over the cached and the
+    new tokens (S = offset + q_len); ``q_len`` = T new tokens at positions ``offset ..`` (not shifted by the
+    padding: RoPE is relative). A padding query sees only itself (a finite, meaningless output, not the NaN of
+    an empty softmax); a real query sees exactly the real keys before it.
+    """
+    i = mx.arange(q_len)[:, None] + offset
+    j = mx.arange(attention_mask.shape[1])[None, :]
+    return (j <= i) & (attention_mask.astype(mx.bool_)[:, None, None, :] | (j == i))
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = True) -> mx.array:
     """The attention op, as `reference.attention.attention` (and `kernels.triton.attention.attention`):
     ``softmax(q k^T * scale [+ causal mask]) v`` through ``mx.fast.scaled_dot_product_attention``.
@@ -65,8 +80,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def __call__(self, x: mx.array, cache=None, offset: int = 0) -> mx.array:
-        """``x`` (B, T, hidden) at positions ``offset ..``; ``cache`` a `runtime_mlx.cache.LayerCache` or None."""
+    def __call__(self, x: mx.array, cache=None, offset: int = 0, mask: mx.array | None = None) -> mx.array:
+        """``x`` (B, T, hidden) at positions ``offset ..``; ``cache`` a `runtime_mlx.cache.LayerCache` or None;
+        ``mask`` None (no padding: causal) or a padded batch's (B, 1, T, S) boolean mask (`padding_mask`)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
@@ -74,5 +90,5 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset, self.interleaved), self.rope(k, offset, self.interleaved)
         if cache is not None:
             k, v = cache.update(k=k, v=v)
-        o = attend(q, k, v, None, self.scale)
+        o = attend(q, k, v, mask, self.scale)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(b, t, -1))

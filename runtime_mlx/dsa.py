@@ -54,10 +54,19 @@ class Indexer(nn.Module):
         `runtime_mlx.kernels.indexer_scores` of `project`."""
         return kernels.indexer_scores(*self.project(x, q_latent, offset, cache), self.scale)
 
-    def indices(self, x: mx.array, q_latent: mx.array, offset: int = 0, cache=None) -> mx.array:
+    def indices(self, x: mx.array, q_latent: mx.array, offset: int = 0, cache=None,
+                mask: mx.array | None = None) -> mx.array:
         """int32 (B, T, min(index_topk, S)) key indices: each query's causal top-k keys, best first (exact ties to
-        the earlier key), -1 for slots a query cannot fill (`runtime_mlx.kernels.indexer_topk`)."""
-        return kernels.indexer_topk(self.scores(x, q_latent, offset, cache), self.topk)
+        the earlier key), -1 for slots a query cannot fill (`runtime_mlx.kernels.indexer_topk`). ``mask``: None,
+        or a padded batch's (B, 1, T, S) boolean mask (`runtime_mlx.attention.padding_mask`): its hidden keys
+        score -inf before the top-k, so a padding key never takes a slot from a real one, and their slots are -1."""
+        scores = self.scores(x, q_latent, offset, cache)
+        if mask is None:
+            return kernels.indexer_topk(scores, self.topk)
+        visible = mask[:, 0]  # (B, T, S)
+        idx = kernels.indexer_topk(mx.where(visible, scores, -mx.inf), self.topk)
+        keep = (idx >= 0) & mx.take_along_axis(visible, mx.maximum(idx, 0), axis=-1)
+        return mx.where(keep, idx, -1)
 
     def select(self, x: mx.array, q_latent: mx.array, offset: int = 0, cache=None) -> mx.array:
         """Boolean (B, T, S) selection: `indices` as a mask (`runtime_mlx.kernels.indices_to_mask`)."""
@@ -75,9 +84,10 @@ class DSA(MLA):
         self.indexer = Indexer(config, rope)
         self.indexer.freeze()
 
-    def select_mask(self, x, q_latent, cache, offset):
-        """The indexer's selection as int32 key indices (B, T, k) (-1: unused slot), shared by all heads."""
-        return self.indexer.indices(mx.stop_gradient(x), mx.stop_gradient(q_latent), offset, cache)
+    def select_mask(self, x, q_latent, cache, offset, mask=None):
+        """The indexer's selection as int32 key indices (B, T, k) (-1: unused slot), shared by all heads, among the
+        keys ``mask`` (None, or a padded batch's (B, 1, T, S) mask) leaves visible."""
+        return self.indexer.indices(mx.stop_gradient(x), mx.stop_gradient(q_latent), offset, cache, mask)
 
     def attend(self, q, k, v, mask):
         """Attention over the selected keys: `runtime_mlx.kernels.sparse_attention` with ``mask`` the indices of

@@ -84,8 +84,8 @@ class MLA(nn.Module):
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attend over the latent: ``q_nope W_UK`` against ``c_kv`` plus ``q_pe`` against ``k_pe`` (one shared
-        key head), output latent through ``W_UV``. Without a sparse ``mask`` this is
-        `runtime_mlx.kernels.mla_decode` (forward only: decode), else `attend` over the latent. Returns
+        key head), output latent through ``W_UV``. Without a ``mask`` (DSA's selection or a padded batch's mask)
+        this is `runtime_mlx.kernels.mla_decode` (forward only: decode), else `attend` over the latent. Returns
         (B, H, T, dv)."""
         w_uk, w_uv = self._w_uk_uv()
         q_lat = q_nope @ w_uk  # (B, H, T, dn) @ (H, dn, r) -> (B, H, T, r)
@@ -103,18 +103,20 @@ class MLA(nn.Module):
         keys). DSA overrides it to attend over its selection."""
         return attend(q, k, v, mask, self.scale)
 
-    def select_mask(self, x, q_latent, cache, offset):
-        """Hook for sparse attention (DSA): the selection `attend` takes, or None (MLA: every causal key)."""
-        return None
+    def select_mask(self, x, q_latent, cache, offset, mask=None):
+        """Hook for sparse attention (DSA): the selection `attend` takes. MLA attends to every visible key: returns
+        ``mask``, None (causal) or a padded batch's (B, 1, T, S) boolean mask."""
+        return mask
 
-    def __call__(self, x: mx.array, cache=None, offset: int = 0) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, offset: int = 0, mask: mx.array | None = None) -> mx.array:
         """``x`` (B, T, hidden) at positions ``offset ..``; ``cache`` a `runtime_mlx.cache.LayerCache` holding
-        ``c_kv`` and ``k_pe``, or None."""
+        ``c_kv`` and ``k_pe``, or None; ``mask`` None (no padding: causal) or a padded batch's (B, 1, T, S)
+        boolean mask (`runtime_mlx.attention.padding_mask`)."""
         b, t, _ = x.shape
         q_nope, q_pe, c_kv, k_pe, q_latent = self.project(x, offset)
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv=c_kv, k_pe=k_pe)
-        mask = self.select_mask(x, q_latent, cache, offset)  # None: causal, aligned to the end of the cache
+        mask = self.select_mask(x, q_latent, cache, offset, mask)  # None: causal, aligned to the end of the cache
         absorb = self.absorb if self.absorb is not None else (cache is not None and t == 1)
         fn = self.attend_absorbed if absorb else self.attend_naive
         o = fn(q_nope, q_pe, c_kv, k_pe, mask)

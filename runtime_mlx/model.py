@@ -20,7 +20,7 @@ from reference.config import ModelConfig
 from reference.model import check_sampling
 
 from . import kernels
-from .attention import Attention
+from .attention import Attention, padding_mask
 from .cache import KVCache
 from .dsa import DSA
 from .mla import MLA
@@ -51,9 +51,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout)  # identity in eval mode and at p = 0
 
-    def __call__(self, x: mx.array, cache=None, offset: int = 0, stats: dict | None = None) -> mx.array:
-        """``x`` (B, T, hidden) -> (B, T, hidden); ``stats``: MoE loads and balance losses go there."""
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cache, offset))
+    def __call__(self, x: mx.array, cache=None, offset: int = 0, stats: dict | None = None,
+                 mask: mx.array | None = None) -> mx.array:
+        """``x`` (B, T, hidden) -> (B, T, hidden); ``stats``: MoE loads and balance losses go there; ``mask`` a
+        padded batch's (B, 1, T, S) boolean mask (`runtime_mlx.attention.padding_mask`) or None."""
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cache, offset, mask))
         h = self.post_attention_layernorm(x)
         return x + self.dropout(self.mlp(h) if isinstance(self.mlp, MLP) else self.mlp(h, stats))
 
@@ -211,22 +213,50 @@ class Model(nn.Module):
                                              ignore_index=IGNORE_INDEX, reduction="sum")
         return total / mx.maximum((t != IGNORE_INDEX).sum(), 1).astype(mx.float32)
 
-    def hidden_states(self, input_ids: mx.array, cache: KVCache | None = None, stats: dict | None = None,
-                      check_values: bool = True) -> mx.array:
+    @staticmethod
+    def _check_attention_mask(attention_mask, input_ids: mx.array, offset: int) -> None:
+        b, t = input_ids.shape
+        if not isinstance(attention_mask, mx.array):
+            raise ValueError(f"attention_mask: expected an mx.array of shape (batch, cache + new) = ({b}, "
+                             f"{offset + t}), got {type(attention_mask).__name__}")
+        if attention_mask.dtype != mx.bool_ and not mx.issubdtype(attention_mask.dtype, mx.integer):
+            raise ValueError(f"attention_mask: expected a bool or integer dtype (1 = real token, 0 = padding), "
+                             f"got {attention_mask.dtype}")
+        if tuple(attention_mask.shape) != (b, offset + t):
+            raise ValueError(f"attention_mask: expected shape (batch, cache + new) = ({b}, {offset} + {t}), got "
+                             f"{tuple(attention_mask.shape)}")
+
+    def hidden_states(self, input_ids: mx.array, cache: KVCache | None = None, attention_mask: mx.array | None = None,
+                      stats: dict | None = None, check_values: bool = True) -> mx.array:
         """Final-normed hidden states (B, T, hidden). With a ``cache`` the tokens continue it. ``check_values``:
-        check the id range (forces an evaluation of ``input_ids``; not possible inside ``mx.compile``)."""
+        check the id range (forces an evaluation of ``input_ids``; not possible inside ``mx.compile``).
+
+        ``attention_mask``: None (no padding), or (B, S) bool or integer over the cached and the new tokens
+        (S = ``cache.seq_len`` + T), 1/True = a real token, 0/False = padding, as
+        `reference.model.Model.hidden_states`: no query attends to a padding key except a padding query to itself
+        (`runtime_mlx.attention.padding_mask`), DSA's indexer selects among real keys only, positions are not
+        shifted (RoPE is relative: real positions equal the unpadded sequence's up to rounding), outputs at padding
+        positions are finite and meaningless. Raises ``ValueError`` for a mask that is not an ``mx.array``, has a
+        float dtype or a shape other than (B, S).
+        """
         offset = cache.seq_len if cache is not None else 0
         self._check_input_ids(input_ids, offset, check_values)
+        mask = None
+        if attention_mask is not None:
+            self._check_attention_mask(attention_mask, input_ids, offset)
+            mask = padding_mask(attention_mask, input_ids.shape[1], offset)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cache.layers[i] if cache is not None else None, offset, stats)
+            x = layer(x, cache.layers[i] if cache is not None else None, offset, stats, mask)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         return self.model.norm(x)
 
-    def __call__(self, input_ids: mx.array, cache: KVCache | None = None) -> mx.array:
-        """(B, T) token ids -> (B, T, vocab_size) logits. ``cache``: a `KVCache` from `new_cache` to continue."""
-        return self.head(self.hidden_states(input_ids, cache))
+    def __call__(self, input_ids: mx.array, cache: KVCache | None = None,
+                 attention_mask: mx.array | None = None) -> mx.array:
+        """(B, T) token ids -> (B, T, vocab_size) logits. ``cache``: a `KVCache` from `new_cache` to continue;
+        ``attention_mask``: (B, cache.seq_len + T) padding mask, 1 = real token, or None (see `hidden_states`)."""
+        return self.head(self.hidden_states(input_ids, cache, attention_mask))
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for this model's decoder layers."""
