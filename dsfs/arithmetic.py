@@ -4,11 +4,12 @@ Every post-training stage (SFT, DPO, distillation, GRPO) measures itself on it: 
 so accuracy is exact match (`is_correct`), and a tiny model learns the task in minutes on two CPU cores.
 
 Problems. ``a op b`` or a short left-to-right chain ``a op b op c`` over ``+``, ``-`` and ``*``, operands drawn
-uniformly from ``0 .. 10**digits - 1`` (1 to ``digits`` digits), exact integer answers (negative where a
+uniformly from ``0 .. 10**digits - 1`` (1 to ``digits`` digits; ``mul_3x3``: exactly 3 digits, ``100 .. 999``),
+exact integer answers (negative where a
 subtraction goes below zero). Multiplication is written ``*``: ASCII, one byte and so one token under any
 byte-level BPE (``×`` is two UTF-8 bytes, two tokens unless the BPE learned the pair, which TinyStories never
-teaches), and valid Python, so a question's expression evaluates with ``eval`` for checking. ``*`` appears only in
-two-operand problems whose second factor has one digit (`Split` checks), so precedence never matters.
+teaches), and valid Python, so a question's expression is what the calculator tool (`dsfs.tools.calculator`)
+evaluates. ``*`` appears only in two-operand problems (`Split` checks), so precedence never matters.
 
 Format. The user asks ``What is 47 + 38?``; the assistant writes a column-wise worked solution, then the answer::
 
@@ -24,15 +25,23 @@ signs need it a reduction line (``-(47-38)`` for ``38-47``, ``29-12`` for ``-12+
 from the ones up. Addition: ``a+b[+carry]=sum``; the last column writes its whole sum, the others keep the ones
 digit and carry the tens. Subtraction (larger minus smaller): ``a-b[-1]=d`` with ``-1`` the borrow, and
 ``1a-b[-1]=d`` when the column borrows ten (``17-8=9``); leading zeros of the result are dropped. Multiplication by
-one digit: ``a*b[+carry]=product`` per digit of the first factor, assembled like addition. The answer reads the
-column results backwards (``8`` then ``5``). The format is built for a tiny model: every column line is a fact
-about single digits (digits are one token each: `dsfs.data.train_tokenizer`), the carry is written where it is
-used, and an ``add_sub_2`` completion is under 40 tokens (`MAX_COMPLETION_TOKENS` bounds every split).
-``completion(problem, "r1")`` writes the DeepSeek-R1 format instead,
-``<think>\\n...\\n</think>\\n<answer>\\n85\\n</answer>`` (for GRPO).
+one digit: ``a*b[+carry]=product`` per digit of the first factor, assembled like addition. Long multiplication
+(a multi-digit second factor, ``mul_3x3``): for each nonzero digit of the second factor, ones first, the short
+multiplication by that digit, then its partial product shifted into place (``347*80=27760``); then the partial
+products summed column by column under a header ``694+27760+173500`` (``6+7+5+1=19``), so every line with ``=``
+is a true equation. The answer reads the column results backwards (``8`` then ``5``). The format is built for a
+tiny model: every column line is a fact about single digits (digits are one token each:
+`dsfs.data.train_tokenizer`), the carry is written where it is used, and an ``add_sub_2`` completion is under 40
+tokens (`MAX_COMPLETION_TOKENS` bounds every split but ``mul_3x3``, whose completions take up to 215 tokens:
+`max_completion_tokens`). Styles (`STYLES`): ``completion(problem, "r1")`` writes the DeepSeek-R1 format instead,
+``<think>\\n...\\n</think>\\n<answer>\\n85\\n</answer>`` (for GRPO's format reward), and
+``completion(problem, "tool")`` the cold-start trace of a solver that calls the calculator inside its reasoning
+(`format_tool_completion`). Conversations have no system prompt unless asked (`R1_SYSTEM_PROMPT`,
+`TOOL_SYSTEM_PROMPT`: the format instruction of R1-Zero's template, for a model that has not seen the format).
 
 Splits (`SPLITS`): ``add_sub_1``, ``add_sub_2`` (the acceptance split: 2-digit addition and subtraction),
-``add_sub_3``, ``mul_2x1`` (2-digit times 1-digit), ``chain_3`` (three 1-2 digit operands with + and -);
+``add_sub_3``, ``mul_2x1`` (2-digit times 1-digit), ``chain_3`` (three 1-2 digit operands with + and -),
+``mul_3x3`` (3-digit times 3-digit, not in the default mixture: the calculator's split);
 `problems` draws from one. A mixture (`mixture`; named ones in `MIXTURES`, the default training mixture
 `TRAIN_MIXTURE` = ``MIXTURES["mix"]``) draws from several by weight, never repeating a problem. Train and
 held-out problems are disjoint by construction: the sha256 of the canonical problem (``47+38``) puts about 10%
@@ -43,8 +52,10 @@ Preference pairs (DPO, `preference_pairs`): the prompt is the question as one us
 correct worked solution, ``rejected`` a corrupted one (`corrupt`): the same procedure with one plausible slip,
 followed through consistently to a wrong final answer. The slip is, with probability 1/2 when the problem has a
 carry or borrow, a dropped carry/borrow (``4+3=7`` instead of ``4+3+1=8``), otherwise one column result off by one
-(``7+8=16``; a subtraction digit changes modulo 10). In a chain the slip may be in any block, and the wrong
-intermediate result flows into the next block's header. The final answer always differs from the true one.
+(``7+8=16``; a subtraction digit changes modulo 10; in a long multiplication, any column line of a partial
+product or of their sum, and the partial product's line states the slipped value). In a chain the slip may be in
+any block, and the wrong intermediate result flows into the next block's header. The final answer always differs
+from the true one.
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ import re
 from dataclasses import dataclass, field
 
 from dsfs.errors import DataError
+from dsfs.tools import calculator, tool_call_text, tool_response_text
 
 OPS = ("+", "-", "*")
 HELD_OUT_FRACTION = 0.1  # share of all problems on the held-out side (by hash of the canonical problem)
@@ -68,14 +80,15 @@ THINK, END_THINK = "<think>", "</think>"
 @dataclass(frozen=True)
 class Split:
     """A family of problems: ``operands`` numbers, each uniform in ``0 .. 10**digits - 1`` (the last one in
-    ``0 .. 10**last_digits - 1`` when given), joined by operators drawn uniformly from ``ops``. Raises
-    ``ValueError`` for an unknown operator, fewer than 2 operands, digits below 1, or ``*`` anywhere but in a
-    two-operand split whose second factor has one digit."""
+    ``0 .. 10**last_digits - 1`` when given; with ``exact``, every operand has exactly its digits: ``100 .. 999``
+    for 3), joined by operators drawn uniformly from ``ops``. Raises ``ValueError`` for an unknown operator, fewer
+    than 2 operands, digits below 1, or ``*`` in a split of more than two operands (so precedence never matters)."""
 
     digits: int
     ops: tuple[str, ...]
     operands: int = 2
     last_digits: int | None = None
+    exact: bool = False
 
     def __post_init__(self):
         if self.digits < 1 or (self.last_digits is not None and self.last_digits < 1):
@@ -84,19 +97,24 @@ class Split:
             raise ValueError(f"Split: operands {self.operands}; expected >= 2")
         if not self.ops or any(op not in OPS for op in self.ops) or len(set(self.ops)) != len(self.ops):
             raise ValueError(f"Split: ops {self.ops!r}; expected distinct operators among {OPS}")
-        if "*" in self.ops and (self.operands != 2 or self.operand_digits(1) != 1):
-            raise ValueError("Split: '*' needs two operands and a one-digit second factor")
+        if "*" in self.ops and self.operands != 2:
+            raise ValueError("Split: '*' needs two operands (a chain would need precedence)")
 
     def operand_digits(self, i: int) -> int:
         """Most digits of operand ``i``."""
         return self.last_digits if i == self.operands - 1 and self.last_digits is not None else self.digits
+
+    def operand_range(self, i: int) -> range:
+        """The values of operand ``i``: ``range(10**d)``, or ``range(10**(d-1), 10**d)`` with ``exact``."""
+        d = self.operand_digits(i)
+        return range(10 ** (d - 1) if self.exact else 0, 10**d)
 
     @property
     def size(self) -> int:
         """Number of distinct problems (train and held-out together)."""
         n = len(self.ops) ** (self.operands - 1)
         for i in range(self.operands):
-            n *= 10 ** self.operand_digits(i)
+            n *= len(self.operand_range(i))
         return n
 
 
@@ -106,6 +124,7 @@ SPLITS: dict[str, Split] = {
     "add_sub_3": Split(3, ("+", "-")),
     "mul_2x1": Split(2, ("*",), last_digits=1),
     "chain_3": Split(2, ("+", "-"), operands=3),
+    "mul_3x3": Split(3, ("*",), exact=True),  # 100..999 times 100..999: long multiplication, or the calculator
 }
 # name -> {split: weight}; a mixture of n problems gives each split its weight's share (see `problems`)
 MIXTURES: dict[str, dict[str, float]] = {
@@ -114,9 +133,20 @@ MIXTURES: dict[str, dict[str, float]] = {
 DEFAULT_MIXTURE = "mix"
 TRAIN_MIXTURE = MIXTURES[DEFAULT_MIXTURE]  # the default training mixture: split name -> weight
 ACCEPTANCE_SPLIT = "add_sub_2"
-# Tokens of the longest completion of any split above, eos included, either style: every ASCII character is at most
-# one token of a byte-level BPE and <think>, </think> one each (longest: chain_3 "19 - 82 - 39", 71 plain, 90 r1).
+STYLES = ("plain", "r1", "tool")
+# Tokens of the longest completion of every split but mul_3x3, eos included, in every style: every ASCII character
+# is at most one token of a byte-level BPE and every special token one (longest: chain_3 "19 - 82 - 39", 71 plain,
+# 90 r1; tool style: mul_3x3 "999 * 999", 96). `max_completion_tokens` gives every split and style.
 MAX_COMPLETION_TOKENS = 96
+# The same bound where it is above MAX_COMPLETION_TOKENS, counted over all 810,000 problems of mul_3x3 (longest:
+# "216 * 988", 211 plain, 215 r1; tests/test_arithmetic.py checks that one and a sample).
+_LONG_COMPLETIONS = {("mul_3x3", "plain"): 211, ("mul_3x3", "r1"): 215}
+# System prompts for a run whose model has not learned the format from SFT data (R1-Zero puts the instruction in
+# its prompt template); `prompt` adds one on request. The built-in conversations carry none: a tiny model learns
+# the format from its cold-start data, and these cost about 20 and 70 tokens of a 256-token sequence.
+R1_SYSTEM_PROMPT = "Think in <think> </think>, then answer in <answer> </answer>."
+TOOL_SYSTEM_PROMPT = ('Think in <think> </think>; compute with <tool_call>{"name": "calculator", "arguments": '
+                      '{"expression": "..."}}</tool_call>; answer in <answer> </answer>.')
 
 
 # ---------------------------------------------------------------- problems and their worked solutions
@@ -178,14 +208,21 @@ def _add(x: int, y: int, fault: tuple | None) -> tuple[list[str], int, list[int]
     """Column addition of ``x, y >= 0``. ``fault``: ``("carry", col)`` drops the carry into ``col``; ``("digit",
     col, delta)`` writes ``col``'s sum off by ``delta``. Returns (lines, the value the lines give, the columns
     that take a carry)."""
-    n = max(len(str(x)), len(str(y)))
-    xs, ys = _digits(x, n), _digits(y, n)
+    return _add_many([x, y], fault)
+
+
+def _add_many(xs: list[int], fault: tuple | None) -> tuple[list[str], int, list[int]]:
+    """Column addition of the numbers ``xs >= 0`` (two or more), one line ``a+b+c[+carry]=sum`` per column, ones
+    first (the carry may exceed 1 with three or more numbers); ``fault`` and the result as in `_add`."""
+    n = max(len(str(x)) for x in xs)
+    ds = [_digits(x, n) for x in xs]
     lines, written, carried, carry = [], [], [], 0
     for i in range(n):
         carried += [i] if carry else []
         carry = 0 if fault == ("carry", i) else carry
-        s = _slip(xs[i] + ys[i] + carry, fault, i)
-        lines.append(f"{xs[i]}+{ys[i]}" + (f"+{carry}" if carry else "") + f"={s}")
+        col = [d[i] for d in ds]
+        s = _slip(sum(col) + carry, fault, i)
+        lines.append("+".join(map(str, col)) + (f"+{carry}" if carry else "") + f"={s}")
         written.append(s if i == n - 1 else s % 10)
         carry = s // 10
     return lines, _assemble(written), carried
@@ -226,10 +263,44 @@ def _mul(x: int, y: int, fault: tuple | None) -> tuple[list[str], int, list[int]
     return lines, _assemble(written), carried
 
 
+def _local(fault: tuple | None, offset: int, n: int) -> tuple | None:
+    """The part of a fault at global column ``fault[1]`` that falls in the ``n`` columns from ``offset``, with its
+    column made local; ``None`` when it falls elsewhere."""
+    if fault is None or not offset <= fault[1] < offset + n:
+        return None
+    return (fault[0], fault[1] - offset, *fault[2:])
+
+
+def _long_mul(x: int, y: int, fault: tuple | None) -> tuple[list[str], int, list[int], int]:
+    """Long multiplication of ``x >= 0`` by ``y >= 10``: for each nonzero digit ``d`` of ``y`` (ones first, at
+    place ``10**k``), the short multiplication ``x*d`` column by column (`_mul`), then the partial product shifted
+    into place, ``x*d0..0=p``; then, with two partial products or more, their sum as a header ``p1+p2+p3`` and
+    one line per column (`_add_many`). ``fault``: as in `_add`, its column counted over all column lines in order.
+    Returns (lines, value, the columns taking a carry, the number of column lines)."""
+    lines, partials, carried, offset, n = [], [], [], 0, len(str(x))
+    for k, d in enumerate(_digits(y, len(str(y)))):
+        if d == 0:
+            continue
+        body, v, c = _mul(x, d, _local(fault, offset, n))
+        partials.append(v * 10**k)
+        lines += body + [f"{x}*{d}{'0' * k}={partials[-1]}"]
+        carried += [offset + i for i in c]
+        offset += n
+    if len(partials) == 1:
+        return lines, partials[0], carried, offset
+    n = max(len(str(p)) for p in partials)
+    body, v, c = _add_many(partials, _local(fault, offset, n))
+    lines += ["+".join(map(str, partials))] + body
+    return lines, v, carried + [offset + i for i in c], offset + n
+
+
 def _step(x: int, op: str, y: int, fault: tuple | None) -> tuple[list[str], int, int, list[int]]:
     """One block: the header ``x op y``, a reduction line when signs need one, the column lines. ``x`` may be
     negative (a chain's running value), ``y >= 0``. Returns (lines, value, columns, columns taking a carry)."""
     head = [f"{x}{op}{y}"]
+    if op == "*" and y >= 10:
+        body, v, carried, n_cols = _long_mul(x, y, fault)
+        return head + body, v, n_cols, carried
     if op == "*":
         sign, (body, v, carried) = 1, _mul(x, y, fault)
     elif op == "+" and x >= 0:
@@ -275,9 +346,12 @@ def _faults(problem: Problem) -> tuple[list[tuple], list[tuple]]:
 
 
 def completion(problem: Problem, style: str = "plain") -> str:
-    """The assistant content for ``problem``: ``"<think>\\n{solution}\\n</think>\\n{answer}"`` (``style="plain"``)
-    or DeepSeek-R1's ``"<think>\\n{solution}\\n</think>\\n<answer>\\n{answer}\\n</answer>"`` (``style="r1"``).
-    Raises ``ValueError`` for another style."""
+    """The assistant content for ``problem``: ``"<think>\\n{solution}\\n</think>\\n{answer}"`` (``style="plain"``),
+    DeepSeek-R1's ``"<think>\\n{solution}\\n</think>\\n<answer>\\n{answer}\\n</answer>"`` (``style="r1"``), or
+    the trace of a solver that calls the calculator (``style="tool"``, `format_tool_completion` of the canonical
+    problem). Raises ``ValueError`` for another style."""
+    if style == "tool":
+        return format_tool_completion(problem.canonical, problem.answer)
     return format_completion(problem.solution, problem.answer, style)
 
 
@@ -289,18 +363,59 @@ def format_completion(solution: str, answer, style: str = "plain") -> str:
         return f"{THINK}\n{solution}\n{END_THINK}\n{answer}"
     if style == "r1":
         return f"{THINK}\n{solution}\n{END_THINK}\n<answer>\n{answer}\n</answer>"
-    raise ValueError(f"style {style!r}: expected 'plain' or 'r1'")
+    tool = " (tool traces of arithmetic problems: dsfs.arithmetic.completion)" if style == "tool" else ""
+    raise ValueError(f"style {style!r}: expected 'plain' or 'r1'{tool}")
 
 
-def prompt(problem: Problem) -> list[dict]:
-    """The prompt messages: ``[{"role": "user", "content": problem.question}]``."""
-    return [{"role": "user", "content": problem.question}]
+def format_tool_completion(expression: str, answer) -> str:
+    """The cold-start trace of a tool-using solver, in the r1 layout: the expression, a calculator call on it
+    answered by the calculator's own output (`dsfs.tools`), then the answer::
+
+        <think>
+        347*582
+        <tool_call>{"name": "calculator", "arguments": {"expression": "347*582"}}</tool_call>
+        <tool_response>201954</tool_response>
+        </think>
+        <answer>
+        201954
+        </answer>
+
+    where ``<tool_response>`` follows ``</tool_call>`` with no newline (where the runtime appends the response),
+    shown on two lines here.
+
+    Raises ``ValueError`` when the calculator's output is not ``str(answer)`` (an error, or another value)."""
+    result = calculator(expression)
+    if result != str(answer):
+        raise ValueError(f"calculator({expression!r}) gives {result!r}, not the answer {answer!r}")
+    call = tool_call_text("calculator", {"expression": expression})
+    return f"{THINK}\n{expression}\n{call}{tool_response_text(result)}\n{END_THINK}\n<answer>\n{answer}\n</answer>"
 
 
-def conversation(problem: Problem, style: str = "plain") -> list[dict]:
-    """``[user question, assistant completion(problem, style)]`` as ``{"role", "content"}`` messages (the input of
-    `dsfs.chat.render` / `dsfs.chat.sft_features`)."""
-    return prompt(problem) + [{"role": "assistant", "content": completion(problem, style)}]
+def prompt(problem: Problem, system: str | None = None) -> list[dict]:
+    """The prompt messages: ``[{"role": "user", "content": problem.question}]``, after ``{"role": "system",
+    "content": system}`` when ``system`` is given (`R1_SYSTEM_PROMPT`, `TOOL_SYSTEM_PROMPT`)."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return head + [{"role": "user", "content": problem.question}]
+
+
+def conversation(problem: Problem, style: str = "plain", system: str | None = None) -> list[dict]:
+    """``prompt(problem, system) + [assistant completion(problem, style)]`` as ``{"role", "content"}`` messages (the
+    input of `dsfs.chat.render` / `dsfs.chat.sft_features`)."""
+    return prompt(problem, system) + [{"role": "assistant", "content": completion(problem, style)}]
+
+
+def max_completion_tokens(splits=None, style: str = "plain") -> int:
+    """Tokens enough for the longest completion of any of ``splits`` (names of `SPLITS`; default: every split) in
+    ``style`` under any byte-level BPE tokenizer with the reserved special tokens, the closing eos included: the
+    ``max_new_tokens`` of a generation that must finish every reference answer (`MAX_COMPLETION_TOKENS` for the
+    splits of the training mixture; ``mul_3x3`` runs longer). Raises ``ValueError`` for an unknown style,
+    ``DataError`` for an unknown split."""
+    if style not in STYLES:
+        raise ValueError(f"style {style!r}: expected one of {', '.join(STYLES)}")
+    names = list(SPLITS) if splits is None else [splits] if isinstance(splits, str) else list(splits)
+    for name in names:
+        _resolve(name)
+    return max([MAX_COMPLETION_TOKENS] + [_LONG_COMPLETIONS.get((n, style), 0) for n in names])
 
 
 _ANSWER_TAGS = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
@@ -338,7 +453,8 @@ def corrupt(problem: Problem, rng: random.Random, style: str = "plain") -> str:
     """A rejected completion for DPO: the worked solution with one plausible slip, followed through to a wrong
     final answer (module docstring): a dropped carry or borrow (half the time, when the problem has one), else one
     column result off by one. Its `extract_answer` never equals ``problem.answer``. ``rng``: a ``random.Random``
-    (the choice is deterministic for its state); ``style`` as in `completion`."""
+    (the choice is deterministic for its state); ``style``: ``"plain"`` or ``"r1"`` (a tool trace has no worked
+    steps to slip in: ``ValueError``)."""
     carries, digits = _faults(problem)
     pool = carries if carries and rng.random() < 0.5 else digits
     for fault in rng.sample(pool, len(pool)) + digits:
@@ -397,7 +513,7 @@ def capacity(split: str | Split, held_out: bool = False) -> int:
 @functools.lru_cache(maxsize=16)
 def _enumerate(spec: Split, held_out: bool, name: str) -> tuple[Problem, ...]:
     """Every problem of a small split on one side, in a fixed order (cached: the hashes are the cost)."""
-    ranges = [range(10 ** spec.operand_digits(i)) for i in range(spec.operands)]
+    ranges = [spec.operand_range(i) for i in range(spec.operands)]
     out = []
     for ops in itertools.product(spec.ops, repeat=spec.operands - 1):
         for xs in itertools.product(*ranges):
@@ -421,7 +537,7 @@ def _draw(name: str, spec: Split, n: int, rng: random.Random, held_out: bool, ex
                         f"{side} side (half of it); ask fewer")
     out, seen = [], set(exclude)
     while len(out) < n:
-        xs = tuple(rng.randrange(10 ** spec.operand_digits(i)) for i in range(spec.operands))
+        xs = tuple(r.start + rng.randrange(len(r)) for r in map(spec.operand_range, range(spec.operands)))
         ops = tuple(rng.choice(spec.ops) for _ in range(spec.operands - 1))
         p = Problem(xs, ops, name)
         if p.canonical not in seen and is_held_out(p.canonical) == held_out:

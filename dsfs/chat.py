@@ -70,7 +70,7 @@ def _special_id(tokenizer, token: str) -> int:
     i = tokenizer.token_to_id(token)
     if i is None:
         raise DataError(f"the tokenizer has no {token} token; expected a dsfs tokenizer (dsfs prepare), whose special "
-                        "tokens are ids 0..6")
+                        "tokens are ids 0..12")
     return i
 
 

@@ -2,7 +2,7 @@
 
 ``prepare()`` (the ``dsfs prepare`` verb) turns a text source into a directory::
 
-    tokenizer.json          byte-level BPE (``tokenizers``), special tokens at ids 0..6
+    tokenizer.json          byte-level BPE (``tokenizers``), special tokens at ids 0..12
     tokenizer_config.json   bos/eos/pad and the chat template (`dsfs.chat`) for ``transformers.AutoTokenizer``
     train.bin, val.bin      raw token ids, documents packed back to back, each followed by eos
     meta.json               dtype, vocab size, token/document counts, special ids, source and its sha256
@@ -47,13 +47,17 @@ if TYPE_CHECKING:
 EOS = "<|endoftext|>"
 BOS = "<|begin_of_text|>"
 PAD = "<|pad|>"
-# Ids 0..6, in this order.
-SPECIAL_TOKENS = [EOS, BOS, PAD, "<|user|>", "<|assistant|>", "<think>", "</think>"]
+# Ids 0..12, in this order: eos, bos, pad, the chat roles (`dsfs.chat`), DeepSeek-R1's reasoning and answer tags, and
+# the tool-call tags (`dsfs.tools`, Qwen's / Hermes' layout, as TRL renders tool calls).
+R1_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+SPECIAL_TOKENS = [EOS, BOS, PAD, "<|user|>", "<|assistant|>", *R1_TOKENS, *TOOL_TOKENS]
 DEFAULT_VOCAB = 4096
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 MAX_VOCAB = 2**32  # ids must fit uint32
 MIN_TRAIN_TOKENS = 64  # a train split below one window of a short --seq-len is refused at prepare
-FORMAT_VERSION = 2  # 2: digits pre-split (one token per digit)
+FORMAT_VERSION = 3  # 2: digits pre-split (one token per digit); 3 = R1/tool tokens reserved (ids 7..12)
+_FORMAT_CHANGE = "the R1 and tool tokens <answer>, </answer>, <tool_call>, ... reserved as ids 7..12"
 SPLITS = ("train", "val")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = REPO_ROOT.parent / "shared" / "data" / "tinystories_sample.txt"
@@ -186,8 +190,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 def shard_dtype(vocab_size: int) -> np.dtype:
     """Token shard dtype for a vocabulary: uint16 when ``vocab_size <= 65536`` else uint32.
 
-    Raises ``DataError`` when ``vocab_size > 2**32`` (ids would not fit) or ``vocab_size < 263``
-    (256 byte tokens + 7 special tokens).
+    Raises ``DataError`` when ``vocab_size > 2**32`` (ids would not fit) or ``vocab_size < 269``
+    (256 byte tokens + 13 special tokens: `MIN_VOCAB`).
     """
     if vocab_size > MAX_VOCAB:
         raise DataError(f"vocab size {vocab_size} does not fit the uint32 token shards (max {MAX_VOCAB})")
@@ -207,10 +211,10 @@ def train_tokenizer(
     Digits are split off one by one first (``Digits(individual_digits=True)``, as Llama's and DeepSeek-V3's
     tokenizers do, so ``"348"`` is always the three tokens ``3 4 8`` and a small model can learn arithmetic on
     them), then the ByteLevel pre-tokenizer (GPT-2 regex, no prefix space) and decoder, so
-    ``decode(encode(s).ids) == s`` for any string. Ids 0..6 are ``SPECIAL_TOKENS`` (0 = ``<|endoftext|>`` eos,
+    ``decode(encode(s).ids) == s`` for any string. Ids 0..12 are ``SPECIAL_TOKENS`` (0 = ``<|endoftext|>`` eos,
     1 = ``<|begin_of_text|>`` bos, 2 = ``<|pad|>``), then the 256 byte tokens, then merges. The result holds at
     most ``vocab_size`` tokens (fewer when the text runs out of pairs to merge). ``length``: number of items, for
-    the progress bar. Raises ``DataError`` for a vocab size outside [263, 2**32].
+    the progress bar. Raises ``DataError`` for a vocab size outside [269, 2**32].
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -312,12 +316,37 @@ def _settings(meta: dict) -> tuple:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    """The ``meta.json`` of a prepared directory as a dict; ``DataError`` if it is missing or unreadable."""
+    """The ``meta.json`` of a prepared directory as a dict; ``DataError`` if it is missing or unreadable, or written
+    by a newer dsfs (a data format above `FORMAT_VERSION`).
+
+    Older formats load: a directory's shards hold the ids of its own ``tokenizer.json``, which every checkpoint
+    trained on it carries, so format 1 (digits not pre-split) and 2 (no R1/tool tokens) still pretrain and chat as
+    before. What needs the tokens reserved since format 3 checks the tokenizer itself (`require_special_tokens`), and
+    ``dsfs prepare`` rebuilds an older output in place (`prepare`)."""
     path = Path(data_dir) / "meta.json"
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{data_dir}: not a prepared data directory ({path.name}: {e})") from None
+    version = meta.get("version") if isinstance(meta, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise DataError(f"{data_dir}: prepared by a newer dsfs (data format {version}; this one reads formats up to "
+                        f"{FORMAT_VERSION}); upgrade dsfs, or run `dsfs prepare` again with this one")
+    return meta
+
+
+def require_special_tokens(tokenizer, tokens, what: str, source: str | os.PathLike = "the tokenizer") -> None:
+    """Raise ``DataError`` (one line) naming the first of ``tokens`` (strings) that ``tokenizer`` (a
+    ``tokenizers.Tokenizer``) lacks as a token of its own, for a feature that needs it: ``what`` (``"tool calls"``)
+    says which, ``source`` where the tokenizer came from (a checkpoint directory or file). A tokenizer prepared
+    before data format 3 has ids 0..6 only (no ``<answer>``, ``<tool_call>``, ...): its checkpoint still chats and
+    evaluates, and R1-format text is encoded piece by piece, but a feature that stops on or masks these tokens
+    needs a tokenizer that holds them."""
+    for t in tokens:
+        if tokenizer.token_to_id(t) is None:
+            raise DataError(f"{source} has no {t} token, which {what} need: it was prepared before data format 3 "
+                            "reserved the R1 and tool tokens (ids 7..12); run `dsfs prepare` again and train a "
+                            "checkpoint on that data")
 
 
 def default_out_dir(input_path: str | os.PathLike, vocab_size: int) -> Path:
@@ -478,13 +507,13 @@ def prepare(
     The tokenizer is trained on the train documents only. Each document is encoded (no bos) and followed by
     the eos id 0; shards are raw ``meta["dtype"]`` arrays (uint16 when ``vocab_size <= 65536``, else uint32).
     If ``out_dir`` already holds an output with the same source sha256(s), vocab size, val fraction, seed and
-    text field, nothing is done (printed when ``verbose``) unless ``force``. An output with other settings is
-    replaced. The output is written to a temporary sibling directory and renamed into place, so an interrupted
-    run leaves the previous output (or none), never a partial one; a killed run may leave a hidden
-    ``.<name>.tmp-*`` sibling behind.
+    text field, nothing is done (printed when ``verbose``) unless ``force``. An output with other settings, or of
+    an older data format (`FORMAT_VERSION`; the reason is printed), is replaced. The output is written to a
+    temporary sibling directory and renamed into place, so an interrupted run leaves the previous output (or none),
+    never a partial one; a killed run may leave a hidden ``.<name>.tmp-*`` sibling behind.
 
     Raises ``DataError`` for a missing or empty source, non-UTF-8 bytes, malformed jsonl, a vocab size outside
-    [263, 2**32], a val fraction outside (0, 1), fewer than 2 documents, a train split under ``MIN_TRAIN_TOKENS``
+    [269, 2**32], a val fraction outside (0, 1), fewer than 2 documents, a train split under ``MIN_TRAIN_TOKENS``
     (64) tokens, an ``out_dir`` that is (or lies under) a file or exists but is not a prepared data directory, or
     a failed download.
     """
@@ -531,7 +560,14 @@ def prepare(
                 except OSError as e:  # a read-only directory keeps its older tokenizer_config.json
                     log(f"{out}: could not update tokenizer_config.json ({e.strerror}); it lacks the chat template")
                 return out
-            log(f"{out}: {'--force' if force else 'settings or source changed'}; preparing it again")
+            if force:
+                why = "--force"
+            elif complete and old.get("version") != FORMAT_VERSION:
+                why = (f"prepared in data format {old.get('version')}; this dsfs writes format {FORMAT_VERSION} "
+                       f"({_FORMAT_CHANGE})")
+            else:
+                why = "settings or source changed"
+            log(f"{out}: {why}; preparing it again")
         elif any(out.iterdir()):
             raise DataError(f"{out} exists and is not a prepared data directory; choose another --out")
 

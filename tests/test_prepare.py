@@ -157,11 +157,11 @@ def test_transformers_loads_tokenizer(prepared):
 
 
 def test_shard_dtype():
-    assert data.shard_dtype(263) == np.uint16
+    assert data.shard_dtype(data.MIN_VOCAB) == np.uint16 and data.MIN_VOCAB == 269  # 256 bytes + 13 special tokens
     assert data.shard_dtype(65536) == np.uint16
     assert data.shard_dtype(65537) == np.uint32
     assert data.shard_dtype(2**32) == np.uint32
-    for bad in (2**32 + 1, 262, 0):
+    for bad in (2**32 + 1, 268, 0):
         with pytest.raises(DataError):
             data.shard_dtype(bad)
 
@@ -238,6 +238,37 @@ def test_skip_if_exists_and_force(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.txt"]  # no temp dirs left
 
 
+def test_older_formats_load_and_are_prepared_again(tmp_path, capsys):
+    """Format 2 (no R1/tool tokens) still loads; `dsfs prepare` rebuilds it and says why; a newer format is refused;
+    a feature that needs the tokens names the one an old tokenizer lacks."""
+    src, out = _tiny(tmp_path), tmp_path / "out"
+    data.prepare(src, out, vocab_size=300, verbose=False)
+    meta = data.load_meta(out)
+    assert meta["version"] == data.FORMAT_VERSION == 3
+    assert meta["special_tokens"]["<tool_call>"] == 9 and meta["special_tokens"]["</tool_response>"] == 12
+    meta["version"] = 2
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert data.load_meta(out)["version"] == 2 and len(data.load_tokens(out, "train"))  # old data still trains
+    data.prepare(src, out, vocab_size=300)
+    said = capsys.readouterr().out
+    assert "prepared in data format 2; this dsfs writes format 3 (the R1 and tool tokens" in said, said
+    assert data.load_meta(out)["version"] == 3
+    meta["version"] = 99
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"prepared by a newer dsfs \(data format 99; this one reads formats up to 3\)"):
+        data.load_meta(out)
+
+    old = Tokenizer.from_file(str(out / "tokenizer.json"))
+    data.require_special_tokens(old, data.TOOL_TOKENS, "tool calls")  # a format-3 tokenizer has them
+    from tokenizers import models, trainers
+
+    v2 = Tokenizer(models.BPE())  # a format-2 tokenizer: special tokens 0..6 only
+    v2.train_from_iterator(["a b"], trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS[:7]))
+    with pytest.raises(DataError, match=r"ckpt/tokenizer.json has no <tool_call> token, which tool calls need: .*"
+                                        r"run `dsfs prepare` again"):
+        data.require_special_tokens(v2, data.TOOL_TOKENS, "tool calls", "ckpt/tokenizer.json")
+
+
 def test_interrupted_prepare_leaves_no_partial_output(tmp_path, monkeypatch):
     src, out = _tiny(tmp_path), tmp_path / "out"
 
@@ -298,7 +329,7 @@ BAD = {
     "empty jsonl": (("e.jsonl", "\n\n"), {}, ["no non-empty documents"]),
     "not utf-8": (("b.txt", b"hello\nwor\xffld <|endoftext|> more"), {}, ["UTF-8", "byte offset 9", "0xff"]),
     "vocab too large": (("v.txt", "a<|endoftext|>b"), {"vocab_size": 2**32 + 1}, ["does not fit", "uint32"]),
-    "vocab too small": (("v.txt", "a<|endoftext|>b"), {"vocab_size": 262}, ["at least 263"]),
+    "vocab too small": (("v.txt", "a<|endoftext|>b"), {"vocab_size": 268}, ["at least 269"]),
     "jsonl not object": (("j.jsonl", '{"text": "a"}\n[1, 2]\n'), {}, ["line 2", "JSON object", "list"]),
     "jsonl not json": (("j.jsonl", '{"text": "a"}\n\n{"text": \n'), {}, ["line 3", "not valid JSON"]),
     "jsonl no field": (("j.jsonl", '{"q": "a"}\n'), {}, ["line 1", "no text field 'text'", "--text-field"]),
