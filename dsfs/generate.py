@@ -153,10 +153,10 @@ def check_prompt(prompt: str) -> None:
         raise DataError(f"--prompt is not UTF-8 text ({what} at character {e.start}); expected UTF-8 text") from None
 
 
-def generate_text(
+def generate_texts(
     model,
     tokenizer,
-    prompt: str,
+    prompts: list[str],
     max_new_tokens: int = 100,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -164,22 +164,30 @@ def generate_text(
     seed: int = 0,
     use_cache: bool = True,
     chat: bool = False,
-) -> Generation:
-    """Continue ``prompt`` with ``model.generate`` (stops at the eos token); see ``Model.generate`` for the
-    sampling options (``temperature`` 0 is greedy; ``seed`` seeds the sampling generator).
+    num_return_sequences: int = 1,
+    tools: bool = False,
+) -> list[Generation]:
+    """Continue each of ``prompts`` ``num_return_sequences`` times in one batch (`dsfs.rollout.rollout`: left-padded,
+    with the KV cache unless not ``use_cache``, each sequence stopping at eos on its own); returns the generations
+    prompt-major. ``temperature`` 0 is greedy; ``top_k`` / ``top_p`` filter; ``seed`` seeds each sequence's own
+    generator (`dsfs.rollout.sequence_seeds`), so a prompt gives the same text alone or in a batch.
 
-    The prompt is encoded without special tokens and preceded by eos (``config.eos_token_id``), and ``text`` is
-    the prompt + the continuation with special tokens dropped. With ``chat``, the prompt is one user message
-    rendered by the chat template with the generation prompt (`dsfs.chat.render`: bos, ``<|user|>``, the prompt,
+    Each prompt is encoded without special tokens and preceded by eos (``config.eos_token_id``), and ``text`` is the
+    prompt + the continuation with special tokens dropped. With ``chat``, the prompt is one user message rendered by
+    the chat template with the generation prompt (`dsfs.chat.render`: bos, ``<|user|>``, the prompt,
     ``<|assistant|>``), and ``text`` is only the assistant's reply, up to eos: decoded with its special tokens except
-    bos, eos and pad, so ``<think>`` / ``</think>`` (and a role token the model may emit) stay visible. The total
-    length is capped at ``max_position_embeddings``. Raises ``DataError`` when the prompt is not UTF-8 text (a
-    command line's undecodable bytes arrive as surrogate escapes) or alone is too long, when the tokenizer's vocab
-    is larger than the model's or (``chat``) lacks the chat tokens, or when a sampling option is out of range. Runs
-    in the model's dtype (no autocast), so cached and uncached decoding agree.
+    bos, eos and pad, so ``<think>`` / ``</think>`` and tool calls stay visible; ``tools`` gives the model the
+    calculator (`dsfs.tools`). The total length is capped at ``max_position_embeddings``. ``seconds`` is the batch's
+    wall time (the same in every generation). Raises ``DataError`` when a prompt is not UTF-8 text (a command
+    line's undecodable bytes arrive as surrogate escapes) or alone is too long, when the tokenizer's vocab is larger
+    than the model's or (``chat``, ``tools``) lacks the tokens they need, or when a sampling option is out of range.
+    Runs in the model's dtype (no autocast), so cached and uncached decoding agree.
     """
+    from dsfs.rollout import completion_text, rollout
+
     cfg = model.config
-    check_prompt(prompt)
+    for p in prompts:
+        check_prompt(p)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise DataError(f"the tokenizer's vocab of {tokenizer.get_vocab_size()} tokens is larger than the model's "
                         f"vocab_size {cfg.vocab_size}; expected the tokenizer the model was trained with (--tokenizer)")
@@ -187,36 +195,40 @@ def generate_text(
     if chat:
         from dsfs.chat import render
 
-        ids = render([{"role": "user", "content": prompt}], tokenizer, add_generation_prompt=True)[0]
+        ids = [render([{"role": "user", "content": p}], tokenizer, add_generation_prompt=True)[0] for p in prompts]
         eos = tokenizer.token_to_id(EOS)  # the chat template's end of turn
     else:
-        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-        ids = ([eos] if eos is not None else []) + ids
-    room = cfg.max_position_embeddings - len(ids)
-    if room < 0 or (room == 0 and max_new_tokens > 0):
-        raise DataError(f"prompt of {plural(len(ids), 'token')} leaves no room in max_position_embeddings "
-                        f"{cfg.max_position_embeddings}")
-    device = next(model.parameters()).device
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    model.eval()
+        ids = [([eos] if eos is not None else []) + tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    longest = max(len(x) for x in ids)
+    room = cfg.max_position_embeddings - longest
+    if room < 0 or (room == 0 and max_new_tokens > 0) or longest == 0:
+        raise DataError(f"prompt of {plural(longest, 'token')} leaves no room in max_position_embeddings "
+                        f"{cfg.max_position_embeddings}" if longest else "empty prompt and no eos token to start from")
+    if tools and not chat:
+        raise DataError("tools need --chat (the tool-call format is the chat model's)")
+    tool_fns = None
+    if tools:
+        from dsfs.tools import TOOLS
+
+        tool_fns = TOOLS
     t0 = time.perf_counter()
     try:
-        out = model.generate(x, min(max_new_tokens, room), temperature=temperature, top_k=top_k, top_p=top_p,
-                             stop_tokens=[eos] if eos is not None else None, use_cache=use_cache,
-                             generator=gen)
+        outs = rollout(model, ids, min(max_new_tokens, room), temperature=temperature, top_k=top_k, top_p=top_p,
+                       num_generations=num_return_sequences, seed=seed,
+                       stop_token_ids=[eos] if eos is not None else (), tokenizer=tokenizer, tools=tool_fns,
+                       use_cache=use_cache)
     except ValueError as e:
         raise DataError(str(e)) from e
-    if device.type == "cuda":
+    if isinstance(model, torch.nn.Module) and next(model.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    new = out[0, len(ids):].tolist()
-    n_new = len(new)
-    if eos is not None and eos in new:
-        new = new[: new.index(eos)]
-    if chat:
-        drop = {tokenizer.token_to_id(t) for t in (BOS, EOS, PAD)}
-        text = tokenizer.decode([t for t in new if t not in drop], skip_special_tokens=False)
-    else:
-        text = prompt + tokenizer.decode(new, skip_special_tokens=True)
-    return Generation(text, n_new, seconds)
+    gens = []
+    drop = {tokenizer.token_to_id(t) for t in (BOS, EOS, PAD)} | ({eos} if eos is not None else set())
+    for o, prompt in zip(outs, [p for p in prompts for _ in range(num_return_sequences)], strict=True):
+        new = o.ids[:-1] if o.finish_reason == "stop" else o.ids
+        if chat:
+            text = completion_text(tokenizer, new, [t for t in drop if t is not None])
+        else:
+            text = prompt + tokenizer.decode(new, skip_special_tokens=True)
+        gens.append(Generation(text, len(o.ids), seconds))
+    return gens

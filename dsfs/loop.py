@@ -131,14 +131,20 @@ class TrainingRun:
         self._metrics_file.write(json.dumps(rec) + "\n")
         self._metrics_file.flush()
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
         """Validation loss over ``eval_batches`` (`dsfs.evaluation.evaluate` with the trainer's ``eval_loss``),
-        logged with its perplexity; the plot is redrawn."""
-        v = evaluate(self.trainer.model, self.eval_batches, self.trainer.eval_loss)
+        logged with its perplexity and ``extra_eval()``; the plot is redrawn and one line said. Without
+        ``eval_batches`` (a stage whose data holds no reference completions) only ``extra_eval()`` is logged, and the
+        loss is ``None``."""
+        v = evaluate(self.trainer.model, self.eval_batches, self.trainer.eval_loss) if self.eval_batches else None
         extra = self.extra_eval() if self.extra_eval is not None else {}
-        ppl = {"val_ppl": math.exp(min(v, 700.0))} if self.perplexity else {}
-        self.log({"step": self.progress.step, "val_loss": v, **ppl, **extra})
+        ppl = {"val_ppl": math.exp(min(v, 700.0))} if self.perplexity and v is not None else {}
+        loss = {"val_loss": v} if v is not None else {}
+        self.log({"step": self.progress.step, **loss, **ppl, **extra})
         plot_losses(self.records, self.plot_path, self.plot_keys)
+        shown = [f"val loss {v:.4f}" + (f" (ppl {ppl['val_ppl']:.1f})" if ppl else "")] if v is not None else []
+        shown += [f"{k} {x:.3f}" for k, x in extra.items() if k in ("val_accuracy", "val_format")]
+        self.say(f"step {self.progress.step}: {', '.join(shown) or 'evaluated'}")
         return v
 
     def save(self) -> Path:
@@ -219,7 +225,6 @@ class TrainingRun:
         with open(self.metrics_path, "a") as self._metrics_file, _StopSignals(self.say) as stop:
             if not self.resumed:
                 val_loss, last_eval = self.evaluate(), p.step
-                self.say(f"step {p.step}: val loss {val_loss:.4f}")
             with tqdm(total=tc.max_steps, initial=p.step, unit="step", file=sys.stderr, disable=not self.verbose,
                       dynamic_ncols=True, desc=self.desc) as bar:
                 while p.step < tc.max_steps:
@@ -231,8 +236,6 @@ class TrainingRun:
                         self.on_step(rec)
                     if p.step % tc.eval_every == 0 or p.step == tc.max_steps:
                         val_loss, last_eval = self.evaluate(), p.step
-                        ppl = f" (ppl {math.exp(min(val_loss, 700.0)):.1f})" if self.perplexity else ""
-                        self.say(f"step {p.step}: val loss {val_loss:.4f}{ppl}")
                     if p.step % self.save_every == 0 and p.step < tc.max_steps:
                         self.save()
                         last_saved = p.step
@@ -252,7 +255,8 @@ class TrainingRun:
             save_model_dir(self.trainer.model, out / FINAL, self.tokenizer_file)
         plot_losses(self.records, self.plot_path, self.plot_keys)
         return {
-            "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "steps": p.step, "tokens": p.tokens,
+            "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)) if val_loss is not None else None,
+            "steps": p.step, "tokens": p.tokens,
             "tokens_per_s": self.tokens_trained / max(self.train_time, 1e-9),
             "elapsed_s": self.elapsed(), "stopped": stopped, "device": self.trainer.device_type,
             **self.trainer.summary, "out_dir": str(out), "final_dir": str(out / FINAL),

@@ -85,30 +85,36 @@ def _features(convs, tok, max_length: int, what: str, counts: dict) -> list:
 
 def load_sft_data(dataset: str, tok, max_length: int, *, seed: int = 0, eval_dataset: str | None = None,
                   num_examples: int | None = None, eval_examples: int = 200, splits: list[str] | None = None,
-                  eos_id: int = 0) -> SFTData:
+                  eos_id: int = 0, style: str = "plain") -> SFTData:
     """Tokenize ``dataset`` for SFT with the ``tokenizers.Tokenizer`` ``tok``, sequences cut at ``max_length``.
 
     ``dataset``: ``"arithmetic"`` (``num_examples`` training problems, default 50,000, drawn over ``splits``,
     default the task's training mixture; ``eval_examples`` held-out problems per split, disjoint from training, for
     the loss and the accuracy), ``"gsm8k"`` (the shared train split; ``eval_examples`` of the test split), or a
     JSONL path of conversations (``eval_dataset``: another such file; default: a seeded 5% of the file, at least
-    one, held out; no accuracy). Raises `DataError` for bad files (naming file and line), unknown splits, or data
-    whose truncation leaves no assistant token.
+    one, held out; no accuracy). ``style``: a task's reply format (`dsfs.tasks.load_task`: ``plain``, ``r1``, or
+    arithmetic's ``tool``, the cold start of a calculator-using policy). Raises `DataError` for bad files (naming file
+    and line), unknown splits, a style on a file, or data whose truncation leaves no assistant token.
     """
     truncated: dict[str, dict] = {"train": {}, "eval": {}}
     if dataset in TASKS:
         task = load_task(dataset, num_train=num_examples or (50_000 if dataset == "arithmetic" else 0),
-                         num_held_out=eval_examples, seed=seed, splits=splits, at_most=num_examples is None)
+                         num_held_out=eval_examples, seed=seed, splits=splits, at_most=num_examples is None,
+                         style=style)
         train = _features([task.conversation(p) for p in task.train], tok, max_length, f"{dataset} train",
                           truncated["train"])
         ev = _features([task.conversation(p) for p in task.held_out], tok, max_length, f"{dataset} held-out",
                        truncated["eval"])
         what = f"{dataset}{' ' + ','.join(dict.fromkeys(task.splits)) if dataset == 'arithmetic' else ''}"
+        what += f" ({style} format)" if style != "plain" else ""
         return SFTData(train, ev, task.checks(tok), truncated, f"{what}: {plural(len(train), 'problem')}",
                        max_new_tokens=task.max_new_tokens)
     path = Path(dataset)
     if not path.is_file():
         raise DataError(f"--dataset {dataset}: expected arithmetic, gsm8k or a .jsonl file of conversations")
+    if style != "plain":
+        raise DataError(f"--style {style} applies to --dataset arithmetic or gsm8k; a file's conversations keep "
+                        "their own format")
     convs = chat.read_conversations(path)
     if num_examples:
         convs = convs[:num_examples]
@@ -152,9 +158,9 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int,
 def sft(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *, init_from=None, resume=False,
         backend: str = "auto", seed: int | None = None, eval_dataset: str | None = None,
         num_examples: int | None = None, eval_examples: int | None = None, splits: list[str] | None = None,
-        tokenizer: str | None = None, keep_last: int | None = None, save_every: int | None = None,
-        overwrite: bool = False, compile: bool | str = False, verbose: bool = True, on_step=None,
-        **overrides) -> dict:
+        style: str | None = None, tokenizer: str | None = None, keep_last: int | None = None,
+        save_every: int | None = None, overwrite: bool = False, compile: bool | str = False, verbose: bool = True,
+        on_step=None, **overrides) -> dict:
     """Fine-tune the model of ``init_from`` on ``dataset`` (`load_sft_data`) and return the run summary.
 
     The run directory, checkpoints, ``resume`` and ``overrides`` (`TrainConfig` fields over `SFT_CONFIG`; ``seq_len``
@@ -167,11 +173,11 @@ def sft(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
     say = say_fn(verbose)
     options = {"dataset": dataset_option(dataset, TASKS, splits, eval_dataset, "conversations"),
                "eval_dataset": str(Path(eval_dataset).resolve()) if eval_dataset is not None else None,
-               "num_examples": num_examples, "eval_examples": eval_examples, "splits": splits}
+               "num_examples": num_examples, "eval_examples": eval_examples, "splits": splits, "style": style}
     start = start_stage("sft", out_dir=out_dir, resume=resume, init_from=init_from, overwrite=overwrite, seed=seed,
                         keep_last=keep_last, save_every=save_every, default_tc=SFT_CONFIG, overrides=overrides,
                         options=options)
-    opt, tc = fill_options(start, {"eval_examples": 200}), start.tc
+    opt, tc = fill_options(start, {"eval_examples": 200, "style": "plain"}), start.tc
     if opt["dataset"] is None:
         raise ConfigError("dsfs sft needs --dataset (arithmetic, gsm8k, or a .jsonl file of conversations)")
     be = resolve_backend(backend)
@@ -183,7 +189,7 @@ def sft(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
     data = load_sft_data(opt["dataset"], tok, tc.seq_len, seed=start.seed, eval_dataset=opt["eval_dataset"],
                          num_examples=opt["num_examples"], eval_examples=opt["eval_examples"],
-                         splits=opt["splits"], eos_id=eos)
+                         splits=opt["splits"], eos_id=eos, style=opt["style"])
     say(f"data: {data.source}; {plural(len(data.eval), 'held-out conversation')}{cut_note(data.truncated, tc.seq_len)}")
     if be.note:
         say(be.note)
@@ -203,7 +209,11 @@ def sft(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *,
 
     n_eval = min(tc.eval_batches * tc.batch_size, len(data.eval))
     evals = [collate(data.eval[s:s + tc.batch_size], pad, tc.seq_len) for s in range(0, n_eval, tc.batch_size)]
-    extra = (lambda: accuracy(trainer.model, tok, data.checks, eos, data.max_new_tokens)) if data.checks else None
+    tools = None
+    if opt["style"] == "tool":
+        from dsfs.tools import TOOLS as tools
+    extra = (lambda: accuracy(trainer.model, tok, data.checks, eos, data.max_new_tokens, tools=tools)) \
+        if data.checks else None
     keys = ["val_accuracy"] + [f"val_accuracy/{s}" for s in dict.fromkeys(c.split for c in data.checks)]
     summary = run_stage(start, trainer, next_batch=next_batch, eval_batches=evals, tokens_per_step=tokens_done,
                         order=order, tokenizer_file=tok_file, overwrite=overwrite, say=say, verbose=verbose,
@@ -235,7 +245,7 @@ def last_eval(out: Path) -> dict:
     if path.is_file():
         for line in path.read_text().splitlines():
             rec = json.loads(line)
-            if "val_loss" in rec:
+            if "loss" not in rec:  # an evaluation record (train records hold the step's loss)
                 last = rec
     return last
 
@@ -258,6 +268,10 @@ def add_sft(sub) -> None:
                    "files: all)")
     p.add_argument("--eval-examples", type=int, metavar="N", help="held-out problems per split for the accuracy "
                    "(default: 200)")
+    p.add_argument("--style", choices=["plain", "r1", "tool"], help="the task's reply format: <think>...</think> "
+                   "then the answer (plain), the answer in <answer> tags (r1, DeepSeek-R1's), or r1 with a calculator "
+                   "call (tool: the cold start of a tool-using policy; accuracy is measured with the calculator) "
+                   "(default: plain)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="off",
                    help="torch.compile the loss (auto: on for cpu and cuda). Default: off: batches are padded to their "
                    "longest conversation, so each new width would compile again")
@@ -269,7 +283,7 @@ def _run_sft(args) -> int:
     from dsfs.stage import print_summary, stage_kwargs
 
     s = sft(init_from=args.init_from, compile={"auto": "auto", "on": True, "off": False}[args.compile],
-            **stage_kwargs(args, mtp=True))
+            style=args.style, **stage_kwargs(args, mtp=True))
     acc = [f"{k} {v:.3f}" for k, v in s.items() if k.startswith("val_accuracy")]
     cut = cut_note(s["truncated"], s["seq_len"])
     print_summary(s, ([", ".join(acc)] if acc else []) + ([cut.lstrip("; ")] if cut else []))

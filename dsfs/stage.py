@@ -333,7 +333,8 @@ def print_summary(s: dict, extra: list[str] = ()) -> None:
     note = " (stopped by the time budget; continue with --resume)" if s["stopped"] == "time_budget" else ""
     print(f"steps {s['steps']}{note}, {s['tokens']:,} tokens, {s['tokens_per_s']:,.0f} tokens/s, "
           f"{s['elapsed_s']:.1f} s, backend {s['backend']} on {s['device']}")
-    print(f"val loss {s['val_loss']:.4f}")
+    if s["val_loss"] is not None:
+        print(f"val loss {s['val_loss']:.4f}")
     for line in extra:
         print(line)
     print(f"final model: {s['final_dir']}\ncheckpoint: {s['checkpoint']}\nmetrics: {s['metrics']}\nplot: {s['plot']}")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from dsfs import chat
 from dsfs.errors import DataError
-from dsfs.evaluation import greedy_completions
 
 TASKS = ("arithmetic", "gsm8k")
 
@@ -54,14 +53,19 @@ class Task:
 
 
 def load_task(name: str, *, num_train: int = 0, num_held_out: int = 200, seed: int = 0,
-              splits: list[str] | None = None, at_most: bool = False) -> Task:
+              splits: list[str] | None = None, at_most: bool = False, style: str = "plain") -> Task:
     """The task ``name`` with ``num_train`` training problems and up to ``num_held_out`` held-out problems per split.
 
     ``arithmetic``: training problems drawn over ``splits`` (default: the task's training mixture, by its weights;
     given names: equal weights), held-out ones from each split (capped at what its held-out side holds). ``gsm8k``:
     the first ``num_train`` rows of the shared train split (0: all), the first ``num_held_out`` of its test split.
     ``at_most``: ``num_train`` is a default, cut to what the arithmetic splits' training sides hold. Raises
-    `DataError` for an unknown task or split, or more training problems than the splits hold (not ``at_most``)."""
+    `DataError` for an unknown task or split, or more training problems than the splits hold (not ``at_most``).
+    ``style``: the reference replies' format (``plain``; ``r1``: the answer in ``<answer>`` tags; arithmetic's ``tool``:
+    the same with a calculator call), as `dsfs.arithmetic.conversation`; `DataError` for a style the task lacks."""
+    styles = {"arithmetic": ("plain", "r1", "tool"), "gsm8k": ("plain", "r1")}.get(name, (style,))
+    if style not in styles:
+        raise DataError(f"{name} has no {style!r} format (expected one of {', '.join(styles)})")
     if name == "arithmetic":
         from dsfs import arithmetic as A
 
@@ -77,8 +81,9 @@ def load_task(name: str, *, num_train: int = 0, num_held_out: int = 200, seed: i
             got = A.problems(s, min(num_held_out, A.capacity(s, held_out=True)), seed, held_out=True)
             held += got
             held_splits += [s] * len(got)
-        return Task("arithmetic", train, held, held_splits, A.conversation,
-                    lambda text, p: A.is_correct(text, p.answer), A.preference_pairs, A.MAX_COMPLETION_TOKENS)
+        return Task("arithmetic", train, held, held_splits, lambda p: A.conversation(p, style),
+                    lambda text, p: A.is_correct(text, p.answer), A.preference_pairs,
+                    A.max_completion_tokens(names, style))
     if name == "gsm8k":
         from dsfs import gsm8k as G
 
@@ -86,21 +91,30 @@ def load_task(name: str, *, num_train: int = 0, num_held_out: int = 200, seed: i
             raise DataError("gsm8k has no splits to choose (--splits is for arithmetic)")
         train = G.read(G.DEFAULT_TRAIN)[:num_train] if num_train else G.read(G.DEFAULT_TRAIN)
         held = G.read(G.DEFAULT_TEST)[:num_held_out]
-        return Task("gsm8k", train, held, ["gsm8k"] * len(held), G.conversation,
+        return Task("gsm8k", train, held, ["gsm8k"] * len(held), lambda e: G.conversation(e, style),
                     lambda text, e: G.is_correct(text, e.answer), G.preference_pairs, 256)
     raise DataError(f"unknown task {name!r} (expected one of {', '.join(TASKS)})")
 
 
-def accuracy(model, tok, checks: list[Check], eos_id: int, max_new_tokens: int) -> dict[str, float]:
-    """Greedy exact-match accuracy of ``model`` on ``checks`` (`dsfs.evaluation.greedy_completions`, the completion
-    decoded with its special tokens so the checker sees ``</think>``): ``{"val_accuracy": overall,
-    "val_accuracy/<split>": per split}`` (with one split: the overall only)."""
-    outs = greedy_completions(model, [c.prompt_ids for c in checks], eos_id, max_new_tokens)
+def accuracy(model, tok, checks: list[Check], eos_id: int, max_new_tokens: int, tools: dict | None = None,
+             format_reward=None, batch_size: int = 64) -> dict[str, float]:
+    """Greedy exact-match accuracy of ``model`` on ``checks``: batched, left-padded greedy completions
+    (`dsfs.rollout.rollout`, with ``tools`` when given: a calculator-using policy is measured with its calculator),
+    decoded with their special tokens so the checker sees ``</think>`` and ``<answer>``. Returns ``{"val_accuracy":
+    overall, "val_accuracy/<split>": per split}`` (with one split: the overall only), plus ``"val_format"``, the mean
+    of ``format_reward([], completions)`` when given (`dsfs.rewards.format_reward`)."""
+    from dsfs.rollout import completion_text, rollout
+
+    outs = rollout(model, [c.prompt_ids for c in checks], max_new_tokens, temperature=0.0,
+                   stop_token_ids=[eos_id], tokenizer=tok, tools=tools, batch_size=batch_size)
+    texts = [completion_text(tok, o.ids, [eos_id]) for o in outs]
     right: dict[str, list[bool]] = {}
-    for c, ids in zip(checks, outs, strict=True):
-        right.setdefault(c.split, []).append(c.is_correct(tok.decode(ids, skip_special_tokens=False)))
+    for c, text in zip(checks, texts, strict=True):
+        right.setdefault(c.split, []).append(c.is_correct(text))
     every = [r for v in right.values() for r in v]
     res = {"val_accuracy": sum(every) / len(every)}
     if len(right) > 1:
         res.update({f"val_accuracy/{s}": sum(v) / len(v) for s, v in right.items()})
+    if format_reward is not None:
+        res["val_format"] = sum(format_reward([""] * len(texts), texts)) / len(texts)
     return res

@@ -15,7 +15,7 @@ from dsfs import checkpointing, data
 from dsfs.checkpointing import CheckpointError
 from dsfs.data import DataError
 from dsfs.evaluation import eval_batches
-from dsfs.generate import eval_starts, evaluate, evaluate_checkpoint, generate_text, load_tokenizer
+from dsfs.generate import eval_starts, evaluate, evaluate_checkpoint, generate_texts, load_tokenizer
 from reference import Model
 from tests.test_train import _cli, make_data_dir, micro_train
 
@@ -31,11 +31,11 @@ def run(data_dir, tmp_path_factory):
 def test_greedy_generation_with_and_without_cache_agree(run):
     model_dir = run / "final"
     model, tok = Model.from_pretrained(model_dir), load_tokenizer(model_dir)
-    a = generate_text(model, tok, "Once upon a time", max_new_tokens=24, use_cache=True)
-    b = generate_text(model, tok, "Once upon a time", max_new_tokens=24, use_cache=False)
+    a = generate_texts(model, tok, ["Once upon a time"], max_new_tokens=24, use_cache=True)[0]
+    b = generate_texts(model, tok, ["Once upon a time"], max_new_tokens=24, use_cache=False)[0]
     assert a.text == b.text and a.new_tokens == b.new_tokens > 0
     assert a.text.startswith("Once upon a time") and len(a.text) > len("Once upon a time")
-    s1, s2 = (generate_text(model, tok, "The dog", 16, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    s1, s2 = (generate_texts(model, tok, ["The dog"], 16, temperature=1.0, top_k=20, top_p=0.9, seed=3)[0]
               for _ in range(2))
     assert s1.text == s2.text  # the seed fixes the samples
 
@@ -161,7 +161,7 @@ def test_cli_help_and_bad_input(capsys, run, tmp_path):
 def test_generate_and_eval_on_cuda(run, data_dir):
     model = Model.from_pretrained(run / "final", device="cuda")
     tok = load_tokenizer(run / "final")
-    a, b = (generate_text(model, tok, "Once upon a time", 16, use_cache=c) for c in (True, False))
+    a, b = (generate_texts(model, tok, ["Once upon a time"], 16, use_cache=c)[0] for c in (True, False))
     assert a.new_tokens > 0 and a.text.startswith("Once upon a time")
     cpu = evaluate_checkpoint(run, data_dir, batches=2, batch_size=4, seq_len=32, device="cpu")["loss"]
     gpu = evaluate_checkpoint(run, data_dir, batches=2, batch_size=4, seq_len=32, device="cuda")["loss"]
@@ -212,9 +212,9 @@ def test_sampling_api_rejects_nan_inf_and_bad_prompts(run):
         sample_next(logits, 1.0, top_p=float("nan"))
     model, tok = Model.from_pretrained(run / "final"), load_tokenizer(run / "final")
     with pytest.raises(DataError, match="temperature=nan"):
-        generate_text(model, tok, "The dog", 4, temperature=float("nan"))
+        generate_texts(model, tok, ["The dog"], 4, temperature=float("nan"))
     with pytest.raises(DataError, match=r"--prompt is not UTF-8 text \(byte 0xff at character 0\)"):
-        generate_text(model, tok, "\udcff", 4)
+        generate_texts(model, tok, ["\udcff"], 4)
     with pytest.raises(ValueError, match="ModelConfig: kv_lora_rank=None; expected an integer >= 1"):
         ModelConfig(kv_lora_rank=None)
     with pytest.raises(ValueError, match="ModelConfig: n_routed_experts='8'; expected an integer >= 1"):
@@ -241,7 +241,7 @@ def test_generate_chat(capsys, run, monkeypatch, tmp_path):
     out = model.generate(torch.tensor([ids]), 12, temperature=0.0, stop_tokens=[eos])[0, len(ids):].tolist()
     new = out[: out.index(eos)] if eos in out else out
     want = tok.decode([t for t in new if t not in (bos, eos, tok.token_to_id(data.PAD))], skip_special_tokens=False)
-    g = generate_text(model, tok, prompt, 12, chat=True)
+    g = generate_texts(model, tok, [prompt], 12, chat=True)[0]
     assert g.text == want and g.new_tokens == len(out)
     rc, printed, err = _cli(capsys, "generate", "--checkpoint", run, "--chat", "--prompt", prompt,
                             "--max-new-tokens", 12, "--temperature", 0, "--device", "cpu")
@@ -251,12 +251,14 @@ def test_generate_chat(capsys, run, monkeypatch, tmp_path):
     reply = [tok.token_to_id("<think>"), digit, tok.token_to_id("</think>"), bos, digit, tok.token_to_id(data.PAD),
              eos, digit]
 
-    def scripted(x, max_new_tokens, **kw):  # a model that answers "<think>7</think>7", stray bos/pad, eos, "7"
-        return torch.cat([x, torch.tensor([reply[:max_new_tokens]])], dim=1)
+    def scripted(model, prompts, max_new_tokens, **kw):  # answers "<think>7</think>7", stray bos/pad, then eos
+        from dsfs.rollout import Completion
 
-    monkeypatch.setattr(model, "generate", scripted)
-    g = generate_text(model, tok, prompt, 20, chat=True)
-    assert g.text == "<think>7</think>7" and g.new_tokens == len(reply)
+        return [Completion(list(p), reply[:reply.index(eos) + 1], finish_reason="stop") for p in prompts]
+
+    monkeypatch.setattr("dsfs.rollout.rollout", scripted)
+    g = generate_texts(model, tok, [prompt], 20, chat=True)[0]
+    assert g.text == "<think>7</think>7" and g.new_tokens == reply.index(eos) + 1
 
     from tokenizers import Tokenizer, models
 
