@@ -218,7 +218,11 @@ def add_generate(sub) -> None:
         "the prompt is a user message of the chat template and only the assistant's reply is printed.",
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="model, run or checkpoints directory")
-    p.add_argument("--prompt", default="Once upon a time", help="text to continue (default: %(default)r)")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="text to continue; repeat for a batch "
+                   "(default: 'Once upon a time')")
+    p.add_argument("--prompt-file", metavar="PATH", help="more prompts, one per line (UTF-8), generated in one batch")
+    p.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="completions per prompt "
+                   "(default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0: greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="keep the K most likely tokens")
@@ -228,6 +232,8 @@ def add_generate(sub) -> None:
     p.add_argument("--chat", action="store_true",
                    help="render --prompt as one user message of the chat template (bos, <|user|>, prompt, "
                    "<|assistant|>) and print only the reply, with <think>/</think> kept (for SFT/DPO/GRPO models)")
+    p.add_argument("--tools", action="store_true", help="with --chat: give the model the calculator tool (a "
+                   "<tool_call> runs it and appends the <tool_response>)")
     p.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="default: cuda when available, else cpu")
@@ -247,19 +253,38 @@ def _run_generate(args) -> int:
         raise DataError(f"--top-k {k}: expected an integer >= 1")
     if p is not None and not 0 < p <= 1:
         raise DataError(f"--top-p {p}: expected a number in (0, 1]")
-    G.check_prompt(args.prompt)
+    if args.num_return_sequences < 1:
+        raise DataError(f"--num-return-sequences {args.num_return_sequences}: expected an integer >= 1")
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        try:
+            prompts += [line for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})") from None
+    prompts = prompts or ["Once upon a time"]
+    for prompt in prompts:
+        G.check_prompt(prompt)
+    if args.tools and not args.chat:
+        raise DataError("--tools needs --chat (the tool-call format is the chat model's)")
     model_dir = resolve_model_dir(args.checkpoint)
     tok = G.load_tokenizer(model_dir, args.tokenizer)
     if args.chat:  # before the model loads: fail fast on a tokenizer without the chat tokens
         from dsfs.chat import render
 
-        render([{"role": "user", "content": args.prompt}], tok, add_generation_prompt=True)
+        render([{"role": "user", "content": prompts[0]}], tok, add_generation_prompt=True)
     model = load_model_dir(model_dir, device=G.pick_device(args.device))
-    g = G.generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                        args.seed, use_cache=not args.no_cache, chat=args.chat)
-    print(g.text)
-    print(f"{data.plural(g.new_tokens, 'token')} in {g.seconds:.2f} s: {g.tokens_per_s:,.1f} tokens/s "
-          f"({'no ' if args.no_cache else ''}KV cache, {model_dir})", file=sys.stderr)
+    gens = G.generate_texts(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                            args.seed, use_cache=not args.no_cache, chat=args.chat,
+                            num_return_sequences=args.num_return_sequences, tools=args.tools)
+    many = len(gens) > 1
+    for i, g in enumerate(gens):
+        print(f"--- {i}" if many else "", end="\n" if many else "")
+        print(g.text)
+    n = sum(g.new_tokens for g in gens)
+    seconds = gens[0].seconds
+    print(f"{data.plural(n, 'token')} in {seconds:.2f} s: {n / max(seconds, 1e-9):,.1f} tokens/s "
+          f"({'no ' if args.no_cache else ''}KV cache, {data.plural(len(gens), 'sequence')}, {model_dir})",
+          file=sys.stderr)
     return 0
 
 
@@ -364,7 +389,22 @@ def add_distill(sub) -> None:
     add(sub)
 
 
-COMMANDS = [add_prepare, add_train, add_generate, add_eval, add_sft, add_dpo, add_distill, add_check, add_bench]
+def add_grpo(sub) -> None:
+    """Register ``dsfs grpo`` (`dsfs.grpo.add_grpo`)."""
+    from dsfs.grpo import add_grpo as add
+
+    add(sub)
+
+
+def add_pipeline(sub) -> None:
+    """Register ``dsfs pipeline`` (`dsfs.pipeline.add_pipeline`)."""
+    from dsfs.pipeline import add_pipeline as add
+
+    add(sub)
+
+
+COMMANDS = [add_prepare, add_train, add_generate, add_eval, add_sft, add_dpo, add_distill, add_grpo, add_pipeline,
+            add_check, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
