@@ -255,13 +255,15 @@ def grpo_loss(ops, h, weight, batch: Batch, opts: dict, device=None):
         v = batch.get(k)
         return v.to(device) if v is not None and device is not None else v
 
+    from reference.grpo import METRICS
+
     eps = opts["epsilon"]
-    loss, m = ops.grpo(h, weight, get("completion_ids"), get("completion_mask"), get("advantages"),
-                       old_logps=get("old_logps"), ref_logps=get("ref_logps"), beta=opts["beta"], epsilon_low=eps,
-                       epsilon_high=opts["epsilon_high"] if opts["epsilon_high"] is not None else eps,
-                       temperature=opts["temperature"], loss_type=opts["loss_type"],
-                       max_completion_length=opts["max_completion_length"])
-    metrics = {k: float(v) for k, v in m.items() if opts["beta"] > 0 or k != "kl"}
+    loss, *values = ops.grpo(h, weight, get("completion_ids"), get("completion_mask"), get("advantages"),
+                             old_logps=get("old_logps"), ref_logps=get("ref_logps"), beta=opts["beta"],
+                             epsilon_low=eps, epsilon_high=opts["epsilon_high"] if opts["epsilon_high"] is not None
+                             else eps, temperature=opts["temperature"], loss_type=opts["loss_type"],
+                             max_completion_length=opts["max_completion_length"])
+    metrics = {k: float(v) for k, v in zip(METRICS, values, strict=True) if opts["beta"] > 0 or k != "kl"}
     return loss, metrics
 
 
@@ -514,13 +516,14 @@ def grpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *
                        start.state.get("generation") if start.state else None)
     evals = [collate(data.eval_sft[s:s + tc.batch_size], pad, tc.seq_len)
              for s in range(0, min(tc.eval_batches * tc.batch_size, len(data.eval_sft)), tc.batch_size)]
-    fmt = dict(zip(rewards[0], rewards[1], strict=True)).get("format")
 
     def extra() -> dict:
         if not data.checks:
             return {}
+        from dsfs.rewards import format_reward
+
         return accuracy(trainer.model, tok, data.checks, eos, o["max_completion_length"], tools=gens.tools,
-                        format_reward=fmt)
+                        format_reward=format_reward)
 
     keys = ["reward", "val_accuracy", "val_format"] + [f"rewards/{n}/mean" for n in rewards[0]]
     summary = run_stage(start, trainer, next_batch=gens.next_batch, eval_batches=evals,

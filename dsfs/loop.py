@@ -363,7 +363,8 @@ def plot_losses(records: list[dict], path: str | os.PathLike, extra: tuple[str, 
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     if extra:
         ax2 = fig.add_subplot(2, 1, 2)
         for k in extra:

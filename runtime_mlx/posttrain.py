@@ -1,5 +1,6 @@
-"""The MLX backend of ``dsfs dpo`` and ``dsfs distill`` (``--backend mlx``): `MLXDPOTrainer` and `MLXDistillTrainer`,
-the MLX twins of `dsfs.dpo.DPOTrainer` and `dsfs.distill.DistillTrainer`: the same batches (dicts of torch
+"""The MLX backend of ``dsfs dpo``, ``dsfs distill`` and ``dsfs grpo`` (``--backend mlx``): `MLXDPOTrainer`,
+`MLXDistillTrainer` and `MLXGRPOTrainer`, the MLX twins of `dsfs.dpo.DPOTrainer`, `dsfs.distill.DistillTrainer` and
+`dsfs.grpo.GRPOTrainer`: the same batches (dicts of torch
 tensors), the same metrics, the same extra methods, driven by the one training loop through the
 `dsfs.trainer.Trainer` protocol.
 
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from . import kernels
+from .kernels.grpo import METRICS as GRPO_METRICS
 from .model import IGNORE_INDEX, Model
 from .moe import DeepSeekMoE
 from .train import MLXTrainerBase, _to_mx, eval_cross_entropy
@@ -259,4 +261,77 @@ class MLXDistillTrainer(_PostTrainer):
         return eval_cross_entropy(self.model, batch).item()
 
 
-__all__ = ["MLXDPOTrainer", "MLXDistillTrainer", "disable_dropout", "has_dropout", "head_weight"]
+def _gather(h: mx.array, positions: mx.array) -> mx.array:
+    """``h`` (N, L, H) at ``positions`` (N, C) -> (N, C, H) (`dsfs.grpo.gather_positions`)."""
+    idx = mx.broadcast_to(positions[..., None], (*positions.shape, h.shape[-1]))
+    return mx.take_along_axis(h, idx, axis=1)
+
+
+class MLXGRPOTrainer(_PostTrainer):
+    """A `dsfs.trainer.Trainer` for GRPO with `runtime_mlx.Model` s, the MLX twin of `dsfs.grpo.GRPOTrainer`: the same
+    batches (`dsfs.grpo.collate_rollouts`), metrics and ``token_logps``; the loss is `runtime_mlx.kernels.grpo` on the
+    policy's hidden states at the completion positions.
+
+    ``model``: the policy (dropout disabled, train mode; `dsfs.rollout.rollout` samples it in eval mode);
+    ``ref_model``: the frozen reference (eval mode) or ``None`` when ``opts["beta"]`` is 0. ``lr``, ``weight_decay``,
+    ``grad_clip``, ``optimizer``: `MLXTrainerBase`'s; ``opts``: the run's GRPO options (`dsfs.grpo.GRPO_DEFAULTS`
+    keys)."""
+
+    def __init__(self, model: Model, ref_model: Model | None, lr: float, weight_decay: float, grad_clip: float,
+                 optimizer: str, opts: dict):
+        super().__init__(disable_dropout(model), lr, weight_decay, grad_clip, optimizer)
+        self.ref = None if ref_model is None else disable_dropout(ref_model)
+        if self.ref is not None:
+            self.ref.eval()
+        self.opts = opts
+        eps = opts["epsilon"]
+        self._kw = dict(beta=opts["beta"], epsilon_low=eps,
+                        epsilon_high=opts["epsilon_high"] if opts["epsilon_high"] is not None else eps,
+                        temperature=opts["temperature"], loss_type=opts["loss_type"],
+                        max_completion_length=opts["max_completion_length"])
+
+        def loss_fn(x, pos, y, mask, adv, given):
+            stats = {"loads": [], "aux": []}
+            h = model.hidden_states(x, stats=stats, check_values=False)
+            out = kernels.grpo(_gather(h, pos), head_weight(model), y, mask, adv, old_logps=given.get("old_logps"),
+                               ref_logps=given.get("ref_logps"), **self._kw)
+            return (*out, *stats["loads"])
+
+        self._micro = nn.value_and_grad(model, loss_fn)
+
+    def token_logps(self, batch: dict[str, torch.Tensor], ref: bool = False) -> torch.Tensor:
+        """Per-token log-probs (N, C) float32 (a torch CPU tensor) of the completion tokens at the run's temperature,
+        by the policy (eval mode) or, with ``ref``, the reference model, as `dsfs.grpo.GRPOTrainer.token_logps`."""
+        model = self.ref if ref else self.model
+        was = model.training
+        model.eval()
+        try:
+            h = model.hidden_states(_to_mx(batch["input_ids"]))
+            lp = kernels.token_logps(_gather(h, _to_mx(batch["positions"])), head_weight(model),
+                                     _to_mx(batch["completion_ids"]), temperature=self.opts["temperature"])
+            lp = mx.stop_gradient(lp).astype(mx.float32)
+            mx.eval(lp)
+        finally:
+            model.train(was)
+        return torch.from_numpy(np.array(lp))
+
+    def micro_step(self, batch: dict[str, torch.Tensor], accum: int) -> dict[str, float | None]:
+        """Loss and gradients for a batch of `dsfs.grpo.collate_rollouts` (with ``old_logps`` / ``ref_logps`` when the
+        run has them); ``1 / accum`` of the gradients (and all of the policy's expert loads) are kept for
+        `optimizer_step`. Returns ``loss``, the op's metrics (``kl`` only with beta > 0) and the generation's."""
+        given = {k: _floats(batch[k]) for k in ("old_logps", "ref_logps") if k in batch}
+        (loss, *rest), g = self._micro(_to_mx(batch["input_ids"]), _to_mx(batch["positions"]),
+                                       _to_mx(batch["completion_ids"]), _floats(batch["completion_mask"]),
+                                       _floats(batch["advantages"]), given)
+        values, loads = rest[:len(GRPO_METRICS)], rest[len(GRPO_METRICS):]
+        self._accumulate(g, loads, accum, (loss, *values))
+        m = {k: v.item() for k, v in zip(GRPO_METRICS, values, strict=True) if self.opts["beta"] > 0 or k != "kl"}
+        return {"loss": loss.item(), **m, **batch.get("metrics", {})}
+
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        """The policy's cross-entropy on held-out reference completions (`runtime_mlx.train.eval_cross_entropy`), as
+        `dsfs.grpo.GRPOTrainer`'s."""
+        return eval_cross_entropy(self.model, batch).item()
+
+
+__all__ = ["MLXDPOTrainer", "MLXDistillTrainer", "MLXGRPOTrainer", "disable_dropout", "has_dropout", "head_weight"]

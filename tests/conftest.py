@@ -30,3 +30,18 @@ def data_dir(tmp_path_factory):
     from tests.test_train import make_data_dir
 
     return make_data_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> dict:
+    """The post-training tests' start (tests/test_stage.py, tests/test_grpo_run.py): a data dir and two micro
+    checkpoints trained on it, ``plain`` and ``dropout`` (hidden_dropout 0.1)."""
+    from tests.test_train import MICRO_MODEL, make_data_dir, micro_train
+
+    root = tmp_path_factory.mktemp("stage")
+    d = make_data_dir(root)
+    torch.manual_seed(0)
+    micro_train(d, root / "plain", max_steps=6, model_overrides={**MICRO_MODEL, "max_position_embeddings": 128})
+    micro_train(d, root / "dropout", max_steps=2,
+                model_overrides={**MICRO_MODEL, "max_position_embeddings": 128, "hidden_dropout": 0.1})
+    return {"root": root, "data": d, "plain": root / "plain" / "final", "dropout": root / "dropout" / "final"}

@@ -31,18 +31,6 @@ STAGE = dict(backend="reference", verbose=False, batch_size=4, seq_len=64, eval_
 SFT = dict(STAGE, compile=False)  # compiling costs more than these few steps
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict:
-    """A data dir and two micro checkpoints trained on it: ``plain`` and ``dropout`` (hidden_dropout 0.1)."""
-    root = tmp_path_factory.mktemp("stage")
-    d = make_data_dir(root)
-    torch.manual_seed(0)
-    micro_train(d, root / "plain", max_steps=6, model_overrides={**MICRO_MODEL, "max_position_embeddings": 128})
-    micro_train(d, root / "dropout", max_steps=2,
-                model_overrides={**MICRO_MODEL, "max_position_embeddings": 128, "hidden_dropout": 0.1})
-    return {"root": root, "data": d, "plain": root / "plain" / "final", "dropout": root / "dropout" / "final"}
-
-
 def records(out: Path) -> tuple[list[dict], list[dict]]:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in recs if "loss" in r], [r for r in recs if "val_loss" in r]
