@@ -7,19 +7,19 @@ bench shape's name). Seconds per call. Inputs and timed calls come from `dsfs.be
 bench`` times: the same inputs (the spec's seeded samples, cast as the battery casts them), the same fixed random
 cotangent on the outputs that carry gradients, gradients of the op's ``grads`` inputs.
 
-The losses fused with the LM head (`MEMORY_OPS`: ``preference``, ``distill``) get a third class, ``_memory``
-(``ops.preference_memory.track_peak_mib_forward_backward``): peak memory of forward and of forward+backward,
-asv's ``peakmem_`` (the process's peak RSS, bytes, baseline included) and ``track_peak_mib_`` (MiB above the memory
-in use before the call: `common.peak_mib`), see `_Memory`.
+The losses fused with the LM head (`MEMORY_OPS`: ``preference``, ``distill``, ``grpo``) get a third class,
+``_memory`` (``ops.preference_memory.track_peak_mib_forward_backward``): peak memory of forward and of
+forward+backward, asv's ``peakmem_`` (the process's peak RSS, bytes, baseline included) and ``track_peak_mib_`` (MiB
+above the memory in use before the call: `common.peak_mib`), see `_Memory`.
 
 Backends (`BACKENDS`): ``reference`` (the spec's reference), ``compiled`` (``torch.compile`` of it), ``cuda``
 (our Triton kernel, ``spec.ours['cuda']``; CUDA only, never under the interpreter), ``mlx`` (ours in MLX),
 ``torch_builtin`` / ``mlx_builtin`` (the spec's built-ins; for the losses, the unfused PyTorch loss), and the peers
-``transformers``, ``mlx_lm`` and ``liger`` (Liger-Kernel's chunked losses for ``preference`` and ``distill``): their
-functions for the op, wrapped to its signature (`PEERS`). Torch backends run on CUDA when there is a GPU, else on
-the CPU; MLX ones on MLX's default device. The dtype is one per machine, so that every ratio compares like with
-like: bfloat16 where there is a GPU (CUDA or Metal), else float32, unless the shape is specified for other dtypes
-only (`dtype`). A backend that cannot run here is skipped (``NotImplementedError`` in ``setup``), and so is, on a
+``transformers``, ``mlx_lm`` and ``liger`` (Liger-Kernel's chunked losses for ``preference``, ``distill`` and
+``grpo``): their functions for the op, wrapped to its signature (`PEERS`). Torch backends run on CUDA when there is
+a GPU, else on the CPU; MLX ones on MLX's default device. The dtype is one per machine, so that every ratio compares
+like with like: bfloat16 where there is a GPU (CUDA or Metal), else float32, unless the shape is specified for other
+dtypes only (`dtype`). A backend that cannot run here is skipped (``NotImplementedError`` in ``setup``), and so is, on a
 CPU, a shape that would take more than `CPU_MAX_SECONDS` per call (the V3 LM head: minutes; the memory suites have
 their own limit, `MEMORY_CPU_MAX_SECONDS`).
 """
@@ -51,7 +51,7 @@ MEMORY_CPU_MAX_SECONDS = 60.0
 BACKWARD_FACTOR = 3.0
 # Ops whose peak memory is measured (a ``<op>_memory`` class each): the losses fused with the LM head, whose point
 # is memory. They must be differentiable.
-MEMORY_OPS = ("preference", "distill")
+MEMORY_OPS = ("preference", "distill", "grpo")
 
 
 # ----------------------------------------------------------------------------- peers
@@ -309,13 +309,38 @@ def _liger_distill(spec):
     return distill
 
 
+def _liger_grpo(spec):
+    """Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (chunks of 1 completion, its default; `_liger_compiled`) with the
+    reference log-probs given (``use_ref_model`` when ``beta > 0``): the same loss as ours (tests/test_grpo.py),
+    gradients formed during forward, wrapped to ``(loss, *its metrics)``: ``kl`` (beta > 0) and the region clip ratio;
+    it computes no entropy (ours does, in the same pass)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    get = _named(spec, "hidden", "weight", "targets", "completion_mask", "advantages", "old_logps", "ref_logps",
+                 "beta", "epsilon_low", "epsilon_high", "temperature", "loss_type", "max_completion_length")
+    modules = {}
+
+    def grpo(*args):
+        hidden, weight, targets, mask, adv, old, ref, beta, eps_low, eps_high, temp, loss_type, max_len = get(args)
+        key = (beta, eps_low, eps_high, temp, loss_type, max_len, ref is not None)
+        if key not in modules:
+            modules[key] = LigerFusedLinearGRPOLoss(
+                beta=beta, compiled=_liger_compiled(), use_ref_model=ref is not None, epsilon_low=eps_low,
+                epsilon_high=eps_high, loss_type=loss_type, max_completion_length=max_len, temperature=temp)
+        loss, metrics = modules[key](hidden, weight, targets, mask, adv, ref_per_token_logps=ref,
+                                     old_per_token_logps=old)
+        return loss, *metrics
+
+    return grpo
+
+
 PEERS = {
     "transformers": {"rms_norm": _hf_rms_norm, "rope": _hf_rope, "swiglu": _hf_swiglu,
                      "linear_cross_entropy": _hf_linear_cross_entropy, "weight_dequant": _hf_weight_dequant,
                      "fp8_gemm": _hf_fp8_gemm},
     "mlx_lm": {"rms_norm": _mlx_lm_rms_norm, "rope": _mlx_lm_rope, "swiglu": _mlx_lm_swiglu,
                "linear_cross_entropy": _mlx_lm_linear_cross_entropy, "weight_dequant": _mlx_lm_weight_dequant},
-    "liger": {"preference": _liger_preference, "distill": _liger_distill},
+    "liger": {"preference": _liger_preference, "distill": _liger_distill, "grpo": _liger_grpo},
 }
 
 

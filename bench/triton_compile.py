@@ -68,6 +68,7 @@ def launch_all(dtypes) -> None:
         dsa,
         fp8,
         grouped_gemm,
+        grpo,
         mla,
         moe,
         rms_norm,
@@ -92,6 +93,8 @@ def launch_all(dtypes) -> None:
             out = distill.distill(hs, ws, r(6, 32, dtype=dt), r(129280, 32, dtype=dt), torch.randint(0, 99, (6,)),
                                   beta=beta)
             torch.autograd.grad(out[1] + out[2], (hs, ws))  # both cotangents: the backward's second pass
+        loss = grpo.grpo(hs, ws, torch.randint(0, 99, (2, 3)), torch.ones(2, 3), torch.randn(2), temperature=0.7)[0]
+        torch.autograd.grad(loss, (hs, ws))  # the forward kernel, then the gradient kernel
         for dk, dv in ((192, 128), (576, 512), (64, 64)):  # MLA naive, absorbed (sparse only), a plain head
             q, k, v = r(1, 4, 9, dk, dtype=dt), r(1, 2, 9, dk, dtype=dt), r(1, 2, 9, dv, dtype=dt)
             if dk != 576:  # dense absorbed attention is mla_decode's (576 padded to 1024 overflows shared memory)

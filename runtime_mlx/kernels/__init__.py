@@ -1,8 +1,8 @@
 """The hot ops of the MLX runtime: Metal kernels through ``mx.fast.metal_kernel``, or pure MLX where Metal is absent.
 
 One module per op family, named like ``kernels/metal/<family>.metal`` (`rms_norm`, `swiglu`, `moe`, `mla`, `dsa`,
-`fp8`, `cross_entropy`, `distill`; `preference` builds on `cross_entropy` and has no kernel of its own), plus
-`launch`: path choice (`kernel_path`, `backend`), the one-time self-check and its fallback to the pure-MLX path
+`fp8`, `cross_entropy`, `distill`; `preference` and `grpo` build on `cross_entropy` and have no kernel of their own),
+plus `launch`: path choice (`kernel_path`, `backend`), the one-time self-check and its fallback to the pure-MLX path
 (``DSFS_REQUIRE_METAL=1`` makes a failing kernel an error), `KernelSpec` / `Launch` / `run_metal`, and the argument
 checks. Each op has the name and the arguments of the reference op (and the
 Triton op) of the same name; its pure-MLX path is ``<op>_mlx``, its Metal path ``_<op>_metal(..., runner=None)``
@@ -28,6 +28,7 @@ from .cross_entropy import cross_entropy, linear_cross_entropy
 from .distill import distill, distill_logits
 from .dsa import indexer_scores, indexer_topk, indices_to_mask, sparse_attention
 from .fp8 import act_quant, fp8_gemm, weight_dequant
+from .grpo import grpo, grpo_loss, token_logps, token_stats
 from .launch import (
     METAL_DIR,
     SPECS,
@@ -64,6 +65,8 @@ __all__ = [
     "distill_logits",
     "fallbacks",
     "fp8_gemm",
+    "grpo",
+    "grpo_loss",
     "indexer_scores",
     "indexer_topk",
     "indices_to_mask",
@@ -80,5 +83,7 @@ __all__ = [
     "sequence_logps",
     "sparse_attention",
     "swiglu",
+    "token_logps",
+    "token_stats",
     "weight_dequant",
 ]
