@@ -244,7 +244,7 @@ class GRPOTrainer(TorchTrainer):
         generation's (the batch's ``"metrics"``)."""
         h = self._hidden(self.model, batch)
         loss, metrics = grpo_loss(self.ops, h, self.model.lm_head.weight, batch, self.opts, self.device)
-        (loss / accum).backward()
+        (loss * float(batch.get("loss_scale", 1.0)) / accum).backward()
         return {"loss": loss.item(), **metrics, **batch.get("metrics", {})}
 
 
@@ -368,6 +368,11 @@ class Generations:
             batches.append(b)
         while len(batches) < tc.grad_accum:  # fewer kept groups than micro-batches: serve them again
             batches.append(batches[len(batches) % n_micro])
+        if o["loss_type"] == "dapo":  # TRL's dapo: normalized by the completion tokens of the whole generation
+            counts = [float(b["completion_mask"].sum()) for b in batches]
+            total = max(sum(counts), 1.0)
+            for b, c in zip(batches, counts, strict=True):
+                b["loss_scale"] = torch.tensor(c * len(batches) / total if c else 1.0)
         return batches
 
     def metrics(self, comps: list[Completion], rewards: torch.Tensor, per: dict[str, list[float]],

@@ -35,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import torch
+from mlx.utils import tree_map
 
 from . import kernels
 from .kernels.grpo import METRICS as GRPO_METRICS
@@ -324,6 +325,9 @@ class MLXGRPOTrainer(_PostTrainer):
                                        _to_mx(batch["completion_ids"]), _floats(batch["completion_mask"]),
                                        _floats(batch["advantages"]), given)
         values, loads = rest[:len(GRPO_METRICS)], rest[len(GRPO_METRICS):]
+        scale = float(batch.get("loss_scale", 1.0))  # dapo's share of the generation's tokens (dsfs.grpo)
+        if scale != 1.0:
+            g = tree_map(lambda x: x * scale, g)
         self._accumulate(g, loads, accum, (loss, *values))
         m = {k: v.item() for k, v in zip(GRPO_METRICS, values, strict=True) if self.opts["beta"] > 0 or k != "kl"}
         return {"loss": loss.item(), **m, **batch.get("metrics", {})}
