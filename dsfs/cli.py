@@ -316,6 +316,8 @@ def add_eval(sub) -> None:
     t.add_argument("--examples", type=int, default=200, metavar="N", help="held-out problems per split "
                    "(default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, metavar="N", help="which held-out problems (default: %(default)s)")
+    t.add_argument("--tools", action="store_true", help="give the model the calculator (a <tool_call> runs it and "
+                   "appends the <tool_response>), as dsfs grpo --tools evaluates")
     p.set_defaults(func=_run_eval)
 
 
@@ -332,11 +334,17 @@ def _run_task_eval(args) -> int:
     task = load_task(args.task, num_held_out=args.examples, seed=args.seed,
                      splits=args.splits.split(",") if args.splits is not None else None)
     eos = model.config.eos_token_id[0] if isinstance(model.config.eos_token_id, list) else model.config.eos_token_id
-    acc = accuracy(model, tok, task.checks(tok), eos, task.max_new_tokens)
+    tools = None
+    if args.tools:
+        from dsfs.tools import TOOLS as tools
+
+        data.require_special_tokens(tok, data.TOOL_TOKENS, "--tools (tool calls)", model_dir)
+    acc = accuracy(model, tok, task.checks(tok), eos, task.max_new_tokens, tools=tools)
     for split in dict.fromkeys(task.splits):
         n = task.splits.count(split)
         v = acc.get(f"val_accuracy/{split}", acc["val_accuracy"])
-        print(f"{args.task} {split}: accuracy {v:.4f} ({round(v * n)}/{n}, greedy exact match)")
+        print(f"{args.task} {split}: accuracy {v:.4f} ({round(v * n)}/{n}, greedy exact match"
+              f"{', with the calculator' if tools else ''})")
     if len(set(task.splits)) > 1:
         print(f"{args.task} all: accuracy {acc['val_accuracy']:.4f} ({len(task.splits)} problems, {model_dir})")
     return 0
@@ -347,6 +355,8 @@ def _run_eval(args) -> int:
 
     if args.task is not None:
         return _run_task_eval(args)
+    if args.tools:
+        raise DataError("--tools applies to --task accuracy")
 
     for name in ("batches", "batch_size", "seq_len"):
         if getattr(args, name) < 1:

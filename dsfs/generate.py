@@ -170,7 +170,8 @@ def generate_texts(
     """Continue each of ``prompts`` ``num_return_sequences`` times in one batch (`dsfs.rollout.rollout`: left-padded,
     with the KV cache unless not ``use_cache``, each sequence stopping at eos on its own); returns the generations
     prompt-major. ``temperature`` 0 is greedy; ``top_k`` / ``top_p`` filter; ``seed`` seeds each sequence's own
-    generator (`dsfs.rollout.sequence_seeds`), so a prompt gives the same text alone or in a batch.
+    generator (`dsfs.rollout.sequence_seeds`: sequence ``i`` of a call draws from seed ``(seed, i)``), so what a
+    sequence samples does not depend on the other prompts of its batch.
 
     Each prompt is encoded without special tokens and preceded by eos (``config.eos_token_id``), and ``text`` is the
     prompt + the continuation with special tokens dropped. With ``chat``, the prompt is one user message rendered by

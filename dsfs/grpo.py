@@ -322,7 +322,8 @@ class Generations:
         self.sampled += len(comps)
         texts = [completion_text(self.tok, c.ids, self.drop) for c in comps]
         prompts = [chat.render_text(self.data.train[i][0], add_generation_prompt=True) for i in idx for _ in range(g)]
-        columns = {k: [self.data.train[i][1][k] for i in idx for _ in range(g)] for k in self.data.train[idx[0]][1]}
+        keys = dict.fromkeys(k for i in idx for k in self.data.train[i][1])  # a row may lack a column: None
+        columns = {k: [self.data.train[i][1].get(k) for i in idx for _ in range(g)] for k in keys}
         total, per = combine_rewards(self.funcs, self.weights, prompts, texts, columns, names=self.names)
         return comps, torch.as_tensor(total, dtype=torch.float32), per
 
@@ -401,8 +402,13 @@ class Generations:
 def make_grpo_trainer(be, model, ref_model, tc: TrainConfig, opts: dict):
     """The GRPO trainer of backend ``be``: `GRPOTrainer` with the reference's op, or the Triton op on
     ``runtime_cuda``, or ``runtime_mlx.posttrain.MLXGRPOTrainer`` (``model`` and ``ref_model``: reference models,
-    converted) on the MLX runtime. Dropout is off (TRL's ``disable_dropout``), so the sampler, the old and the
-    current log-probs are one distribution."""
+    converted) on the MLX runtime.
+
+    Dropout is off (TRL's ``disable_dropout``) and the MoE routing biases are held (no auxiliary-loss-free update),
+    so the sampler, the old and the current log-probs are one distribution and only the gradient moves the policy.
+    The bias update is pretraining's load balancer (DeepSeek-V3 section 2.1.2, which turns it off for the last 500B
+    tokens); in GRPO it would count the padding and prompt tokens of every batch and, at its fixed speed, moved the
+    tiny preset's layer-1 biases by up to 0.1 in 100 steps while the largest weight moved by 0.001."""
     from dsfs.dpo import disable_dropout
 
     disable_dropout(model)
@@ -412,10 +418,13 @@ def make_grpo_trainer(be, model, ref_model, tc: TrainConfig, opts: dict):
         from runtime_mlx.posttrain import MLXGRPOTrainer
         from runtime_mlx.train import from_reference
 
-        return MLXGRPOTrainer(from_reference(model), from_reference(ref_model) if ref_model is not None else None,
-                              tc.lr, tc.weight_decay, tc.grad_clip, tc.optimizer, opts)
-    ops = importlib.import_module("kernels.triton.grpo" if be.name == "cuda" else "reference.grpo")
-    return GRPOTrainer(model, ref_model, be.device, tc, opts, ops)
+        trainer = MLXGRPOTrainer(from_reference(model), from_reference(ref_model) if ref_model is not None else None,
+                                 tc.lr, tc.weight_decay, tc.grad_clip, tc.optimizer, opts)
+    else:
+        ops = importlib.import_module("kernels.triton.grpo" if be.name == "cuda" else "reference.grpo")
+        trainer = GRPOTrainer(model, ref_model, be.device, tc, opts, ops)
+    trainer.update_bias = False
+    return trainer
 
 
 def check_grpo_options(o: dict, tc: TrainConfig) -> None:

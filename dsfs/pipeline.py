@@ -201,7 +201,14 @@ class Pipeline:
             else:
                 self.say(f"stage {stage}: starting")
                 t0 = time.perf_counter()
-                summary = getattr(self, stage)(dict(table))
+                try:
+                    summary = getattr(self, stage)(dict(table))
+                except TypeError as e:  # a key that is no option of the stage's verb
+                    if "unexpected keyword argument" not in str(e):
+                        raise
+                    key = str(e).rsplit("argument", 1)[-1].strip(" '")
+                    raise ConfigError(f"[{stage}]: unknown key {key!r} (expected the options of its verb, in their "
+                                      "Python names: max_steps, lr, ...)") from None
                 rec = {"config": table, "summary": summary,
                        "seconds": summary.pop("elapsed_s", None) or time.perf_counter() - t0}
                 self.state["stages"][stage] = rec

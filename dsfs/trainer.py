@@ -124,6 +124,7 @@ class TorchTrainer:
         self.clip = grad_clip if grad_clip > 0 else float("inf")
         self.device_type, self.n_params = device.type, sum(p.numel() for p in self.model.parameters())
         self.label, self.note, self.summary = " (torch.compile)" if compile else "", None, {}
+        self.update_bias = True  # the auxiliary-loss-free bias update after each step (a stage may hold it)
 
     def micro_step(self, batch: Batch, accum: int) -> dict[str, float | None]:
         """Forward and backward of ``loss / accum`` for ``batch["input_ids"]`` (B, T) int64 with ``batch["targets"]``
@@ -146,7 +147,12 @@ class TorchTrainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.model.update_moe_bias()
+        if self.update_bias:
+            self.model.update_moe_bias()
+        else:
+            for m in self.model.moe_layers():  # the counts are dropped: the routing stays as loaded
+                if hasattr(m, "expert_load"):
+                    m.expert_load.zero_()
         return {"grad_norm": grad_norm}
 
     def eval_loss(self, batch: Batch) -> float:

@@ -180,6 +180,7 @@ class MLXTrainerBase:
             update = mx.compile(update, inputs=self._compile_state, outputs=self._compile_state)
         self._update = update
         self._grads = self._loads = None
+        self.update_bias = True  # the auxiliary-loss-free bias update after each step (a stage may hold it)
         self.device_type = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
         self.n_params = sum(a.size for _, a in tree_flatten(model.parameters()))
         if label is None:
@@ -205,7 +206,7 @@ class MLXTrainerBase:
         before clipping."""
         self.opt.learning_rate = lr
         norm = self._update(self._grads)
-        if self._loads:
+        if self._loads and self.update_bias:
             self.model.update_moe_bias(self._loads)
         mx.eval(norm, self.model.state, self.opt.state)
         self._grads = self._loads = None

@@ -168,3 +168,17 @@ def test_grpo_on_mlx_matches_the_reference(base, tmp_path):
     assert a["reward"] == b["reward"] and a["completions/mean_length"] == b["completions/mean_length"]
     for k in ("loss", "kl", "entropy"):
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
+def test_generate_batches_prompts_and_eval_takes_the_calculator(base, capsys):
+    argv = ["generate", "--checkpoint", str(base["plain"]), "--prompt", "Once", "--prompt", "The dog",
+            "--num-return-sequences", "2", "--max-new-tokens", "5", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if line.startswith("---")] == ["--- 0", "--- 1", "--- 2", "--- 3"]
+    assert "4 sequences" in err
+    assert cli.main(["eval", "--checkpoint", str(base["plain"]), "--task", "arithmetic", "--splits", "mul_3x3",
+                     "--examples", "2", "--tools", "--device", "cpu"]) == 0
+    assert "with the calculator" in capsys.readouterr().out
+    assert cli.main(["eval", "--checkpoint", str(base["plain"]), "--tools"]) == 1
+    assert "--tools applies to --task" in capsys.readouterr().err
