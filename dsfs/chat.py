@@ -310,6 +310,29 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
     return out
 
 
+def read_prompts(path: str | os.PathLike) -> list[tuple[list[dict], dict]]:
+    """The prompt-only rows of a JSONL file, TRL's format for GRPO: ``{"prompt": str | messages, ...}``. Returns one
+    ``(messages, columns)`` per row: the prompt as messages (a string becomes one user message) and the row's other
+    fields, which the reward functions receive. Raises `DataError` (file and line) for a row without a prompt, bad
+    messages, bad JSON, or a file without rows."""
+    rows = []
+    for lineno, obj in _read_jsonl(Path(path)):
+        where = f"{path}: line {lineno}"
+        if "prompt" not in obj:
+            raise DataError(f"{where}: expected a \"prompt\" field (a string or a list of messages)")
+        messages = _as_messages(obj.pop("prompt"), "user", f"{where}: prompt")
+        if messages[-1]["role"] != "user":
+            raise DataError(f"{where}: the prompt must end with a user message (the policy writes the reply), got "
+                            f"{messages[-1]['role']}")
+        if {"prompts", "completions"} & set(obj):
+            raise DataError(f"{where}: a column may not be named prompts or completions (the reward functions' first "
+                            "two arguments)")
+        rows.append((messages, obj))
+    if not rows:
+        raise DataError(f"{path}: no prompts")
+    return rows
+
+
 def _reply(value, name: str, where: str) -> str:
     """A chosen/rejected field of the explicit-prompt format: a string, or a list of exactly one assistant
     message; returns its content, which must not be empty."""

@@ -261,6 +261,8 @@ def _run_generate(args) -> int:
             prompts += [line for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line]
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})") from None
+    if args.prompt_file is not None and len(prompts) == len(args.prompt or []):
+        raise DataError(f"--prompt-file {args.prompt_file}: no prompts (expected one per line)")
     prompts = prompts or ["Once upon a time"]
     for prompt in prompts:
         G.check_prompt(prompt)

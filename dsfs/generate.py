@@ -100,8 +100,8 @@ def evaluate_checkpoint(
 @dataclass
 class Generation:
     """``text``: prompt + continuation (special tokens dropped), or with ``chat`` the reply alone; ``new_tokens``:
-    tokens generated (the stop token included); ``seconds``: wall time of ``Model.generate``; ``tokens_per_s``: their
-    ratio."""
+    tokens generated (the stop token included); ``seconds``: wall time of the batch that generated it
+    (`generate_texts`); ``tokens_per_s``: their ratio."""
 
     text: str
     new_tokens: int

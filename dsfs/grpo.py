@@ -32,7 +32,6 @@ them) and ``val_format`` (the format reward of those greedy completions).
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ from dsfs.stage import (
     stage_tokenizer,
     start_stage,
 )
-from dsfs.tasks import TASKS, accuracy, load_task
+from dsfs.tasks import TASKS, accuracy, answer_column, load_task
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import TorchTrainer
 
@@ -112,8 +111,8 @@ def advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str =
 
 @dataclass
 class PromptData:
-    """GRPO's prompts: ``train`` and ``eval`` lists of ``(prompt_messages, columns)`` (columns: the extra fields the
-    reward functions receive, such as ``answer``), the held-out ``checks`` of a built-in task, ``eval_sft`` (held-out
+    """GRPO's prompts: ``train``, a list of ``(prompt_messages, columns)`` (columns: the extra fields the reward
+    functions receive, such as ``answer``), the held-out ``checks`` of a built-in task, ``eval_sft`` (held-out
     reference completions for ``val_loss``, as SFT features), a ``source`` description."""
 
     train: list[tuple[list[dict], dict]]
@@ -132,9 +131,7 @@ def load_prompts(dataset: str, tok, max_length: int, *, seed: int = 0, num_examp
         task = load_task(dataset, num_train=num_examples or (20_000 if dataset == "arithmetic" else 0),
                          num_held_out=eval_examples, seed=seed, splits=splits, at_most=num_examples is None,
                          style=style)
-        # an int answer is checked exactly, a string by math-verify (`dsfs.rewards.accuracy`)
-        train = [(task.conversation(p)[:-1], {"answer": p.answer if dataset == "arithmetic" else str(p.answer)})
-                 for p in task.train]
+        train = [(task.conversation(p)[:-1], {"answer": answer_column(dataset, p)}) for p in task.train]
         eval_sft = []
         for p in task.held_out:
             ids, labels, _ = chat.sft_features(task.conversation(p), tok, max_length)
@@ -143,24 +140,7 @@ def load_prompts(dataset: str, tok, max_length: int, *, seed: int = 0, num_examp
         return PromptData(train, task.checks(tok), eval_sft, f"{name} ({style} format)")
     if not os.path.isfile(dataset):
         raise DataError(f"--dataset {dataset}: expected arithmetic, gsm8k or a .jsonl file of prompts")
-    rows = []
-    with open(dataset, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{dataset}: line {n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise DataError(f"{dataset}: line {n}: expected an object with a \"prompt\" (a string or a list of "
-                                "messages)")
-            prompt = row.pop("prompt")
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            chat.check_messages(messages, f"{dataset}: line {n}: prompt")
-            rows.append((messages, row))
-    if not rows:
-        raise DataError(f"{dataset}: no prompts")
+    rows = chat.read_prompts(dataset)
     return PromptData(rows[:num_examples or None], source=dataset)
 
 
@@ -356,11 +336,11 @@ class Generations:
         sel = [comps[i] for i in kept]
         metrics = self.metrics(comps, rewards, per, dropped)
         batches = []
-        n_micro = min(tc.grad_accum, len(sel) // g)
-        per_micro = -(-len(sel) // g // n_micro) * g
-        for s in range(0, len(sel), per_micro):
-            b = collate_rollouts(sel[s:s + per_micro], adv[s:s + per_micro], self.pad, tc.seq_len,
-                                 o["mask_truncated_completions"])
+        groups = len(sel) // g
+        n_micro = min(tc.grad_accum, groups)
+        bounds = [g * (groups * k // n_micro) for k in range(n_micro + 1)]  # n_micro chunks of whole groups
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            b = collate_rollouts(sel[s:e], adv[s:e], self.pad, tc.seq_len, o["mask_truncated_completions"])
             if o["num_iterations"] > 1:
                 b["old_logps"] = self.trainer.token_logps(b)
             if o["beta"] > 0:
@@ -368,7 +348,7 @@ class Generations:
             b["metrics"] = metrics
             batches.append(b)
         while len(batches) < tc.grad_accum:  # fewer kept groups than micro-batches: serve them again
-            batches.append(batches[len(batches) % n_micro])
+            batches.append(batches[len(batches) % n_micro])  # n_micro batches exist: see bounds
         if o["loss_type"] == "dapo":  # TRL's dapo: normalized by the completion tokens of the whole generation
             counts = [float(b["completion_mask"].sum()) for b in batches]
             total = max(sum(counts), 1.0)
@@ -428,7 +408,28 @@ def make_grpo_trainer(be, model, ref_model, tc: TrainConfig, opts: dict):
 
 
 def check_grpo_options(o: dict, tc: TrainConfig) -> None:
-    """Raise `ConfigError` naming the option for a GRPO option out of range (TRL's constraints)."""
+    """Raise `ConfigError` naming the option for a GRPO option of the wrong type (a TOML file can give any) or out of
+    range (TRL's constraints), and for ``style`` ``tool`` without ``tools`` (the policy would write the calculator's
+    answers itself, and be trained on them)."""
+    def bad(k: str, what: str) -> ConfigError:
+        return ConfigError(f"--{k.replace('_', '-')} {o[k]!r}: expected {what}")
+
+    for k in ("num_generations", "max_completion_length", "num_iterations", "max_resample", "max_tool_calls",
+              "top_k"):
+        if not (isinstance(o[k], int) and not isinstance(o[k], bool) or (k == "top_k" and o[k] is None)):
+            raise bad(k, "an integer")
+    for k in ("temperature", "top_p", "beta", "epsilon", "epsilon_high"):
+        if not (isinstance(o[k], int | float) and not isinstance(o[k], bool) or (k == "epsilon_high" and o[k] is None)):
+            raise bad(k, "a number")
+    for k in ("mask_truncated_completions", "dynamic_sampling", "tools"):
+        if not isinstance(o[k], bool):
+            raise bad(k, "true or false")
+    if not isinstance(o["reward_funcs"], list | tuple) or (o["reward_weights"] is not None
+                                                           and not isinstance(o["reward_weights"], list | tuple)):
+        raise ConfigError("reward_funcs and reward_weights: expected lists (--reward-funcs A,B --reward-weights 1,0.5)")
+    if o["style"] == "tool" and not o["tools"]:
+        raise ConfigError("--style tool needs --tools: without the calculator the policy would write its responses "
+                          "itself and be trained on them")
     g = o["num_generations"]
     if not isinstance(g, int) or g < 2:
         raise ConfigError(f"--num-generations {g}: expected an integer >= 2 (advantages compare samples of a prompt)")
@@ -537,7 +538,7 @@ def grpo(dataset: str | None = None, out_dir: str | os.PathLike | None = None, *
         from dsfs.rewards import format_reward
 
         return accuracy(trainer.model, tok, data.checks, eos, o["max_completion_length"], tools=gens.tools,
-                        format_reward=format_reward)
+                        format_reward=format_reward, max_tool_calls=o["max_tool_calls"])
 
     keys = ["reward", "val_accuracy", "val_format"] + [f"rewards/{n}/mean" for n in rewards[0]]
     summary = run_stage(start, trainer, next_batch=gens.next_batch, eval_batches=evals,

@@ -74,7 +74,8 @@ def _write_json(path: Path, obj) -> None:
 def rejection_sample(model_dir: str | os.PathLike, out: str | os.PathLike, *, dataset: str = "arithmetic",
                      splits: list[str] | None = None, num_examples: int = 2000, num_generations: int = 4,
                      temperature: float = 1.0, max_completion_length: int = 96, style: str = "r1",
-                     tools: bool = False, seed: int = 0, backend: str = "auto", verbose: bool = True) -> dict:
+                     tools: bool = False, max_tool_calls: int = 2, seed: int = 0, backend: str = "auto",
+                     verbose: bool = True) -> dict:
     """R1's rejection sampling (§2.3.3): sample ``num_generations`` completions of ``num_examples`` training prompts
     of ``dataset`` (a built-in task, in ``style``) from the model in ``model_dir``, keep those with accuracy and
     format rewards 1 (`dsfs.rewards`), at most one per distinct text, and write them as ``{"messages": [...]}`` rows
@@ -88,7 +89,7 @@ def rejection_sample(model_dir: str | os.PathLike, out: str | os.PathLike, *, da
     from dsfs.rewards import accuracy_reward, format_reward
     from dsfs.rollout import completion_text, rollout
     from dsfs.stage import load_model, stage_tokenizer
-    from dsfs.tasks import load_task
+    from dsfs.tasks import answer_column, load_task
 
     be = resolve_backend(backend)
     model = load_model(be, Path(model_dir), train=False)
@@ -107,9 +108,9 @@ def rejection_sample(model_dir: str | os.PathLike, out: str | os.PathLike, *, da
     with torch.no_grad():
         comps = rollout(model, [chat.render(m, tok, add_generation_prompt=True)[0] for m in prompts],
                         max_completion_length, temperature=temperature, num_generations=num_generations, seed=seed,
-                        stop_token_ids=[eos], tokenizer=tok, tools=tool_fns)
+                        stop_token_ids=[eos], tokenizer=tok, tools=tool_fns, max_tool_calls=max_tool_calls)
     texts = [completion_text(tok, c.ids, [eos]) for c in comps]
-    answers = [p.answer for p in task.train for _ in range(num_generations)]
+    answers = [answer_column(dataset, p) for p in task.train for _ in range(num_generations)]
     acc = accuracy_reward([""] * len(texts), texts, answer=answers)
     fmt = format_reward([""] * len(texts), texts)
     rows, seen, prompts_kept = [], set(), set()
@@ -131,6 +132,42 @@ def rejection_sample(model_dir: str | os.PathLike, out: str | os.PathLike, *, da
     os.replace(tmp, out)
     return {"sampled": len(texts), "kept": len(rows), "prompts_kept": len(prompts_kept),
             "acceptance": len(rows) / len(texts)}
+
+
+def stage_keys(stage: str) -> set[str]:
+    """The keys a stage's table may hold: its verb function's keyword arguments (and, for the training verbs, the
+    `TrainConfig` fields they take as overrides; for grpo its GRPO options), less those the pipeline sets."""
+    import inspect
+
+    from dsfs.train_config import TrainConfig
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    if stage == "prepare":
+        from dsfs.data import prepare as fn
+    elif stage in ("pretrain", "pretrain_student"):
+        from dsfs.train import train as fn
+    elif stage in ("sft", "distill"):
+        from dsfs.sft import sft as fn
+    elif stage == "grpo":
+        from dsfs.grpo import GRPO_DEFAULTS
+        from dsfs.grpo import grpo as fn
+
+        fields |= set(GRPO_DEFAULTS)
+    elif stage == "rejection_sampling":
+        fn, fields = rejection_sample, set()
+    else:
+        return {"format"}
+    own = set(inspect.signature(fn).parameters) - {"out_dir", "out", "model_dir", "verbose", "overrides",
+                                                  "grpo_options", "resume", "overwrite"}
+    return own | fields | ({"init_from"} if stage not in ("prepare",) else set())
+
+
+def check_keys(stage: str, table: dict) -> None:
+    """Raise `ConfigError` naming the first key of ``table`` that stage ``stage`` does not take."""
+    unknown = sorted(set(table) - stage_keys(stage))
+    if unknown:
+        raise ConfigError(f"[{stage}]: unknown key {unknown[0]!r} (expected among: "
+                          f"{', '.join(sorted(stage_keys(stage)))})")
 
 
 def _finished(run_dir: Path) -> bool:
@@ -188,33 +225,38 @@ class Pipeline:
 
     def run(self) -> list[dict]:
         """Run every stage of the config in order (skipping finished ones); return the table rows."""
+        for stage in (s for s in STAGES if s in self.cfg):  # every table checked before anything runs
+            check_keys(stage, self.cfg[stage])
         self.out.mkdir(parents=True, exist_ok=True)
         rows = []
         for stage in (s for s in STAGES if s in self.cfg):
             table = self.cfg[stage]
             rec = self.state["stages"].get(stage)
+            if rec is not None and not self.output(stage).exists():  # deleted by hand: run it again
+                self.say(f"stage {stage}: its output {self.output(stage)} is gone; running it again")
+                rec = None
+                del self.state["stages"][stage]
+                _write_json(self.state_path, self.state)
             if rec is not None:
                 if rec["config"] != table:
-                    raise ConfigError(f"stage {stage} finished in {self.out / stage} with other settings; delete "
-                                      f"that directory (and later stages') to run it again with these")
+                    raise ConfigError(f"stage {stage} finished in {self.output(stage)} with other settings; delete "
+                                      f"it (and later stages' outputs) to run it again with these")
                 self.say(f"stage {stage}: finished earlier, skipped")
             else:
                 self.say(f"stage {stage}: starting")
                 t0 = time.perf_counter()
-                try:
-                    summary = getattr(self, stage)(dict(table))
-                except TypeError as e:  # a key that is no option of the stage's verb
-                    if "unexpected keyword argument" not in str(e):
-                        raise
-                    key = str(e).rsplit("argument", 1)[-1].strip(" '")
-                    raise ConfigError(f"[{stage}]: unknown key {key!r} (expected the options of its verb, in their "
-                                      "Python names: max_steps, lr, ...)") from None
+                summary = getattr(self, stage)(dict(table))
                 rec = {"config": table, "summary": summary,
                        "seconds": summary.pop("elapsed_s", None) or time.perf_counter() - t0}
                 self.state["stages"][stage] = rec
                 _write_json(self.state_path, self.state)
             rows.append({"stage": stage, **rec})
         return rows
+
+    def output(self, stage: str) -> Path:
+        """What a finished stage leaves: its run directory, data or export directory."""
+        return {"prepare": self.out / "data", "rejection_sampling": self.out / "rejection_sampling" / "data.jsonl",
+                "export": self.out / "export"}.get(stage, self.out / stage)
 
     # ---------------------------------------------------------------- stages
     def prepare(self, t: dict) -> dict:
@@ -279,15 +321,15 @@ class Pipeline:
     def _grpo_task(self) -> dict:
         """The GRPO stage's task settings, the defaults of rejection sampling and of the accuracy comparison."""
         g = self.cfg.get("grpo", {})
-        return {k: g[k] for k in ("dataset", "splits", "style", "tools", "max_completion_length") if k in g}
+        return {k: g[k] for k in ("dataset", "splits", "style", "tools", "max_tool_calls", "max_completion_length")
+                if k in g}
 
     def rejection_sampling(self, t: dict) -> dict:
         model = _model(self.out, "rejection_sampling", t, "grpo")
         t.pop("init_from", None)
-        kw = {**self._grpo_task(), **t}
+        kw = {"seed": self.seed, "backend": self.backend, "verbose": self.verbose, **self._grpo_task(), **t}
         self.say(f"rejection sampling from {model}")
-        return rejection_sample(model, self.out / "rejection_sampling" / "data.jsonl", seed=self.seed,
-                                backend=self.backend, verbose=self.verbose, **kw)
+        return rejection_sample(model, self.out / "rejection_sampling" / "data.jsonl", **kw)
 
     def distill(self, t: dict) -> dict:
         from dsfs.sft import sft
@@ -330,7 +372,8 @@ class Pipeline:
             tk = load_task(task.get("dataset", "arithmetic"), num_held_out=self.cfg.get("grpo", {}).get(
                 "eval_examples", 200), seed=self.seed, splits=task.get("splits"), style=task.get("style", "r1"))
             acc = accuracy(model, tok, tk.checks(tok), tok.token_to_id(EOS),
-                           task.get("max_completion_length", 96), tools=tools)
+                           task.get("max_completion_length", 96), tools=tools,
+                           max_tool_calls=task.get("max_tool_calls", 2))
             res[f"{name}_accuracy"], res[f"{name}_params"] = acc["val_accuracy"], n
         if "teacher_accuracy" in res and res["teacher_accuracy"] > 0:
             res["student_over_teacher"] = res["student_accuracy"] / res["teacher_accuracy"]

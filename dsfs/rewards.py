@@ -239,7 +239,13 @@ def combine_rewards(funcs: list[Callable], weights, prompts: list[str], completi
         raise ConfigError(f"combine_rewards: {len(names)} names for {len(funcs)} reward functions")
     total, per = [0.0] * n, {}
     for name, f, wf in zip(names, funcs, w, strict=True):
-        out = f(prompts, completions, **columns)
+        try:
+            out = f(prompts, completions, **columns)
+        except TypeError as e:
+            if "argument" not in str(e):
+                raise
+            raise ConfigError(f"reward function {name} cannot take this data's columns ({', '.join(columns) or 'none'})"
+                              f": {e}; define it as f(prompts, completions, **kwargs), as TRL calls it") from None
         try:
             vals = list(out)
         except TypeError:

@@ -116,14 +116,23 @@ class _Tools:
         start = len(ids) - 1 - ids[::-1].index(self.call) if self.call in ids else None
         if c.tool_calls >= self.max_calls:
             result = f"error: at most {self.max_calls} tool calls per completion"
-        elif start is None:
+        elif start is None or self.end_call in ids[start + 1:-1]:  # no <tool_call> open since the last call
             result = "error: </tool_call> without <tool_call>"
         else:
             text = self.tokenizer.decode(ids[start + 1:-1], skip_special_tokens=False)
             result = self.run_tool_call(text, self.tools)
         c.tool_calls += 1
-        body = self.tokenizer.encode(result, add_special_tokens=False).ids
-        return [self.response, *body, self.end_response]
+        return [self.response, *self.literal(result), self.end_response]
+
+    def literal(self, text: str) -> list[int]:
+        """The ids of ``text`` with special-token strings in it encoded as plain text: a tool's error message may
+        repeat the model's input, and a ``</tool_response>`` or eos there must not close the response."""
+        tok, before = self.tokenizer, self.tokenizer.encode_special_tokens
+        tok.encode_special_tokens = True
+        try:
+            return tok.encode(text, add_special_tokens=False).ids
+        finally:
+            tok.encode_special_tokens = before
 
 
 def rollout(
@@ -151,7 +160,8 @@ def rollout(
     ``prompts``: token-id lists (at least one token each). Returns ``len(prompts) * num_generations``
     `Completion` s, prompt-major (prompt 0's generations first, as TRL's ``RepeatSampler`` orders them).
     ``seeds``: one per completion (default `sequence_seeds` of ``seed``); ``batch_size``: sequences per forward
-    batch (memory only: results do not depend on it). ``stop_strings`` and ``tools`` need ``tokenizer`` (a
+    batch (results do not depend on it, except that a batch's room under ``max_position_embeddings`` is set by its
+    longest prompt). ``stop_strings`` and ``tools`` need ``tokenizer`` (a
     ``tokenizers.Tokenizer``). ``pad_token_id``: the id that fills left padding (masked, so any id; default the
     config's pad or 0). ``use_cache=False`` reruns the whole sequence at every step (the check of the cache). The
     model is put in eval mode and restored. Raises ``ValueError`` for a bad option or an
@@ -210,7 +220,7 @@ def _rollout_batch(fwd, model, prompts, seeds, max_new_tokens, temperature, top_
     logits = fwd(ids, cache, mask)
     for step in range(budget):
         if not bool(torch.isfinite(logits).all()):
-            raise ValueError(f"rollout: non-finite logits after {len(comps[0].ids)} new tokens "
+            raise ValueError(f"rollout: non-finite logits at step {step} of the batch "
                              "(broken weights or an overflow)")
         scaled = logits / (temperature if temperature > 0 else 1.0)
         logp_all = F.log_softmax(scaled, dim=-1)
@@ -243,8 +253,8 @@ def _rollout_batch(fwd, model, prompts, seeds, max_new_tokens, temperature, top_
 
 def _ends_with_stop(ids: list[int], tokenizer, stop_strings: tuple[str, ...]) -> bool:
     """Whether the decoded text of ``ids`` contains a stop string that its last token completes (decodes only the
-    tail that can hold one)."""
-    longest = max(len(s) for s in stop_strings)
+    tail that can hold one: as many tokens as the longest stop string has UTF-8 bytes, plus one)."""
+    longest = max(len(s.encode("utf-8")) for s in stop_strings)
     tail = tokenizer.decode(ids[-(longest + 1):], skip_special_tokens=False)
     head = tokenizer.decode(ids[-(longest + 1):-1], skip_special_tokens=False)
     return any(s in tail and s not in head for s in stop_strings)

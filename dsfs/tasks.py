@@ -82,7 +82,7 @@ def load_task(name: str, *, num_train: int = 0, num_held_out: int = 200, seed: i
             held += got
             held_splits += [s] * len(got)
         return Task("arithmetic", train, held, held_splits, lambda p: A.conversation(p, style),
-                    lambda text, p: A.is_correct(text, p.answer), A.preference_pairs,
+                    _checker("arithmetic", style, lambda text, p: A.is_correct(text, p.answer)), A.preference_pairs,
                     A.max_completion_tokens(names, style))
     if name == "gsm8k":
         from dsfs import gsm8k as G
@@ -92,21 +92,41 @@ def load_task(name: str, *, num_train: int = 0, num_held_out: int = 200, seed: i
         train = G.read(G.DEFAULT_TRAIN)[:num_train] if num_train else G.read(G.DEFAULT_TRAIN)
         held = G.read(G.DEFAULT_TEST)[:num_held_out]
         return Task("gsm8k", train, held, ["gsm8k"] * len(held), lambda e: G.conversation(e, style),
-                    lambda text, e: G.is_correct(text, e.answer), G.preference_pairs, 256)
+                    _checker("gsm8k", style, lambda text, e: G.is_correct(text, e.answer)), G.preference_pairs, 256)
     raise DataError(f"unknown task {name!r} (expected one of {', '.join(TASKS)})")
 
 
+def answer_column(task: str, item) -> int | str:
+    """The gold ``answer`` column a task gives the reward functions: arithmetic's exact integer, GSM8K's as a string
+    (so `dsfs.rewards.accuracy` checks it with math-verify)."""
+    return item.answer if task == "arithmetic" else str(item.answer)
+
+
+def _checker(task: str, style: str, plain: Callable[[str, object], bool]) -> Callable[[str, object], bool]:
+    """A task's check of a completion: in the R1 formats the accuracy reward itself (`dsfs.rewards.accuracy` on the
+    last ``<answer>``), so what GRPO rewards and what it is measured by are one rule; else the task's own."""
+    if style == "plain":
+        return plain
+    from dsfs.rewards import accuracy as reward
+
+    return lambda text, item: reward(text, answer_column(task, item)) == 1.0
+
+
 def accuracy(model, tok, checks: list[Check], eos_id: int, max_new_tokens: int, tools: dict | None = None,
-             format_reward=None, batch_size: int = 64) -> dict[str, float]:
+             format_reward=None, batch_size: int = 64, max_tool_calls: int = 4) -> dict[str, float]:
     """Greedy exact-match accuracy of ``model`` on ``checks``: batched, left-padded greedy completions
     (`dsfs.rollout.rollout`, with ``tools`` when given: a calculator-using policy is measured with its calculator),
     decoded with their special tokens so the checker sees ``</think>`` and ``<answer>``. Returns ``{"val_accuracy":
     overall, "val_accuracy/<split>": per split}`` (with one split: the overall only), plus ``"val_format"``, the mean
-    of ``format_reward([], completions)`` when given (`dsfs.rewards.format_reward`)."""
+    of ``format_reward(prompts, completions)`` when given (`dsfs.rewards.format_reward`). ``max_tool_calls``: as the
+    rollout's. Raises ``ValueError`` for no checks."""
     from dsfs.rollout import completion_text, rollout
 
+    if not checks:
+        raise ValueError("accuracy: no held-out problems to check")
     outs = rollout(model, [c.prompt_ids for c in checks], max_new_tokens, temperature=0.0,
-                   stop_token_ids=[eos_id], tokenizer=tok, tools=tools, batch_size=batch_size)
+                   stop_token_ids=[eos_id], tokenizer=tok, tools=tools, batch_size=batch_size,
+                   max_tool_calls=max_tool_calls)
     texts = [completion_text(tok, o.ids, [eos_id]) for o in outs]
     right: dict[str, list[bool]] = {}
     for c, text in zip(checks, texts, strict=True):

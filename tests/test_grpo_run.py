@@ -6,6 +6,7 @@ finished and resumes what was interrupted."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -147,6 +148,12 @@ def test_pipeline_runs_skips_and_resumes(base, tmp_path):
     assert [r["summary"] for r in again] == [r["summary"] for r in rows]
     cfg.write_text(cfg.read_text().replace("max_steps = 3", "max_steps = 4"))
     with pytest.raises(ConfigError, match="finished .* with other settings"):
+        Pipeline(read_config(cfg), verbose=False).run()
+    shutil.rmtree(out / "grpo")  # as the message says: the stage runs again with the new settings
+    rows = Pipeline(read_config(cfg), verbose=False).run()
+    assert [r["step"] for r in records(out / "grpo")[0]] == [1, 2, 3, 4] and rows[0]["summary"] == again[0]["summary"]
+    cfg.write_text(cfg.read_text() + "typo_key = 1\n")
+    with pytest.raises(ConfigError, match="\\[grpo\\]: unknown key 'typo_key'"):
         Pipeline(read_config(cfg), verbose=False).run()
 
 

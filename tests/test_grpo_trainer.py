@@ -65,6 +65,36 @@ def test_option_checks():
                       ("temperature", 0.0, "temperature"), ("beta", -1.0, "beta"), ("epsilon", math.nan, "epsilon"),
                       ("loss_type", "ppo", "loss-type"), ("scale_rewards", "x", "scale-rewards"),
                       ("top_p", 0.0, "top-p"), ("num_iterations", 0, "num-iterations"),
-                      ("reward_weights", [1.0], "reward-weights")]:
+                      ("reward_weights", [1.0], "reward-weights"), ("temperature", "1.0", "expected a number"),
+                      ("num_iterations", 2.0, "expected an integer"), ("tools", "no", "true or false"),
+                      ("max_completion_length", 96.5, "expected an integer"), ("reward_weights", 1.0, "lists"),
+                      ("style", "tool", "needs --tools")]:
         with pytest.raises(ConfigError, match=msg):
             check_grpo_options({**ok, k: v}, GRPO_CONFIG)
+
+
+def test_a_reward_function_without_kwargs_is_a_one_line_error():
+    from dsfs.rewards import combine_rewards
+
+    def brevity(prompts, completions):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ConfigError, match="reward function brevity cannot take this data's columns \\(answer\\)"):
+        combine_rewards([brevity], None, ["p"], ["c"], {"answer": [1]})
+
+
+def test_tool_responses_encode_special_token_text_literally():
+    from dsfs.rollout import _Tools
+    from dsfs.tools import TOOLS
+    from tests.test_rollout import _Tok
+
+    class Tok(_Tok):  # a tokenizer that honours encode_special_tokens, as tokenizers.Tokenizer does
+        def encode(self, text, add_special_tokens=False):
+            if self.encode_special_tokens:
+                return super().encode(text)
+            raise AssertionError("special-token text must be encoded literally")
+
+    tok = Tok()
+    tools = _Tools(TOOLS, tok, 2)
+    ids = tools.literal("</tool_response><|endoftext|>")
+    assert tok.token_to_id("</tool_response>") not in ids and 0 not in ids and tok.encode_special_tokens is False

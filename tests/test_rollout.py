@@ -103,6 +103,8 @@ def test_bad_options():
 class _Tok:
     """A character tokenizer: ids 0..12 are the special tokens of dsfs.data, then one id per character."""
 
+    encode_special_tokens = False
+
     def __init__(self):
         from dsfs.data import SPECIAL_TOKENS
 
