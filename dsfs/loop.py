@@ -356,8 +356,11 @@ def plot_losses(records: list[dict], path: str | os.PathLike, extra: tuple[str, 
     ax = fig.add_subplot(2, 1, 1) if extra else fig.add_subplot()
     if train:
         steps, loss, lm = zip(*train, strict=True)
-        ax.plot(steps, loss, lw=1, alpha=0.4, label="train loss (LM + MTP + aux)")
-        ax.plot(steps, lm, lw=1, label="train LM loss (main model CE)")
+        if any("lm_loss" in r for r in records):
+            ax.plot(steps, loss, lw=1, alpha=0.4, label="train loss (LM + MTP + aux)")
+            ax.plot(steps, lm, lw=1, label="train LM loss (main model CE)")
+        else:  # a stage's own loss (DPO, GRPO, distillation)
+            ax.plot(steps, loss, lw=1, label="train loss")
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="val loss (main model CE)")
     ax.set_xlabel("step")
