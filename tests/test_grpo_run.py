@@ -52,7 +52,7 @@ def test_grpo_with_the_calculator(base, tmp_path):
 
 
 def test_grpo_prompt_file_and_a_users_reward(base, tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "grpo_run_rewards.py").write_text(
         "def short(prompts, completions, target, **kw):\n"
         "    return [1.0 if target[i] in c else -len(c) / 100 for i, c in enumerate(completions)]\n")
     monkeypatch.chdir(tmp_path)
@@ -60,7 +60,7 @@ def test_grpo_prompt_file_and_a_users_reward(base, tmp_path, monkeypatch):
     rows = [{"prompt": f"Say {w}.", "target": w} for w in ("yes", "no", "cat", "dog")]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = grpo(str(tmp_path / "p.jsonl"), tmp_path / "f", init_from=base["plain"], max_steps=2,
-             grpo_options=dict(OPTS, reward_funcs=["my_rewards:short", "format"], reward_weights=[1.0, 0.5],
+             grpo_options=dict(OPTS, reward_funcs=["grpo_run_rewards:short", "format"], reward_weights=[1.0, 0.5],
                                dynamic_sampling=True, max_resample=1), **{**RUN, "eval_examples": None})
     train, _ = records(tmp_path / "f")
     assert "rewards/short/mean" in train[-1] and "dynamic_sampling/dropped_groups" in train[-1]
