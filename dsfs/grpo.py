@@ -91,8 +91,7 @@ def advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str =
         raise ValueError(f"rewards: expected (N,) with N a multiple of num_generations={num_generations}, got "
                          f"{tuple(r.shape)}")
     if not bool(torch.isfinite(r).all()):
-        raise ValueError("rewards: expected finite numbers (a reward function returned NaN or inf for every function "
-                         "of a completion)")
+        raise ValueError("rewards: expected finite numbers, got NaN or inf")
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards={scale_rewards!r}: expected one of {', '.join(SCALE_REWARDS)}")
     groups = r.view(-1, num_generations)
@@ -273,6 +272,7 @@ class Generations:
             self.tools = TOOLS
 
     def state(self) -> dict:
+        """What a checkpoint stores: ``{"buffer", "served", "sampled"}``."""
         return {"buffer": self.buffer, "served": self.served, "sampled": self.sampled}
 
     def next_batch(self) -> Batch:
