@@ -198,6 +198,32 @@ def cases(device, smoke: bool, dtype=None) -> list[Case]:
                     lambda: r_fp8.weight_dequant(wq, ws, dtype=dt), nbytes=ndim * kdim * (1 + es)))
     out.append(Case(f"fp8_gemm {m}x{ndim}x{kdim}", lambda: k_fp8.fp8_gemm(aq, a_s, wq, ws, out_dtype=dt),
                     lambda: r_fp8.fp8_gemm(aq, a_s, wq, ws, out_dtype=dt), flops=2 * m * ndim * kdim))
+
+    # FP8 training (report section 3.3): the three GEMMs of a linear layer y = x W^T at M = N = K, beside a dt
+    # (bfloat16) torch.matmul of the same size as the built-in; operands quantized beforehand (not timed). Names
+    # local to this block: the lambdas above read theirs when called.
+    sq = s(40, 4096)
+    x_t, w_t, dy_t = rnd(sq, sq), rnd(sq, sq), rnd(sq, sq)
+    w8, w8_s = r_fp8.weight_quant(w_t)
+    gemms = (("Fprop x W^T", (*k_fp8.act_quant(x_t), w8, w8_s), x_t, w_t.T),
+             ("Dgrad dy W (W^T view, its K-major copy included)", (*k_fp8.act_quant(dy_t), w8.T, w8_s.T), dy_t, w_t),
+             ("Wgrad dy^T x (per-row scales on both)",  # both quantized along the token axis, which Wgrad contracts
+              (*k_fp8.act_quant(dy_t, transpose=True), *k_fp8.act_quant(x_t, transpose=True)), dy_t.T, x_t))
+    for what, ops, lhs, rhs in gemms:
+        out.append(Case(f"fp8 {what} {sq}x{sq}x{sq}", lambda ops=ops: k_fp8.fp8_gemm(*ops, out_dtype=dt),
+                        lambda ops=ops: r_fp8.fp8_gemm(*ops, out_dtype=dt),
+                        lambda lhs=lhs, rhs=rhs: torch.matmul(lhs, rhs), flops=2 * sq**3))
+    out.append(Case(f"fp8 act_quant transpose (Wgrad operand) {sq}x{sq}",
+                    lambda: k_fp8.act_quant(dy_t, transpose=True), lambda: r_fp8.act_quant(dy_t, transpose=True),
+                    nbytes=sq * sq * (es + 1)))
+    ge, gm, gn, gk = s(3, 8), s(40, 8192), s(24, 2048), s(50, 7168)  # routed experts' gate_proj, 8 local experts
+    gw, gw_s = r_fp8.stacked_weight_quant(rnd(ge, gn, gk))
+    ga, ga_s = k_fp8.act_quant(rnd(gm, gk))
+    counts = torch.distributions.Multinomial(gm, torch.ones(ge)).sample().long()
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device)
+    out.append(Case(f"fp8_grouped_gemm E={ge} M={gm} N={gn} K={gk}",
+                    lambda: k_fp8.fp8_grouped_gemm(ga, ga_s, gw, gw_s, offsets, out_dtype=dt),
+                    lambda: r_fp8.fp8_grouped_gemm(ga, ga_s, gw, gw_s, offsets, out_dtype=dt), flops=2 * gm * gn * gk))
     return out
 
 

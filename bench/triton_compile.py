@@ -126,12 +126,22 @@ def launch_all(dtypes) -> None:
         moe.combine_backward(r(5, 64, dtype=dt), ys, slot.view(5, k), tw)
     ids, wts, sc = moe.route_forward(r(7, 256), r(256), 8, 8, 4, True, 2.5)
     moe.route_backward(wts, sc, ids, sc, True, 2.5)
+    f8 = torch.float8_e4m3fn
     for dt in (torch.float32, torch.bfloat16):
         aq, a_s = fp8.act_quant(r(5, 300, dtype=dt))
-        aq2, _ = fp8.act_quant(r(5, 300, dtype=dt), round_in_fp32=False)
+        fp8.act_quant(r(5, 300, dtype=dt), round_in_fp32=True)  # the default on a GPU is the cast path
+        fp8.act_quant(r(5, 300, dtype=dt), scale_fmt="ue8m0", round_in_fp32=False)
+        for ue8m0 in (None, "ue8m0"):  # the fused transposed quantization of Wgrad, on the GPU's cast path
+            at, at_s = fp8.act_quant(r(300, 200, dtype=dt), scale_fmt=ue8m0, transpose=True, round_in_fp32=False)
         wq, ws = fp8.act_quant(r(256, 300))
         fp8.weight_dequant(wq, r(2, 3), dtype=dt)
-        fp8.fp8_gemm(aq, a_s, r(200, 300).to(torch.float8_e4m3fn), r(2, 3), out_dtype=dt)
+        fp8.fp8_gemm(aq, a_s, r(200, 300).to(f8), r(2, 3), out_dtype=dt)  # Fprop: block scales, 16-row tiles
+        bt, bt_s = fp8.act_quant(r(300, 150), transpose=True)
+        fp8.fp8_gemm(at, at_s, bt, bt_s, out_dtype=dt)  # Wgrad: per-row scales on b, 128-row tiles
+        w8 = r(300, 200).to(f8)
+        fp8.fp8_gemm(at, at_s, w8.T, r(3, 2).T, out_dtype=dt)  # Dgrad: b = W^T (a K-major copy), scales a view
+        fp8.fp8_grouped_gemm(at[:20], at_s[:20], r(4, 200, 300).to(f8), r(4, 2, 3), torch.tensor([0, 7, 7, 12, 20]),
+                             out_dtype=dt)  # routed experts
 
 
 def main(argv=None) -> int:

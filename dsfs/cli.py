@@ -157,6 +157,12 @@ def add_train(sub) -> None:
                    "with AdamW on embeddings, head, routers and norms (Moonlight)")
     g.add_argument("--time-budget", type=float, metavar="S", help="stop after S seconds of training, evaluate, "
                    "checkpoint and write final/ (resume later with --resume)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"], help="auto (bf16 autocast on CUDA, fp32 "
+                   "elsewhere), fp32, bf16 (autocast, bf16 optimizer moments) or fp8: DeepSeek-V3's FP8 mixed "
+                   "precision (FP8 GEMMs for attention projections, MLPs and experts; fp32 master weights; bf16 "
+                   "moments; eager); the checkpoint format is the same")
+    g.add_argument("--scale-fmt", choices=["ue8m0"], help="with --precision fp8: power-of-two FP8 scales "
+                   "(DeepSeek-V3.1's UE8M0) instead of float32 ones")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice; "
                    "on a busy machine 1 can be faster)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -179,7 +185,8 @@ def _run_train(args) -> int:
     if depths is not None and depths < 0:
         raise ConfigError(f"--num-nextn-predict-layers {depths}: expected >= 0")
     fields = ("max_steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "grad_accum",
-              "eval_every", "eval_batches", "mtp_weight", "weight_decay", "grad_clip", "optimizer")
+              "eval_every", "eval_batches", "mtp_weight", "weight_decay", "grad_clip", "optimizer", "precision",
+              "scale_fmt")
     for f in (*fields, "time_budget_s"):  # name the option, not the TrainConfig field
         v = getattr(args, "time_budget" if f == "time_budget_s" else f)
         if v is not None:
@@ -379,6 +386,42 @@ def _run_eval(args) -> int:
     return 0
 
 
+def add_export(sub) -> None:
+    """Register ``dsfs export``: write a checkpoint as a Hugging Face directory, optionally in DeepSeek's FP8
+    layout (`dsfs.export.export`). ``--format`` picks the output format; 'hf' is the only one so far."""
+    from dsfs.export import FORMATS
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face directory, optionally with FP8 weights as DeepSeek ships them",
+        description="Read a model (a Hugging Face model dir, or a run/checkpoints dir: its newest model) and write "
+        "config.json, model.safetensors (mtp.safetensors with MTP layers) and the tokenizer files to --out, "
+        "atomically. With --fp8 the attention and FFN matrices are stored as float8_e4m3fn with float32 "
+        "weight_scale_inv per 128x128 block, as DeepSeek-V3's released checkpoint, and config.json gets its "
+        "quantization_config; transformers, mlx_lm and dsfs open it as it is.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="model, run or checkpoints directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, or --overwrite)")
+    p.add_argument("--format", default="hf", choices=list(FORMATS), help="output format (default: %(default)s)")
+    p.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights in 128x128 blocks (DeepSeek's layout)")
+    p.add_argument("--scale-fmt", metavar="FMT", help="with --fp8: ue8m0, power-of-two scales (as DeepSeek-V3.1); "
+                   "default: float32 scales amax/448")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from dsfs.export import export
+
+    r = export(args.checkpoint, args.out, args.format, args.fp8, args.scale_fmt, args.overwrite)
+    if not args.quiet:
+        what = (f"{r['fp8_tensors']} of {r['tensors']} tensors in FP8 e4m3"
+                f"{' (ue8m0 scales)' if args.scale_fmt else ''}" if args.fp8 else f"{r['tensors']} tensors")
+        print(f"exported {r['model_dir']} to {r['out']}: {what}, {r['bytes'] / 2**20:,.1f} MiB of weights")
+    return 0
+
+
 # one add_<verb> function per verb, in --help order
 def add_sft(sub) -> None:
     """Register ``dsfs sft`` (`dsfs.sft.add_sft`)."""
@@ -416,7 +459,7 @@ def add_pipeline(sub) -> None:
 
 
 COMMANDS = [add_prepare, add_train, add_generate, add_eval, add_sft, add_dpo, add_distill, add_grpo, add_pipeline,
-            add_check, add_bench]
+            add_export, add_check, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

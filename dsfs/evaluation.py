@@ -42,21 +42,25 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: i
     return [{"input_ids": w[:, :-1].contiguous(), "targets": w[:, 1:].contiguous()} for w in windows]
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context elsewhere (CPU and MPS stay float32)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str = "auto"):
+    """The autocast of a training ``precision`` (`dsfs.train_config.PRECISIONS`): bf16 autocast on CUDA for
+    ``"auto"`` and ``"fp8"`` (the parts FP8 training leaves out of FP8 run in bf16 there), on any device for
+    ``"bf16"``; a no-op context otherwise (``"fp32"``; CPU and MPS stay float32 under ``"auto"`` and ``"fp8"``)."""
+    if precision == "bf16" or (device.type == "cuda" and precision in ("auto", "fp8")):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def torch_eval_loss(model: torch.nn.Module, batch: Batch, device: torch.device | None = None) -> float:
+def torch_eval_loss(model: torch.nn.Module, batch: Batch, device: torch.device | None = None,
+                    precision: str = "auto") -> float:
     """Mean next-token cross-entropy (nats/token) of a torch model's main head on one batch: ``F.cross_entropy``
-    of ``model(input_ids)`` (float32 logits, bf16 autocast on CUDA) against ``targets``; MTP heads and balance
-    losses are not counted. ``device``: where the batch goes (default: the model's)."""
+    of ``model(input_ids)`` (float32 logits, under `autocast` of ``precision``: bf16 on CUDA by default) against
+    ``targets``; MTP heads and balance losses are not counted. ``device``: where the batch goes (default: the
+    model's)."""
     device = device or next(model.parameters()).device
     x, y = batch["input_ids"].to(device), batch["targets"].to(device)
-    with autocast(device):
+    with autocast(device, precision):
         logits = model(x)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
 

@@ -25,7 +25,11 @@ class TrainConfig:
     ``grad_clip`` (max global gradient norm, 0: off), ``mtp_weight`` (weight of the MTP loss), ``optimizer``
     (``"adamw"`` or ``"muon"``, `reference.optim.make_optimizer`); ``eval_every`` steps between evaluations of
     ``eval_batches`` validation batches; ``time_budget_s``: stop a session after this many seconds of training
-    (``None``: no limit).
+    (``None``: no limit). ``precision`` (`PRECISIONS`): ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere),
+    ``"fp32"``, ``"bf16"`` (autocast to bf16 on any device; moments in bf16) or ``"fp8"`` (DeepSeek-V3's FP8
+    mixed precision, `reference.fp8_training`: FP8 GEMMs for the attention projections, MLPs and experts, the rest
+    in bf16 on CUDA and fp32 elsewhere, fp32 master weights, bf16 moments); ``scale_fmt``: the FP8 scales, None
+    (fp32) or ``"ue8m0"`` (powers of two), fp8 only.
     """
 
     batch_size: int
@@ -42,10 +46,15 @@ class TrainConfig:
     eval_batches: int
     mtp_weight: float
     optimizer: str
+    precision: str = "auto"
+    scale_fmt: str | None = None
 
     def __post_init__(self):
         for k in self.fields():
             check_value(k, getattr(self, k))
+        if self.scale_fmt is not None and self.precision != "fp8":
+            raise ConfigError(f"scale_fmt={self.scale_fmt!r} applies to FP8 training only (precision='fp8', got "
+                              f"{self.precision!r})")
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
@@ -73,14 +82,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """The config a checkpoint stored (`to_dict`). A dict without ``"optimizer"`` (written before the field
-        existed) is an AdamW run's. Raises `ConfigError` for a missing or unknown field or an invalid value."""
-        d = {"optimizer": "adamw", **d}
+        existed) is an AdamW run's; one without ``"precision"``/``"scale_fmt"`` ran at the default precision. Raises
+        `ConfigError` for a missing or unknown field or an invalid value."""
+        d = {"optimizer": "adamw", "precision": "auto", "scale_fmt": None, **d}
         missing, unknown = set(cls.fields()) - set(d), set(d) - set(cls.fields())
         if missing or unknown:
             raise ConfigError(f"training config: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
         return cls(**d)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 _MIN_INT = {"batch_size": 1, "seq_len": 1, "max_steps": 1, "grad_accum": 1, "eval_every": 1, "eval_batches": 1,
             "warmup_steps": 0}
 _FLAGS = {"time_budget_s": "--time-budget"}  # CLI flags whose name is not the field's
@@ -103,6 +114,12 @@ def check_value(name: str, value, cli: bool = False) -> None:
     elif name == "optimizer":
         if value not in OPTIMIZERS:
             raise ConfigError(f"{what}: expected one of {', '.join(OPTIMIZERS)}")
+    elif name == "precision":
+        if value not in PRECISIONS:
+            raise ConfigError(f"{what}: expected one of {', '.join(PRECISIONS)}")
+    elif name == "scale_fmt":
+        if value not in (None, "ue8m0"):
+            raise ConfigError(f"{what}: expected {'' if cli else 'None or '}'ue8m0' (power-of-two FP8 scales)")
     elif name == "time_budget_s":
         if value is not None and (not isinstance(value, int | float) or not value >= 0):
             raise ConfigError(f"{what}: expected {'' if cli else 'None or '}a number of seconds >= 0")

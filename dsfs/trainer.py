@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from dsfs.backend import Backend
+from dsfs.errors import ConfigError
 from dsfs.evaluation import Batch, autocast, torch_eval_loss
 from dsfs.train_config import TrainConfig
+from reference.fp8_training import enable_fp8_training
 from reference.optim import make_optimizer
 
 
@@ -113,17 +115,32 @@ class TorchTrainer:
     same seed (and a resumed run) train bit for bit alike, on the same machine, torch and thread count; ``None``
     (default): when compiled on CPU (eager CPU training is deterministic already; on CUDA, deterministic kernels
     need ``CUBLAS_WORKSPACE_CONFIG`` and cost more, and are left to the user).
+
+    ``precision`` (`dsfs.train_config.PRECISIONS`): the autocast of `dsfs.evaluation.autocast`; ``"bf16"`` and
+    ``"fp8"`` keep the optimizer moments in bf16 (`reference.optim.store_moments_in`), and ``"fp8"`` puts the model
+    on FP8 GEMMs (`reference.fp8_training.enable_fp8_training` with ``scale_fmt`` and ``fp8_ops``, the ops to run:
+    None for the reference's, ``kernels.triton.fp8`` on CUDA); FP8 training runs eager (``compile`` must be False:
+    the grouped FP8 GEMMs' data-dependent segments do not trace).
     """
 
     def __init__(self, model: nn.Module, device: torch.device, lr: float, weight_decay: float, grad_clip: float,
-                 mtp_weight: float, compile: bool, optimizer: str = "adamw", deterministic: bool | None = None):
+                 mtp_weight: float, compile: bool, optimizer: str = "adamw", deterministic: bool | None = None,
+                 precision: str = "auto", scale_fmt: str | None = None, fp8_ops=None):
         self.model, self.device, self.mtp_weight = model.to(device).train(), device, mtp_weight
-        self.opt = make_optimizer(self.model, lr, weight_decay, optimizer)
+        self.precision = precision
+        if precision == "fp8":
+            if compile:
+                raise ValueError("precision='fp8' trains eager: pass compile=False")
+            enable_fp8_training(self.model, scale_fmt, fp8_ops)
+        moments = torch.bfloat16 if precision in ("bf16", "fp8") else None
+        self.opt = make_optimizer(self.model, lr, weight_decay, optimizer, moment_dtype=moments)
         self.loss_fn = compiled_loss(self.model) if compile else self.model.loss
         self.deterministic = bool(compile and device.type == "cpu") if deterministic is None else deterministic
         self.clip = grad_clip if grad_clip > 0 else float("inf")
         self.device_type, self.n_params = device.type, sum(p.numel() for p in self.model.parameters())
-        self.label, self.note, self.summary = " (torch.compile)" if compile else "", None, {}
+        self.label = (" (torch.compile)" if compile else "") + ("" if precision == "auto" else f", {precision}"
+                                                               + (f" ({scale_fmt} scales)" if scale_fmt else ""))
+        self.note, self.summary = None, {}
         self.update_bias = True  # the auxiliary-loss-free bias update after each step (a stage may hold it)
 
     def micro_step(self, batch: Batch, accum: int) -> dict[str, float | None]:
@@ -133,7 +150,7 @@ class TorchTrainer:
         x = batch["input_ids"].to(self.device, non_blocking=True)
         y = batch["targets"].to(self.device, non_blocking=True)
         with deterministic_algorithms(self.deterministic):
-            with autocast(self.device):
+            with autocast(self.device, self.precision):
                 o = self.loss_fn(x, y, mtp_weight=self.mtp_weight)
             (o.loss / accum).backward()
         mtp = torch.stack(o.mtp_losses).mean().item() if o.mtp_losses else None
@@ -156,8 +173,9 @@ class TorchTrainer:
         return {"grad_norm": grad_norm}
 
     def eval_loss(self, batch: Batch) -> float:
-        """`dsfs.evaluation.torch_eval_loss` of the model on this trainer's device."""
-        return torch_eval_loss(self.model, batch, self.device)
+        """`dsfs.evaluation.torch_eval_loss` of the model on this trainer's device, at its precision (FP8 training
+        evaluates the FP8 forward it trains)."""
+        return torch_eval_loss(self.model, batch, self.device, self.precision)
 
     def state_dict(self) -> dict:
         """The optimizer's ``state_dict()``."""
@@ -181,14 +199,24 @@ def make_trainer(be: Backend, model, tc: TrainConfig, compile: bool | str) -> Tr
 
     ``model``: a torch model with the ``reference.Model`` API (for the MLX runtime it is converted with
     ``runtime_mlx.train.from_reference``, so every backend starts from the same weights) or a ``runtime_mlx.Model``.
-    ``compile``: ``torch.compile`` the loss (``"auto"``: on cpu and cuda) or ``mx.compile`` the steps (``"auto"``:
-    on). Imports ``runtime_mlx.train`` only for the MLX runtime."""
+    ``compile``: ``torch.compile`` the loss (``"auto"``: on cpu and cuda, except FP8 training, which runs eager)
+    or ``mx.compile`` the steps (``"auto"``: on). ``tc.precision`` / ``tc.scale_fmt``: `TorchTrainer`; FP8 runs the
+    Triton kernels on the cuda backend with a GPU of compute capability 8.9 or more (FP8 tensor cores), the
+    reference's ops elsewhere. Imports ``runtime_mlx.train`` only for the MLX runtime. Raises `ConfigError` for
+    ``--compile on`` with FP8."""
     if be.name == "mlx":
         from runtime_mlx.train import MLXTrainer, from_reference
 
         if isinstance(model, nn.Module):
             model = from_reference(model)
-        return MLXTrainer(model, tc.lr, tc.weight_decay, tc.grad_clip, tc.mtp_weight, bool(compile), tc.optimizer)
+        return MLXTrainer(model, tc.lr, tc.weight_decay, tc.grad_clip, tc.mtp_weight, bool(compile), tc.optimizer,
+                          precision=tc.precision, scale_fmt=tc.scale_fmt)
     if compile == "auto":
-        compile = be.device.type in ("cpu", "cuda")
-    return TorchTrainer(model, be.device, tc.lr, tc.weight_decay, tc.grad_clip, tc.mtp_weight, compile, tc.optimizer)
+        compile = be.device.type in ("cpu", "cuda") and tc.precision != "fp8"
+    if compile and tc.precision == "fp8":
+        raise ConfigError("--compile on: FP8 training runs eager (--compile off or auto)")
+    fp8_ops = None
+    if tc.precision == "fp8" and be.name == "cuda" and torch.cuda.get_device_capability(be.device) >= (8, 9):
+        from kernels.triton import fp8 as fp8_ops
+    return TorchTrainer(model, be.device, tc.lr, tc.weight_decay, tc.grad_clip, tc.mtp_weight, compile, tc.optimizer,
+                        precision=tc.precision, scale_fmt=tc.scale_fmt, fp8_ops=fp8_ops)

@@ -18,6 +18,9 @@ from .muon import Muon
 
 OPTIMIZERS = ("adamw", "muon")
 BETAS = (0.9, 0.95)
+MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+"""The optimizer state tensors that `store_moments_in` keeps in a low-precision dtype (AdamW's first and second
+moments, Muon's momentum)."""
 
 
 def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw") -> list[dict]:
@@ -53,16 +56,50 @@ def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw"
             {"params": no_decay, "weight_decay": 0.0, "use_muon": False}]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, optimizer: str = "adamw") -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, optimizer: str = "adamw",
+                   moment_dtype: torch.dtype | None = None) -> torch.optim.Optimizer:
     """The training optimizer over `param_groups` (betas ``BETAS``): ``"adamw"``, ``torch.optim.AdamW`` with
     decoupled weight decay on matrices only; ``"muon"``, `reference.muon.Muon` (Muon on the hidden matrices,
     AdamW on the rest, one learning rate). AdamW runs PyTorch's fused implementation (one kernel over all
-    parameters) when they all live on CPU or CUDA. Raises ``ValueError`` for another ``optimizer``."""
+    parameters) when they all live on CPU or CUDA. ``moment_dtype``: keep the moments in this dtype between steps
+    (`store_moments_in`; ``torch.bfloat16`` in FP8 training, DeepSeek-V3 report section 3.3.3). Raises
+    ``ValueError`` for another ``optimizer``."""
     fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) or None
     groups = param_groups(model, weight_decay, optimizer)
     if optimizer == "muon":
-        return Muon(groups, lr=lr, betas=BETAS, fused=fused)
-    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=fused)
+        opt = Muon(groups, lr=lr, betas=BETAS, fused=fused)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=fused)
+    if moment_dtype is not None:
+        store_moments_in(opt, moment_dtype)
+    return opt
+
+
+def store_moments_in(opt: torch.optim.Optimizer, dtype: torch.dtype) -> torch.optim.Optimizer:
+    """Keep ``opt``'s moments (`MOMENTS`: AdamW's ``exp_avg``/``exp_avg_sq``, Muon's ``momentum_buffer``) in
+    ``dtype`` (e.g. ``torch.bfloat16``) between steps, as DeepSeek-V3 tracks AdamW's moments in BF16 (report section
+    3.3.3, "low-precision optimizer states"): a step pre-hook widens them to their parameter's dtype, the update runs
+    at full precision, and a post-hook rounds them back (round to nearest). The parameters (master weights) and
+    gradients keep their dtype. Saved states hold the ``dtype`` values (``load_state_dict`` casts them to the
+    parameter's dtype exactly; the next step rounds them back), so a resumed run continues bit for bit. Returns
+    ``opt``."""
+
+    def widen(o, args, kwargs):
+        for p, st in o.state.items():
+            for k in MOMENTS:
+                if k in st and st[k].dtype != p.dtype:
+                    st[k] = st[k].to(p.dtype)
+
+    def narrow(o, args, kwargs):
+        for st in o.state.values():
+            for k in MOMENTS:
+                if k in st:
+                    st[k] = st[k].to(dtype)
+
+    opt.register_step_pre_hook(widen)
+    opt.register_step_post_hook(narrow)
+    opt.moment_dtype = dtype
+    return opt
 
 
 def optimizer_groups(cfg: ModelConfig, lr: float, weight_decay: float, optimizer: str = "adamw") -> list[dict]:

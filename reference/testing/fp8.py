@@ -1,5 +1,7 @@
 """The fine-grained FP8 op specs (DeepSeek-V3 report section 3.3; `reference.fp8`): `act_quant` (e4m3 per 1 x 128
-tile), `weight_dequant` (128 x 128 blocks) and `fp8_gemm` (block-scaled matmul, float32 accumulation).
+tile; power-of-two UE8M0 scales; fused with the transpose Wgrad needs), `weight_dequant` (128 x 128 blocks),
+`fp8_gemm` (block-scaled matmul, float32 accumulation; weight block scales or per-row tile scales) and
+`fp8_grouped_gemm` (the routed experts' grouped FP8 GEMM).
 
 Contracts:
 - ``act_quant`` and ``weight_dequant`` are exact: the same float32 operations as the reference (an IEEE division
@@ -19,7 +21,15 @@ from __future__ import annotations
 
 import torch
 
-from reference.fp8 import FP8_DTYPE, act_quant, fp8_gemm, weight_dequant, weight_quant
+from reference.fp8 import (
+    FP8_DTYPE,
+    act_quant,
+    fp8_gemm,
+    fp8_grouped_gemm,
+    stacked_weight_quant,
+    weight_dequant,
+    weight_quant,
+)
 
 from .shapes import V2_LITE, V3
 from .spec import FLOATS, OpSpec, Output, Sample, randn
@@ -75,6 +85,12 @@ def act_quant_samples(rng: torch.Generator) -> list[Sample]:
         Sample("scale exactly 1: rounding that carries a binade, ties to even, subnormals",
                (_rounding_rows(rng), 128), tags=("edge",)),
         Sample("block_size 64, K = 200", (tiles_spanning(rng, 4, 200, 64), 64), tags=("ragged",)),
+        Sample("ue8m0 scales (powers of two), ragged K = 300, a zero tile", (zero, 128, "ue8m0"), tags=("edge",)),
+        Sample("ue8m0 scales, scale exactly 1 rows", (_rounding_rows(rng), 128, "ue8m0"), tags=("edge",)),
+        Sample("transpose (Wgrad's 128 x 1 tiles): x 300 x 70, tiles along the 300 rows",
+               (tiles_spanning(rng, 300, 70, 1, 128), 128, None, True), tags=("ragged",)),
+        Sample("transpose with ue8m0 scales, x 200 x 130", (tiles_spanning(rng, 200, 130, 1, 128), 128, "ue8m0", True),
+               tags=("ragged",)),
         Sample("no rows", (randn(rng, 0, 256), 128), tags=("edge",)),
         Sample(f"one decode token, {V3['name']} hidden {h3}", (tiles_spanning(rng, 1, h3).reshape(1, 1, h3), 128),
                tags=("decode", "model")),
@@ -176,9 +192,10 @@ WEIGHT_DEQUANT = OpSpec(
 # ============================================================================= fp8_gemm
 
 
-def _operands(rng, lead: tuple[int, ...], n: int, k: int, bs: int = 128, zero: bool = False):
+def _operands(rng, lead: tuple[int, ...], n: int, k: int, bs: int = 128, zero: bool = False, rows: bool = False):
     """(a, a_s, b, b_s): activations ``lead + (k,)`` and weights (n, k) spanning many binades, quantized by the
-    reference; with ``zero`` an all-zero activation tile and weight block (amax clamped)."""
+    reference; with ``zero`` an all-zero activation tile and weight block (amax clamped); with ``rows`` b is
+    quantized as an activation (per-row 1 x bs tiles: Wgrad's operands)."""
     m = 1
     for d in lead:
         m *= d
@@ -188,7 +205,7 @@ def _operands(rng, lead: tuple[int, ...], n: int, k: int, bs: int = 128, zero: b
         w[-1, -1] = 0.0
         w[(n - 1) // bs * bs:, (k - 1) // bs * bs:] = 0.0  # the last (partial) block
     a, a_s = act_quant(x.reshape(*lead, k), bs)
-    b, b_s = weight_quant(w, bs)
+    b, b_s = act_quant(w, bs) if rows else weight_quant(w, bs)
     return a, a_s, b, b_s
 
 
@@ -206,6 +223,10 @@ def fp8_gemm_samples(rng: torch.Generator) -> list[Sample]:
     add("a zero tile and a zero block (amax clamped to 1e-4)", _operands(rng, (6,), 150, 260, zero=True), 128,
         ("edge",))
     add("block_size 64, K = 200, N = 100", _operands(rng, (9,), 100, 200, 64), 64, ("ragged",))
+    no_f16 = (torch.float32, torch.bfloat16)  # values spanning 1e-2..1e2 on both sides overflow float16's 65504
+    add("Wgrad: per-row b scales (N, KB) from act_quant, N = 200, K = 300", _operands(rng, (70,), 200, 300, rows=True),
+        128, ("ragged",), no_f16)
+    add("per-row b scales, N = 1 (both readings agree)", _operands(rng, (5,), 1, 130, rows=True), 128, ("edge",))
     h3, i3 = V3["hidden_size"], V3["moe_intermediate_size"]
     h2, i2 = V2_LITE["hidden_size"], V2_LITE["moe_intermediate_size"]
     bf16 = (torch.bfloat16,)
@@ -250,4 +271,63 @@ FP8_GEMM = OpSpec(
            "promotion to float32 every 128 elements of K); official inference/kernel.py fp8_gemm",
 )
 
-SPECS = [ACT_QUANT, WEIGHT_DEQUANT, FP8_GEMM]
+# ============================================================================= fp8_grouped_gemm
+
+
+def _grouped_operands(rng, counts: list[int], n: int, k: int, bs: int = 128):
+    """(a, a_s, b, b_s, offsets) for experts with ``counts`` rows each, weights (E, n, k) spanning many binades."""
+    m, e = sum(counts), len(counts)
+    a, a_s = act_quant(tiles_spanning(rng, m, k, bs), bs)
+    b, b_s = stacked_weight_quant(tiles_spanning(rng, e * n, k, bs, bs).reshape(e, n, k), bs)
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    return a, a_s, b, b_s, offsets
+
+
+def fp8_grouped_gemm_samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `fp8_grouped_gemm`, seeded by ``rng`` (`OpSpec.samples`)."""
+    keep, out = ("a_s", "b_s"), []
+
+    def add(name, ops, tags, dtypes=FLOATS):
+        shape = f"{ops[0].shape[0]}x{ops[0].shape[1]} @ {'x'.join(map(str, ops[2].shape))}"
+        out.extend(_per_dtype(name, (*ops, 128), keep, tags, shape, dtypes))
+
+    add("4 experts, ragged rows 5/0/37/20 (an empty expert), N = 200, K = 300",
+        _grouped_operands(rng, [5, 0, 37, 20], 200, 300), ("ragged",), (torch.float32, torch.bfloat16))
+    add("one expert holds every row, 3 empty", _grouped_operands(rng, [0, 0, 40, 0], 70, 130), ("edge",))
+    add("no rows at all", _grouped_operands(rng, [0, 0], 64, 128), ("edge",))
+    i2, h2 = V2_LITE["moe_intermediate_size"], V2_LITE["hidden_size"]
+    add(f"{V2_LITE['name']} experts gate_proj {i2} x {h2}, 8 of 64 experts, 24 routed rows, N sliced to 256",
+        _grouped_operands(rng, [3, 5, 0, 4, 2, 6, 1, 3], 256, h2), ("model",), (torch.bfloat16,))
+    return out
+
+
+def fp8_grouped_gemm_bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `fp8_grouped_gemm` (`OpSpec.bench_samples`): 4096 tokens routed top-8
+    over 32 of DeepSeek-V3's experts (gate_proj 2048 x 7168), balanced."""
+    i3, h3 = V3["moe_intermediate_size"], V3["hidden_size"]
+    a, a_s = act_quant(randn(rng, 1024 * 32, h3))
+    b, b_s = stacked_weight_quant(randn(rng, 32, i3, h3))
+    offsets = torch.arange(33) * 1024
+    return _per_dtype(f"{V3['name']} gate_proj {i3} x {h3}, 32 experts x 1024 rows", (a, a_s, b, b_s, offsets, 128),
+                      ("a_s", "b_s"), ("model",), dtypes=(torch.bfloat16,))
+
+
+def _grouped_flops(s: Sample, dtype) -> float:
+    a, b = s.args[0], s.args[2]
+    return 2.0 * a.shape[0] * b.shape[1] * b.shape[2]
+
+
+def _grouped_bytes(s: Sample, dtype) -> float:
+    a, a_s, b, b_s = s.args[:4]
+    return float(a.numel() + b.numel() + 4 * (a_s.numel() + b_s.numel()) + a.shape[0] * b.shape[1] * dtype.itemsize)
+
+
+FP8_GROUPED_GEMM = OpSpec(
+    name="fp8_grouped_gemm", reference=fp8_grouped_gemm, outputs=(Output("c", bound={torch.float32: 5e-4}),),
+    samples=fp8_grouped_gemm_samples, bench_samples=fp8_grouped_gemm_bench_samples, reference_float64=False,
+    flops=_grouped_flops, bytes=_grouped_bytes,
+    ours={"cuda": "kernels.triton.fp8:fp8_grouped_gemm", "mlx": "runtime_mlx.kernels.fp8:fp8_grouped_gemm"},
+    source="DeepSeek-V3 report sections 2.1.2 (routed experts) and 3.3 (FP8 GEMMs, promotion every 128 elements)",
+)
+
+SPECS = [ACT_QUANT, WEIGHT_DEQUANT, FP8_GEMM, FP8_GROUPED_GEMM]
