@@ -127,10 +127,14 @@ def test_loss_falls_and_outputs_are_written(data_dir, tmp_path):
     assert any(b.abs().sum() > 0 for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
 
 
-@pytest.mark.parametrize(("dropout", "optimizer"), [(0.0, "adamw"), (0.1, "adamw"), (0.0, "muon")],
-                         ids=["plain", "dropout", "muon"])
-def test_resume_is_exact(data_dir, tmp_path, dropout, optimizer):
-    kw = dict(max_steps=12, eval_every=4, warmup_steps=3, optimizer=optimizer,
+@pytest.mark.parametrize(("dropout", "optimizer", "precision"),
+                         [(0.0, "adamw", {}), (0.1, "adamw", {}), (0.0, "muon", {}),
+                          (0.0, "muon", {"precision": "fp8"}),
+                          (0.0, "adamw", {"precision": "fp8", "scale_fmt": "ue8m0"})],
+                         ids=["plain", "dropout", "muon", "fp8-muon", "fp8-ue8m0-adamw"])
+def test_resume_is_exact(data_dir, tmp_path, dropout, optimizer, precision):
+    """An interrupted run resumes bit for bit, also in FP8 training (bf16 moments in the checkpoint)."""
+    kw = dict(max_steps=12, eval_every=4, warmup_steps=3, optimizer=optimizer, **precision,
               model_overrides={**MICRO_MODEL, "hidden_dropout": dropout})  # dropout masks come from the saved RNG
     micro_train(data_dir, tmp_path / "a", **kw)
 
