@@ -7,7 +7,8 @@ released DeepSeek-V3 weights). The MTP file is separate because ``transformers``
 ``model.safetensors`` and ``mlx_lm`` only ``model*.safetensors``, and mlx-lm's deepseek_v3 would reject the
 extra layers; both then open the directory unchanged. Reading accepts sharded checkpoints
 (``model.safetensors.index.json``), per-expert or stacked (``experts.gate_up_proj``) expert weights, and
-FP8 weights with ``weight_scale_inv`` (dequantized in 128x128 blocks).
+FP8 weights with ``weight_scale_inv`` (dequantized in 128x128 blocks, or kept in FP8 for inference with
+``keep_fp8``: `reference.fp8_checkpoint`).
 
 A checkpoint whose ``config.json`` asks for more MTP depths than its files hold (``transformers`` never writes
 MTP weights, yet its ``DeepseekV3Config`` defaults to ``num_nextn_predict_layers`` 1) loads with a warning that
@@ -55,7 +56,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, hf_to_fields, read_config_json
+from .config import ModelConfig, fp8_scale_fmt, hf_to_fields, read_config_json
 
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _PACKED_RE = re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$")
@@ -251,13 +252,18 @@ def dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop"):
+def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop", keep_fp8: bool = False, ops=None):
     """Build ``cls(config)`` from ``path``/config.json and load its weights (strictly: every parameter
     present with the right shape), in eval mode, in float32 unless ``dtype`` is given (whatever the files
     store, as ``runtime_mlx.checkpoint.load_model``). MTP depths that config.json asks for and the files lack are
-    dropped or initialized fresh, with a warning (``missing_mtp``, see `config_for_weights`). Raises
-    ``FileNotFoundError`` / ``ValueError`` naming missing, unexpected or mis-shaped tensors, a file that does not
-    match ``checksums.json`` (`verify_checksums`) or the first stored tensor that is not finite (`check_finite`)."""
+    dropped or initialized fresh, with a warning (``missing_mtp``, see `config_for_weights`).
+
+    ``keep_fp8``: an FP8 checkpoint's FP8 matrices stay FP8 (`reference.fp8_checkpoint.keep_fp8_state_dict`:
+    `FP8WeightLinear` / `FP8WeightExperts` modules running ``ops``' FP8 GEMMs, activations quantized with config.json's
+    ``scale_fmt``; inference only); ``dtype`` then applies to the other weights. Otherwise FP8 weights are
+    dequantized. Raises ``FileNotFoundError`` / ``ValueError`` naming missing, unexpected or mis-shaped tensors, a
+    file that does not match ``checksums.json`` (`verify_checksums`), the first stored tensor that is not finite
+    (`check_finite`), or, with ``keep_fp8``, a checkpoint without FP8 weights."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
@@ -266,7 +272,15 @@ def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop"):
     check_finite(hf, path, _finite)
     cfg, fresh = config_for_weights(path, hf, missing_mtp)
     model = cls(cfg)
-    sd = from_hf_state_dict(hf, cfg)
+    if keep_fp8:
+        from .fp8_checkpoint import default_ops, keep_fp8_state_dict
+
+        try:
+            sd = keep_fp8_state_dict(model, hf, fp8_scale_fmt(read_config_json(path)), ops or default_ops(cls))
+        except ValueError as e:
+            raise ValueError(f"checkpoint {path!r}: {e}") from e
+    else:
+        sd = from_hf_state_dict(hf, cfg)
     expected = model.state_dict()
     fresh_names = tuple(f"mtp.{k}." for k in fresh)
     missing = sorted(k for k in expected if k not in sd and not k.startswith("rotary.")
@@ -289,7 +303,10 @@ def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop"):
 def save_model(model, path, tokenizer_file=None) -> None:
     """Write the checkpoint directory ``path`` atomically (`write_model_dir`) with the tensors of
     `to_hf_state_dict`, moved to the CPU; config.json states the embedding's dtype (as transformers' ``model.dtype``,
-    the first floating parameter's)."""
+    the first floating parameter's). Raises ``ValueError`` for a model loaded with ``keep_fp8`` (not supported)."""
+    from .fp8_checkpoint import check_not_fp8
+
+    check_not_fp8(model, "save_pretrained")
     main, mtp = to_hf_state_dict(model)
     write_model_dir(path, model.config, main, mtp, lambda t, f: save_file(_cpu(t), f, metadata={"format": "pt"}),
                     tokenizer_file, dtype=dtype_name(model.model.embed_tokens.weight.dtype))

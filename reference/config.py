@@ -42,6 +42,7 @@ _PASSTHROUGH_KEYS = {
     "indexer_rope_interleave", "rope_parameters", "aux_loss_alpha_is_seq",
 }
 FP8_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+FP8_SCALE_FMTS = ("ue8m0",)  # quantization_config "scale_fmt" values read (absent: float32 scales amax / 448)
 
 
 def hf_to_fields(d: dict[str, Any]) -> dict[str, Any]:
@@ -58,13 +59,14 @@ def hf_to_fields(d: dict[str, Any]) -> dict[str, Any]:
       ``mlp_layer_types``, so for 'deepseek_v3' it is dropped;
     - V3.2's ``rope_interleave`` is read as True: transformers' ``DeepseekV32Attention`` always applies the
       interleaved RoPE (``apply_rotary_pos_emb_interleave``) and ignores the field;
-    - ``quantization_config`` (DeepSeek's FP8: e4m3, 128x128 weight blocks) is checked and dropped: the
-      loaders dequantize the weights, so the model and what it saves are unquantized.
+    - ``quantization_config`` (DeepSeek's FP8: e4m3, 128x128 weight blocks, and from V3.1 on ``"scale_fmt":
+      "ue8m0"``, power-of-two scales) is checked and dropped: the loaders dequantize the weights, so the model and
+      what it saves are unquantized (`fp8_scale_fmt` reads it for the loaders that keep FP8 weights).
 
     Raises ``ValueError`` naming the field for a value that cannot be built: ``num_mtp_layers`` disagreeing
     with ``num_nextn_predict_layers``, ``layer_types`` other than 'indexed_attention', or a
-    ``quantization_config`` other than FP8 e4m3 with ``weight_block_size`` [128, 128] (``mlp_layer_types`` is
-    checked by `ModelConfig.validate`).
+    ``quantization_config`` other than FP8 e4m3 with ``weight_block_size`` [128, 128] and a ``scale_fmt`` absent
+    or 'ue8m0' (``mlp_layer_types`` is checked by `ModelConfig.validate`).
     """
     d = dict(d)
 
@@ -100,10 +102,37 @@ def hf_to_fields(d: dict[str, Any]) -> dict[str, Any]:
         layer_types = d.pop("layer_types", None)
         if layer_types is not None and set(layer_types) - {"indexed_attention"}:
             bad(f"layer_types={layer_types}; only 'indexed_attention' layers are supported")
-    qc = d.pop("quantization_config", None)
-    if qc is not None and any(qc.get(k) != v for k, v in FP8_QUANTIZATION.items()):
-        bad(f"quantization_config={qc}; expected DeepSeek's FP8 layout {FP8_QUANTIZATION}")
+    fp8_scale_fmt(d)  # checks quantization_config
+    d.pop("quantization_config", None)
     return d
+
+
+def fp8_quantization_config(scale_fmt: str | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` of a DeepSeek FP8 checkpoint (e4m3 weights in 128x128 blocks with float32
+    ``weight_scale_inv``, activations quantized at run time per 1x128 tile), as DeepSeek-V3's ``config.json``
+    states it, plus ``"scale_fmt": "ue8m0"`` (DeepSeek-V3.1's power-of-two scales) when asked. Raises
+    ``ValueError`` for another ``scale_fmt``."""
+    if scale_fmt is not None and scale_fmt not in FP8_SCALE_FMTS:
+        raise ValueError(f"scale_fmt={scale_fmt!r}; expected None (float32 scales) or one of {FP8_SCALE_FMTS}")
+    qc = {"activation_scheme": "dynamic", **FP8_QUANTIZATION}
+    return qc if scale_fmt is None else {**qc, "scale_fmt": scale_fmt}
+
+
+def fp8_scale_fmt(d: dict[str, Any]) -> str | None:
+    """The scale format of the FP8 weights of a ``config.json`` dict ``d``: its ``quantization_config``'s
+    ``scale_fmt`` ('ue8m0'), or None (no quantization_config, or one without ``scale_fmt``: scales are
+    ``amax / 448`` in float32). Raises ``ValueError`` naming the field for a ``quantization_config`` that is not
+    DeepSeek's FP8 layout (e4m3, ``weight_block_size`` [128, 128]) or a ``scale_fmt`` other than 'ue8m0'."""
+    qc = d.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict) or any(qc.get(k) != v for k, v in FP8_QUANTIZATION.items()):
+        raise ValueError(f"ModelConfig: quantization_config={qc}; expected DeepSeek's FP8 layout {FP8_QUANTIZATION}")
+    fmt = qc.get("scale_fmt")
+    if fmt is not None and fmt not in FP8_SCALE_FMTS:
+        raise ValueError(f"ModelConfig: quantization_config scale_fmt={fmt!r}; expected one of {FP8_SCALE_FMTS} "
+                         "(power-of-two scales, DeepSeek-V3.1) or no scale_fmt (float32 scales)")
+    return fmt
 
 
 def _is_int(v) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .attention import AttentionOps, attend, causal_mask
 from .config import ModelConfig
+from .fp8_checkpoint import linear_weight
 from .rms_norm import RMSNorm
 
 
@@ -120,7 +121,7 @@ class MLA(AttentionOps, nn.Module):
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attend over the latent: ``q_nope W_UK`` against ``c_kv``, plus ``q_pe`` against ``k_pe``; the
         output latent goes through ``W_UV``. Returns (B, H, T, dv)."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.r)
+        w = linear_weight(self.kv_b_proj, q_nope.dtype).view(self.n_heads, self.dn + self.dv, self.r)  # FP8: dequant
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
         o_lat = self.attend_latent(q_lat, q_pe, c_kv, k_pe, mask)

@@ -333,15 +333,16 @@ class Model(nn.Module):
     # ---------------------------------------------------------------- checkpoints
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
-                        missing_mtp: str = "drop") -> Model:
+                        missing_mtp: str = "drop", keep_fp8: bool = False, ops=None) -> Model:
         """Load a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) in float32, or in ``dtype``
         when given, whatever dtype the files store; see `reference.checkpoint.load_model`. MTP depths that config.json
         asks for and the files lack (as in every checkpoint ``transformers`` saves) are dropped (``missing_mtp="drop"``)
-        or initialized fresh (``"init"``), with a warning naming them. Raises ``FileNotFoundError`` or ``ValueError``
-        naming the problem."""
+        or initialized fresh (``"init"``), with a warning naming them. ``keep_fp8``: an FP8 checkpoint's FP8 weights
+        stay FP8 for inference (`reference.fp8_checkpoint`), run by ``ops`` (default: the class's ``fp8_ops``, else
+        `reference.fp8`). Raises ``FileNotFoundError`` or ``ValueError`` naming the problem."""
         from .checkpoint import load_model
 
-        return load_model(cls, path, device=device, dtype=dtype, missing_mtp=missing_mtp)
+        return load_model(cls, path, device=device, dtype=dtype, missing_mtp=missing_mtp, keep_fp8=keep_fp8, ops=ops)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> None:
         """Write ``config.json`` (its ``dtype`` and ``torch_dtype`` state the parameters' dtype) and

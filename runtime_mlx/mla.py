@@ -17,6 +17,7 @@ from reference.config import ModelConfig
 
 from . import kernels
 from .attention import attend
+from .checkpoint import linear_weight
 from .rms_norm import RMSNorm
 from .rope import RoPE
 
@@ -69,7 +70,7 @@ class MLA(nn.Module):
         return q_nope, q_pe, c_kv, k_pe, q_latent
 
     def _w_uk_uv(self):
-        w = self.kv_b_proj.weight.reshape(self.n_heads, self.dn + self.dv, self.r)
+        w = linear_weight(self.kv_b_proj).reshape(self.n_heads, self.dn + self.dv, self.r)  # FP8: dequantized
         return w[:, : self.dn], w[:, self.dn :]  # (H, dn, r), (H, dv, r)
 
     def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):

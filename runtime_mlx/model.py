@@ -329,15 +329,16 @@ class Model(nn.Module):
     # ---------------------------------------------------------------- checkpoints
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: mx.Dtype | None = None, device=None,
-                        missing_mtp: str = "drop") -> Model:
+                        missing_mtp: str = "drop", keep_fp8: bool = False) -> Model:
         """Load a Hugging Face checkpoint directory (`runtime_mlx.checkpoint.load_model`) in float32, or in ``dtype``
         when given (whatever dtype the files store, as the reference). ``device`` is accepted for the reference's
         signature and ignored (MLX uses its default device). MTP depths that config.json asks for and the files lack are
-        dropped (``missing_mtp="drop"``) or initialized fresh (``"init"``), with a warning naming them. Raises
+        dropped (``missing_mtp="drop"``) or initialized fresh (``"init"``), with a warning naming them. ``keep_fp8``:
+        an FP8 checkpoint's FP8 weights stay FP8 for inference (`runtime_mlx.checkpoint.keep_fp8_weights`). Raises
         ``FileNotFoundError`` or ``ValueError`` naming the problem."""
         from .checkpoint import load_model
 
-        return load_model(cls, path, dtype=dtype, missing_mtp=missing_mtp)
+        return load_model(cls, path, dtype=dtype, missing_mtp=missing_mtp, keep_fp8=keep_fp8)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None) -> None:
         """Write ``config.json`` (its ``dtype`` and ``torch_dtype`` state the parameters' dtype),

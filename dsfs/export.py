@@ -1,0 +1,109 @@
+"""``dsfs export``: write a checkpoint out for other tools, optionally in DeepSeek's FP8 layout.
+
+`export` reads any checkpoint dsfs opens (a model directory, ours or one saved by ``transformers``, a run's
+``final/`` or ``checkpoints/step_N``, a run or checkpoints directory: `dsfs.checkpointing.resolve_model_dir`) and
+writes a Hugging Face directory as ``save_pretrained`` does (``config.json``, ``model.safetensors``, ``mtp.safetensors``
+with the MTP layers, ``tokenizer.json`` and ``tokenizer_config.json`` when the source has them, ``checksums.json``),
+atomically (a temporary sibling renamed into place: `reference.checkpoint.write_model_dir`). Unquantized tensors
+keep the dtype the source stores them in.
+
+``fp8``: the matrices that DeepSeek-V3's released checkpoint stores in FP8 (`reference.fp8_checkpoint.fp8_weight_name`)
+become float8_e4m3fn ``weight`` + float32 ``weight_scale_inv`` in 128 x 128 blocks (`reference.fp8.weight_quant`),
+and ``config.json`` gets DeepSeek's ``quantization_config`` (`reference.config.fp8_quantization_config`, with
+``"scale_fmt": "ue8m0"`` for power-of-two scales as DeepSeek-V3.1's). ``transformers`` (FineGrainedFP8), mlx_lm
+(its deepseek_v3 ``sanitize`` dequantizes) and dsfs (dequantized, or ``keep_fp8``) open it unchanged.
+
+``FORMATS`` lists the output formats; 'hf' is the only one so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsfs.checkpointing import load_model_dir, resolve_model_dir
+from dsfs.errors import UserError
+from reference.checkpoint import dtype_name, to_hf_state_dict, write_model_dir
+from reference.config import FP8_SCALE_FMTS, fp8_quantization_config, read_config_json
+from reference.fp8 import FP8_DTYPE
+from reference.fp8_checkpoint import quantize_tensors
+
+FORMATS = ("hf",)
+
+
+class ExportError(UserError):
+    """``dsfs export``: an existing output without ``--overwrite``, an option it cannot honour."""
+
+
+def stored_dtypes(model_dir: str | os.PathLike) -> dict[str, torch.dtype]:
+    """The dtype of every tensor of the checkpoint directory's safetensors files, by its stored name (read from the
+    file headers only)."""
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_slice(k).get_dtype()
+    names = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    return {k: names[v] for k, v in out.items() if v in names}
+
+
+def _config_dtype(model_dir) -> torch.dtype | None:
+    """The float dtype ``config.json`` states the weights are stored in (``dtype`` / ``torch_dtype``), or None."""
+    d = read_config_json(model_dir)
+    name = d.get("dtype") or d.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != FP8_DTYPE else None
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", fp8: bool = False,
+           scale_fmt: str | None = None, overwrite: bool = False) -> dict:
+    """Write the model of ``checkpoint`` to the directory ``out`` in format ``fmt`` ('hf': a Hugging Face
+    directory); ``fp8``: in DeepSeek's FP8 layout, ``scale_fmt`` None (float32 scales amax / 448) or 'ue8m0'
+    (powers of two). Each unquantized tensor keeps the dtype the source stores it in (config.json's ``dtype``, else
+    float32, for one the source stores in FP8 or does not hold as such).
+
+    Returns ``{"model_dir", "out", "fp8_tensors", "tensors", "bytes"}`` (the source directory, the output, the FP8
+    matrices written, all tensors written, the bytes of the weight files). Raises `ExportError` (a `UserError`) for
+    an ``out`` that exists without ``overwrite`` or is the source, an unknown ``fmt`` or ``scale_fmt``, ``scale_fmt``
+    without ``fp8``; `dsfs.errors.CheckpointError` for a checkpoint that cannot be loaded; ``OSError`` from the
+    write (`reference.checkpoint.DiskFullError` for a full disk).
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if scale_fmt is not None and scale_fmt not in FP8_SCALE_FMTS:
+        raise ExportError(f"--scale-fmt {scale_fmt}: expected one of {', '.join(FP8_SCALE_FMTS)}")
+    if scale_fmt is not None and not fp8:
+        raise ExportError("--scale-fmt applies to --fp8 exports (the scales of the FP8 weights)")
+    model_dir = resolve_model_dir(checkpoint)
+    out = Path(out)
+    if out.exists() and out.resolve() == model_dir.resolve():
+        raise ExportError(f"--out {out} is the checkpoint being exported; choose another directory")
+    if out.exists() and not overwrite:
+        raise ExportError(f"--out {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; expected a directory to write")
+    model = load_model_dir(model_dir)  # float32, validated: checksums, finite weights, names and shapes
+    main, mtp = to_hf_state_dict(model)
+    stored, fallback = stored_dtypes(model_dir), _config_dtype(model_dir) or torch.float32
+
+    def finish(tensors: dict) -> dict:
+        tensors = {k: t.detach().to("cpu", stored.get(k, fallback)).contiguous() for k, t in tensors.items()}
+        return quantize_tensors(tensors, scale_fmt) if fp8 else tensors
+
+    main, mtp = finish(main), finish(mtp)
+    config = model.config
+    if fp8:
+        config = dataclasses.replace(config, extra={**config.extra, "quantization_config":
+                                                    fp8_quantization_config(scale_fmt)})
+    tokenizer = model_dir / "tokenizer.json"
+    write_model_dir(out, config, main, mtp, lambda t, f: save_file(t, f, metadata={"format": "pt"}),
+                    tokenizer if tokenizer.is_file() else None, dtype_name(main["model.embed_tokens.weight"].dtype))
+    written = {**main, **mtp}
+    return {"model_dir": str(model_dir), "out": str(out), "fp8_tensors": sum(t.dtype == FP8_DTYPE for t in
+                                                                             written.values()),
+            "tensors": len(written), "bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
