@@ -215,8 +215,8 @@ def make_trainer(be: Backend, model, tc: TrainConfig, compile: bool | str) -> Tr
         compile = be.device.type in ("cpu", "cuda") and tc.precision != "fp8"
     if compile and tc.precision == "fp8":
         raise ConfigError("--compile on: FP8 training runs eager (--compile off or auto)")
-    fp8_ops = None
-    if tc.precision == "fp8" and be.name == "cuda" and torch.cuda.get_device_capability(be.device) >= (8, 9):
-        from kernels.triton import fp8 as fp8_ops
+    fp8_ops = None  # the reference's: torch._scaled_mm on CPU, the exact emulation on a GPU without FP8 units
+    if tc.precision == "fp8" and be.device.type == "cuda" and torch.cuda.get_device_capability(be.device) >= (8, 9):
+        fp8_ops = getattr(be.model_cls, "fp8_ops", None)
     return TorchTrainer(model, be.device, tc.lr, tc.weight_decay, tc.grad_clip, tc.mtp_weight, compile, tc.optimizer,
                         precision=tc.precision, scale_fmt=tc.scale_fmt, fp8_ops=fp8_ops)

@@ -220,16 +220,9 @@ def check_fp8_checkpoint(names) -> None:
 
 
 def default_ops(cls: type):
-    """The FP8 ops a model class runs a keep_fp8 checkpoint with: its ``fp8_ops`` attribute when it has one, else
-    ``kernels.triton.fp8`` for ``runtime_cuda``'s model (Triton kernels), else `reference.fp8`."""
-    ops = getattr(cls, "fp8_ops", None)
-    if ops is not None:
-        return ops
-    if cls.__module__.split(".")[0] == "runtime_cuda":
-        from kernels.triton import fp8 as triton_fp8
-
-        return triton_fp8
-    return reference_fp8
+    """The FP8 ops a model class runs a keep_fp8 checkpoint with: its ``fp8_ops`` attribute when it has one
+    (``runtime_cuda.Model``: ``kernels.triton.fp8``), else `reference.fp8`."""
+    return getattr(cls, "fp8_ops", None) or reference_fp8
 
 
 def check_ops(ops) -> object:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.triton import fp8 as triton_fp8
 from kernels.triton.cross_entropy import linear_cross_entropy
 from kernels.triton.rms_norm import rms_norm
 from kernels.triton.swiglu import swiglu
@@ -78,3 +79,7 @@ class Model(ref_model.Model):
 
     cross_entropy = staticmethod(linear_cross_entropy)
     """The LM loss's fused head + cross-entropy: the Triton kernel (`kernels.triton.cross_entropy`)."""
+
+    fp8_ops = triton_fp8
+    """The FP8 GEMMs of FP8 training (`reference.fp8_training`) and of ``keep_fp8`` checkpoints
+    (`reference.fp8_checkpoint`): the Triton kernels (FP8 tensor cores: compute capability 8.9 or more)."""

@@ -40,15 +40,25 @@ class Experts(nn.Module):
         flat = topk_idx.reshape(-1)
         order = mx.argsort(flat)
         idx = mx.stop_gradient(flat[order]).astype(mx.uint32)
-        xs = x[order // k][:, None]  # (N*K, 1, H), expert-sorted copies
-
-        def mm(a, w):
-            return mx.gather_mm(a, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=True)
-
-        h = kernels.swiglu(mm(xs, self.gate_proj), mm(xs, self.up_proj))
-        ys = mm(h, self.down_proj)[:, 0]  # (N*K, H)
+        ys = self.grouped_swiglu(x[order // k], idx)  # (N*K, H), from expert-sorted copies
         ys = ys[mx.argsort(order)].reshape(n, k, -1)
         return (ys * topk_weight[..., None].astype(ys.dtype)).sum(axis=1)
+
+    def grouped_swiglu(self, xs: mx.array, idx: mx.array) -> mx.array:
+        """Each row's expert SwiGLU: rows ``xs`` (M, H) sorted by expert, ``idx`` (M,) uint32 their expert ids
+        (sorted). Returns (M, H). ``mx.gather_mm`` per projection (`runtime_mlx.fp8.FP8Experts` runs FP8 GEMMs); MLX's
+        CPU back end has it in float32 only, so there bfloat16/float16 run in float32 and are rounded back."""
+        wide = xs.dtype != mx.float32 and mx.default_device().type == mx.DeviceType.cpu
+
+        def mm(a, w):
+            if wide:
+                return mx.gather_mm(a.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=idx,
+                                    sorted_indices=True).astype(a.dtype)
+            return mx.gather_mm(a, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=True)
+
+        xs = xs[:, None]  # (M, 1, H)
+        h = kernels.swiglu(mm(xs, self.gate_proj), mm(xs, self.up_proj))
+        return mm(h, self.down_proj)[:, 0]
 
 
 def _loads(topk_idx: mx.array, n_experts: int) -> mx.array:

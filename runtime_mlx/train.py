@@ -17,6 +17,15 @@ from the layout of the reference optimizer's ``state_dict()`` (moments, step, gr
 the reference model's initial weights (`from_reference`); weights go through the Hugging Face checkpoint
 (`runtime_mlx.Model.save_pretrained`).
 
+Precision (``precision``, as ``dsfs train --precision``): ``"fp32"`` (and ``"auto"``) computes in float32;
+``"bf16"`` computes in bfloat16 from float32 master weights (each step casts the parameters, the routers' excepted,
+to bfloat16, so activations are bfloat16 while kernels reduce in float32; gradients reach the master weights in
+float32); ``"fp8"`` is DeepSeek-V3's FP8 training (`runtime_mlx.fp8.enable_fp8_training`: FP8 GEMMs for the
+attention projections, MLPs and experts, float32 elsewhere, as the reference on CPU). ``"bf16"`` and ``"fp8"`` keep
+the optimizer moments in bfloat16 between steps (AdamW's ``m``/``v``, Muon's momentum; report section 3.3.3), as
+`reference.optim.store_moments_in`: the update runs in float32 and rounds them back; saved states hold bfloat16
+tensors, so a resumed run continues bit for bit.
+
 No ``dsfs`` import: what the loop knows (hyperparameters, batches as dicts of torch tensors) is passed in.
 
 On Linux, MLX's CPU wheel uses a slow bundled BLAS; preloading OpenBLAS speeds it up about 20x (DESIGN.md):
@@ -33,13 +42,17 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import torch
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from reference.optim import optimizer_groups
 
 from .checkpoint import load_torch_state_dict
+from .fp8 import enable_fp8_training
 from .model import Model
 from .muon import Muon
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
+"""``MLXTrainer``'s ``precision`` values (``dsfs.train_config.PRECISIONS``; ``"auto"`` is float32 here)."""
 
 BLAS_NOTE = ("note: MLX's Linux CPU wheel links a slow reference BLAS; about 20x faster with OpenBLAS: apt-get install "
              "libopenblas0-pthread, then LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 dsfs train ...")
@@ -55,30 +68,73 @@ def from_reference(ref: torch.nn.Module) -> Model:
     return model
 
 
-def _group_optimizer(g: dict) -> optim.Optimizer:
+class _LowPrecisionMoments:
+    """Mixin for an MLX optimizer: its per-parameter state arrays (AdamW's ``m`` and ``v``, Muon's
+    ``momentum_buffer``) are stored in ``moment_dtype`` between steps; each update widens them to float32, runs the
+    optimizer's own update, and rounds them back (round to nearest even), as `reference.optim.store_moments_in`."""
+
+    moment_dtype = mx.bfloat16
+
+    def init_single(self, parameter: mx.array, state: dict) -> None:
+        super().init_single(parameter, state)
+        for k, v in state.items():
+            state[k] = v.astype(self.moment_dtype)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        wide = {k: v.astype(mx.float32) for k, v in state.items()}
+        out = super().apply_single(gradient, parameter, wide)
+        for k, v in wide.items():
+            state[k] = v.astype(self.moment_dtype)
+        return out
+
+
+class AdamWLowPrecision(_LowPrecisionMoments, optim.AdamW):
+    """``mlx.optimizers.AdamW`` with ``m`` and ``v`` kept in ``moment_dtype`` (bfloat16) between steps."""
+
+
+class MuonLowPrecision(_LowPrecisionMoments, Muon):
+    """`runtime_mlx.muon.Muon` with ``momentum_buffer`` kept in ``moment_dtype`` (bfloat16) between steps."""
+
+
+def _group_optimizer(g: dict, moment_dtype=None) -> optim.Optimizer:
+    low = moment_dtype is not None and moment_dtype != mx.float32
     if g.get("use_muon"):
-        return Muon(learning_rate=g["lr"], momentum=g["momentum"], weight_decay=g["weight_decay"],
-                    nesterov=g["nesterov"], ns_steps=g["ns_steps"])
-    return optim.AdamW(learning_rate=g["lr"], betas=list(g["betas"]), eps=g["eps"], weight_decay=g["weight_decay"],
-                       bias_correction=True)
+        o = (MuonLowPrecision if low else Muon)(learning_rate=g["lr"], momentum=g["momentum"],
+                                                weight_decay=g["weight_decay"], nesterov=g["nesterov"],
+                                                ns_steps=g["ns_steps"])
+    else:
+        o = (AdamWLowPrecision if low else optim.AdamW)(learning_rate=g["lr"], betas=list(g["betas"]), eps=g["eps"],
+                                                        weight_decay=g["weight_decay"], bias_correction=True)
+    if low:
+        o.moment_dtype = moment_dtype
+    return o
 
 
-def make_mlx_optimizer(groups: list[dict]) -> optim.MultiOptimizer:
+def make_mlx_optimizer(groups: list[dict], moment_dtype=None) -> optim.MultiOptimizer:
     """One MLX optimizer per parameter group of the reference optimizer: bias-corrected AdamW with the group's
     ``lr``, ``betas``, ``eps`` and ``weight_decay``, or, for a ``use_muon`` group of `reference.muon.Muon`,
     `runtime_mlx.muon.Muon` with its ``momentum``, ``nesterov``, ``ns_steps`` and ``weight_decay``. ``groups``:
     the reference optimizer's ``state_dict()["param_groups"]`` with parameter names (the reference's
     ``named_parameters`` names, which are this model's) in place of indices in ``params``; a parameter named
-    by no group but the last goes to the last."""
+    by no group but the last goes to the last. ``moment_dtype``: an ``mx.Dtype`` (e.g. ``mx.bfloat16``) to keep
+    the moments in between steps (`AdamWLowPrecision`, `MuonLowPrecision`); None or float32: float32."""
     filters = [lambda path, a, names=frozenset(g["params"]): path in names for g in groups[:-1]]
-    return optim.MultiOptimizer([_group_optimizer(g) for g in groups], filters=filters)
+    return optim.MultiOptimizer([_group_optimizer(g, moment_dtype) for g in groups], filters=filters)
+
+
+def _to_torch(a: mx.array) -> torch.Tensor:
+    """An optimizer state array as a torch tensor of the same dtype (bfloat16 exactly, through float32)."""
+    if a.dtype == mx.bfloat16:
+        return torch.from_numpy(np.array(a.astype(mx.float32))).to(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
 
 
 def optimizer_state_to_torch(opt: optim.MultiOptimizer, groups: list[dict]) -> dict:
     """The MLX optimizer state as the reference optimizer's ``state_dict()``: ``param_groups`` are ``groups``
     (see `make_mlx_optimizer`) with indices numbered across groups in place of names; ``state`` has one entry
     per index whose parameter has state: AdamW's ``step`` (float32 scalar), ``exp_avg`` and ``exp_avg_sq``, or
-    Muon's ``momentum_buffer`` (float32 tensors)."""
+    Muon's ``momentum_buffer`` (tensors of the moments' dtype: float32, or bfloat16 as `make_mlx_optimizer`'s
+    ``moment_dtype`` keeps them)."""
     state, param_groups, i = {}, [], 0
     for g, o in zip(groups, opt.optimizers, strict=True):
         flat = dict(tree_flatten(o.state))
@@ -86,19 +142,20 @@ def optimizer_state_to_torch(opt: optim.MultiOptimizer, groups: list[dict]) -> d
         param_groups.append({**g, "params": list(range(i, i + len(g["params"])))})
         for n in g["params"]:
             if f"{n}.momentum_buffer" in flat:
-                state[i] = {"momentum_buffer": torch.from_numpy(np.array(flat[f"{n}.momentum_buffer"]))}
+                state[i] = {"momentum_buffer": _to_torch(flat[f"{n}.momentum_buffer"])}
             elif f"{n}.m" in flat:
-                state[i] = {"step": torch.tensor(step), "exp_avg": torch.from_numpy(np.array(flat[f"{n}.m"])),
-                            "exp_avg_sq": torch.from_numpy(np.array(flat[f"{n}.v"]))}
+                state[i] = {"step": torch.tensor(step), "exp_avg": _to_torch(flat[f"{n}.m"]),
+                            "exp_avg_sq": _to_torch(flat[f"{n}.v"])}
             i += 1
     return {"state": state, "param_groups": param_groups}
 
 
 def optimizer_state_from_torch(opt: optim.MultiOptimizer, sd: dict, groups: list[dict]) -> None:
     """Load the reference optimizer's ``state_dict()`` ``sd`` (AdamW, or Muon with its AdamW groups) into
-    ``opt`` (already initialized), in place (so compiled functions that captured ``opt.state`` see it).
-    ``groups``: as `make_mlx_optimizer`. Raises ``ValueError`` when ``sd`` does not fit this model (group sizes
-    or kinds, shapes)."""
+    ``opt`` (already initialized), in place (so compiled functions that captured ``opt.state`` see it), each moment
+    cast to the dtype ``opt`` keeps it in (exact from a state saved in that dtype). ``groups``: as
+    `make_mlx_optimizer`. Raises ``ValueError`` when ``sd`` does not fit this model (group sizes or kinds,
+    shapes)."""
     if [len(g["params"]) for g in sd["param_groups"]] != [len(g["params"]) for g in groups]:
         raise ValueError("optimizer state has other parameter groups than this model")
     if [bool(g.get("use_muon")) for g in sd["param_groups"]] != [bool(g.get("use_muon")) for g in groups]:
@@ -119,7 +176,7 @@ def optimizer_state_from_torch(opt: optim.MultiOptimizer, sd: dict, groups: list
             if k in loaded:
                 if loaded[k].shape != flat[k].shape:
                     raise ValueError(f"optimizer state: {k} has shape {loaded[k].shape}, expected {flat[k].shape}")
-                flat[k] = loaded[k]
+                flat[k] = loaded[k].astype(flat[k].dtype)
         flat["step"] = mx.array(step, dtype=flat["step"].dtype)
         o.state.update(tree_unflatten(list(flat.items())))
 
@@ -154,18 +211,19 @@ class MLXTrainerBase:
     ``compile``: ``mx.compile`` the update (clipping and the optimizer: every shape static), its state
     ``_compile_state`` (the model's, the optimizer's and MLX's random state) for a subclass that compiles more.
     ``label``: what follows the kernel path in the start line's parenthesis (default: ``", mx.compile"`` when
-    compiled). Attributes for the loop: ``model``, ``device_type`` ("gpu" or "cpu"), ``n_params``, ``label``
+    compiled); ``moment_dtype``: keep the optimizer moments in this ``mx.Dtype`` between steps (`make_mlx_optimizer`;
+    None: float32). Attributes for the loop: ``model``, ``device_type`` ("gpu" or "cpu"), ``n_params``, ``label``
     (kernel path and compilation), ``note`` (the OpenBLAS hint on a Linux CPU without it, else ``None``),
     ``summary`` (``{"kernel_path": ...}`` for the run summary), ``groups`` (the optimizer's parameter groups by
     name).
     """
 
     def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float, optimizer: str = "adamw",
-                 compile: bool = True, label: str | None = None):
+                 compile: bool = True, label: str | None = None, moment_dtype=None):
         groups = optimizer_groups(model.config, lr, weight_decay, optimizer)
         self.model, self.groups = model, groups
         model.train()
-        self.opt = make_mlx_optimizer(groups)
+        self.opt = make_mlx_optimizer(groups, moment_dtype)
         self.opt.init(model.trainable_parameters())
         mx.eval(model.parameters(), self.opt.state)
         clip = grad_clip if grad_clip > 0 else float("inf")
@@ -223,6 +281,19 @@ class MLXTrainerBase:
         mx.eval(self.opt.state)
 
 
+def _low_precision_params(model: Model, dtype) -> dict:
+    """Swap ``model``'s trainable float32 parameters for ``dtype`` copies (the routers' weights, ``*.gate.weight``,
+    stay float32) and return the float32 ones to put back (``model.update``); inside a differentiated function the
+    gradients flow back through the casts to the float32 master weights."""
+    master = model.trainable_parameters()
+
+    def cast(path, p):
+        return p if p.dtype != mx.float32 or path.endswith("gate.weight") else p.astype(dtype)
+
+    model.update(tree_map_with_path(cast, master))
+    return master
+
+
 class MLXTrainer(MLXTrainerBase):
     """A `dsfs.trainer.Trainer` for language modelling with a `runtime_mlx.Model`, the MLX twin of
     `dsfs.trainer.TorchTrainer` (same arguments but the device).
@@ -230,21 +301,38 @@ class MLXTrainer(MLXTrainerBase):
     ``model``: put in train mode; the optimizer: the reference's (`reference.optim.optimizer_groups` of ``lr``,
     ``weight_decay``, ``optimizer``: ``"adamw"`` or ``"muon"``) through `make_mlx_optimizer`; ``grad_clip``: max
     global gradient norm (0: no clipping); ``mtp_weight``: weight of the MTP loss; ``compile``: ``mx.compile`` the
-    micro-step and the update. Attributes for the loop: ``model``, ``device_type`` ("gpu" or "cpu"), ``n_params``,
+    micro-step and the update (FP8 training included: its ops trace). ``precision``: one of `PRECISIONS` (module
+    docstring: ``"auto"``/``"fp32"``, ``"bf16"``, ``"fp8"``); ``scale_fmt``: with ``"fp8"``, None (float32 scales)
+    or ``"ue8m0"`` (powers of two), else ignored. Raises ValueError for another ``precision`` or ``scale_fmt``.
+    Attributes for the loop: ``model``, ``device_type`` ("gpu" or "cpu"), ``n_params``,
     ``label`` (kernel path and compilation, for the start line), ``note`` (the OpenBLAS hint on a Linux CPU
     without it, else ``None``), ``summary`` (``{"kernel_path": ...}`` for the run summary), ``groups`` (the
     optimizer's parameter groups by name). The optimizer step and state are `MLXTrainerBase`'s.
     """
 
     def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float, mtp_weight: float,
-                 compile: bool = True, optimizer: str = "adamw"):
-        super().__init__(model, lr, weight_decay, grad_clip, optimizer, compile)
+                 compile: bool = True, optimizer: str = "adamw", precision: str = "fp32",
+                 scale_fmt: str | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if precision == "fp8":
+            enable_fp8_training(model, scale_fmt)
+        self.precision = precision
+        low = precision in ("bf16", "fp8")
+        extra = "" if precision in ("auto", "fp32") else f", {precision}" + (
+            f" ({scale_fmt} scales)" if precision == "fp8" and scale_fmt else "")
+        super().__init__(model, lr, weight_decay, grad_clip, optimizer, compile,
+                         label=(", mx.compile" if compile else "") + extra, moment_dtype=mx.bfloat16 if low else None)
         self.n_mtp = len(model.mtp)
+        bf16 = precision == "bf16"
 
         def loss_fn(x, y):
+            master = _low_precision_params(model, mx.bfloat16) if bf16 else None
             # the MTP losses go out one by one: returning a recomputed mean of them trips mx.compile (MLX 0.32:
             # IndexError _Map_base::at, the output's node merged away with its twin inside the loss)
             o = model.loss(x, y, mtp_weight=mtp_weight, check_values=False)
+            if master is not None:
+                model.update(master)
             return o.loss, o.lm_loss, o.aux_loss, *o.mtp_losses, *o.expert_loads
 
         micro = nn.value_and_grad(model, loss_fn)
@@ -270,5 +358,12 @@ class MLXTrainer(MLXTrainerBase):
         """Mean next-token cross-entropy (nats/token) of the main model over the non-ignored targets of ``batch``
         (`eval_cross_entropy`: -100 targets, the padding and prompt tokens of SFT batches, do not count; 0 when
         none is valid), the model already in eval mode (`dsfs.evaluation.evaluate` averages it over the
-        validation batches)."""
-        return eval_cross_entropy(self.model, batch).item()
+        validation batches), at the training precision (bfloat16 compute for ``"bf16"``, the FP8 forward for
+        ``"fp8"``)."""
+        if self.precision != "bf16":
+            return eval_cross_entropy(self.model, batch).item()
+        master = _low_precision_params(self.model, mx.bfloat16)
+        try:
+            return eval_cross_entropy(self.model, batch).item()
+        finally:
+            self.model.update(master)

@@ -162,3 +162,28 @@ def test_post_training_losses(emulated_metal):
     close(grads[0], grads_p[0], "preference d_hidden")
     close(grads[1], grads_p[1], "preference d_weight")
     assert launch.fallbacks() == {}, "a self-check failed under the emulation"
+
+
+def test_fp8_training_ops(emulated_metal):
+    """FP8 training on the emulated Metal path: act_quant with ue8m0 scales and transposed (Wgrad's tiles), the
+    tiled fp8_gemm with block and per-row scales (their self-checks pass), and `runtime_mlx.fp8.fp8_linear`'s
+    output and gradients (Fprop, Dgrad, Wgrad through the kernels), against the pure-MLX path."""
+    from runtime_mlx.fp8 import fp8_linear
+
+    x = mx.random.normal((5, 300), key=mx.random.key(3)) * 10
+    for fmt, tr in ((None, False), ("ue8m0", False), ("ue8m0", True)):
+        (y1, s1), (y2, s2) = both(lambda fmt=fmt, tr=tr: K.act_quant(x, 128, fmt, transpose=tr))
+        assert np.array_equal(np.array(y1), np.array(y2)) and np.array_equal(np.array(s1), np.array(s2))
+    w = mx.random.normal((70, 300), key=mx.random.key(4)) * 0.05
+    dy = mx.random.normal((5, 70), key=mx.random.key(5))
+
+    def run():
+        (y,), (dx, dw) = mx.vjp(lambda a, b: fp8_linear(a, b, 128, "ue8m0"), [x, w], [dy])
+        return K.kernel_path("fp8_gemm"), y, dx, dw
+
+    (path, y, dx, dw), (path_p, y_p, dx_p, dw_p) = both(run)
+    assert (path, path_p) == ("metal", "mlx")
+    close(y, y_p, "fp8_linear")
+    close(dx, dx_p, "fp8_linear dx")
+    close(dw, dw_p, "fp8_linear dW")
+    assert launch.fallbacks() == {}, "a self-check failed under the emulation"

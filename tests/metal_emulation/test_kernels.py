@@ -28,7 +28,7 @@ from runtime_mlx.kernels import METAL_DIR, SPECS
 from runtime_mlx.kernels.cross_entropy import _cross_entropy_metal, _cross_entropy_metal_bwd
 from runtime_mlx.kernels.distill import _distill_logits_metal, _distill_logits_metal_bwd
 from runtime_mlx.kernels.dsa import _indexer_scores_metal, _indexer_topk_metal
-from runtime_mlx.kernels.fp8 import _act_quant_metal, _weight_dequant_metal
+from runtime_mlx.kernels.fp8 import _act_quant_metal, _fp8_gemm_metal, _weight_dequant_metal
 from runtime_mlx.kernels.launch import metal_file
 from runtime_mlx.kernels.mla import _mla_decode_metal
 from runtime_mlx.kernels.moe import _route_metal
@@ -189,6 +189,56 @@ def test_act_quant(shape, bs, dtype):
     finite = ~y_ref.float().isnan()
     assert_close(to_torch(y).view(torch.float8_e4m3fn).double()[finite], y_ref.double()[finite], bound=0.0,
                  what="e4m3 values")
+
+
+@pytest.mark.parametrize("shape,bs,dtype", [((3, 300), 128, torch.float32), ((5, 70), 32, torch.bfloat16)])
+def test_act_quant_ue8m0(shape, bs, dtype):
+    """The kernel's ue8m0 option: scales rounded up to a power of two (exactly, from the float32 bits), the same
+    scale quantizing; bits and scales equal the reference's, a NaN's tile NaN, an all-zero tile clamped."""
+    x = (spread(*shape) * 10.0 ** torch.linspace(-6, 3, shape[0])[:, None]).to(dtype)  # scales from 1e-9 on
+    x[-1, 1] = float("nan")
+    x[1, :bs] = 0.0
+    y_ref, s_ref = ref_fp8.act_quant(x, bs, "ue8m0")
+    y, s = twice(_act_quant_metal, to_mx(x), bs, scale_fmt="ue8m0")
+    assert torch.equal(to_torch(s).nan_to_num(-1.0), s_ref.nan_to_num(-1.0))
+    assert torch.equal(to_torch(y), y_ref.view(torch.uint8))
+
+
+def _fp8_gemm_f64(a, a_s, b, b_s, bs):
+    """The exact value of the block-scaled FP8 GEMM (float64: each K block's products, scaled, summed)."""
+    k, n = a.shape[-1], b.shape[0]
+    b_s_n = b_s if b_s.shape[0] == n else b_s.repeat_interleave(bs, 0)[:n]
+    acc = torch.zeros(a.shape[0], n, dtype=torch.float64)
+    for i in range(-(-k // bs)):
+        k0, k1 = i * bs, min(i * bs + bs, k)
+        part = a[:, k0:k1].double() @ b[:, k0:k1].double().T
+        acc += part * a_s[:, i, None].double() * b_s_n[None, :, i].double()
+    return acc
+
+
+@pytest.mark.parametrize("m,n,k,bs,rows,dtype", [(37, 70, 300, 128, False, torch.float32),
+                                                 (130, 65, 45, 32, True, torch.float32),
+                                                 (5, 130, 200, 64, True, torch.bfloat16),
+                                                 (70, 1, 50, 128, False, torch.float16)],
+                         ids=["blocks-f32", "rows-2x2-tiles", "rows-bf16", "N1-f16"])
+def test_fp8_gemm(m, n, k, bs, rows, dtype):
+    """The tiled FP8 GEMM (64 x 64 tiles through threadgroup memory, K in blocks of ``bs``, 32-wide chunks) against
+    the exact float64 value: ragged M, N, K (partial tiles, blocks and chunks), weight block scales or per-row
+    (Wgrad) scales, float32 accumulation within 1e-6, the output dtype's rounding; a NaN (0x7F) in a row of a makes
+    that row NaN, as the reference."""
+    a, a_s = ref_fp8.act_quant(spread(m, k), bs)
+    w = spread(n, k)
+    b, b_s = ref_fp8.act_quant(w, bs) if rows else ref_fp8.weight_quant(w, bs)
+    a = a.view(torch.uint8).clone()
+    a[1, 3] = 0x7F
+    want = _fp8_gemm_f64(a.view(torch.float8_e4m3fn), a_s, b, b_s, bs)
+    mdt = to_mx(torch.zeros(1, dtype=dtype)).dtype
+    c = twice(_fp8_gemm_metal, to_mx(a), to_mx(a_s), to_mx(b.view(torch.uint8)), to_mx(b_s), bs, mdt)
+    assert c.dtype == mdt and c.shape == (m, n)
+    got = to_torch(c).double()
+    assert got[1].isnan().all() and not got[[0, *range(2, m)]].isnan().any()
+    keep = [0, *range(2, m)]
+    assert_close(got[keep], want[keep], dtype, bound=1e-6 if dtype == torch.float32 else None)
 
 
 def test_weight_dequant():
