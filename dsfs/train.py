@@ -304,6 +304,10 @@ def train(
         if overrides.get("optimizer") not in (None, tc.optimizer):
             raise CheckpointError(f"{ckpt} was trained with optimizer {tc.optimizer}; it cannot continue with "
                                   f"{overrides['optimizer']} (its optimizer state is {tc.optimizer}'s)")
+        if overrides.get("precision") not in (None, tc.precision):  # the weights and moments carry over as they are
+            say(f"resuming a {tc.precision} run at --precision {overrides['precision']}")
+            if overrides["precision"] != "fp8":
+                tc = dataclasses.replace(tc, scale_fmt=None)  # UE8M0 scales are FP8's; replace() keeps a None
     else:
         tc = TRAIN_PRESETS[preset]
     tc = tc.replace(**overrides)

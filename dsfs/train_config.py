@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from dsfs.errors import ConfigError
+from reference.fp8 import SCALE_FMTS
 from reference.optim import OPTIMIZERS
 
 
@@ -118,7 +119,7 @@ def check_value(name: str, value, cli: bool = False) -> None:
         if value not in PRECISIONS:
             raise ConfigError(f"{what}: expected one of {', '.join(PRECISIONS)}")
     elif name == "scale_fmt":
-        if value not in (None, "ue8m0"):
+        if value not in SCALE_FMTS:
             raise ConfigError(f"{what}: expected {'' if cli else 'None or '}'ue8m0' (power-of-two FP8 scales)")
     elif name == "time_budget_s":
         if value is not None and (not isinstance(value, int | float) or not value >= 0):

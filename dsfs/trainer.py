@@ -21,7 +21,7 @@ from dsfs.backend import Backend
 from dsfs.errors import ConfigError
 from dsfs.evaluation import Batch, autocast, torch_eval_loss
 from dsfs.train_config import TrainConfig
-from reference.fp8_training import enable_fp8_training
+from reference.fp8_training import enable_fp8_training, fp8_ops_for
 from reference.optim import make_optimizer
 
 
@@ -215,8 +215,6 @@ def make_trainer(be: Backend, model, tc: TrainConfig, compile: bool | str) -> Tr
         compile = be.device.type in ("cpu", "cuda") and tc.precision != "fp8"
     if compile and tc.precision == "fp8":
         raise ConfigError("--compile on: FP8 training runs eager (--compile off or auto)")
-    fp8_ops = None  # the reference's: torch._scaled_mm on CPU, the exact emulation on a GPU without FP8 units
-    if tc.precision == "fp8" and be.device.type == "cuda" and torch.cuda.get_device_capability(be.device) >= (8, 9):
-        fp8_ops = getattr(be.model_cls, "fp8_ops", None)
+    fp8_ops = fp8_ops_for(be.model_cls, be.device) if tc.precision == "fp8" else None
     return TorchTrainer(model, be.device, tc.lr, tc.weight_decay, tc.grad_clip, tc.mtp_weight, compile, tc.optimizer,
                         precision=tc.precision, scale_fmt=tc.scale_fmt, fp8_ops=fp8_ops)

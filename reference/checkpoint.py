@@ -276,7 +276,7 @@ def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop", ke
         from .fp8_checkpoint import default_ops, keep_fp8_state_dict
 
         try:
-            sd = keep_fp8_state_dict(model, hf, fp8_scale_fmt(read_config_json(path)), ops or default_ops(cls))
+            sd = keep_fp8_state_dict(model, hf, fp8_scale_fmt(read_config_json(path)), ops or default_ops(cls, device))
         except ValueError as e:
             raise ValueError(f"checkpoint {path!r}: {e}") from e
     else:

@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fp8 import SCALE_FMTS
+
 ATTENTION_TYPES = ("mha", "mqa", "gqa", "mla", "dsa")
 MOE_TYPES = ("dense", "standard", "deepseek")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # static frequency tables (reference.rope.rope_inv_freq)
@@ -42,7 +44,7 @@ _PASSTHROUGH_KEYS = {
     "indexer_rope_interleave", "rope_parameters", "aux_loss_alpha_is_seq",
 }
 FP8_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-FP8_SCALE_FMTS = ("ue8m0",)  # quantization_config "scale_fmt" values read (absent: float32 scales amax / 448)
+FP8_SCALE_FMTS = tuple(f for f in SCALE_FMTS if f)  # quantization_config "scale_fmt" values (absent: fp32 scales)
 
 
 def hf_to_fields(d: dict[str, Any]) -> dict[str, Any]:

@@ -38,15 +38,15 @@ from torch import nn
 
 from . import fp8 as reference_fp8
 from .fp8 import FP8_DTYPE, weight_dequant, weight_quant
+from .fp8_training import ATTENTION_LINEARS, FFN_LINEARS
 
 BLOCK = 128  # DeepSeek's weight_block_size [128, 128] and activation tile 1 x 128
 SCALE_SUFFIX = "_scale_inv"
 
-_FP8_WEIGHT = re.compile(
-    r"(^|\.)(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|k_proj|v_proj)"
-    r"|self_attn\.indexer\.(wq_b|wk)"
-    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight$")
-_EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+_FP8_WEIGHT = re.compile(  # the layers FP8 training runs in FP8 (`reference.fp8_training`), by checkpoint name
+    rf"(^|\.)(self_attn\.(indexer\.)?({'|'.join(ATTENTION_LINEARS)})"
+    rf"|mlp\.(shared_experts\.|experts\.\d+\.)?({'|'.join(FFN_LINEARS)}))\.weight$")
+_EXPERT_PROJS = FFN_LINEARS
 TRAINING_ERROR = ("{}: a model loaded with keep_fp8=True runs inference only (training FP8 weights is not "
                   "supported); load the checkpoint without keep_fp8 to train it (its weights are then dequantized)")
 
@@ -204,8 +204,8 @@ class FP8WeightExperts(_FP8Buffers):
 
 
 def linear_weight(linear: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (N, K) matrix of a linear module: an ``nn.Linear``'s ``weight`` itself, or an `FP8WeightLinear`'s dequantized
-    in ``dtype``."""
+    """The (N, K) matrix of a linear module: an ``nn.Linear``'s ``weight`` itself (``dtype`` unused), or an
+    `FP8WeightLinear`'s dequantized in ``dtype``."""
     if isinstance(linear, FP8WeightLinear):
         return linear.dense_weight(dtype)
     return linear.weight
@@ -219,10 +219,13 @@ def check_fp8_checkpoint(names) -> None:
                          "tensors); load it without keep_fp8, or write an FP8 copy first with 'dsfs export --fp8'")
 
 
-def default_ops(cls: type):
-    """The FP8 ops a model class runs a keep_fp8 checkpoint with: its ``fp8_ops`` attribute when it has one
-    (``runtime_cuda.Model``: ``kernels.triton.fp8``), else `reference.fp8`."""
-    return getattr(cls, "fp8_ops", None) or reference_fp8
+def default_ops(cls: type, device=None):
+    """The FP8 ops a model class runs a keep_fp8 checkpoint with on ``device`` (default: CPU):
+    `reference.fp8_training.fp8_ops_for` (``runtime_cuda.Model``: the Triton kernels where FP8 tensor cores or the
+    interpreter run them, else `reference.fp8`)."""
+    from .fp8_training import fp8_ops_for
+
+    return fp8_ops_for(cls, device or "cpu")
 
 
 def check_ops(ops) -> object:

@@ -10,7 +10,10 @@ Every linear layer that §3.3.1 puts in FP8 runs its three GEMMs on e4m3 operand
 Scales come from the online amax of each tile or block (``scale_fmt="ue8m0"``: powers of two), the accumulation
 is promoted to fp32 every 128 elements of K, outputs and gradients leave in the compute dtype (Wgrad in fp32, the
 master weights' gradients). What is saved for backward is FP8 (§3.3.3, "low-precision storage"): a linear layer
-keeps its input as e4m3 values plus one fp32 scale per 128 (the Wgrad operand is rebuilt from it); the SwiGLU
+keeps its input as e4m3 values plus one fp32 scale per 128, and Wgrad's operand is that copy dequantized and
+re-quantized along the tokens, as §3.3.3 does for the input of the linear after attention (1 x 128 tiles converted
+to 128 x 1 in backward; a second rounding: Wgrad's relative error against float64 is about 4.5e-2 instead of
+3.7e-2 for N(0, 1) data, for half the saved bytes of keeping both tilings); the SwiGLU
 MLPs (dense, shared and routed experts: `fp8_swiglu_mlp`) cache the SwiGLU inputs in FP8 and recompute the
 SwiGLU output in backward, as §3.3.3 describes. Weights are re-quantized from the fp32 master weights in backward
 (the same bits as the forward's), so no FP8 copy of them outlives a step.
@@ -32,14 +35,18 @@ from torch import nn
 
 from . import fp8 as ref_fp8
 from .fp8 import act_dequant, stacked_weight_quant
+from .moe import Experts
 from .swiglu import MLP
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
                      "kv_b_proj", "wq_b", "wk")
 """Names of the linear layers of attention blocks that run in FP8 (MLA, standard attention, DSA's indexer)."""
 
-__all__ = ["fp8_linear", "fp8_swiglu_mlp", "FP8Linear", "FP8MLP", "FP8Experts", "enable_fp8_training",
-           "ATTENTION_LINEARS"]
+FFN_LINEARS = ("gate_proj", "up_proj", "down_proj")
+"""Names of the projections of the dense MLPs, shared and routed experts, all in FP8."""
+
+__all__ = ["fp8_linear", "fp8_swiglu_mlp", "shared_input_linears", "FP8Linear", "FP8MLP", "FP8Experts",
+           "enable_fp8_training", "fp8_ops_for", "ATTENTION_LINEARS", "FFN_LINEARS"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -127,11 +134,12 @@ def fp8_linear(x: torch.Tensor, weight, block_size: int = 128, scale_fmt: str | 
     (module docstring; report section 3.3, Figure 6).
 
     x: (..., K) float (fp32, or bf16 under autocast); weight: an (N, K) float tensor (the fp32 master weight), or a
-    tuple/list of them sharing the input (e.g. MLA's ``q_a_proj`` and ``kv_a_proj_with_mqa``): x is quantized and
-    saved once for all. Returns (..., N) in the compute dtype (autocast's, else x's), a tuple for a tuple of weights.
-    Gradients: dx in x's dtype, dW in the weight's. Saved for backward: x's e4m3 values and its float32 tile scales.
-    ``scale_fmt``: None (fp32 scales) or ``"ue8m0"`` (powers of two); ``ops``: module docstring. Raises as
-    `reference.fp8.act_quant` (ValueError on a bad ``scale_fmt``, K = 0) and ValueError when a weight's K differs.
+    tuple/list of them sharing the input (MLA's ``q_a_proj`` and ``kv_a_proj_with_mqa``, `shared_input_linears`):
+    x is quantized and saved once for all. Returns (..., N) in the compute dtype (autocast's, else x's), a tuple for
+    a tuple of weights. Gradients: dx in x's dtype, dW in the weight's. Saved for backward: x's e4m3 values and its
+    float32 tile scales. ``scale_fmt``: None (fp32 scales) or ``"ue8m0"`` (powers of two); ``ops``: module
+    docstring. Raises as `reference.fp8.act_quant` (ValueError on a bad ``scale_fmt``, K = 0) and ValueError when a
+    weight's K differs.
     """
     many = isinstance(weight, tuple | list)
     weights = tuple(weight) if many else (weight,)
@@ -172,18 +180,25 @@ class _FP8SwiGLU(torch.autograd.Function):
         xq, xs, gq, gs, uq, us, gate, up, down, *off = ctx.saved_tensors
         offsets = off[0] if ctx.grouped else None
         bs, fmt, ops, _ = ctx.cfg
+        need_x, need_gate, need_up, need_down = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         g, u = act_dequant(gq, gs, bs), act_dequant(uq, us, bs)
-        h = torch.nn.functional.silu(g) * u
         dy = dy.contiguous()
         dh = _gemm(ops, *ops.act_quant(dy, bs, fmt), *_wtrans(*_wquant(down, bs, fmt)), offsets, bs, torch.float32)
         dg, du = _swiglu_grads(g, u, dh)
-        dx = (_gemm(ops, *ops.act_quant(dg, bs, fmt), *_wtrans(*_wquant(gate, bs, fmt)), offsets, bs, torch.float32)
-              + _gemm(ops, *ops.act_quant(du, bs, fmt), *_wtrans(*_wquant(up, bs, fmt)), offsets, bs, torch.float32))
-        x = act_dequant(xq, xs, bs)
-        d_gate = _wgrad(ops, dg, x, offsets, bs, fmt, gate.shape).to(gate.dtype)
-        d_up = _wgrad(ops, du, x, offsets, bs, fmt, up.shape).to(up.dtype)
-        d_down = _wgrad(ops, dy, h, offsets, bs, fmt, down.shape).to(down.dtype)
-        return dx.to(ctx.x_dtype), None, None, d_gate, d_up, d_down
+        dx = d_gate = d_up = d_down = None
+        if need_x:
+            dx = (_gemm(ops, *ops.act_quant(dg, bs, fmt), *_wtrans(*_wquant(gate, bs, fmt)), offsets, bs,
+                        torch.float32)
+                  + _gemm(ops, *ops.act_quant(du, bs, fmt), *_wtrans(*_wquant(up, bs, fmt)), offsets, bs,
+                          torch.float32)).to(ctx.x_dtype)
+        x = act_dequant(xq, xs, bs) if need_gate or need_up else None
+        if need_gate:
+            d_gate = _wgrad(ops, dg, x, offsets, bs, fmt, gate.shape).to(gate.dtype)
+        if need_up:
+            d_up = _wgrad(ops, du, x, offsets, bs, fmt, up.shape).to(up.dtype)
+        if need_down:  # the SwiGLU output, recomputed from its FP8-cached inputs
+            d_down = _wgrad(ops, dy, torch.nn.functional.silu(g) * u, offsets, bs, fmt, down.shape).to(down.dtype)
+        return dx, None, None, d_gate, d_up, d_down
 
 
 def fp8_swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -238,35 +253,51 @@ class FP8MLP(MLP):
                               self.block_size, self.scale_fmt, self.ops)
 
 
-def _experts_class():
-    from .moe import Experts
+class FP8Experts(Experts):
+    """`reference.moe.Experts` whose grouped SwiGLU runs `fp8_swiglu_mlp` over the expert-sorted rows (grouped FP8
+    GEMMs for Fprop and Dgrad, Wgrad per expert); same parameters."""
 
-    class FP8Experts(Experts):
-        """`reference.moe.Experts` whose grouped SwiGLU runs `fp8_swiglu_mlp` over the expert-sorted rows (grouped
-        FP8 GEMMs for Fprop and Dgrad, Wgrad per expert); same parameters."""
+    block_size: int = 128
+    scale_fmt: str | None = None
+    ops = None
 
-        block_size: int = 128
-        scale_fmt: str | None = None
-        ops = None
-
-        def grouped_swiglu(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            return fp8_swiglu_mlp(xs, self.gate_proj, self.up_proj, self.down_proj, offsets, self.block_size,
-                                  self.scale_fmt, self.ops)
-
-    return FP8Experts
+    def grouped_swiglu(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return fp8_swiglu_mlp(xs, self.gate_proj, self.up_proj, self.down_proj, offsets, self.block_size,
+                              self.scale_fmt, self.ops)
 
 
-FP8Experts = _experts_class()
+def shared_input_linears(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of ``linears`` applied to the one input ``x`` (MLA's ``q_a_proj``/``q_proj`` and
+    ``kv_a_proj_with_mqa``): one `fp8_linear` call when they are all `FP8Linear` with the same settings, so x is
+    quantized and saved for backward once (report section 3.3.3), else each module on its own. Returns their outputs
+    in order."""
+    first = linears[0]
+    if all(isinstance(m, FP8Linear) and (m.block_size, m.scale_fmt, m.ops) == (first.block_size, first.scale_fmt,
+                                                                              first.ops) for m in linears):
+        outs = fp8_linear(x, tuple(m.weight for m in linears), first.block_size, first.scale_fmt, first.ops)
+        return tuple(y if m.bias is None else y + m.bias.to(y.dtype) for y, m in zip(outs, linears, strict=True))
+    return tuple(m(x) for m in linears)
+
+
+def fp8_ops_for(model_cls: type, device: torch.device | str):
+    """The FP8 ops a model class runs on ``device``: the class's ``fp8_ops`` (``runtime_cuda.Model``: the Triton
+    kernels) on CPU tensors (Triton's interpreter) and on GPUs with FP8 tensor cores (compute capability 8.9 or more:
+    Ada, Hopper, Blackwell), else `reference.fp8` (``torch._scaled_mm`` per K block on CPU, an exact emulation on
+    other GPUs: slow, but the same numbers)."""
+    ops = getattr(model_cls, "fp8_ops", None)
+    device = torch.device(device)
+    if ops is None or (device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)):
+        return ref_fp8
+    return ops
 
 
 def enable_fp8_training(model: nn.Module, scale_fmt: str | None = None, ops=None, block_size: int = 128) -> list[str]:
     """Put ``model``'s FP8 layers (module docstring: attention projections `ATTENTION_LINEARS`, dense MLPs, shared
     and routed experts) on FP8 GEMMs, in place, by switching their classes to `FP8Linear`, `FP8MLP` and `FP8Experts`
-    (parameters, buffers, names and hooks untouched). Everything else keeps its precision. Returns the names of the
-    switched modules. Raises ValueError for a bad ``scale_fmt`` (``None`` or ``"ue8m0"``)."""
-    from .moe import Experts
-
+    (parameters, buffers, names and hooks untouched); called again, it sets the new ``scale_fmt``/``ops``/
+    ``block_size`` on all of them. Everything else keeps its precision. Returns the names of the switched modules.
+    Raises ValueError for a bad ``scale_fmt`` (``None`` or ``"ue8m0"``)."""
     ref_fp8._check_scale_fmt(scale_fmt)
     done = []
     for name, m in model.named_modules():
@@ -275,7 +306,7 @@ def enable_fp8_training(model: nn.Module, scale_fmt: str | None = None, ops=None
             m.__class__ = FP8MLP
         elif isinstance(m, Experts):
             m.__class__ = FP8Experts
-        elif type(m) is nn.Linear and leaf in ATTENTION_LINEARS:
+        elif isinstance(m, nn.Linear) and leaf in ATTENTION_LINEARS:
             m.__class__ = FP8Linear
         else:
             continue

@@ -18,6 +18,7 @@ from torch import nn
 from .attention import AttentionOps, attend, causal_mask
 from .config import ModelConfig
 from .fp8_checkpoint import linear_weight
+from .fp8_training import shared_input_linears
 from .rms_norm import RMSNorm
 
 
@@ -96,14 +97,14 @@ class MLA(AttentionOps, nn.Module):
         """
         b, t, _ = x.shape
         q_latent = None
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q_latent = self.q_a_layernorm(self.q_a_proj(x))
+        q_in = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        q, kv = shared_input_linears(x, q_in, self.kv_a_proj_with_mqa)  # FP8 training: x quantized once
+        if self.q_lora_rank is not None:
+            q_latent = self.q_a_layernorm(q)
             q = self.q_b_proj(q_latent)
         q = q.view(b, t, self.n_heads, self.dn + self.dr).transpose(1, 2)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.dr], dim=-1)
+        c_kv, k_pe = kv.split([self.r, self.dr], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         q_pe, k_pe = self.rotate(q_pe, cos, sin), self.rotate(k_pe, cos, sin)
         return q_nope, q_pe, c_kv, k_pe, q_latent

@@ -79,10 +79,12 @@ def store_moments_in(opt: torch.optim.Optimizer, dtype: torch.dtype) -> torch.op
     """Keep ``opt``'s moments (`MOMENTS`: AdamW's ``exp_avg``/``exp_avg_sq``, Muon's ``momentum_buffer``) in
     ``dtype`` (e.g. ``torch.bfloat16``) between steps, as DeepSeek-V3 tracks AdamW's moments in BF16 (report section
     3.3.3, "low-precision optimizer states"): a step pre-hook widens them to their parameter's dtype, the update runs
-    at full precision, and a post-hook rounds them back (round to nearest). The parameters (master weights) and
-    gradients keep their dtype. Saved states hold the ``dtype`` values (``load_state_dict`` casts them to the
-    parameter's dtype exactly; the next step rounds them back), so a resumed run continues bit for bit. Returns
-    ``opt``."""
+    at full precision, and a post-hook rounds them back (round to nearest). The saving is in the memory held between
+    steps, through forward and backward where activations peak; during ``step()`` itself the moments are widened all
+    at once (the fused AdamW kernel updates every parameter in one call), so the step's own peak is fp32 AdamW's.
+    The parameters (master weights) and gradients keep their dtype. Saved states hold the ``dtype`` values
+    (``load_state_dict`` casts them to the parameter's dtype exactly; the next step rounds them back), so a resumed
+    run continues bit for bit. Returns ``opt``."""
 
     def widen(o, args, kwargs):
         for p, st in o.state.items():

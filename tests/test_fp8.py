@@ -335,7 +335,8 @@ def test_promotion_interval_matters_at_k4096():
     """Report section 3.3.2: with a ~14-bit accumulator over K = 4096 the error is large (the report measured a
     maximum relative error near 2% on H800); adding the partial sums to an fp32 accumulator every 128 elements
     (N_C = 128) brings it down by more than 10x. Measured here on e4m3 values (max error relative to the largest
-    |output|): about 3-6e-2 without promotion, 5e-4 with it (`limited_accumulation_gemm`)."""
+    |output|): about 3-6e-2 without promotion, 5e-4 with it. This runs `limited_accumulation_gemm`, an emulation of
+    the limited accumulator (a CPU has none; our GEMMs accumulate in float32 and promote per 128-wide K block)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(16, 4096, generator=g).to(FP8_DTYPE).double()
     b = torch.randn(16, 4096, generator=g).to(FP8_DTYPE).double()

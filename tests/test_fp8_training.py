@@ -227,3 +227,32 @@ def test_fp8_checkpoint_is_the_fp32_format(data_dir, tmp_path):
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype == torch.float32 for k in a)
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert FP8_DTYPE not in {t.dtype for t in b.values()}
+
+
+def test_fp8_layers_under_bf16_autocast():
+    """Under bf16 autocast (FP8 training on a GPU runs the rest of the model so): the FP8 linear and MLP return bf16
+    like ``nn.Linear`` would, take bf16 gradients, and give fp32 gradients to fp32 master weights and inputs."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 130, generator=g, requires_grad=True)
+    w = torch.randn(70, 130, generator=g, requires_grad=True)
+    gate, up = (torch.randn(40, 130, generator=g).requires_grad_() for _ in range(2))
+    down = torch.randn(130, 40, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp8_linear(x, w)
+        z = fp8_swiglu_mlp(x, gate, up, down)
+    assert y.dtype == z.dtype == torch.bfloat16
+    (y.float().square().mean() + z.float().square().mean()).backward()
+    assert all(t.grad.dtype == torch.float32 and t.grad.isfinite().all() for t in (x, w, gate, up, down))
+    want = fp8_linear(x.detach(), w.detach())
+    assert rel_err(y.float(), want) < 1e-2  # the same FP8 product, rounded to bf16
+
+
+def test_resume_at_another_precision_drops_fp8_scales(data_dir, tmp_path, capsys):
+    """A UE8M0 FP8 run continued at fp32: the scale format goes with the precision and the change is said."""
+    from dsfs.train import train
+    from tests.test_train import micro_train
+
+    micro_train(data_dir, tmp_path / "r", max_steps=2, eval_every=2, precision="fp8", scale_fmt="ue8m0")
+    s = train(data_dir=data_dir, out_dir=tmp_path / "r", resume=True, max_steps=3, precision="fp32",
+              backend="reference", compile=False)
+    assert s["steps"] == 3 and "resuming a fp8 run at --precision fp32" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import math
 
 import mlx.core as mx
 
-from reference.fp8 import AMAX_MIN, FP8_MAX
+from reference.fp8 import AMAX_MIN, FP8_MAX, SCALE_FMTS
 
 from .launch import (
     Launch,
@@ -33,7 +33,6 @@ from .launch import (
 ACT_QUANT = spec("act_quant", "fp8", "x fp8_max amax_min", "y s")
 WEIGHT_DEQUANT = spec("weight_dequant", "fp8", "w scale_inv", "out")
 FP8_GEMM = spec("fp8_gemm", "fp8", "a a_s b b_s", "c")
-SCALE_FMTS = (None, "ue8m0")
 
 
 def check_scale_fmt(scale_fmt) -> None:
