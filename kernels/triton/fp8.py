@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.utils import cast, check, empty, interpreted
+from kernels.triton.utils import cast, check, empty, expert_tile, interpreted
 from reference.fp8 import AMAX_MIN, FP8_DTYPE, FP8_MAX, SCALE_FMTS
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -137,24 +137,6 @@ def _weight_dequant_kernel(w_ptr, s_ptr, y_ptr, N, K, KB, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _expert_tile(offsets_ptr, t, M, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """``(e, first row, end row)`` of row tile ``t`` in the schedule of `kernels.triton.grouped_gemm`: the row tiles
-    of the nonempty expert segments [offsets[e], offsets[e+1]) in expert order, expert e owning cdiv(count_e,
-    BLOCK_M) of them; e == E past the last tile. The tile's rows are [first, min(first + BLOCK_M, end))."""
-    ex = tl.arange(0, BLOCK_E)
-    emask = ex < E
-    seg0 = tl.load(offsets_ptr + ex, mask=emask, other=0).to(tl.int32)
-    seg1 = tl.load(offsets_ptr + ex + 1, mask=emask, other=0).to(tl.int32)
-    tiles = (seg1 - seg0 + BLOCK_M - 1) // BLOCK_M
-    last = tl.cumsum(tiles, axis=0)  # tiles of experts 0..e
-    e = tl.sum((last <= t).to(tl.int32), axis=0)
-    first_tile = tl.sum(tl.where(ex == e, last - tiles, 0), axis=0)
-    start = tl.sum(tl.where(ex == e, seg0, 0), axis=0) + (t - first_tile) * BLOCK_M
-    end = tl.minimum(tl.sum(tl.where(ex == e, seg1, 0), axis=0), M)
-    return e, start, end
-
-
-@triton.jit
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offsets_ptr, M, N, K, KB, stride_am, stride_be, stride_bn,
                      stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, E: tl.constexpr,
                      GROUPED: tl.constexpr, B_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -163,12 +145,12 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offsets_ptr, M, N, K, 
 
     For each K block kb (BLOCK_K = block_size): acc += dot(a_kb, b_kb^T) * a_s[m, kb] * scale_b(n, kb), acc float32;
     scale_b(n, kb) = b_s[e, n, kb] (B_ROWS, per-row scales) or b_s[e, n // BLOCK_K, kb] (block scales). GROUPED: t
-    indexes the row tiles of the expert segments (`_expert_tile`; programs past the last tile return, an empty
+    indexes the row tiles of the expert segments (`expert_tile`; programs past the last tile return, an empty
     expert's weights are never read); else e = 0 and t the t-th BLOCK_M rows. a and b[e] are K-contiguous (row
     strides given), the scales strided, c contiguous.
     """
     if GROUPED:
-        e, start, end = _expert_tile(offsets_ptr, tl.program_id(0), M, E, BLOCK_M, BLOCK_E)
+        e, start, end = expert_tile(offsets_ptr, tl.program_id(0), M, E, BLOCK_M, BLOCK_E)
         if e >= E:
             return
         b_ptr += e.to(tl.int64) * stride_be

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cast, check, empty, interpreted, tile_dot
+from .utils import cast, check, empty, expert_tile, interpreted, tile_dot
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INDEX = (torch.int32, torch.int64)
@@ -45,20 +45,10 @@ def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, a2_ptr, b2_ptr, c2_ptr, offsets_ptr,
     offsets: expert e owns cdiv(count_e, BLOCK_M) tiles), j the BLOCK_O output columns. Programs past the
     last tile return at once, so an empty expert costs nothing and its weights are never read.
     """
-    t = tl.program_id(0)
-    ex = tl.arange(0, BLOCK_E)
-    emask = ex < E
-    seg0 = tl.load(offsets_ptr + ex, mask=emask, other=0).to(tl.int32)
-    seg1 = tl.load(offsets_ptr + ex + 1, mask=emask, other=0).to(tl.int32)
-    tiles = (seg1 - seg0 + BLOCK_M - 1) // BLOCK_M
-    last = tl.cumsum(tiles, axis=0)  # tiles of experts 0..e
-    e = tl.sum((last <= t).to(tl.int32), axis=0)
+    e, start, end = expert_tile(offsets_ptr, tl.program_id(0), M, E, BLOCK_M, BLOCK_E)
     if e >= E:
         return
-    first_tile = tl.sum(tl.where(ex == e, last - tiles, 0), axis=0)
-    start = tl.sum(tl.where(ex == e, seg0, 0), axis=0)
-    end = tl.minimum(tl.sum(tl.where(ex == e, seg1, 0), axis=0), M)
-    rows = start + (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = start + tl.arange(0, BLOCK_M)
     rmask = rows < end
     cols = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     omask = cols < OUT

@@ -141,3 +141,22 @@ def store_tile(ptr, x, rows, cols, n_rows, n_cols):
     """Store ``x`` into the tile ``ptr[rows, cols]`` of a row-major (n_rows, n_cols) matrix, `cast` to its dtype."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(ptr + rows[:, None] * n_cols + cols[None, :], cast(x, ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def expert_tile(offsets_ptr, t, M, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """``(e, first row, end row)`` of row tile ``t`` in the schedule of the grouped GEMMs (`grouped_gemm`,
+    `kernels.triton.fp8.fp8_grouped_gemm`): the row tiles of the nonempty expert segments [offsets[e], offsets[e+1])
+    in expert order, expert e owning cdiv(count_e, BLOCK_M) of them; e == E past the last tile. The tile's rows are
+    [first, min(first + BLOCK_M, end))."""
+    ex = tl.arange(0, BLOCK_E)
+    emask = ex < E
+    seg0 = tl.load(offsets_ptr + ex, mask=emask, other=0).to(tl.int32)
+    seg1 = tl.load(offsets_ptr + ex + 1, mask=emask, other=0).to(tl.int32)
+    tiles = (seg1 - seg0 + BLOCK_M - 1) // BLOCK_M
+    last = tl.cumsum(tiles, axis=0)  # tiles of experts 0..e
+    e = tl.sum((last <= t).to(tl.int32), axis=0)
+    first_tile = tl.sum(tl.where(ex == e, last - tiles, 0), axis=0)
+    start = tl.sum(tl.where(ex == e, seg0, 0), axis=0) + (t - first_tile) * BLOCK_M
+    end = tl.minimum(tl.sum(tl.where(ex == e, seg1, 0), axis=0), M)
+    return e, start, end
