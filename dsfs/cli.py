@@ -404,9 +404,10 @@ def add_export(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, or --overwrite)")
     p.add_argument("--format", default="hf", choices=list(FORMATS), help="output format (default: %(default)s)")
     p.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights in 128x128 blocks (DeepSeek's layout)")
-    p.add_argument("--scale-fmt", metavar="FMT", help="with --fp8: ue8m0, power-of-two scales (as DeepSeek-V3.1); "
+    p.add_argument("--scale-fmt", choices=["ue8m0"], help="with --fp8: power-of-two scales (as DeepSeek-V3.1); "
                    "default: float32 scales amax/448")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a model directory "
+                   "(or nothing)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
     p.set_defaults(func=_run_export)
 

@@ -60,6 +60,28 @@ def _config_dtype(model_dir) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != FP8_DTYPE else None
 
 
+def _check_out(out: Path, keep: tuple[Path, ...], overwrite: bool) -> None:
+    """Raise `ExportError` unless ``out`` may be written: not empty, not one of ``keep`` (the checkpoint, the run it
+    was given as, the working directory) nor a folder holding one of them; when it exists, only with ``overwrite``,
+    only a directory, and only one that is empty or holds a model (``config.json``): replacing deletes it."""
+    if not str(out).strip():
+        raise ExportError("--out is empty; expected the directory to write")
+    target = out.resolve()
+    for k in keep:
+        if k.resolve().is_relative_to(target):
+            raise ExportError(f"--out {out} is or holds {k} (the checkpoint being exported, its run, or the working "
+                              "directory); choose another directory")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ExportError(f"--out {out} already exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise ExportError(f"--out {out} is a file; expected a directory to write")
+    if any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ExportError(f"--out {out} holds files but no config.json: not a model directory, so --overwrite will "
+                          "not replace it; choose another directory")
+
+
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", fp8: bool = False,
            scale_fmt: str | None = None, overwrite: bool = False) -> dict:
     """Write the model of ``checkpoint`` to the directory ``out`` in format ``fmt`` ('hf': a Hugging Face
@@ -81,12 +103,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf
         raise ExportError("--scale-fmt applies to --fp8 exports (the scales of the FP8 weights)")
     model_dir = resolve_model_dir(checkpoint)
     out = Path(out)
-    if out.exists() and out.resolve() == model_dir.resolve():
-        raise ExportError(f"--out {out} is the checkpoint being exported; choose another directory")
-    if out.exists() and not overwrite:
-        raise ExportError(f"--out {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; expected a directory to write")
+    _check_out(out, (model_dir, Path(checkpoint), Path.cwd()), overwrite)
     model = load_model_dir(model_dir)  # float32, validated: checksums, finite weights, names and shapes
     main, mtp = to_hf_state_dict(model)
     stored, fallback = stored_dtypes(model_dir), _config_dtype(model_dir) or torch.float32

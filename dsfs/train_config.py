@@ -54,8 +54,8 @@ class TrainConfig:
         for k in self.fields():
             check_value(k, getattr(self, k))
         if self.scale_fmt is not None and self.precision != "fp8":
-            raise ConfigError(f"scale_fmt={self.scale_fmt!r} applies to FP8 training only (precision='fp8', got "
-                              f"{self.precision!r})")
+            raise ConfigError(f"scale_fmt={self.scale_fmt!r} (--scale-fmt) applies to FP8 training only (--precision "
+                              f"fp8), not precision {self.precision!r}")
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:

@@ -372,16 +372,16 @@ def test_export_cli(exported, tmp_path, capsys):
     assert "tensors in FP8 e4m3" in capsys.readouterr().out
     for argv, words in [
         (["--checkpoint", str(run), "--out", str(tmp_path / "o"), "--fp8"], "already exists; pass --overwrite"),
-        (["--checkpoint", str(run), "--out", str(tmp_path / "x"), "--fp8", "--scale-fmt", "e8m0"],
-         "--scale-fmt e8m0: expected one of ue8m0"),
         (["--checkpoint", str(run), "--out", str(tmp_path / "x"), "--scale-fmt", "ue8m0"], "applies to --fp8"),
         (["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "no such checkpoint directory"),
-        (["--checkpoint", str(run / "final"), "--out", str(run / "final"), "--overwrite"], "is the checkpoint"),
+        (["--checkpoint", str(run / "final"), "--out", str(run / "final"), "--overwrite"], "is or holds"),
     ]:
         assert main(["export", *argv]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("dsfs: error: ") and words in err, err
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--format", "gguf"]) == 2
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--fp8", "--scale-fmt",
+                 "e8m0"]) == 2  # argparse: not one of the choices
     assert "invalid choice: 'gguf'" in capsys.readouterr().err
     before = (tmp_path / "o" / "model.safetensors").stat().st_mtime_ns
     assert _export(run, tmp_path / "o", "--fp8", "--scale-fmt", "ue8m0", "--overwrite") == 0
@@ -413,3 +413,31 @@ def test_config_scale_fmt():
         ModelConfig.from_dict({**d, "quantization_config": {**QC, "scale_fmt": "e5m2"}})
     with pytest.raises(ValueError, match="scale_fmt='fp32'"):
         fp8_quantization_config("fp32")
+
+
+def test_export_never_replaces_what_it_reads_or_a_non_model_directory(tmp_path, monkeypatch):
+    """``--overwrite`` replaces a model directory (or an empty one) only: never the checkpoint being exported or a
+    folder holding it, the working directory, or a folder of other files; an empty --out is refused."""
+    from pathlib import Path
+
+    from dsfs.export import ExportError, export
+
+    _source(tmp_path / "run")
+    src = tmp_path / "run" / "src"
+    precious = tmp_path / "data"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(precious)
+    for out in (src, tmp_path / "run", tmp_path, Path("."), precious, ""):
+        with pytest.raises(ExportError, match="is or holds|is empty"):
+            export(src, out, overwrite=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="no config.json"):
+        export(src, other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep me" and (precious / "notes.txt").exists()
+    assert (src / "config.json").is_file()
+    export(src, tmp_path / "out")
+    export(src, tmp_path / "out", fp8=True, overwrite=True)  # a model directory: replaced
+    assert "quantization_config" in (tmp_path / "out" / "config.json").read_text()
