@@ -40,23 +40,39 @@ def run(out: Path, precision: str, steps: int, eval_every: int) -> None:
 
 
 def plot(curves: dict, path: Path, gap: float) -> None:
-    """Train LM loss (smoothed over 20 steps) and validation loss of each precision against step, one PNG."""
+    """Top: train LM loss (20-step mean) and validation loss of each precision against step. Bottom: FP8's relative
+    gap to fp32 in percent, validation and smoothed train loss, beside the report's 0.25% band. One PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for (p, (train, val)), c in zip(curves.items(), ("C0", "C3"), strict=False):
+    def smooth(train):
         steps, loss = zip(*train, strict=True)
-        smooth = [sum(loss[max(0, i - 19):i + 1]) / len(loss[max(0, i - 19):i + 1]) for i in range(len(loss))]
-        ax.plot(steps, smooth, c=c, lw=1, alpha=0.6, label=f"{p} train LM loss (20-step mean)")
+        return steps, [sum(loss[max(0, i - 19):i + 1]) / len(loss[max(0, i - 19):i + 1]) for i in range(len(loss))]
+
+    fig = Figure(figsize=(7, 7))
+    FigureCanvasAgg(fig)
+    ax, ax2 = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    for (p, (train, val)), c in zip(curves.items(), ("C0", "C3"), strict=False):
+        ax.plot(*smooth(train), c=c, lw=1, alpha=0.6, label=f"{p} train LM loss (20-step mean)")
         ax.plot(*zip(*val, strict=True), "o-", c=c, ms=4, label=f"{p} val loss")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"tiny preset, TinyStories sample: FP8 vs fp32, final val loss gap {100 * gap:+.3f}%")
     ax.grid(alpha=0.3)
     ax.legend()
+    (s32, t32), (s8, t8) = smooth(curves["fp32"][0]), smooth(curves["fp8"][0])
+    if s32 == s8:
+        ax2.plot(s8[20:], [100 * (b - a) / a for a, b in zip(t32[20:], t8[20:], strict=True)], c="C3", lw=1,
+                 alpha=0.6, label="train LM loss (20-step means)")
+    v32, v8 = dict(curves["fp32"][1]), dict(curves["fp8"][1])
+    common = sorted(set(v32) & set(v8))
+    ax2.plot(common, [100 * (v8[k] - v32[k]) / v32[k] for k in common], "o-", c="C3", ms=4, label="val loss")
+    for y in (-0.25, 0.25):
+        ax2.axhline(y, c="k", ls="--", lw=0.8)
+    ax2.axhline(0, c="k", lw=0.5)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("(fp8 - fp32) / fp32 (%)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(title="dashed: the report's 0.25%")
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=100)
