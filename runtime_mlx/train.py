@@ -20,9 +20,10 @@ the reference model's initial weights (`from_reference`); weights go through the
 Precision (``precision``, as ``dsfs train --precision``): ``"fp32"`` (and ``"auto"``) computes in float32;
 ``"bf16"`` computes in bfloat16 from float32 master weights (each step casts the parameters, the routers' excepted,
 to bfloat16, so activations are bfloat16 while kernels reduce in float32; gradients reach the master weights in
-float32); ``"fp8"`` is DeepSeek-V3's FP8 training (`runtime_mlx.fp8.enable_fp8_training`: FP8 GEMMs for the
-attention projections, MLPs and experts, float32 elsewhere, as the reference on CPU). ``"bf16"`` and ``"fp8"`` keep
-the optimizer moments in bfloat16 between steps (AdamW's ``m``/``v``, Muon's momentum; report section 3.3.3), as
+float32; unlike torch's bf16 autocast, which keeps the embedding, the norms and the residual stream in float32);
+``"fp8"`` is DeepSeek-V3's FP8 training (`runtime_mlx.fp8.enable_fp8_training`: FP8 GEMMs for the attention
+projections, MLPs and experts, float32 elsewhere, as the reference on CPU). ``"bf16"`` and ``"fp8"`` keep the
+optimizer moments in bfloat16 between steps (AdamW's ``m``/``v``, Muon's momentum; report section 3.3.3), as
 `reference.optim.store_moments_in`: the update runs in float32 and rounds them back; saved states hold bfloat16
 tensors, so a resumed run continues bit for bit.
 
