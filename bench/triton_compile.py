@@ -142,6 +142,9 @@ def launch_all(dtypes) -> None:
         fp8.fp8_gemm(at, at_s, w8.T, r(3, 2).T, out_dtype=dt)  # Dgrad: b = W^T (a K-major copy), scales a view
         fp8.fp8_grouped_gemm(at[:20], at_s[:20], r(4, 200, 300).to(f8), r(4, 2, 3), torch.tensor([0, 7, 7, 12, 20]),
                              out_dtype=dt)  # routed experts
+        for ue8m0 in (None, "ue8m0"):  # routed experts' Wgrad: per-segment transposed quantization + grouped GEMM
+            fp8.fp8_grouped_wgrad(r(300, 200, dtype=dt), r(300, 150, dtype=dt), torch.tensor([0, 170, 170, 300]),
+                                  scale_fmt=ue8m0, round_in_fp32=False)
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,8 @@ AMAX_MIN = 1e-4
 SCALE_FMTS = (None, "ue8m0")
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "AMAX_MIN", "SCALE_FMTS", "round_scale_ue8m0", "act_quant", "act_dequant",
-           "weight_quant", "weight_dequant", "fp8_gemm", "fp8_grouped_gemm", "limited_accumulation_gemm"]
+           "weight_quant", "weight_dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_wgrad",
+           "limited_accumulation_gemm"]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -301,6 +302,46 @@ def fp8_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
         r0, r1 = bounds[e], bounds[e + 1]
         if r1 > r0:
             out[r0:r1] = fp8_gemm(a[r0:r1], a_s[r0:r1], b[e], b_s[e], block_size, out_dtype)
+    return out
+
+
+def fp8_grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, block_size: int = 128,
+                      scale_fmt: str | None = None) -> torch.Tensor:
+    """The routed experts' Wgrad in FP8 (report sections 3.3 and 2.1.2): ``dW[e] = dy[seg]^T x[seg]`` for each expert
+    segment ``seg = [offsets[e], offsets[e+1])`` of expert-sorted rows, both operands re-tiled along the token axis
+    (the axis this GEMM contracts, report section 3.3, Fig. 7): per expert, ``fp8_gemm(*act_quant(dy[seg], bs,
+    scale_fmt, transpose=True), *act_quant(x[seg], bs, scale_fmt, transpose=True), bs, float32)``, i.e. bs x 1 tiles
+    of dy and x starting at each segment's first row (the last tile of a segment may be partial; a tile never mixes
+    two experts' rows), per-row scales on both operands, float32 accumulation promoted per tile of bs tokens.
+
+    dy: (M, N) floating, x: (M, K) floating (any float dtypes, computed in float32), rows sorted by expert; offsets:
+    (E + 1,) int32/int64, rising from 0 to M. Returns (E, N, K) float32; an expert without rows gets zeros. Raises
+    TypeError if dy or x is not a floating tensor (or is already fp8), ValueError on mismatched shapes, offsets that
+    do not split the M rows, a bad block_size or scale_fmt. Source: arXiv 2412.19437 sec. 3.3 (Wgrad re-tiling, the
+    1 x 128 tiles of the backward converted to 128 x 1) and sec. 2.1.2 (routed experts).
+    """
+    _check_float("dy", dy)
+    _check_float("x", x)
+    _check_block(block_size)
+    _check_scale_fmt(scale_fmt)
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy must be (M, N) and x (M, K) with the same M; got shapes {tuple(dy.shape)} and "
+                         f"{tuple(x.shape)}")
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64) \
+            or offsets.dim() != 1 or offsets.numel() == 0:
+        raise ValueError(f"offsets must be a 1-D int32/int64 tensor of shape (E + 1,), got "
+                         f"{getattr(offsets, 'dtype', type(offsets).__name__)} {tuple(getattr(offsets, 'shape', ()))}")
+    (M, N), K = dy.shape, x.shape[1]
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or bounds[-1] != M or any(a > b for a, b in zip(bounds[:-1], bounds[1:], strict=False)):
+        raise ValueError(f"offsets must rise from 0 to M={M}, got {bounds}")
+    E = len(bounds) - 1
+    out = torch.zeros(E, N, K, dtype=torch.float32, device=dy.device)
+    for e in range(E):
+        r0, r1 = bounds[e], bounds[e + 1]
+        if r1 > r0 and N and K:
+            out[e] = fp8_gemm(*act_quant(dy[r0:r1], block_size, scale_fmt, transpose=True),
+                              *act_quant(x[r0:r1], block_size, scale_fmt, transpose=True), block_size, torch.float32)
     return out
 
 

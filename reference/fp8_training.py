@@ -23,9 +23,9 @@ indexer ``wq_b``/``wk``), the dense MLPs, the shared and the routed experts; the
 MoE gating, the norms, the attention core, MTP's ``eh_proj`` and the indexer's ``weights_proj`` stay in the model's
 precision (§3.3.1). Parameter names are unchanged, so checkpoints are the same files.
 
-``ops``: the GEMM and quantization ops to run, a namespace with `act_quant`, `fp8_gemm` and `fp8_grouped_gemm` of
-`reference.fp8`'s signatures (default `reference.fp8` itself: ``torch._scaled_mm`` per K block on CPU, an exact
-emulation elsewhere); ``runtime_cuda`` passes ``kernels.triton.fp8``.
+``ops``: the GEMM and quantization ops to run, a namespace with `act_quant`, `fp8_gemm`, `fp8_grouped_gemm` and
+`fp8_grouped_wgrad` of `reference.fp8`'s signatures (default `reference.fp8` itself: ``torch._scaled_mm`` per K block
+on CPU, an exact emulation elsewhere); ``runtime_cuda`` passes ``kernels.triton.fp8``.
 """
 
 from __future__ import annotations
@@ -78,19 +78,15 @@ def _gemm(ops, aq, a_s, wq, ws, offsets, bs, out_dtype):
 
 def _wgrad(ops, dy: torch.Tensor, x: torch.Tensor, offsets, bs: int, fmt, shape) -> torch.Tensor:
     """Wgrad ``dW = dy^T x`` in FP8 (fp32 out) for dy (M, N), x (M, K) floats: both re-tiled along M (1 x bs tiles of
-    dy^T and x^T); per expert segment of rows when ``offsets`` is given (tiles start at each segment). ``shape``:
-    the weight's, (N, K) or (E, N, K)."""
-    def one(d, a):
-        if d.shape[0] == 0:
-            return dy.new_zeros(d.shape[1], a.shape[1], dtype=torch.float32)
-        gq, gs = ops.act_quant(d, bs, fmt, transpose=True)
-        xq, xs = ops.act_quant(a, bs, fmt, transpose=True)
-        return ops.fp8_gemm(gq, gs, xq, xs, bs, torch.float32)
-
-    if offsets is None:
-        return one(dy, x)
-    b = offsets.tolist()
-    return torch.stack([one(dy[b[e]:b[e + 1]], x[b[e]:b[e + 1]]) for e in range(shape[0])])
+    dy^T and x^T); per expert segment of rows when ``offsets`` is given (tiles start at each segment: one
+    `fp8_grouped_wgrad` call). ``shape``: the weight's, (N, K) or (E, N, K)."""
+    if offsets is not None:
+        return ops.fp8_grouped_wgrad(dy, x, offsets, bs, fmt)
+    if dy.shape[0] == 0:
+        return dy.new_zeros(shape, dtype=torch.float32)
+    gq, gs = ops.act_quant(dy, bs, fmt, transpose=True)
+    xq, xs = ops.act_quant(x, bs, fmt, transpose=True)
+    return ops.fp8_gemm(gq, gs, xq, xs, bs, torch.float32)
 
 
 class _FP8Linear(torch.autograd.Function):

@@ -24,6 +24,7 @@ from reference.fp8 import (
     act_quant,
     fp8_gemm,
     fp8_grouped_gemm,
+    fp8_grouped_wgrad,
     limited_accumulation_gemm,
     round_scale_ue8m0,
     weight_dequant,
@@ -231,6 +232,12 @@ BAD = [
     ("mm-a", lambda t: fp8_gemm(t.x, t.a_s, t.b, t.b_s), TypeError, "a must have dtype"),
     ("mm-bs-dtype", lambda t: fp8_gemm(t.a, t.a_s, t.b, t.b_s.half()), TypeError, "b_s must have dtype"),
     ("mm-b1d", lambda t: fp8_gemm(t.a, t.a_s, t.b[0], t.b_s), ValueError, r"b \(N, K\)"),
+    ("gw-offsets", lambda t: fp8_grouped_wgrad(t.x, t.x, torch.tensor([0, 3, 2, 4])), ValueError, "rise from 0 to M=4"),
+    ("gw-offsets-end", lambda t: fp8_grouped_wgrad(t.x, t.x, torch.tensor([0, 3])), ValueError, "rise from 0 to M=4"),
+    ("gw-offsets-float", lambda t: fp8_grouped_wgrad(t.x, t.x, torch.tensor([0.0, 4.0])), ValueError, "int32/int64"),
+    ("gw-M", lambda t: fp8_grouped_wgrad(t.x, t.x[:3], torch.tensor([0, 4])), ValueError, "same M"),
+    ("gw-fp8", lambda t: fp8_grouped_wgrad(t.a, t.x, torch.tensor([0, 4])), TypeError, "already-quantized"),
+    ("gw-fmt", lambda t: fp8_grouped_wgrad(t.x, t.x, torch.tensor([0, 4]), 128, "e8m0"), ValueError, "scale_fmt"),
 ]
 
 
@@ -248,7 +255,8 @@ def test_spec_samples_exercise_what_they_name():
     """act_quant's "scale exactly 1" sample has every scale 1 and its zero-tile sample clamped scales; the
     weight_dequant bit-pattern sample holds every finite e4m3 value; fp8_gemm's and fp8_grouped_gemm's reference
     (float32 accumulation: ``torch._scaled_mm`` per K block on CPU) is within 5e-7 of the float64 product of the
-    dequantized operands on every sample (the spec's claim), with block scales and per-row scales."""
+    dequantized operands on every sample (the spec's claim), with block scales and per-row scales; fp8_grouped_wgrad's
+    likewise against each segment's transposed operands quantized alone."""
     spec = get_spec("act_quant")
     samples = {s.name.split(":")[0]: s for s in spec.samples(spec.rng())}
     _, s1 = act_quant(*samples["scale exactly 1"].args)
@@ -274,6 +282,18 @@ def test_spec_samples_exercise_what_they_name():
         for e in range(b.shape[0]):
             want[o[e]:o[e + 1]] = _deq(a[o[e]:o[e + 1]], a_s[o[e]:o[e + 1]], bs) @ _deq(b[e], b_s[e], bs).T
         assert got.shape == want.shape and rel_err(got, want) < 5e-7, s.name
+    spec = get_spec("fp8_grouped_wgrad")
+    for s in spec.samples(spec.rng()):
+        dy, x, offsets, bs, *fmt = s.args
+        for dtype in s.dtypes or (torch.float32, torch.bfloat16, torch.float16):
+            got, o = fp8_grouped_wgrad(dy.to(dtype), x.to(dtype), offsets, bs, *fmt), offsets.tolist()
+            want = torch.zeros(got.shape, dtype=torch.float64)
+            for e in range(len(o) - 1):
+                if o[e + 1] > o[e]:
+                    d, a = (act_quant(t[o[e]:o[e + 1]].to(dtype), bs, *fmt, transpose=True) for t in (dy, x))
+                    want[e] = _deq(*d, bs) @ _deq(*a, bs).T
+            assert got.shape == want.shape and got.dtype == torch.float32, s.name
+            assert rel_err(got, want) < 5e-7 if want.any() else not got.any(), (s.name, dtype)
 
 
 def _deq(q: torch.Tensor, s: torch.Tensor, bs: int) -> torch.Tensor:

@@ -7,13 +7,16 @@ values ``clamp(x / s, -448, 448)`` rounded to e4m3, and partial tiles/blocks at 
 elements only). A NaN reaches its tile's scale and so every value of that tile, as in the reference. Unlike the
 reference, ``block_size`` must be a power of two >= 16 (it is a kernel tile).
 
-Entry points (the ``ops`` of `reference.fp8.fp8_linear`: ``act_quant``, ``fp8_gemm``, ``fp8_grouped_gemm``):
+Entry points (the ``ops`` of `reference.fp8_training`: ``act_quant``, ``fp8_gemm``, ``fp8_grouped_gemm``,
+``fp8_grouped_wgrad``):
 - `act_quant`: 1 x bs tiles along the last dim, or with ``transpose=True`` the quantization of x^T fused with the
   transpose (one kernel reads x (M, K) and writes y (K, M), the re-tiling Wgrad needs, report section 3.3).
 - `fp8_gemm`: c = a @ b^T, the FP8 GEMM of Fprop (b a weight, 128 x 128 block scales), Dgrad (b = W^T with the
   transposed block scales) and Wgrad (b from `act_quant`: per-row 1 x 128 scales); per K block one ``tl.dot`` scaled
   and added to the float32 accumulator (the report's promotion to CUDA cores every 128 elements).
 - `fp8_grouped_gemm`: the same per expert over expert-sorted rows, one launch (routed experts' Fprop and Dgrad).
+- `fp8_grouped_wgrad`: the routed experts' Wgrad, dW[e] = dy[seg]^T x[seg] per expert segment, in two launches (the
+  per-segment transposed quantization, then a grouped GEMM over each expert's 128-token tiles), no host sync.
 - `weight_dequant`.
 
 The float32 -> e4m3 rounding has two paths (``round_in_fp32``):
@@ -31,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.utils import cast, check, empty, expert_tile, interpreted
+from kernels.triton.utils import cast, check, empty, expert_tile, interpreted, pow2
 from reference.fp8 import AMAX_MIN, FP8_DTYPE, FP8_MAX, SCALE_FMTS
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -177,6 +180,68 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offsets_ptr, M, N, K, 
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
     mask = mmask[:, None] & nmask[None, :]
     tl.store(c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], cast(acc, c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _segment_quant_t_kernel(x_ptr, y_ptr, s_ptr, offsets_ptr, M, C, T_MAX, stride_xm, stride_xc, E: tl.constexpr,
+                            AMAX_MIN: tl.constexpr, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr,
+                            ROUND_FP32: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_E: tl.constexpr):
+    """Per-segment quantization of x^T fused with the transpose (Wgrad's operands of the routed experts). Program
+    (t, j): row tile t of the expert segments (`expert_tile`: rows [start, min(start + BLOCK, end)) of one expert)
+    and columns [j*BLOCK_C, (j+1)*BLOCK_C) of x (M, C) (any strides); one amax per column over the tile's rows, the
+    e4m3 values stored transposed into y (C, M) and the scales into column t of s (C, T_MAX); y and s contiguous.
+    Programs past the last tile return (their columns of s stay unwritten and are never read)."""
+    t = tl.program_id(0)
+    e, start, end = expert_tile(offsets_ptr, t, M, E, BLOCK, BLOCK_E)
+    if e >= E:
+        return
+    rows = start.to(tl.int64) + tl.arange(0, BLOCK)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < end)[:, None] & (cols < C)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
+    y, s = _quant_rows(tl.trans(x.to(tl.float32)), y_ptr.dtype.element_ty, AMAX_MIN, FP8_MAX, UE8M0,
+                       ROUND_FP32)  # (BLOCK_C, BLOCK)
+    tl.store(y_ptr + cols[:, None] * M + rows[None, :], y, mask=tl.trans(mask))
+    tl.store(s_ptr + cols * T_MAX + t, s, mask=cols < C)
+
+
+@triton.jit
+def _grouped_wgrad_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, c_ptr, offsets_ptr, M, N, K, T_MAX, E: tl.constexpr,
+                          BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Program (e, i, j): the BLOCK_N x BLOCK_K tile (i, j) of c[e] (N, K) = dy[seg]^T x[seg] from the quantized
+    transposes a = dy^T (N, M) and b = x^T (K, M) (e4m3, contiguous) with their tile scales as (N, T_MAX) and
+    (K, T_MAX) (column t: row tile t of `expert_tile`'s schedule). Expert e's tiles are the cdiv(count_e, BLOCK)
+    after those of experts 0..e-1 (computed here from the offsets); per tile: acc += dot(a_t, b_t^T) * a_s[n, t] *
+    b_s[k, t] in float32. An empty expert stores zeros. c (E, N, K) contiguous."""
+    e = tl.program_id(0)
+    ex = tl.arange(0, BLOCK_E)
+    emask = ex < E
+    seg0 = tl.load(offsets_ptr + ex, mask=emask, other=0).to(tl.int32)
+    seg1 = tl.load(offsets_ptr + ex + 1, mask=emask, other=0).to(tl.int32)
+    tiles = (seg1 - seg0 + BLOCK - 1) // BLOCK
+    first = tl.sum(tl.where(ex < e, tiles, 0), axis=0)
+    r0 = tl.sum(tl.where(ex == e, seg0, 0), axis=0)
+    r1 = tl.minimum(tl.sum(tl.where(ex == e, seg1, 0), axis=0), M)
+    count = tl.sum(tl.where(ex == e, tiles, 0), axis=0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    nmask, kmask = rn < N, rk < K
+    a_rows = a_ptr + rn.to(tl.int64)[:, None] * M
+    b_rows = b_ptr + rk.to(tl.int64)[None, :] * M
+    as_rows = as_ptr + rn.to(tl.int64) * T_MAX
+    bs_rows = bs_ptr + rk.to(tl.int64) * T_MAX
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for i in range(0, count):
+        m = r0 + i * BLOCK + tl.arange(0, BLOCK)
+        mmask = m < r1
+        a = tl.load(a_rows + m[None, :], mask=nmask[:, None] & mmask[None, :], other=0.0)
+        b = tl.load(b_rows + m[:, None], mask=kmask[None, :] & mmask[:, None], other=0.0)
+        a_s = tl.load(as_rows + first + i, mask=nmask, other=0.0)
+        b_s = tl.load(bs_rows + first + i, mask=kmask, other=0.0)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    c_off = e.to(tl.int64) * N * K + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    tl.store(c_ptr + c_off, acc, mask=nmask[:, None] & kmask[None, :])
 
 
 def _check_block(block_size) -> None:
@@ -363,4 +428,67 @@ def fp8_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
     return c
 
 
-__all__ = ["act_quant", "weight_dequant", "fp8_gemm", "fp8_grouped_gemm"]
+def _segment_quant_t(x, offsets, t_max, block_size, consts):
+    """(y (C, M) e4m3, s (C, t_max) float32): x (M, C) quantized per bs x 1 tile of each expert segment, transposed
+    (`_segment_quant_t_kernel`); M, C >= 1."""
+    M, C = x.shape
+    E = offsets.shape[0] - 1
+    y = empty(C, M, dtype=FP8_DTYPE, device=x.device)
+    s = empty(C, t_max, dtype=torch.float32, device=x.device)
+    BLOCK_C = min(64 if interpreted() else 32, max(16, triton.next_power_of_2(C)))
+    _segment_quant_t_kernel[(t_max, triton.cdiv(C, BLOCK_C))](
+        x, y, s, offsets, M, C, t_max, x.stride(0), x.stride(1), E=E, BLOCK=block_size, BLOCK_C=BLOCK_C,
+        BLOCK_E=triton.next_power_of_2(E), **consts)
+    return y, s
+
+
+def fp8_grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, block_size: int = 128,
+                      scale_fmt: str | None = None, round_in_fp32: bool | None = None) -> torch.Tensor:
+    """The routed experts' Wgrad in FP8, as `reference.fp8.fp8_grouped_wgrad`: ``dW[e] = fp8_gemm(*act_quant(dy[seg],
+    transpose=True), *act_quant(x[seg], transpose=True))`` for each expert segment seg = [offsets[e], offsets[e+1])
+    (block_size x 1 tiles of dy and x starting at each segment's first row), in two launches and no host sync.
+
+    dy: (M, N), x: (M, K) float32/bfloat16/float16 (any strides), rows sorted by expert; offsets (E+1,) int32/int64,
+    0 = offsets[0] <= ... <= offsets[E] = M (not checked: that would need a device sync). Returns (E, N, K) float32
+    contiguous; an empty expert gets zeros. ``scale_fmt``: None or ``"ue8m0"``; ``round_in_fp32``: as `act_quant`.
+
+    Launch 1 (`_segment_quant_t_kernel`, once for dy and once for x: the same kernel): the row tiles of the segments
+    in expert order (`expert_tile`'s schedule, a tile never mixing two experts), each quantized per column and
+    stored transposed, y (C, M) and the scales at column t of s (C, T_max), T_max = cdiv(M, bs) + min(E, M) bounding
+    the tile count. Launch 2 (`_grouped_wgrad_kernel`): program (e, n tile, k tile) loops over expert e's tiles and
+    accumulates each tile's fp8 product scaled by its two per-row scales in float32 (the report's promotion every
+    128 tokens). Tiles 128 x 128 x block_size on a GPU (64 x 64 interpreted). Raises TypeError on a wrong dtype,
+    ValueError on a wrong shape, device, scale_fmt or block_size. Source: arXiv 2412.19437 sections 3.3 (Wgrad
+    re-tiling) and 2.1.2 (routed experts).
+    """
+    _check_block(block_size)
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
+    check("dy", dy, ndim=2, dtypes=FLOATS, contiguous=False)
+    M, N = dy.shape
+    check("x", x, ndim=2, dtypes=FLOATS, shape=(M, None), device=dy.device, contiguous=False)
+    K = x.shape[1]
+    check("offsets", offsets, ndim=1, dtypes=INDEX, device=dy.device, contiguous=False)
+    if offsets.shape[0] == 0:
+        raise ValueError("offsets: expected shape (E + 1,) with E >= 0, got (0,)")
+    E = offsets.shape[0] - 1
+    c = empty(E, N, K, dtype=torch.float32, device=dy.device)
+    if M == 0 or c.numel() == 0:
+        return c.zero_()
+    rnd = interpreted() if round_in_fp32 is None else bool(round_in_fp32)
+    consts = dict(AMAX_MIN=AMAX_MIN, FP8_MAX=FP8_MAX, UE8M0=scale_fmt == "ue8m0", ROUND_FP32=rnd)
+    offsets = offsets.contiguous()
+    t_max = triton.cdiv(M, block_size) + min(E, M)
+    a, a_s = _segment_quant_t(dy, offsets, t_max, block_size, consts)
+    b, b_s = _segment_quant_t(x, offsets, t_max, block_size, consts)
+    if interpreted():
+        BLOCK_N, BLOCK_K, warps = min(64, pow2(N)), min(64, pow2(K)), 4
+    else:
+        BLOCK_N, BLOCK_K, warps = 128, 128, 8
+    _grouped_wgrad_kernel[(E, triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))](
+        a, b, a_s, b_s, c, offsets, M, N, K, t_max, E=E, BLOCK=block_size, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_E=triton.next_power_of_2(E), num_warps=warps, num_stages=3)
+    return c
+
+
+__all__ = ["act_quant", "weight_dequant", "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_wgrad"]

@@ -1,7 +1,8 @@
 """The fine-grained FP8 op specs (DeepSeek-V3 report section 3.3; `reference.fp8`): `act_quant` (e4m3 per 1 x 128
 tile; power-of-two UE8M0 scales; fused with the transpose Wgrad needs), `weight_dequant` (128 x 128 blocks),
-`fp8_gemm` (block-scaled matmul, float32 accumulation; weight block scales or per-row tile scales) and
-`fp8_grouped_gemm` (the routed experts' grouped FP8 GEMM).
+`fp8_gemm` (block-scaled matmul, float32 accumulation; weight block scales or per-row tile scales),
+`fp8_grouped_gemm` (the routed experts' grouped FP8 GEMM) and `fp8_grouped_wgrad` (the routed experts' Wgrad:
+per-segment transposed quantization and GEMM).
 
 Contracts:
 - ``act_quant`` and ``weight_dequant`` are exact: the same float32 operations as the reference (an IEEE division
@@ -26,6 +27,7 @@ from reference.fp8 import (
     act_quant,
     fp8_gemm,
     fp8_grouped_gemm,
+    fp8_grouped_wgrad,
     stacked_weight_quant,
     weight_dequant,
     weight_quant,
@@ -330,4 +332,72 @@ FP8_GROUPED_GEMM = OpSpec(
     source="DeepSeek-V3 report sections 2.1.2 (routed experts) and 3.3 (FP8 GEMMs, promotion every 128 elements)",
 )
 
-SPECS = [ACT_QUANT, WEIGHT_DEQUANT, FP8_GEMM, FP8_GROUPED_GEMM]
+# ============================================================================= fp8_grouped_wgrad
+
+
+def _wgrad_operands(rng, counts: list[int], n: int, k: int, bs: int = 128):
+    """(dy, x, offsets) for experts with ``counts`` rows each: dy (M, n) and x (M, k) spanning many binades per
+    bs x 1 tile (Wgrad's tiles run along the rows), offsets int64."""
+    m = sum(counts)
+    dy, x = tiles_spanning(rng, n, m, bs).T.contiguous(), tiles_spanning(rng, k, m, bs).T.contiguous()
+    return dy, x, torch.tensor([0, *counts]).cumsum(0)
+
+
+def fp8_grouped_wgrad_samples(rng: torch.Generator) -> list[Sample]:
+    """The battery's samples of `fp8_grouped_wgrad`, seeded by ``rng`` (`OpSpec.samples`). Inputs stay below
+    float16's range (the dtypes under test are the inputs')."""
+    def add(name, ops, tags, *rest, dtypes=None):
+        dy, x, offsets = ops
+        shape = f"{dy.shape[0]}x{dy.shape[1]}, {x.shape[0]}x{x.shape[1]}, E={offsets.numel() - 1}"
+        out.append(Sample(name, (*ops, 128, *rest), shape=shape, tags=tags, dtypes=dtypes))
+
+    out: list[Sample] = []
+    add("4 experts, ragged rows 5/0/170/20 (an empty expert; 170 = 128 + a partial 42-row tile), N = 200, K = 300",
+        _wgrad_operands(rng, [5, 0, 170, 20], 200, 300), ("ragged",))
+    add("ue8m0 scales, ragged rows 0/130/3/0, N = 70, K = 130", _wgrad_operands(rng, [0, 130, 3, 0], 70, 130),
+        ("ragged", "edge"), "ue8m0")
+    dy, x, offsets = _wgrad_operands(rng, [40, 0, 100], 64, 150)
+    dy[40:, :] = 0.0  # an all-zero tile (amax clamped to 1e-4): zeros out
+    add("an all-zero dy segment (amax clamped to 1e-4), N = 64, K = 150", (dy, x, offsets), ("edge",))
+    add("no rows at all, 3 experts", _wgrad_operands(rng, [0, 0, 0], 64, 128), ("edge",))
+    i2, h2 = V2_LITE["moe_intermediate_size"], V2_LITE["hidden_size"]
+    add(f"{V2_LITE['name']} experts gate_proj Wgrad {i2} x {h2}, 8 of 64 experts, 150 routed rows, N sliced to 128, "
+        f"K to 256", _wgrad_operands(rng, [30, 5, 0, 40, 2, 60, 1, 12], 128, 256), ("model",),
+        dtypes=(torch.bfloat16,))
+    return out
+
+
+def fp8_grouped_wgrad_bench_samples(rng: torch.Generator) -> list[Sample]:
+    """The shapes ``dsfs bench`` times for `fp8_grouped_wgrad` (`OpSpec.bench_samples`): the gate_proj Wgrad of
+    32 of DeepSeek-V3's experts (2048 x 7168) over 1024 rows each."""
+    i3, h3 = V3["moe_intermediate_size"], V3["hidden_size"]
+    dy, x = randn(rng, 1024 * 32, i3), randn(rng, 1024 * 32, h3)
+    return [Sample(f"{V3['name']} gate_proj Wgrad {i3} x {h3}, 32 experts x 1024 rows",
+                   (dy, x, torch.arange(33) * 1024, 128), tags=("model",), dtypes=(torch.bfloat16,))]
+
+
+def _wgrad_flops(s: Sample, dtype) -> float:
+    dy, x = s.args[:2]
+    return 2.0 * dy.shape[0] * dy.shape[1] * x.shape[1]
+
+
+def _wgrad_bytes(s: Sample, dtype) -> float:
+    dy, x, offsets = s.args[:3]
+    e = offsets.numel() - 1
+    return float((dy.numel() + x.numel()) * dtype.itemsize + 4 * e * dy.shape[1] * x.shape[1])
+
+
+FP8_GROUPED_WGRAD = OpSpec(
+    name="fp8_grouped_wgrad", reference=fp8_grouped_wgrad,
+    # The quantization of the inputs is exact (the same float32 operations as the reference: bits and scales equal),
+    # so what is left is the GEMM's accumulation, bounded as fp8_gemm's for float32 out: fp8 tensor cores keep about
+    # 14 bits within a 128-token tile; the float32 promotion per tile is what the bound pins.
+    outputs=(Output("dw", dtype=torch.float32, bound=5e-4),),
+    samples=fp8_grouped_wgrad_samples, bench_samples=fp8_grouped_wgrad_bench_samples, reference_float64=False,
+    flops=_wgrad_flops, bytes=_wgrad_bytes,
+    ours={"cuda": "kernels.triton.fp8:fp8_grouped_wgrad", "mlx": "runtime_mlx.kernels.fp8:fp8_grouped_wgrad"},
+    source="DeepSeek-V3 report sections 3.3 (Wgrad's operands re-tiled to 128 x 1 along the tokens, FP8 GEMMs "
+           "promoted to float32 every 128 elements) and 2.1.2 (routed experts)",
+)
+
+SPECS = [ACT_QUANT, WEIGHT_DEQUANT, FP8_GEMM, FP8_GROUPED_GEMM, FP8_GROUPED_WGRAD]

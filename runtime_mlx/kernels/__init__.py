@@ -6,9 +6,9 @@ plus `launch`: path choice (`kernel_path`, `backend`), the one-time self-check a
 (``DSFS_REQUIRE_METAL=1`` makes a failing kernel an error), `KernelSpec` / `Launch` / `run_metal`, and the argument
 checks. Each op has the name and the arguments of the reference op (and the
 Triton op) of the same name; its pure-MLX path is ``<op>_mlx``, its Metal path ``_<op>_metal(..., runner=None)``
-(``runner`` runs a `Launch`: the CPU emulation in ``tests/metal_emulation`` sets it). `fp8_grouped_gemm` and
-`sparse_attention` have no Metal kernel: pure MLX (``mx.gather_mm`` per K block,
-``mx.fast.scaled_dot_product_attention``) on every device.
+(``runner`` runs a `Launch`: the CPU emulation in ``tests/metal_emulation`` sets it). `fp8_grouped_gemm`,
+`fp8_grouped_wgrad` and `sparse_attention` have no Metal kernel: pure MLX (``mx.gather_mm`` per K block, a loop over
+the experts, ``mx.fast.scaled_dot_product_attention``) on every device.
 
 Kernels with a gradient (rms_norm, swiglu, cross_entropy, distill, and route's weights) are ``mx.custom_function``
 with a ``.vjp``; the backward kernels recompute what they need (rstd, logsumexp) instead of keeping it alive between
@@ -27,7 +27,7 @@ from reference.fp8 import AMAX_MIN, FP8_MAX
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .distill import distill, distill_logits
 from .dsa import indexer_scores, indexer_topk, indices_to_mask, sparse_attention
-from .fp8 import act_dequant, act_quant, fp8_gemm, fp8_grouped_gemm, weight_dequant, weight_quant
+from .fp8 import act_dequant, act_quant, fp8_gemm, fp8_grouped_gemm, fp8_grouped_wgrad, weight_dequant, weight_quant
 from .grpo import grpo, grpo_loss, token_logps, token_stats
 from .launch import (
     METAL_DIR,
@@ -67,6 +67,7 @@ __all__ = [
     "fallbacks",
     "fp8_gemm",
     "fp8_grouped_gemm",
+    "fp8_grouped_wgrad",
     "grpo",
     "grpo_loss",
     "indexer_scores",

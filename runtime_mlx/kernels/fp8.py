@@ -387,3 +387,42 @@ def fp8_grouped_gemm(a: mx.array, a_s: mx.array, b: mx.array, b_s: mx.array, off
     if o[0].item() != 0 or o[-1].item() != m or (e and (o[1:] < o[:-1]).any().item()):
         raise ValueError(f"offsets must run nondecreasing from 0 to M = {m}, got {offsets.tolist()}")
     return fp8_grouped_gemm_mlx(a, a_s, b, b_s, expert_of_rows(o, m), block_size, out_dtype)
+
+
+def fp8_grouped_wgrad(dy: mx.array, x: mx.array, offsets: mx.array, block_size: int = 128,
+                      scale_fmt: str | None = None) -> mx.array:
+    """The routed experts' Wgrad in FP8, as `reference.fp8.fp8_grouped_wgrad`: ``dW[e] = fp8_gemm(*act_quant(dy[seg],
+    transpose=True), *act_quant(x[seg], transpose=True))`` per expert segment seg = [offsets[e], offsets[e + 1]) of
+    expert-sorted rows (block_size x 1 tiles starting at each segment's first row, per-row scales on both operands,
+    float32 accumulation per tile of block_size tokens).
+
+    ``dy`` (M, N), ``x`` (M, K) float32/float16/bfloat16; ``offsets`` (E + 1,) integer, 0 = offsets[0] <= ... <=
+    offsets[E] = M. Returns (E, N, K) float32; an expert without rows gets zeros. A loop over the experts with this
+    module's `act_quant` and `fp8_gemm` (it evaluates ``offsets``: not for ``mx.compile``; `runtime_mlx.fp8`'s
+    training layers compute the same tiles without evaluating them). Raises TypeError on wrong dtypes, ValueError on
+    mismatched shapes, a bad block_size or scale_fmt, or offsets that are not 0 .. M nondecreasing. Source:
+    DeepSeek-V3 report sections 3.3 (Wgrad re-tiling) and 2.1.2 (routed experts).
+    """
+    check_float("dy", dy)
+    check_float("x", x)
+    _check_block(block_size)
+    check_scale_fmt(scale_fmt)
+    if not isinstance(offsets, mx.array) or not mx.issubdtype(offsets.dtype, mx.integer):
+        raise TypeError(f"offsets: expected an integer mx.array, got {getattr(offsets, 'dtype', type(offsets))}")
+    if offsets.ndim != 1 or offsets.size == 0:
+        raise ValueError(f"offsets: expected shape (E + 1,), got {tuple(offsets.shape)}")
+    if dy.ndim != 2 or x.ndim != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy must be (M, N) and x (M, K) with the same M; got shapes {tuple(dy.shape)} and "
+                         f"{tuple(x.shape)}")
+    (m, n), k = dy.shape, x.shape[1]
+    o = offsets.astype(mx.int64).tolist()
+    if o[0] != 0 or o[-1] != m or any(a > b for a, b in zip(o[:-1], o[1:], strict=False)):
+        raise ValueError(f"offsets must run nondecreasing from 0 to M = {m}, got {o}")
+    out = []
+    for r0, r1 in zip(o[:-1], o[1:], strict=True):
+        if r1 > r0 and n and k:
+            out.append(fp8_gemm(*act_quant(dy[r0:r1], block_size, scale_fmt, transpose=True),
+                                *act_quant(x[r0:r1], block_size, scale_fmt, transpose=True), block_size, mx.float32))
+        else:
+            out.append(mx.zeros((n, k), mx.float32))
+    return mx.stack(out) if out else mx.zeros((0, n, k), mx.float32)

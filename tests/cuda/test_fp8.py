@@ -1,8 +1,8 @@
-"""kernels/triton/fp8.py: the batteries of act_quant, weight_dequant, fp8_gemm and fp8_grouped_gemm
+"""kernels/triton/fp8.py: the batteries of act_quant, weight_dequant, fp8_gemm, fp8_grouped_gemm and fp8_grouped_wgrad
 (`reference.testing.fp8`), on both rounding paths for act_quant, the fp32 rounding alone, quantize-then-GEMM end to end,
 bad inputs; and direct tests against `reference.fp8` of what FP8 training adds (report section 3.3): ue8m0 scales, the
 transposed quantization of Wgrad, per-row b scales (Wgrad), ``W.T`` views (Dgrad), the grouped GEMM with ragged and
-empty experts, NaN and zero tiles.
+empty experts, the routed experts' grouped Wgrad (per-segment tiles), NaN and zero tiles.
 
 Which rounding path an act_quant test takes is in its id: ``fp32-round`` (the kernel rounds to the e4m3 grid in
 float32, then casts exactly) or ``cast`` (Triton's float32 -> e4m3 cast). Under the interpreter the ``cast`` path is
@@ -22,7 +22,14 @@ from functools import partial
 import pytest
 import torch
 
-from kernels.triton.fp8 import act_quant, fp8_gemm, fp8_grouped_gemm, weight_dequant
+from kernels.triton.fp8 import (
+    _segment_quant_t,
+    act_quant,
+    fp8_gemm,
+    fp8_grouped_gemm,
+    fp8_grouped_wgrad,
+    weight_dequant,
+)
 from kernels.triton.utils import interpreted
 from reference import fp8 as ref
 from reference.testing import assert_close
@@ -66,6 +73,13 @@ def test_fp8_gemm_battery(case):
 def test_fp8_grouped_gemm_battery(case):
     """The grouped GEMM's battery (its spec's samples: ragged segments, empty experts, each output dtype)."""
     check_case(case, fp8_grouped_gemm, DEVICE.type)
+
+
+@pytest.mark.parametrize("case", cases("fp8_grouped_wgrad"))
+def test_fp8_grouped_wgrad_battery(case):
+    """The grouped Wgrad's battery: ragged segments with empty experts, a segment of 170 rows (a partial second
+    tile), N and K not multiples of 128, ue8m0 scales, an all-zero segment, no rows; float32/bfloat16/float16 inputs."""
+    check_case(case, fp8_grouped_wgrad, DEVICE.type)
 
 
 def _bits(t):
@@ -131,6 +145,15 @@ BAD = [
      ValueError, r"offsets: expected shape \(2,\)"),
     ("gg-bs", lambda x, a, a_s, b, b_s: fp8_grouped_gemm(a, a_s, b[None], b_s, _offsets([4])), ValueError,
      r"b_s: expected shape \(1, 2, 3\)"),
+    ("gw-offsets", lambda x, a, a_s, b, b_s: fp8_grouped_wgrad(x, x, _offsets([4]).float()), TypeError,
+     "offsets: expected dtype"),
+    ("gw-offsets-empty", lambda x, a, a_s, b, b_s: fp8_grouped_wgrad(x, x, _offsets([4])[:0]), ValueError,
+     r"offsets: expected shape \(E \+ 1,\)"),
+    ("gw-M", lambda x, a, a_s, b, b_s: fp8_grouped_wgrad(x, x[:3], _offsets([4])), ValueError,
+     r"x: expected shape \(4, '\*'\)"),
+    ("gw-fp8", lambda x, a, a_s, b, b_s: fp8_grouped_wgrad(a, x, _offsets([4])), TypeError, "dy: expected dtype"),
+    ("gw-fmt", lambda x, a, a_s, b, b_s: fp8_grouped_wgrad(x, x, _offsets([4]), scale_fmt="e8m0"), ValueError,
+     "scale_fmt"),
     ("mm-a", lambda x, a, a_s, b, b_s: fp8_gemm(x, a_s, b, b_s), TypeError, "a: expected dtype"),
     ("mm-device", lambda x, a, a_s, b, b_s: fp8_gemm(a, a_s, b, b_s.to("meta")), ValueError, "b_s: expected device"),
 ]
@@ -324,6 +347,72 @@ def test_fp8_grouped_gemm_edges():
     strided = b.transpose(1, 2).contiguous().transpose(1, 2)  # (E, N, K) with unit stride along N
     assert_close(fp8_grouped_gemm(a, a_s, strided, b_s, offsets, out_dtype=torch.float32), want, bound=GEMM_BOUND,
                  what="strided b")
+
+
+WGRAD_COUNTS = pytest.mark.parametrize("counts", [[0, 150, 1, 0, 40], [0, 0, 5], [300], [3, 0, 0, 0]],
+                                       ids=["ragged-empty-middle", "empty-first", "one-expert-3-tiles", "empty-last"])
+
+
+@WGRAD_COUNTS
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"], ids=["fp32-scale", "ue8m0"])
+def test_segment_quant_t_is_act_quant_of_each_segment(counts, scale_fmt):
+    """The first launch of `fp8_grouped_wgrad` alone: for each expert segment, the transposed e4m3 values and the
+    scales at the segment's tile columns (expert order, cdiv(count, 128) tiles each) equal `reference.fp8.act_quant`
+    of that segment with ``transpose=True``, bit for bit (zero tiles and tiles below 1e-4 included)."""
+    rng = torch.Generator().manual_seed(len(counts))
+    x = _quant_inputs(rng, sum(counts), 40, transpose=True)
+    offsets, bounds = _offsets(counts), [0, *torch.tensor(counts).cumsum(0).tolist()]
+    t_max = -(-sum(counts) // 128) + min(len(counts), sum(counts))
+    consts = dict(AMAX_MIN=ref.AMAX_MIN, FP8_MAX=ref.FP8_MAX, UE8M0=scale_fmt == "ue8m0", ROUND_FP32=True)
+    y, s = _segment_quant_t(x.to(DEVICE), offsets, t_max, 128, consts)
+    first = 0
+    for e, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if r1 > r0:
+            tiles = -(-(r1 - r0) // 128)
+            got = (y[:, r0:r1].contiguous(), s[:, first:first + tiles].contiguous())
+            _assert_quant_equal(got, ref.act_quant(x[r0:r1], 128, scale_fmt, transpose=True), f"expert {e}")
+            first += tiles
+
+
+@WGRAD_COUNTS
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"], ids=["fp32-scale", "ue8m0"])
+def test_fp8_grouped_wgrad(counts, scale_fmt):
+    """The routed experts' Wgrad against `reference.fp8.fp8_grouped_wgrad`: ragged segments (empty experts first, in
+    the middle and last, a 1-row segment, 150 and 300 rows: partial last tiles), N = 70 and K = 40 (partial tiles),
+    int32 and int64 offsets, a strided dy (a transposed view) and bfloat16 inputs; every element of the poisoned
+    output written (an empty expert's zeros)."""
+    rng = torch.Generator().manual_seed(7 + len(counts))
+    m = sum(counts)
+    dy = tiles_spanning(rng, 70, m, 128).to(DEVICE).T  # (M, 70), strides (1, M)
+    x = tiles_spanning(rng, 40, m, 128).T.contiguous().to(DEVICE)
+    for idx, dtype in ((torch.int32, torch.float32), (torch.int64, torch.bfloat16)):
+        offsets = _offsets(counts, idx)
+        d, a = dy.to(dtype), x.to(dtype)
+        c = fp8_grouped_wgrad(d, a, offsets, 128, scale_fmt)
+        assert c.shape == (len(counts), 70, 40) and c.dtype == torch.float32 and c.is_contiguous()
+        want = ref.fp8_grouped_wgrad(d.cpu(), a.cpu(), offsets.cpu(), 128, scale_fmt)
+        assert_close(c, want.double(), bound=GEMM_BOUND, what=f"{idx} offsets, {dtype} inputs")
+        for e in range(len(counts)):
+            if counts[e] == 0:
+                assert not c[e].any(), f"empty expert {e} not zero"
+
+
+def test_fp8_grouped_wgrad_edges():
+    """No rows (zeros for every expert), no experts, block_size 64, and the training layer's call through
+    ``ops`` (`reference.fp8_training._wgrad` with the Triton module)."""
+    from reference.fp8_training import _wgrad
+
+    assert not fp8_grouped_wgrad(torch.randn(0, 20, device=DEVICE), torch.randn(0, 30, device=DEVICE),
+                                 _offsets([0, 0])).any()
+    assert fp8_grouped_wgrad(torch.randn(0, 20, device=DEVICE), torch.randn(0, 30, device=DEVICE),
+                             _offsets([])).shape == (0, 20, 30)
+    dy, x, offsets = torch.randn(100, 20, device=DEVICE), torch.randn(100, 30, device=DEVICE), _offsets([70, 0, 30])
+    want = ref.fp8_grouped_wgrad(dy.cpu(), x.cpu(), offsets.cpu(), 64)
+    assert_close(fp8_grouped_wgrad(dy, x, offsets, 64), want.double(), bound=GEMM_BOUND, what="block_size 64")
+    import kernels.triton.fp8 as tri
+
+    want = ref.fp8_grouped_wgrad(dy.cpu(), x.cpu(), offsets.cpu())
+    assert_close(_wgrad(tri, dy, x, offsets, 128, None, (3, 20, 30)), want.double(), bound=GEMM_BOUND, what="_wgrad")
 
 
 def _train_step(ops, seed: int = 0):

@@ -1,8 +1,8 @@
-"""runtime_mlx FP8: the batteries of act_quant (1x128 tiles), weight_dequant (128x128 blocks), fp8_gemm and
-fp8_grouped_gemm on every path (`reference.testing.fp8`), NaN inputs beyond the spec, the ue8m0 scales, transposed
-quantization and per-row scales; FP8 training (`runtime_mlx.fp8`: fp8_linear, fp8_swiglu_mlp, enable_fp8_training)
-against `reference.fp8_training` on the same values, forward and gradients; and `MLXTrainer`'s precisions (fp8 and bf16
-steps against fp32, bfloat16 optimizer moments and an exact resume)."""
+"""runtime_mlx FP8: the batteries of act_quant (1x128 tiles), weight_dequant (128x128 blocks), fp8_gemm,
+fp8_grouped_gemm and fp8_grouped_wgrad on every path (`reference.testing.fp8`), NaN inputs beyond the spec, the ue8m0
+scales, transposed quantization and per-row scales; FP8 training (`runtime_mlx.fp8`: fp8_linear, fp8_swiglu_mlp,
+enable_fp8_training) against `reference.fp8_training` on the same values, forward and gradients; and `MLXTrainer`'s
+precisions (fp8 and bf16 steps against fp32, bfloat16 optimizer moments and an exact resume)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,15 @@ from reference.testing import assert_close
 from reference.testing.pytest_plugin import cases, check_case
 from runtime_mlx import kernels as K
 from runtime_mlx.fp8 import FP8MLP, FP8Experts, FP8Linear, enable_fp8_training, fp8_linear, fp8_swiglu_mlp
-from runtime_mlx.kernels.fp8 import act_dequant, fp8_grouped_gemm, to_e4m3, ue8m0_ceil, weight_quant, weight_quant_mlx
+from runtime_mlx.kernels.fp8 import (
+    act_dequant,
+    fp8_grouped_gemm,
+    fp8_grouped_wgrad,
+    to_e4m3,
+    ue8m0_ceil,
+    weight_quant,
+    weight_quant_mlx,
+)
 from runtime_mlx.train import MLXTrainer, from_reference
 from tests.mlx.kernel_refs import spread
 from tests.mlx.utils import PATHS, model_pair, to_mx, to_torch
@@ -64,6 +72,26 @@ def _cases_if_specified(op: str) -> list:
 def test_fp8_grouped_gemm_battery(case):
     """The fp8_grouped_gemm battery (pure MLX: ``mx.gather_mm`` per K block), as fp8_gemm's."""
     check_case(case, fp8_grouped_gemm, "mlx")
+
+
+@pytest.mark.parametrize("case", _cases_if_specified("fp8_grouped_wgrad"))
+def test_fp8_grouped_wgrad_battery(case):
+    """The fp8_grouped_wgrad battery (a loop over the experts of `act_quant` transposed and `fp8_gemm`): ragged and
+    empty segments, partial tiles, ue8m0 scales, float32/bfloat16/float16 inputs, float32 out."""
+    check_case(case, fp8_grouped_wgrad, "mlx")
+
+
+def test_fp8_grouped_wgrad_refuses_bad_offsets():
+    """Offsets that do not split the rows, of the wrong dtype or rank are errors."""
+    dy, x = mx.zeros((5, 3)), mx.zeros((5, 4))
+    for bad in ([0, 3, 2, 5], [0, 4], [1, 5]):
+        with pytest.raises(ValueError, match="offsets must run nondecreasing"):
+            fp8_grouped_wgrad(dy, x, mx.array(bad))
+    with pytest.raises(TypeError, match="offsets"):
+        fp8_grouped_wgrad(dy, x, mx.array([0.0, 5.0]))
+    with pytest.raises(ValueError, match="same M"):
+        fp8_grouped_wgrad(dy, x[:4], mx.array([0, 5]))
+    assert fp8_grouped_wgrad(dy[:0], x[:0], mx.array([0])).shape == (0, 3, 4)
 
 
 @pytest.mark.parametrize("path", PATHS)
