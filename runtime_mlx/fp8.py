@@ -46,8 +46,7 @@ from .kernels.fp8 import (
     expert_of_rows,
     fp8_gemm,
     fp8_grouped_gemm_mlx,
-    scales,
-    to_e4m3,
+    fp8_grouped_wgrad_mlx,
     weight_quant_mlx,
 )
 from .moe import Experts
@@ -69,34 +68,13 @@ def _gemm(aq, a_s, wq, ws, eid, bs, out_dtype):
     return fp8_grouped_gemm_mlx(aq, a_s, wq, ws, eid, bs, out_dtype)
 
 
-def _segment_dequant(v: mx.array, eid: mx.array, offsets: mx.array, bs: int, fmt) -> mx.array:
-    """``v`` (M, C) rows sorted by expert -> float32 (M, C): v quantized to e4m3 in bs x 1 tiles that start at each
-    expert's first row (``act_quant(v[segment], transpose=True)`` per segment) and dequantized."""
-    m, c = v.shape
-    e = offsets.shape[0] - 1
-    counts = offsets[1:] - offsets[:-1]
-    tiles = (counts + bs - 1) // bs
-    base = mx.concatenate([mx.zeros((1,), tiles.dtype), mx.cumsum(tiles)[:-1]])
-    eid = eid.astype(mx.int32)
-    tid = base[eid] + (mx.arange(m, dtype=offsets.dtype) - offsets[eid]) // bs  # (M,) tile of each row
-    n_tiles = -(-m // bs) + e  # >= sum_e ceil(count_e / bs)
-    v = v.astype(mx.float32)
-    amax = mx.zeros((n_tiles, c), mx.float32).at[tid].maximum(mx.abs(v))
-    nans = mx.zeros((n_tiles, c), mx.float32).at[tid].add(mx.isnan(v).astype(mx.float32))
-    s = scales(mx.where(nans > 0, mx.nan, amax), fmt)[tid]  # (M, C)
-    return mx.from_fp8(to_e4m3(v / s), dtype=mx.float32) * s
-
-
 def _wgrad(dy: mx.array, x: mx.array, offsets, bs: int, fmt) -> mx.array:
     """Wgrad ``dW = dy^T x`` in FP8, float32 out, for dy (M, N) and x (M, K): both re-tiled along M; per expert
-    segment when ``offsets`` (E + 1,) is given (returns (E, N, K))."""
+    segment when ``offsets`` (E + 1,) is given (`fp8_grouped_wgrad_mlx`, returns (E, N, K))."""
     if offsets is None:
         return fp8_gemm(*act_quant(dy, bs, fmt, transpose=True), *act_quant(x, bs, fmt, transpose=True), bs,
                         mx.float32)
-    eid = expert_of_rows(offsets, dy.shape[0])
-    d, a = _segment_dequant(dy, eid, offsets, bs, fmt), _segment_dequant(x, eid, offsets, bs, fmt)
-    segments = mx.stack([offsets[:-1], offsets[1:]], axis=1).astype(mx.uint32)
-    return mx.segmented_mm(d.T, a, segments)
+    return fp8_grouped_wgrad_mlx(dy, x, offsets, expert_of_rows(offsets, dy.shape[0]), bs, fmt)
 
 
 @cache

@@ -108,25 +108,6 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, M, K, KB, stride_xm, stride_xk, AMAX_
 
 
 @triton.jit
-def _act_quant_t_kernel(x_ptr, y_ptr, s_ptr, M, K, MB, stride_xm, stride_xk, AMAX_MIN: tl.constexpr,
-                        FP8_MAX: tl.constexpr, UE8M0: tl.constexpr, ROUND_FP32: tl.constexpr, BLOCK: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """Quantization of x^T fused with the transpose. Program (i, j) loads the BLOCK x BLOCK_K tile of x (M, K) (any
-    strides) at rows [i*BLOCK, (i+1)*BLOCK) and columns [j*BLOCK_K, (j+1)*BLOCK_K), takes one amax per column over
-    the rows (a BLOCK x 1 tile of x, a 1 x BLOCK tile of x^T), and stores the tile transposed into y (K, M) and its
-    scales into column i of s (K, MB), MB = cdiv(M, BLOCK); y and s contiguous."""
-    i = tl.program_id(0)
-    rows = i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-    y, s = _quant_rows(tl.trans(x.to(tl.float32)), y_ptr.dtype.element_ty, AMAX_MIN, FP8_MAX, UE8M0,
-                       ROUND_FP32)  # (BLOCK_K, BLOCK)
-    tl.store(y_ptr + cols[:, None] * M + rows[None, :], y, mask=tl.trans(mask))
-    tl.store(s_ptr + cols * MB + i, s, mask=cols < K)
-
-
-@triton.jit
 def _weight_dequant_kernel(w_ptr, s_ptr, y_ptr, N, K, KB, BLOCK: tl.constexpr):
     """Program (nb, kb): the BLOCK x BLOCK block (nb, kb) of w, y (N, K), times its scale s[nb, kb]; s (NB, KB)."""
     nb, kb = tl.program_id(0), tl.program_id(1)
@@ -187,7 +168,8 @@ def _segment_quant_t_kernel(x_ptr, y_ptr, s_ptr, offsets_ptr, M, C, T_MAX, strid
                             AMAX_MIN: tl.constexpr, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr,
                             ROUND_FP32: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_E: tl.constexpr):
-    """Per-segment quantization of x^T fused with the transpose (Wgrad's operands of the routed experts). Program
+    """Per-segment quantization of x^T fused with the transpose (Wgrad's operands: of the routed experts, and with one
+    segment of all M rows those of `act_quant(..., transpose=True)`). Program
     (t, j): row tile t of the expert segments (`expert_tile`: rows [start, min(start + BLOCK, end)) of one expert)
     and columns [j*BLOCK_C, (j+1)*BLOCK_C) of x (M, C) (any strides); one amax per column over the tile's rows, the
     e4m3 values stored transposed into y (C, M) and the scales into column t of s (C, T_MAX); y and s contiguous.
@@ -287,13 +269,10 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = No
             raise ValueError(f"x: transpose=True needs a 2-D (M, K) tensor with M >= 1, got {tuple(x.shape)}")
         M, K = x.shape
         MB = triton.cdiv(M, block_size)
-        y = empty(K, M, dtype=FP8_DTYPE, device=x.device)
-        s = empty(K, MB, dtype=torch.float32, device=x.device)
-        if K:
-            BLOCK_K = min(64 if interpreted() else 32, max(16, triton.next_power_of_2(K)))
-            _act_quant_t_kernel[(MB, triton.cdiv(K, BLOCK_K))](x, y, s, M, K, MB, x.stride(0), x.stride(1),
-                                                               BLOCK=block_size, BLOCK_K=BLOCK_K, **consts)
-        return y, s
+        if not K:
+            return empty(0, M, dtype=FP8_DTYPE, device=x.device), empty(0, MB, dtype=torch.float32, device=x.device)
+        one_segment = torch.tensor([0, M], dtype=torch.int32, device=x.device)  # the grouped Wgrad's kernel, E = 1
+        return _segment_quant_t(x, one_segment, MB, block_size, consts)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x: expected shape (..., K) with K >= 1, got {tuple(x.shape)}")
     K = x.shape[-1]

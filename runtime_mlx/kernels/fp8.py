@@ -389,6 +389,36 @@ def fp8_grouped_gemm(a: mx.array, a_s: mx.array, b: mx.array, b_s: mx.array, off
     return fp8_grouped_gemm_mlx(a, a_s, b, b_s, expert_of_rows(o, m), block_size, out_dtype)
 
 
+def _segment_dequant(v: mx.array, eid: mx.array, offsets: mx.array, bs: int, fmt) -> mx.array:
+    """``v`` (M, C) rows sorted by expert -> float32 (M, C): v quantized to e4m3 in bs x 1 tiles that start at each
+    expert's first row (``act_quant(v[segment], transpose=True)`` per segment) and dequantized."""
+    m, c = v.shape
+    e = offsets.shape[0] - 1
+    counts = offsets[1:] - offsets[:-1]
+    tiles = (counts + bs - 1) // bs
+    base = mx.concatenate([mx.zeros((1,), tiles.dtype), mx.cumsum(tiles)[:-1]])
+    eid = eid.astype(mx.int32)
+    tid = base[eid] + (mx.arange(m, dtype=offsets.dtype) - offsets[eid]) // bs  # (M,) tile of each row
+    n_tiles = -(-m // bs) + e  # >= sum_e ceil(count_e / bs)
+    v = v.astype(mx.float32)
+    amax = mx.zeros((n_tiles, c), mx.float32).at[tid].maximum(mx.abs(v))
+    nans = mx.zeros((n_tiles, c), mx.float32).at[tid].add(mx.isnan(v).astype(mx.float32))
+    s = scales(mx.where(nans > 0, mx.nan, amax), fmt)[tid]  # (M, C)
+    return mx.from_fp8(to_e4m3(v / s), dtype=mx.float32) * s
+
+
+def fp8_grouped_wgrad_mlx(dy, x, offsets, eid, block_size=128, scale_fmt=None):
+    """Pure MLX `fp8_grouped_wgrad` by each row's expert ``eid`` (M,) (traces under ``mx.compile``: the offsets are
+    not evaluated): both operands quantized in block_size x 1 tiles starting at each segment (`_segment_dequant`),
+    their dequantized values multiplied per segment by ``mx.segmented_mm`` in float32 (the scales multiply the
+    operands before the sum instead of each tile's partial sum after it: equal to float32 rounding, exactly with
+    ``"ue8m0"`` scales). Returns (E, N, K) float32."""
+    d = _segment_dequant(dy, eid, offsets, block_size, scale_fmt)
+    a = _segment_dequant(x, eid, offsets, block_size, scale_fmt)
+    segments = mx.stack([offsets[:-1], offsets[1:]], axis=1).astype(mx.uint32)
+    return mx.segmented_mm(d.T, a, segments)
+
+
 def fp8_grouped_wgrad(dy: mx.array, x: mx.array, offsets: mx.array, block_size: int = 128,
                       scale_fmt: str | None = None) -> mx.array:
     """The routed experts' Wgrad in FP8, as `reference.fp8.fp8_grouped_wgrad`: ``dW[e] = fp8_gemm(*act_quant(dy[seg],
@@ -397,9 +427,9 @@ def fp8_grouped_wgrad(dy: mx.array, x: mx.array, offsets: mx.array, block_size: 
     float32 accumulation per tile of block_size tokens).
 
     ``dy`` (M, N), ``x`` (M, K) float32/float16/bfloat16; ``offsets`` (E + 1,) integer, 0 = offsets[0] <= ... <=
-    offsets[E] = M. Returns (E, N, K) float32; an expert without rows gets zeros. A loop over the experts with this
-    module's `act_quant` and `fp8_gemm` (it evaluates ``offsets``: not for ``mx.compile``; `runtime_mlx.fp8`'s
-    training layers compute the same tiles without evaluating them). Raises TypeError on wrong dtypes, ValueError on
+    offsets[E] = M. Returns (E, N, K) float32; an expert without rows gets zeros. `fp8_grouped_wgrad_mlx` with
+    checked ``offsets`` (evaluated here: under ``mx.compile`` call `fp8_grouped_wgrad_mlx`, as `runtime_mlx.fp8`'s
+    training layers do). Raises TypeError on wrong dtypes, ValueError on
     mismatched shapes, a bad block_size or scale_fmt, or offsets that are not 0 .. M nondecreasing. Source:
     DeepSeek-V3 report sections 3.3 (Wgrad re-tiling) and 2.1.2 (routed experts).
     """
@@ -418,11 +448,6 @@ def fp8_grouped_wgrad(dy: mx.array, x: mx.array, offsets: mx.array, block_size: 
     o = offsets.astype(mx.int64).tolist()
     if o[0] != 0 or o[-1] != m or any(a > b for a, b in zip(o[:-1], o[1:], strict=False)):
         raise ValueError(f"offsets must run nondecreasing from 0 to M = {m}, got {o}")
-    out = []
-    for r0, r1 in zip(o[:-1], o[1:], strict=True):
-        if r1 > r0 and n and k:
-            out.append(fp8_gemm(*act_quant(dy[r0:r1], block_size, scale_fmt, transpose=True),
-                                *act_quant(x[r0:r1], block_size, scale_fmt, transpose=True), block_size, mx.float32))
-        else:
-            out.append(mx.zeros((n, k), mx.float32))
-    return mx.stack(out) if out else mx.zeros((0, n, k), mx.float32)
+    if m == 0 or n == 0 or k == 0:
+        return mx.zeros((len(o) - 1, n, k), mx.float32)
+    return fp8_grouped_wgrad_mlx(dy, x, offsets, expert_of_rows(offsets, m), block_size, scale_fmt)
