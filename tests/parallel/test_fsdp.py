@@ -1,0 +1,87 @@
+"""Data parallelism (FSDP2 ZeRO-3 / ZeRO-2, HSDP, ZeRO-1) through `dsfs.parallel.trainer.ParallelTrainer` against
+the single-process `dsfs.trainer.TorchTrainer` on the same global batches: one step's loss and every gradient within
+1e-5, ten steps' losses within 1e-4, the MoE correction biases identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsfs.parallel.layout import Layout, ParallelDims
+from dsfs.parallel.trainer import ParallelTrainer
+from dsfs.train_config import TrainConfig
+from dsfs.trainer import TorchTrainer
+from tests.parallel.harness import spawn
+from tests.parallel.oracle import TOL, full_grads, global_batch, max_error, parallel_model
+
+STEPS = 10
+
+
+def train_config(optimizer: str = "adamw", **kw) -> TrainConfig:
+    """The equality runs' training config: 4 x 16-token micro-batches, lr 3e-3, clipping at 1.0 (it acts: the
+    random model's gradient norm is larger)."""
+    base = dict(batch_size=4, seq_len=16, lr=3e-3, min_lr_ratio=0.0, warmup_steps=0, max_steps=STEPS,
+                time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=1, eval_every=STEPS,
+                eval_batches=1, mtp_weight=0.3, optimizer=optimizer)
+    return TrainConfig(**{**base, **kw})
+
+
+def batches(cfg, n: int = STEPS) -> list[dict]:
+    return [dict(zip(("input_ids", "targets"), global_batch(cfg, 4, 16, seed=s), strict=True)) for s in range(n)]
+
+
+def run_steps(trainer, data: list[dict]) -> tuple[list[float], dict, list[torch.Tensor]]:
+    """Losses of ``len(data)`` steps; the gradients of the first step (before its update) and the correction biases
+    at the end."""
+    losses, grads = [], None
+    for i, b in enumerate(data):
+        losses.append(trainer.micro_step(b, 1)["loss"])
+        if i == 0:
+            grads = full_grads(trainer.model)
+        trainer.optimizer_step(3e-3)
+    biases = [m.gate.e_score_correction_bias.clone() for m in trainer.model.moe_layers()]
+    return losses, grads, biases
+
+
+def single_process(optimizer: str):
+    model = parallel_model()
+    data = batches(model.config)
+    t = TorchTrainer(model, torch.device("cpu"), 3e-3, 0.1, 1.0, 0.3, compile=False, optimizer=optimizer)
+    return run_steps(t, data)
+
+
+def case(dims: dict, optimizer: str) -> dict:
+    """One layout on this process group: the errors against the single-process run."""
+    import torch.distributed as dist
+
+    want_losses, want_grads, want_bias = single_process(optimizer)
+    layout = Layout.build(ParallelDims(world_size=dist.get_world_size(), **dims), torch.device("cpu"))
+    model = parallel_model()
+    trainer = ParallelTrainer(model, layout, train_config(optimizer))
+    losses, grads, biases = run_steps(trainer, batches(model.config))
+    grad_err, where = max_error(grads, want_grads)
+    return {"loss1": abs(losses[0] - want_losses[0]), "grad": grad_err, "where": where,
+            "loss10": max(abs(a - b) for a, b in zip(losses, want_losses, strict=True)),
+            "bias": max(float((a - b).abs().max()) for a, b in zip(biases, want_bias, strict=True))}
+
+
+CASES2 = {"zero3": dict(zero=3), "zero2": dict(zero=2), "zero1": dict(zero=1), "ddp": dict(dp_replicate=2, dp_shard=1),
+          "zero3-muon": dict(zero=3)}
+CASES4 = {"hsdp": dict(dp_replicate=2, dp_shard=2)}
+
+
+def run_cases(cases: dict) -> dict:
+    return {name: case(dims, "muon" if name.endswith("muon") else "adamw") for name, dims in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def results2():
+    return spawn(2, run_cases, CASES2)[0]
+
+
+@pytest.mark.parametrize("name", list(CASES2))
+def test_data_parallel_equals_one_process(results2, name):
+    r = results2[name]
+    assert r["loss1"] < TOL and r["grad"] < TOL, r
+    assert r["loss10"] < 1e-4, r
+    assert r["bias"] == 0.0, r
