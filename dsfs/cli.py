@@ -168,13 +168,55 @@ def add_train(sub) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the training loss (auto: on for cpu and cuda; default: auto)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_parallel_options(p)
     p.set_defaults(func=_run_train)
+
+
+def add_parallel_options(p) -> None:
+    """``dsfs train``'s multi-process options (`dsfs.parallel.layout.ParallelDims`)."""
+    from dsfs.parallel.layout import PP_SCHEDULES
+
+    g = p.add_argument_group("several processes (torch.distributed; dsfs/parallel)")
+    g.add_argument("--nproc", type=int, metavar="N", help="worker processes on this machine (torch's elastic "
+                   "launcher; gloo on CPU, NCCL on GPUs: one GPU each); default: the product of the degrees "
+                   "below, else 1. Across machines: torchrun ... -m dsfs train")
+    for name, what in [("dp-replicate", "data-parallel replicas (HSDP's replicate dimension)"),
+                       ("dp-shard", "fully sharded data parallelism (FSDP2; default: the processes the other "
+                        "degrees leave)"),
+                       ("cp", "context parallelism: the sequence split over processes"),
+                       ("tp", "tensor parallelism (attention heads, MLPs; sequence-parallel norms)"),
+                       ("pp", "pipeline stages"),
+                       ("ep", "expert parallelism (routed experts split; ranks borrowed from dp-shard x cp)")]:
+        g.add_argument(f"--{name}", type=int, metavar="N", help=what)
+    g.add_argument("--zero", type=int, choices=[1, 2, 3], help="ZeRO stage of the data-parallel dimensions: 3 "
+                   "(default; parameters, gradients and optimizer state sharded), 2 (parameters kept gathered "
+                   "from forward to backward), 1 (only the optimizer state sharded; data parallelism alone)")
+    g.add_argument("--pp-schedule", choices=list(PP_SCHEDULES), help="pipeline schedule (default: 1F1B)")
+    g.add_argument("--pp-microbatches", type=int, metavar="N", help="pipeline microbatches per micro-batch "
+                   "(default: pp, or 2 x pp for the two-stages-per-rank schedules)")
+
+
+PARALLEL_OPTIONS = ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep", "zero", "pp_schedule", "pp_microbatches")
+
+
+def parallel_args(args) -> tuple[int, dict]:
+    """The number of processes and the layout (`ParallelDims` fields) of ``dsfs train``'s options. Raises
+    `ConfigError` for ``--nproc`` below 1."""
+    dims = {k: getattr(args, k) for k in PARALLEL_OPTIONS if getattr(args, k) is not None}
+    nproc = args.nproc
+    if nproc is None:
+        nproc = 1
+        for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp"):
+            nproc *= max(1, dims.get(k, 1))
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: expected an integer >= 1")
+    return nproc, dims
 
 
 def _run_train(args) -> int:
     import torch
 
-    from dsfs.train import train
+    from dsfs.train import dist_rank, train
     from dsfs.train_config import check_value
 
     if args.threads is not None:
@@ -195,13 +237,26 @@ def _run_train(args) -> int:
         raise ConfigError(f"--keep-last {args.keep_last}: expected an integer >= 0 (0 keeps every checkpoint)")
     if args.save_every is not None and args.save_every < 1:
         raise ConfigError(f"--save-every {args.save_every}: expected an integer >= 1")
-    s = train(
-        args.preset, args.data, args.out, resume=args.resume, init_from=args.init_from, backend=args.backend,
-        seed=args.seed, model_overrides={"num_nextn_predict_layers": depths} if depths is not None else None,
-        compile={"auto": "auto", "on": True, "off": False}[args.compile],
-        keep_last=args.keep_last, save_every=args.save_every, overwrite=args.overwrite, verbose=not args.quiet,
-        time_budget_s=args.time_budget, **{f: getattr(args, f) for f in fields},
-    )
+    from dsfs.parallel.launch import finish, launch, launched_world_size
+
+    nproc, dims = parallel_args(args)
+    if nproc > 1 and launched_world_size() == 1:  # start the workers; each runs this command again
+        run_dir = args.out or (args.resume if isinstance(args.resume, str) else None) or \
+            f"runs/{args.preset or 'tiny'}"
+        return launch(args.argv, nproc, run_dir)
+    try:
+        s = train(
+            args.preset, args.data, args.out, resume=args.resume, init_from=args.init_from, backend=args.backend,
+            seed=args.seed, model_overrides={"num_nextn_predict_layers": depths} if depths is not None else None,
+            compile={"auto": "auto", "on": True, "off": False}[args.compile],
+            keep_last=args.keep_last, save_every=args.save_every, overwrite=args.overwrite, verbose=not args.quiet,
+            time_budget_s=args.time_budget, parallel=dims, **{f: getattr(args, f) for f in fields},
+        )
+        rank = dist_rank()
+    finally:
+        finish()
+    if rank != 0:  # a worker other than rank 0: rank 0 prints the summary
+        return 0
     note = " (stopped by the time budget; continue with --resume)" if s["stopped"] == "time_budget" else ""
     print(f"steps {s['steps']}{note}, {data.plural(s['tokens'], 'token')}, {s['tokens_per_s']:,.0f} tokens/s, "
           f"{s['elapsed_s']:.1f} s, backend {s['backend']} on {s['device']}")

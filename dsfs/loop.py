@@ -68,6 +68,25 @@ def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio:
     return lo + (lr - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class LocalCheckpoints:
+    """How a one-process run saves (`dsfs.checkpointing.save_checkpoint`: the Hugging Face model directory plus
+    ``trainer_state.pt``; ``final/`` through ``save_pretrained``) and agrees with itself. A multi-process run uses
+    `dsfs.parallel.trainer.ShardedCheckpoints` instead: ``main`` is rank 0 (the one that writes the run directory's
+    files and prints), ``agree`` reduces a flag over every rank, so all stop at the same step."""
+
+    main = True
+
+    def save(self, trainer, state: dict, ckpt_dir: Path, step: int, tokenizer_file, keep_last: int) -> Path:
+        return save_checkpoint(trainer.model, state, ckpt_dir, step, tokenizer_file, keep_last)
+
+    def save_final(self, trainer, path: Path, tokenizer_file) -> Path:
+        return save_model_dir(trainer.model, path, tokenizer_file)
+
+    def agree(self, value: int) -> int:
+        """The largest ``value`` over the processes of the run (here: ``value``)."""
+        return value
+
+
 @dataclass
 class Progress:
     """Where a run stands: optimizer ``step``s done, ``tokens`` trained on, ``elapsed_s`` wall-clock seconds over
@@ -94,7 +113,9 @@ class TrainingRun:
     ``command``: the verb that resumes the run, for the messages; ``on_step``: called with each step's record (tests);
     ``extra_eval()``: more metrics for each evaluation record (a stage's held-out accuracy); ``plot_keys``: metrics
     of the records drawn in a second panel of the plot; ``perplexity``: log ``val_ppl`` (the validation loss is a
-    cross-entropy; a DPO loss is not).
+    cross-entropy; a DPO loss is not); ``checkpoints``: how checkpoints are written and stops agreed
+    (`LocalCheckpoints`; a multi-process run's: every rank runs the loop, only its ``main`` rank holds the run
+    directory and writes metrics, plot and messages).
     """
 
     def __init__(self, trainer: Trainer, tc: TrainConfig, out: str | os.PathLike, next_batch: Callable[[], Batch],
@@ -105,7 +126,7 @@ class TrainingRun:
                  say: Callable[[str], None] = lambda msg: None, verbose: bool = True,
                  desc: str = "train", command: str = "dsfs train", on_step: Callable[[dict], None] | None = None,
                  extra_eval: Callable[[], dict] | None = None, plot_keys: tuple[str, ...] | list[str] = (),
-                 perplexity: bool = True):
+                 perplexity: bool = True, checkpoints=None):
         self.trainer, self.tc, self.out = trainer, tc, Path(out)
         self.next_batch, self.eval_batches, self.tokens_per_step = next_batch, eval_batches, tokens_per_step
         self.stage_state, self.tokenizer_file = stage_state, tokenizer_file
@@ -115,6 +136,10 @@ class TrainingRun:
         self.start_step = self.progress.step
         self.say, self.verbose, self.desc, self.command, self.on_step = say, verbose, desc, command, on_step
         self.extra_eval, self.plot_keys, self.perplexity = extra_eval, tuple(plot_keys), perplexity
+        self.checkpoints = checkpoints or LocalCheckpoints()
+        self.main = self.checkpoints.main
+        if not self.main:
+            self.say, self.verbose = (lambda msg: None), False
         self.ckpt_dir, self.metrics_path, self.plot_path = self.out / CHECKPOINTS, self.out / METRICS, self.out / PLOT
         self.records: list[dict] = []
         self.train_time = 0.0  # this session, optimizer steps only
@@ -141,7 +166,7 @@ class TrainingRun:
         ppl = {"val_ppl": math.exp(min(v, 700.0))} if self.perplexity and v is not None else {}
         loss = {"val_loss": v} if v is not None else {}
         self.log({"step": self.progress.step, **loss, **ppl, **extra})
-        plot_losses(self.records, self.plot_path, self.plot_keys)
+        self.plot()
         shown = [f"val loss {v:.4f}" + (f" (ppl {ppl['val_ppl']:.1f})" if ppl else "")] if v is not None else []
         shown += [f"{k} {x:.3f}" for k, x in extra.items() if k in ("val_accuracy", "val_format")]
         self.say(f"step {self.progress.step}: {', '.join(shown) or 'evaluated'}")
@@ -157,7 +182,12 @@ class TrainingRun:
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "train_config": self.tc.to_dict(), **self.stage_state(),
         }
-        return save_checkpoint(self.trainer.model, state, self.ckpt_dir, p.step, self.tokenizer_file, self.keep_last)
+        return self.checkpoints.save(self.trainer, state, self.ckpt_dir, p.step, self.tokenizer_file, self.keep_last)
+
+    def plot(self) -> None:
+        """Redraw loss.png (the main process only)."""
+        if self.main:
+            plot_losses(self.records, self.plot_path, self.plot_keys)
 
     def step(self) -> dict:
         """One optimizer step: ``grad_accum`` micro-steps, whose metrics are averaged (a metric that is ``None`` in
@@ -201,8 +231,12 @@ class TrainingRun:
         Returns ``{"val_loss", "val_ppl", "steps", "tokens", "tokens_per_s", "elapsed_s", "stopped", "device",
         **trainer.summary, "out_dir", "final_dir", "checkpoint", "metrics", "plot"}``; ``stopped`` is
         ``"max_steps"`` or ``"time_budget"``; tokens/s over this session's optimizer steps only."""
+        if not self.main:  # the main process holds and prepares the run directory; the others only train
+            self.checkpoints.agree(0)  # wait for it
+            return self._train()
         with lock_run_dir(self.out):
             self._claim_out()
+            self.checkpoints.agree(0)
             return self._train()
 
     def _claim_out(self) -> None:
@@ -222,7 +256,8 @@ class TrainingRun:
         tc, p, out = self.tc, self.progress, self.out
         val_loss, last_eval, last_saved = None, -1, p.step if self.resumed else -1
         stopped = "max_steps"
-        with open(self.metrics_path, "a") as self._metrics_file, _StopSignals(self.say) as stop:
+        metrics = self.metrics_path if self.main else os.devnull
+        with open(metrics, "a") as self._metrics_file, _StopSignals(self.say) as stop:
             if not self.resumed:
                 val_loss, last_eval = self.evaluate(), p.step
             with tqdm(total=tc.max_steps, initial=p.step, unit="step", file=sys.stderr, disable=not self.verbose,
@@ -239,11 +274,12 @@ class TrainingRun:
                     if p.step % self.save_every == 0 and p.step < tc.max_steps:
                         self.save()
                         last_saved = p.step
-                    if stop.signum is not None:
-                        self._stop_interrupted(last_saved, stop.signum)
+                    signum = self.checkpoints.agree(stop.signum or 0)  # every process stops at the same step
+                    if signum:
+                        self._stop_interrupted(last_saved, signum)
                     budget = tc.time_budget_s
-                    if budget is not None and time.perf_counter() - self.session_start >= budget \
-                            and p.step < tc.max_steps:
+                    over = budget is not None and time.perf_counter() - self.session_start >= budget
+                    if self.checkpoints.agree(int(over)) and p.step < tc.max_steps:
                         stopped = "time_budget"
                         self.say(f"time budget of {budget:g} s reached at step {p.step}/{tc.max_steps}; stopping "
                                  f"(continue with {self.command} --resume --out {out})")
@@ -252,8 +288,8 @@ class TrainingRun:
                 val_loss = self.evaluate()
             if last_saved != p.step:
                 self.save()
-            save_model_dir(self.trainer.model, out / FINAL, self.tokenizer_file)
-        plot_losses(self.records, self.plot_path, self.plot_keys)
+            self.checkpoints.save_final(self.trainer, out / FINAL, self.tokenizer_file)
+        self.plot()
         return {
             "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)) if val_loss is not None else None,
             "steps": p.step, "tokens": p.tokens,
@@ -267,10 +303,11 @@ class TrainingRun:
         step = self.progress.step
         if last_saved != step:
             self.save()
-        plot_losses(self.records, self.plot_path, self.plot_keys)
+        self.plot()
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        print(f"{what} at step {step}: checkpoint saved in {self.ckpt_dir / step_dir_name(step)}; "
-              f"continue with {self.command} --resume --out {self.out}", file=sys.stderr)
+        if self.main:
+                print(f"{what} at step {step}: checkpoint saved in {self.ckpt_dir / step_dir_name(step)}; "
+                  f"continue with {self.command} --resume --out {self.out}", file=sys.stderr)
         raise Interrupted(signum)
 
 

@@ -37,6 +37,9 @@ from dsfs.checkpointing import (
 from dsfs.errors import CheckpointError, ConfigError, DataError
 from dsfs.evaluation import Batch, eval_batches
 from dsfs.loop import Progress, TrainingRun, check_out
+from dsfs.parallel.checkpoint import is_sharded, load_sharded
+from dsfs.parallel.layout import DEGREES
+from dsfs.parallel.trainer import ParallelTrainer, ShardedCheckpoints
 from dsfs.presets import MODEL_PRESETS, TRAIN_PRESETS
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import make_trainer
@@ -203,6 +206,7 @@ def train(
     verbose: bool = True,
     on_step: Callable[[dict], None] | None = None,
     compile: bool | str = "auto",
+    parallel: dict | None = None,
     **overrides,
 ) -> dict:
     """Train a model on a prepared data directory; return a summary dict.
@@ -239,6 +243,12 @@ def train(
     metrics record (tests). ``compile``: ``torch.compile`` the training loss (``"auto"``: on cpu and cuda, not on
     mps); on the MLX runtime, ``mx.compile`` the micro-step and the update (``"auto"``: on).
 
+    Multi-process (a worker launched by ``dsfs train --nproc N`` or ``torchrun``: ``WORLD_SIZE`` > 1): ``parallel``
+    holds the layout's degrees (`dsfs.parallel.layout.ParallelDims` fields; default: every rank fully sharded data
+    parallel); the run trains with `dsfs.parallel.trainer.ParallelTrainer` (eager), every rank drawing the same
+    global batches and taking its share, writes sharded checkpoints and gathers ``final/`` on rank 0. A run resumes
+    under any layout or number of processes, sharded or not.
+
     Returns the summary of `dsfs.loop.TrainingRun.run` plus ``"backend"``. Exact resume assumes the same device and
     torch thread count in both sessions; a run continues on another backend within float tolerance. Raises
     ``TypeError`` for an unknown training field, a `dsfs.errors.UserError` for bad input: unknown preset, invalid
@@ -247,7 +257,6 @@ def train(
     backend that cannot run, a non-finite loss. Ctrl-C or SIGTERM saves a checkpoint, prints how to resume, and
     raises `dsfs.loop.Interrupted` (a KeyboardInterrupt).
     """
-    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
     if resume and init_from is not None:
         raise ConfigError("pass --resume (continue a run exactly) or --init-from (start a run from a checkpoint's "
                           "weights), not both")
@@ -255,6 +264,10 @@ def train(
         raise ConfigError(f"unknown preset {preset!r} (expected one of {', '.join(TRAIN_PRESETS)})")
     check_run_options(resume, overwrite, keep_last, save_every)
     be = resolve_backend(backend)
+    layout = _parallel_layout(be, parallel, compile, overrides.get("precision"))
+    if layout is not None and dist_rank() != 0:
+        verbose = False
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
 
     # ---- checkpoint to resume, or to start from
     state, ckpt, init_dir = None, None, None
@@ -288,7 +301,7 @@ def train(
                             "--data DIR (where that prepared data directory is now)")
         data_dir = state["data_dir"]
     if data_dir is None:
-        data_dir = data_mod.prepare(verbose=verbose)
+        data_dir = _prepare_once(layout, verbose)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no such data directory (run dsfs prepare first, or omit --data)")
@@ -347,13 +360,20 @@ def train(
 
     # ---- model, optimizer, data order
     torch.manual_seed(seed)
-    model = _initial_model(be, cfg, ckpt, init_dir, meta, model_overrides, say)
-    trainer = make_trainer(be, model, tc, compile)
+    sharded = ckpt is not None and is_sharded(ckpt)
+    model = _initial_model(be, cfg, None if sharded else ckpt, init_dir, meta, model_overrides, say)
+    if layout is not None:
+        trainer = ParallelTrainer(model, layout, tc)
+    else:
+        trainer = make_trainer(be, model, tc, compile)
     gen = torch.Generator().manual_seed(seed)
     start = None
     if state is not None:
         try:
-            trainer.load_state_dict(state["optimizer"])
+            if sharded:
+                load_sharded(ckpt, *_parts_and_optimizers(trainer))
+            else:
+                trainer.load_state_dict(state["optimizer"])
             gen.set_state(state["data_generator"])
             torch.set_rng_state(state["rng_cpu"])
         except (KeyError, ValueError, RuntimeError) as e:
@@ -387,6 +407,59 @@ def train(
     run = TrainingRun(trainer, tc, out, next_batch, eval_batches(val_tokens, tc.batch_size, tc.seq_len,
                       tc.eval_batches), tok_per_step, stage_state, tokenizer_file, keep_last=keep_last,
                       save_every=save_every, start=start, overwrite=overwrite, say=say, verbose=verbose,
-                      desc=f"train {preset}", on_step=on_step)
+                      desc=f"train {preset}", on_step=on_step,
+                      checkpoints=ShardedCheckpoints() if layout is not None else None)
     summary = run.run()
     return {**summary, "backend": be.name}
+
+
+def dist_rank() -> int:
+    """This process's global rank (0 outside a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _parallel_layout(be: Backend, parallel: dict | None, compile, precision):
+    """The `dsfs.parallel.layout.Layout` of a launched worker (``WORLD_SIZE`` > 1), after joining the process group;
+    ``None`` for a one-process run. Raises `ConfigError` for what a multi-process run cannot do."""
+    from dsfs.parallel.launch import init_layout, launched_world_size
+
+    if launched_world_size() == 1:
+        if parallel and any(v > 1 for k, v in parallel.items() if k in DEGREES and isinstance(v, int)):
+            raise ConfigError("parallel degrees above 1 need several processes: pass --nproc N (or start the run "
+                              "with torchrun)")
+        return None
+    if be.name == "mlx":
+        raise ConfigError("--backend mlx trains on several processes under mlx.launch (data parallel), not with "
+                          "--nproc or torchrun")
+    if compile is True:
+        raise ConfigError("--compile on: multi-process runs train eager (--compile off or auto)")
+    layout = init_layout(parallel or {}, be.device.type)
+    if precision == "fp8" and (layout.dims.tp > 1 or layout.dims.ep > 1 or layout.dims.pp > 1):
+        raise ConfigError("--precision fp8 trains with data parallelism only (dp-replicate / dp-shard), not with "
+                          "tp, ep or pp")
+    return layout
+
+
+def _prepare_once(layout, verbose: bool) -> Path:
+    """``dsfs prepare``'s defaults (skipped when done), on rank 0 first when several processes start together, so
+    they never write the same files."""
+    if layout is None:
+        return data_mod.prepare(verbose=verbose)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        out = data_mod.prepare(verbose=verbose)
+        dist.barrier()
+        return out
+    dist.barrier()
+    return data_mod.prepare(verbose=False)
+
+
+def _parts_and_optimizers(trainer) -> tuple[list, list]:
+    """The model parts and optimizers a sharded checkpoint loads into: a `ParallelTrainer`'s, or a one-process
+    trainer's model and optimizer."""
+    if isinstance(trainer, ParallelTrainer):
+        return trainer.parts, trainer.optimizers
+    return [trainer.model], [trainer.opt]

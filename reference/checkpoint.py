@@ -315,6 +315,18 @@ def save_model(model, path, tokenizer_file=None) -> None:
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
+def copy_tokenizer(tokenizer_file, path) -> None:
+    """Copy ``tokenizer_file`` into the directory ``path`` as ``tokenizer.json``, with the ``tokenizer_config.json``
+    beside it when there is one (``dsfs prepare`` writes it: bos/eos/pad and the chat template, for transformers);
+    nothing when ``tokenizer_file`` is None."""
+    if tokenizer_file is None:
+        return
+    shutil.copyfile(tokenizer_file, os.path.join(path, "tokenizer.json"))
+    tokenizer_config = os.path.join(os.path.dirname(os.path.abspath(tokenizer_file)), TOKENIZER_CONFIG)
+    if os.path.isfile(tokenizer_config):
+        shutil.copyfile(tokenizer_config, os.path.join(path, TOKENIZER_CONFIG))
+
+
 def write_model_dir(path, config: ModelConfig, main: dict, mtp: dict, save: Callable, tokenizer_file=None,
                     dtype: str | None = None) -> None:
     """Write a checkpoint directory atomically: ``config.json`` (stating ``dtype``, the stored weights' dtype
@@ -334,11 +346,7 @@ def write_model_dir(path, config: ModelConfig, main: dict, mtp: dict, save: Call
         save(main, os.path.join(tmp, "model.safetensors"))
         if mtp:
             save(mtp, os.path.join(tmp, "mtp.safetensors"))
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
-            tokenizer_config = os.path.join(os.path.dirname(os.path.abspath(tokenizer_file)), TOKENIZER_CONFIG)
-            if os.path.isfile(tokenizer_config):  # bos/eos/pad and the chat template, for transformers
-                shutil.copyfile(tokenizer_config, os.path.join(tmp, TOKENIZER_CONFIG))
+        copy_tokenizer(tokenizer_file, tmp)
         write_checksums(tmp)
         follow_umask(tmp)
         replace_dir(tmp, path)

@@ -8,13 +8,14 @@ NCCL). Expert parallelism does not add ranks: as in torchtitan (with experts not
 ``dp_shard_mod_ep x dp_shard_in_ep`` with ``ep = dp_shard_in_ep x cp``; the routed experts are fully sharded over
 the remaining ``dp_shard_mod_ep`` (and replicated over ``dp_replicate``).
 
-Flattened submeshes (`Layout.mesh[name]`): ``dp`` (``dp_replicate x dp_shard``: the ranks that read different rows
+Flattened submeshes: ``dp`` (``dp_replicate x dp_shard``: the ranks that read different rows
 of the batch), ``dp_shard_cp`` (FSDP's shard dimension: parameters are sharded over the data and context ranks),
-``dp_cp`` (the ranks whose losses and expert loads are averaged or summed), ``ep`` (when ``ep > 1``).
+``dp_cp`` (the ranks whose losses and expert loads are averaged or summed), ``ep`` (when ``ep > 1``): `Layout.mesh`.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 from dsfs.errors import ConfigError
@@ -177,13 +178,15 @@ class ParallelDims:
 
 
 class Layout:
-    """The `ParallelDims` of this process's run and its `DeviceMesh` (``mesh``: the world mesh, indexed by
-    dimension name, flattened ones included: module docstring). ``device``: this rank's ``torch.device``.
+    """The `ParallelDims` of this process's run and its `DeviceMesh`: ``world`` the world mesh, ``mesh[names]`` the
+    submesh of one dimension or several by name, flattened ones included (``mesh["tp"]``, ``mesh["dp_replicate",
+    "dp_shard_cp"]``: module docstring). ``device``: this rank's ``torch.device``.
 
     Build it with `Layout.build` inside an initialized process group."""
 
-    def __init__(self, dims: ParallelDims, mesh, device):
-        self.dims, self.mesh, self.device = dims, mesh, device
+    def __init__(self, dims: ParallelDims, world, device):
+        self.dims, self.world, self.device = dims, world, device
+        self.mesh = _Submeshes(world)
 
     @classmethod
     def build(cls, dims: ParallelDims, device) -> Layout:
@@ -194,14 +197,14 @@ class Layout:
         d = dims
         shape = [d.pp, d.dp_replicate, d.dp_shard // d.dp_shard_in_ep, d.dp_shard_in_ep, d.cp, d.tp]
         names = ["pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp", "tp"]
-        mesh = init_device_mesh(device.type, tuple(shape), mesh_dim_names=tuple(names))
+        mesh = _Submeshes(init_device_mesh(device.type, tuple(shape), mesh_dim_names=tuple(names)))
         mesh["dp_shard_mod_ep", "dp_shard_in_ep"]._flatten("dp_shard")
         mesh["dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep"]._flatten("dp")
         mesh["dp_shard_mod_ep", "dp_shard_in_ep", "cp"]._flatten("dp_shard_cp")
         mesh["dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp"]._flatten("dp_cp")
         if d.ep > 1:
             mesh["dp_shard_in_ep", "cp"]._flatten("ep")
-        return cls(dims, mesh, device)
+        return cls(dims, mesh.world, device)
 
     def rank(self, dim: str) -> int:
         """This process's coordinate along the (possibly flattened) mesh dimension ``dim``."""
@@ -214,4 +217,16 @@ class Layout:
     def group(self, dim: str):
         """The process group of mesh dimension ``dim``."""
         return self.mesh[dim].get_group()
+
+
+class _Submeshes:
+    """``Layout.mesh``: the world mesh's submeshes by dimension name(s)."""
+
+    def __init__(self, world):
+        self.world = world
+
+    def __getitem__(self, names):
+        with warnings.catch_warnings():  # torch 2.10+ warns about slicing flattened dims from the root mesh
+            warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+            return self.world[names]
 

@@ -27,7 +27,7 @@ from torch import nn
 from dsfs.evaluation import Batch, autocast
 from dsfs.parallel.layout import Layout
 from dsfs.train_config import TrainConfig
-from reference.optim import make_optimizer, store_moments_in
+from reference.optim import make_optimizer, param_groups, store_moments_in
 
 METRICS = ("loss", "lm_loss", "mtp_loss", "aux_loss")
 
@@ -90,6 +90,9 @@ class ParallelTrainer:
         self.layout, self.tc, self.config = layout, tc, model.config
         self.device_type, self.precision, self.mtp_weight = layout.device.type, tc.precision, tc.mtp_weight
         self.n_params = sum(p.numel() for p in model.parameters())
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.group_names = [[names[id(p)] for p in g["params"]]  # the one-process optimizer's order (load_state_dict)
+                            for g in param_groups(model, tc.weight_decay, tc.optimizer)]
         model = model.to(layout.device).train()
         self.parts, self.pipeline, self.ddp = [model], None, None
         if dims.pp > 1:
@@ -224,8 +227,26 @@ class ParallelTrainer:
         return None
 
     def load_state_dict(self, sd: dict) -> None:
-        """Not used: a sharded checkpoint is loaded by `dsfs.parallel.checkpoint.load_sharded`."""
-        raise NotImplementedError("a parallel run loads its optimizer state with dsfs.parallel.checkpoint")
+        """Load a one-process run's optimizer state (the reference optimizer's ``state_dict()``, parameters numbered
+        in `reference.optim.param_groups` order) into this run's sharded optimizers: renamed by parameter name, each
+        rank taking its part (DCP's ``set_optimizer_state_dict`` from a full state dict). Raises ``ValueError`` when
+        it does not fit the model (a sharded checkpoint is loaded by `dsfs.parallel.checkpoint.load_sharded`)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        flat = [n for names in self.group_names for n in names]
+        groups = sd["param_groups"]
+        if len(groups) != len(self.group_names) or sum(len(g["params"]) for g in groups) != len(flat):
+            raise ValueError(f"optimizer state of {sum(len(g['params']) for g in groups)} parameters in "
+                             f"{len(groups)} groups; this model's optimizer has {len(flat)} in "
+                             f"{len(self.group_names)}")
+        for part, opt in zip(self.parts, self.optimizers, strict=True):
+            local = getattr(opt, "optim", opt)  # ZeRO-1: the rank's share
+            mine = {n for n, p in part.named_parameters() if any(p is q for g in local.param_groups
+                                                                  for q in g["params"])}
+            osd = {"state": {flat[i]: st for i, st in sd["state"].items() if flat[i] in mine},
+                   "param_groups": [{**g, "params": [flat[i] for i in g["params"] if flat[i] in mine]}
+                                    for g in groups]}
+            set_optimizer_state_dict(part, local, osd, options=StateDictOptions(full_state_dict=True))
 
 
 def zero1_optimizer(model: nn.Module, tc: TrainConfig, moments) -> torch.optim.Optimizer:
@@ -244,3 +265,35 @@ def zero1_optimizer(model: nn.Module, tc: TrainConfig, moments) -> torch.optim.O
         store_moments_in(opt.optim, moments)
     return opt
 
+
+
+class ShardedCheckpoints:
+    """How a multi-process run saves (the `dsfs.loop.LocalCheckpoints` interface): sharded checkpoints
+    (`dsfs.parallel.checkpoint.save_sharded`, the run's `ParallelDims` stored in the trainer state), ``final/``
+    gathered whole on rank 0 (`save_full_model`); ``main`` is global rank 0; ``agree`` is the maximum over every
+    rank (one all-reduce), so a Ctrl-C or a time budget seen by one rank stops every rank after the same step."""
+
+    def __init__(self):
+        self.main = dist.get_rank() == 0
+
+    def save(self, trainer: ParallelTrainer, state: dict, ckpt_dir, step: int, tokenizer_file, keep_last: int):
+        from dsfs.parallel.checkpoint import save_sharded
+
+        state = {**state, "parallel": trainer.layout.dims.to_dict()}
+        return save_sharded(trainer.parts, trainer.optimizers, trainer.config, state, ckpt_dir, step, tokenizer_file,
+                            keep_last)
+
+    def save_final(self, trainer: ParallelTrainer, path, tokenizer_file):
+        from dsfs.parallel.checkpoint import save_full_model
+
+        return save_full_model(trainer.parts, trainer.layout, trainer.config, path, tokenizer_file)
+
+    def agree(self, value: int) -> int:
+        t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+
+def _collective_device() -> torch.device:
+    """The device the default process group's collectives take tensors on (a GPU under NCCL)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
