@@ -209,7 +209,8 @@ class Model(nn.Module):
                              f"{tuple(attention_mask.shape)}")
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """Final-normed hidden states (B, T, hidden_size). With a ``cache`` the tokens continue it.
 
         ``attention_mask``: None (no padding), or (B, S) bool or integer over the cached and the new tokens
@@ -219,8 +220,15 @@ class Model(nn.Module):
         real keys only. Positions are not shifted: token ``j`` sits at position ``j`` whatever the padding; RoPE
         is relative, so every real position's output equals that of the unpadded sequence (up to float rounding
         of the rotation angles); outputs at padding positions are finite and meaningless. Raises ``ValueError``
-        for a mask that is not a tensor, has a float dtype or a shape other than (B, S).
+        for a padded batch's mask that is not a tensor, has a float dtype or a shape other than (B, S).
+
+        ``positions`` (context parallelism, `dsfs.parallel.cp`): (T',) int64 positions of the sequence ``input_ids``
+        (B, T) this process computes; returns (B, T', hidden_size), each query attending causally to every position
+        before it: the attention layers must supply the other positions' keys (`dsfs.parallel.cp` gathers them from
+        the other processes; a plain layer holds only the T' given and fails). No cache or padding mask here.
         """
+        if positions is not None:
+            return self._hidden_states_at(input_ids, positions)
         offset = cache.seq_len if cache is not None else 0
         self._check_input_ids(input_ids, offset)
         mask = None
@@ -235,6 +243,17 @@ class Model(nn.Module):
             cache.seq_len += input_ids.shape[1]
         return self.model.norm(x)
 
+    def _hidden_states_at(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._check_input_ids(input_ids, 0)
+        t = input_ids.shape[1]
+        x = self.model.embed_tokens(input_ids[:, positions])
+        cos, sin = self.rotary(t, 0, x.device, x.dtype)
+        cos, sin = cos[positions], sin[positions]
+        mask = positions[:, None] >= torch.arange(t, device=positions.device)[None, :]  # (T', T) causal by position
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, None, 0, mask)
+        return self.model.norm(x)
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab_size) logits. ``cache``: a `KVCache` from `new_cache` to continue;
@@ -245,7 +264,8 @@ class Model(nn.Module):
         """An empty KV cache for this model's decoder layers."""
         return KVCache(self.config.num_hidden_layers)
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3) -> LossOutput:
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3,
+             positions: torch.Tensor | None = None) -> LossOutput:
         """Next-token loss with MTP and balance losses.
 
         ``input_ids`` (B, T) int; ``targets`` (B, T) int64, ``targets[:, t]`` the token after position t
@@ -255,44 +275,60 @@ class Model(nn.Module):
         each depth's cross-entropy is divided by its own
         count of valid targets, and ``L_MTP = mtp_weight / D * sum_k L_k`` (report eq. 24-25). Raises
         ``ValueError`` when ``targets`` does not match ``input_ids`` in shape.
+
+        ``positions`` (context parallelism, `dsfs.parallel.cp`; see `hidden_states`): compute only the tokens at
+        these (T',) positions of the (B, T) sequences; each loss is then this slice's share of the whole sequences'
+        loss (its sum over the valid targets at ``positions`` divided by the count of all valid targets), so the
+        shares of slices that cover the sequences add up to the loss without ``positions``. The sequence-wise
+        balance loss needs whole sequences: ``ValueError`` with ``aux_loss_alpha > 0``.
         """
         if targets.shape != input_ids.shape:
             raise ValueError(
                 f"targets: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(targets.shape)}")
-        h = self.hidden_states(input_ids)
-        lm_loss = self.lm_loss(h, targets)
+        if positions is not None and self.config.aux_loss_alpha > 0:
+            raise ValueError("positions: the sequence-wise balance loss (aux_loss_alpha > 0) needs whole sequences")
+        h = self.hidden_states(input_ids, positions=positions)
+        at = (lambda y: y) if positions is None else (lambda y: y[:, positions])
+        lm_loss = self.lm_loss(h, at(targets), count_of=None if positions is None else targets)
         mtp_losses = []
         b, t = input_ids.shape
         cos, sin = self.rotary(t, 0, h.device, h.dtype)
+        mask = None
+        if positions is not None:
+            cos, sin = cos[positions], sin[positions]
+            mask = positions[:, None] >= torch.arange(t, device=positions.device)[None, :]
         for k, layer in enumerate(self.mtp, start=1):
             pad = input_ids.new_zeros(b, min(k, t))
             ahead = torch.cat((input_ids[:, k:], pad), dim=1)
             tgt = torch.cat((targets[:, k:], torch.full_like(pad, IGNORE_INDEX)), dim=1)
-            h = layer(layer.combine(h, self.model.embed_tokens(ahead)), cos, sin)
-            mtp_losses.append(self.lm_loss(layer.shared_head.norm(h), tgt))
+            h = layer(layer.combine(h, self.model.embed_tokens(at(ahead))), cos, sin, None, 0, mask)
+            mtp_losses.append(self.lm_loss(layer.shared_head.norm(h), at(tgt),
+                                           count_of=None if positions is None else tgt))
         aux = sum((m.aux_loss for m in self.moe_layers() if m.aux_loss is not None), h.new_zeros(()))
         loss = lm_loss + aux
         if mtp_losses:
             loss = loss + mtp_weight * torch.stack(mtp_losses).mean()
-        return LossOutput(loss, lm_loss, mtp_losses, aux, count_valid(targets))
+        return LossOutput(loss, lm_loss, mtp_losses, aux, count_valid(at(targets)))
 
     cross_entropy = staticmethod(linear_cross_entropy)
     """The fused head + cross-entropy `lm_loss` calls (a runtime overrides it with its kernel)."""
 
-    def lm_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def lm_loss(self, h: torch.Tensor, targets: torch.Tensor, count_of: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy of the output head on ``h`` (B, T, hidden) against ``targets`` (B, T) int64
         (-100 ignored; 0 with gradient 0 when none is valid): `masked_cross_entropy` of ``lm_head(h)``, fused
         with the head and chunked (`reference.cross_entropy.linear_cross_entropy`), so training never holds
         the (B, T, vocab) logits. Under autocast the head's operands are rounded to the autocast dtype, as
         ``lm_head``'s would be; the reference then multiplies them and takes the softmax in float32 (``forward``
-        returns the autocast dtype's logits)."""
+        returns the autocast dtype's logits). ``count_of``: divide by the valid targets of these targets instead
+        (a slice's share of a whole sequence's loss: `loss` with ``positions``)."""
         flat, weight = h.reshape(-1, h.shape[-1]), self.lm_head.weight
         if torch.is_autocast_enabled(h.device.type):
             dtype = torch.get_autocast_dtype(h.device.type)
             flat, weight = flat.to(dtype), weight.to(dtype)
         total = self.cross_entropy(flat.contiguous(), weight, targets.reshape(-1).contiguous(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        counted = targets if count_of is None else count_of
+        return total / (counted != IGNORE_INDEX).sum().clamp(min=1)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()

@@ -125,6 +125,10 @@ class ParallelTrainer:
             from dsfs.parallel.ep import apply_ep
 
             apply_ep(part, layout.mesh["ep"])
+        if dims.cp > 1:
+            from dsfs.parallel.cp import apply_cp
+
+            apply_cp(part, layout.mesh["cp"])
         if dims.zero == 1:
             if dims.dp > 1:
                 from dsfs.parallel.fsdp import apply_replicate
@@ -143,19 +147,29 @@ class ParallelTrainer:
         ``aux_loss``."""
         x = local_rows(batch["input_ids"], self.layout).to(self.layout.device)
         y = local_rows(batch["targets"], self.layout).to(self.layout.device)
+        cp = self.layout.dims.cp
         with autocast(self.layout.device, self.precision):
             if self.pipeline is not None:
                 m = self.pipeline.step(x, y, self.mtp_weight, accum)
             else:
                 loss = self.ddp if self.ddp is not None else self.parts[0].loss
-                o = loss(x, y, mtp_weight=self.mtp_weight)
-                (o.loss / accum).backward()
+                o = loss(x, y, mtp_weight=self.mtp_weight, **self.cp_positions(x.shape[1]))
+                (o.loss * (cp / accum)).backward()  # CP: a share of the loss; FSDP averages over the cp ranks too
                 mtp = torch.stack(o.mtp_losses).mean().item() if o.mtp_losses else None
                 m = {"loss": o.loss.item(), "lm_loss": o.lm_loss.item(), "mtp_loss": mtp,
                      "aux_loss": float(o.aux_loss)}
         keys = [k for k in METRICS if m.get(k) is not None]
-        return {**dict.fromkeys(METRICS), **dict(zip(keys, all_reduce_mean([m[k] for k in keys], self.layout),
-                                                     strict=True))}
+        means = all_reduce_mean([m[k] * cp for k in keys], self.layout)  # CP: the sum of the ranks' shares
+        return {**dict.fromkeys(METRICS), **dict(zip(keys, means, strict=True))}
+
+    def cp_positions(self, seq_len: int) -> dict:
+        """``{"positions": ...}``, the sequence positions this rank computes under context parallelism
+        (`dsfs.parallel.cp.positions`), or ``{}`` without it."""
+        if self.layout.dims.cp == 1:
+            return {}
+        from dsfs.parallel.cp import positions
+
+        return {"positions": positions(seq_len, self.layout.dims.cp, self.layout.rank("cp"), self.layout.device)}
 
     def params(self) -> list[nn.Parameter]:
         """Every trained parameter of this rank's model parts (tied ones once)."""
@@ -219,8 +233,8 @@ class ParallelTrainer:
             if self.pipeline is not None:
                 v = self.pipeline.eval_loss(x, y)
             else:
-                v = float(self.parts[0].loss(x, y, mtp_weight=0.0).lm_loss)
-        return all_reduce_mean([v], self.layout)[0]
+                v = float(self.parts[0].loss(x, y, mtp_weight=0.0, **self.cp_positions(x.shape[1])).lm_loss)
+        return all_reduce_mean([v * self.layout.dims.cp], self.layout)[0]
 
     def state_dict(self) -> dict | None:
         """None: the optimizer state is saved sharded with the model (`dsfs.parallel.checkpoint`)."""
