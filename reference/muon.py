@@ -113,6 +113,7 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_group(self, g: dict) -> None:
         lr, mu = g["lr"], g["momentum"]
+        params, updates = [], []
         for p in g["params"]:
             if p.grad is None:
                 continue
@@ -121,10 +122,17 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
-            update = p.grad.lerp(buf, mu) if g["nesterov"] else buf
+            params.append(p)
+            updates.append(p.grad.lerp(buf, mu) if g["nesterov"] else buf)
+        for p, o in zip(params, self.orthogonalize(updates, g["ns_steps"]), strict=True):
             scale = MATCH_RMS_ADAMW * math.sqrt(max(p.shape[-2], p.shape[-1]))
             p.mul_(1 - lr * g["weight_decay"])
-            p.add_(zeropower_via_newtonschulz5(update, g["ns_steps"]).to(p.dtype), alpha=-lr * scale)
+            p.add_(o.to(p.dtype), alpha=-lr * scale)
+
+    def orthogonalize(self, updates: list[Tensor], ns_steps: int) -> list[Tensor]:
+        """`zeropower_via_newtonschulz5` of each update (a matrix or a stack of them), float32. The step's one
+        whole-matrix operation: a sharded optimizer overrides it (`dsfs.parallel.muon.DistributedMuon`)."""
+        return [zeropower_via_newtonschulz5(u, ns_steps) for u in updates]
 
     def _adamw_group(self, g: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

@@ -57,17 +57,18 @@ def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw"
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, optimizer: str = "adamw",
-                   moment_dtype: torch.dtype | None = None) -> torch.optim.Optimizer:
+                   moment_dtype: torch.dtype | None = None, muon_cls: type[Muon] = Muon) -> torch.optim.Optimizer:
     """The training optimizer over `param_groups` (betas ``BETAS``): ``"adamw"``, ``torch.optim.AdamW`` with
     decoupled weight decay on matrices only; ``"muon"``, `reference.muon.Muon` (Muon on the hidden matrices,
     AdamW on the rest, one learning rate). AdamW runs PyTorch's fused implementation (one kernel over all
     parameters) when they all live on CPU or CUDA. ``moment_dtype``: keep the moments in this dtype between steps
-    (`store_moments_in`; ``torch.bfloat16`` in FP8 training, DeepSeek-V3 report section 3.3.3). Raises
+    (`store_moments_in`; ``torch.bfloat16`` in FP8 training, DeepSeek-V3 report section 3.3.3). ``muon_cls``: the
+    Muon implementation (a sharded run's is `dsfs.parallel.muon.DistributedMuon`). Raises
     ``ValueError`` for another ``optimizer``."""
     fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) or None
     groups = param_groups(model, weight_decay, optimizer)
     if optimizer == "muon":
-        opt = Muon(groups, lr=lr, betas=BETAS, fused=fused)
+        opt = muon_cls(groups, lr=lr, betas=BETAS, fused=fused)
     else:
         opt = torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=fused)
     if moment_dtype is not None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from dsfs.evaluation import Batch, autocast
 from dsfs.parallel.layout import Layout
+from dsfs.parallel.muon import DistributedMuon
 from dsfs.train_config import TrainConfig
 from reference.optim import make_optimizer, param_groups, store_moments_in
 
@@ -107,8 +108,8 @@ class ParallelTrainer:
         if dims.zero == 1:
             self.optimizers = [zero1_optimizer(part, tc, moments) for part in self.parts]
         else:
-            self.optimizers = [make_optimizer(part, tc.lr, tc.weight_decay, tc.optimizer, moment_dtype=moments)
-                               for part in self.parts]
+            self.optimizers = [make_optimizer(part, tc.lr, tc.weight_decay, tc.optimizer, moment_dtype=moments,
+                                              muon_cls=DistributedMuon) for part in self.parts]
         self.model = self.parts[0] if len(self.parts) == 1 else nn.ModuleList(self.parts)
         self.clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         self.label = f", {dims.describe()} over {dims.world_size} processes"

@@ -67,7 +67,7 @@ def case(dims: dict, optimizer: str) -> dict:
 
 CASES2 = {"zero3": dict(zero=3), "zero2": dict(zero=2), "zero1": dict(zero=1), "ddp": dict(dp_replicate=2, dp_shard=1),
           "ep2": dict(ep=2), "zero3-muon": dict(zero=3)}
-CASES4 = {"hsdp": dict(dp_replicate=2, dp_shard=2), "cp2-dp2": dict(cp=2)}
+CASES4 = {"hsdp": dict(dp_replicate=2, dp_shard=2), "cp2-dp2": dict(cp=2), "hsdp-muon": dict(dp_replicate=2, dp_shard=2)}
 
 
 def run_cases(cases: dict) -> dict:
