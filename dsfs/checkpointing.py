@@ -268,7 +268,8 @@ def load_trainer_state(step_dir: str | os.PathLike) -> dict:
 
 
 def load_model_dir(path: str | os.PathLike, model_cls=None, device=None):
-    """``model_cls.from_pretrained(path)`` (default ``reference.Model``) moved to ``device``; errors from a
+    """``model_cls.from_pretrained(path)`` (default ``reference.Model``) moved to ``device`` (a sharded checkpoint:
+    gathered whole, `dsfs.parallel.checkpoint.load_full_model`); errors from a
     missing or corrupt ``config.json`` / safetensors, a file that does not match checksums.json, a non-finite weight
     (naming the tensor) or an incomplete directory (`model_dir_problem`) become ``CheckpointError``."""
     if model_cls is None:
@@ -276,6 +277,10 @@ def load_model_dir(path: str | os.PathLike, model_cls=None, device=None):
     problem = model_dir_problem(path)
     if problem is not None:
         raise CheckpointError(f"cannot load the model in {path}: {problem}")
+    if (Path(path) / ".metadata").is_file():  # a multi-process run's sharded checkpoint (dsfs.parallel.checkpoint)
+        from dsfs.parallel.checkpoint import load_full_model
+
+        return load_full_model(path, model_cls).to(device)
     try:
         return model_cls.from_pretrained(path, device=device)
     except (OSError, ValueError) as e:

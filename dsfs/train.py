@@ -28,7 +28,7 @@ from dsfs import data as data_mod
 from dsfs.backend import Backend, resolve_backend
 from dsfs.checkpointing import (
     CHECKPOINTS,
-    STATE_FILE,
+    checkpoint_problem,
     latest_checkpoint,
     load_model_dir,
     load_trainer_state,
@@ -140,9 +140,9 @@ def _resume_state(resume, out_dir, preset) -> tuple[Path, dict]:
         if not where.is_dir():
             raise CheckpointError(f"{where}: no checkpoint to resume (no such directory; expected a run, "
                                   f"{CHECKPOINTS} or step_* directory)")
-        if where.name.startswith("step_") and not (where / STATE_FILE).is_file():
-            raise CheckpointError(f"{where}: no checkpoint to resume: {STATE_FILE} is missing (an incomplete "
-                                  "checkpoint; resume from its run directory to take the newest complete one)")
+        if where.name.startswith("step_") and checkpoint_problem(where) is not None:
+            raise CheckpointError(f"{where}: no checkpoint to resume: {checkpoint_problem(where)} (resume from its "
+                                  "run directory to take the newest complete one)")
         raise CheckpointError(f"{where}: no checkpoint to resume (expected {CHECKPOINTS}/step_* directories)")
     state = load_trainer_state(ckpt)
     missing = sorted(STATE_KEYS - set(state))

@@ -25,7 +25,15 @@ from torch import nn
 
 from dsfs.checkpointing import STATE_FILE, DiskFullError, list_checkpoints, step_dir_name
 from dsfs.errors import CheckpointError
-from reference.checkpoint import copy_tokenizer, follow_umask, is_disk_full, remove_dir, replace_dir, write_checksums
+from reference.checkpoint import (
+    copy_tokenizer,
+    follow_umask,
+    is_disk_full,
+    remove_dir,
+    replace_dir,
+    verify_checksums,
+    write_checksums,
+)
 
 METADATA = ".metadata"
 
@@ -112,6 +120,7 @@ def load_sharded(path: str | os.PathLike, parts: list[nn.Module], optimizers: li
     optimizers = optimizers or []
     sd = state_dicts(parts, optimizers) if optimizers else {"model": _model_state(parts)}
     try:
+        verify_checksums(path)  # every shard present and intact, before DCP reads them
         dcp.load(sd, checkpoint_id=str(path))
     except Exception as e:  # CheckpointException wraps each rank's error
         raise CheckpointError(f"cannot load the sharded checkpoint {path}: {_first_line(e)}") from e

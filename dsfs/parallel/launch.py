@@ -79,7 +79,8 @@ def launch(argv: list[str], nproc: int, run_dir: str | os.PathLike | None) -> in
     try:
         elastic_launch(cfg, entrypoint=sys.executable)(*worker_argv(argv))
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
+        # the root cause: not a worker the launcher itself stopped (SIGTERM) after another failed; then the earliest
+        rank, failure = min(e.failures.items(), key=lambda rf: (rf[1].exitcode == -15, rf[1].timestamp, rf[0]))
         code = failure.exitcode
         if code in (130, 143):  # interrupted: the workers saved a checkpoint and said how to resume
             return code
