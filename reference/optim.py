@@ -61,11 +61,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, optimizer: 
     """The training optimizer over `param_groups` (betas ``BETAS``): ``"adamw"``, ``torch.optim.AdamW`` with
     decoupled weight decay on matrices only; ``"muon"``, `reference.muon.Muon` (Muon on the hidden matrices,
     AdamW on the rest, one learning rate). AdamW runs PyTorch's fused implementation (one kernel over all
-    parameters) when they all live on CPU or CUDA. ``moment_dtype``: keep the moments in this dtype between steps
-    (`store_moments_in`; ``torch.bfloat16`` in FP8 training, DeepSeek-V3 report section 3.3.3). ``muon_cls``: the
-    Muon implementation (a sharded run's is `dsfs.parallel.muon.DistributedMuon`). Raises
-    ``ValueError`` for another ``optimizer``."""
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) or None
+    parameters) when they all live on CPU or CUDA and are all DTensors or all plain tensors. ``moment_dtype``: keep
+    the moments in this dtype between steps (`store_moments_in`; ``torch.bfloat16`` in FP8 training, DeepSeek-V3
+    report section 3.3.3). ``muon_cls``: the Muon implementation (a sharded run's is
+    `dsfs.parallel.muon.DistributedMuon`). Raises ``ValueError`` for another ``optimizer``."""
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) and not _mixes_dtensors(model) or None
     groups = param_groups(model, weight_decay, optimizer)
     if optimizer == "muon":
         opt = muon_cls(groups, lr=lr, betas=BETAS, fused=fused)
@@ -74,6 +74,16 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, optimizer: 
     if moment_dtype is not None:
         store_moments_in(opt, moment_dtype)
     return opt
+
+
+def _mixes_dtensors(model: nn.Module) -> bool:
+    """Whether ``model`` holds both DTensor and plain parameters (tensor parallelism without FSDP: the fused AdamW
+    kernel takes one kind per call, so such a model steps parameter by parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return False
+    return len({isinstance(p, DTensor) for p in model.parameters()}) > 1
 
 
 def store_moments_in(opt: torch.optim.Optimizer, dtype: torch.dtype) -> torch.optim.Optimizer:

@@ -4,14 +4,16 @@ sequence-parallel norms (Korthikanti et al. 2022), through DTensor's ``paralleli
 
 `apply_tp` changes a `reference.Model` (or ``runtime_cuda.Model``) in place; parameter names never change.
 
-Layouts. Between modules every activation is a plain tensor. The residual stream (between blocks) is
+Layouts. Between modules every activation is a plain tensor. Inside the decoder stack the residual stream is
 ``(B, T / tp, H)``: each TP rank holds a contiguous chunk of the sequence (``Shard(1)``) when sequence parallelism
-is active, else the whole ``(B, T, H)`` on every rank. The norms (and MTP's ``eh_proj``, a token-wise linear) run
-on the stream as it is; attention and FFN inputs are all-gathered along the sequence; their outputs, partial sums
-over the TP ranks (row-parallel), are reduce-scattered back onto the stream (all-reduced without sequence
-parallelism). Sequence parallelism is active for a forward whose sequence length tp divides (the embedding's
-pre-hook decides, so ``model(ids)`` of any length and ``generate``'s one-token decode steps run as plain TP); a
-pipeline stage without the embedding keeps ``sequence_parallel``.
+is active, else the whole ``(B, T, H)`` on every rank. Each decoder layer cuts a whole input onto the stream
+(the embedding's output, a pipeline stage's input: free, a local chunk); the norms (and MTP's ``eh_proj``, a
+token-wise linear) run on the stream as it is; attention and FFN inputs are all-gathered along the sequence; their
+outputs, partial sums over the TP ranks (row-parallel), are reduce-scattered back onto the stream (all-reduced
+without sequence parallelism); the final norms gather their output whole, as does the last layer of a pipeline
+stage without the final norm (stages exchange whole hidden states). Sequence parallelism is active for a forward
+whose sequence length tp divides (each decoder layer reads the length from its rotary table ``cos``, (T, d)), so
+``model(ids)`` of any length and ``generate``'s one-token decode steps run as plain TP.
 
 The plan, per module (``Colwise``: weight ``Shard(0)``, output split over heads / intermediate features;
 ``Rowwise``: weight ``Shard(1)``, output a partial sum; ``Replicated``: weight a ``Replicate()`` DTensor, computed
@@ -36,10 +38,10 @@ on local tensors):
   over ``experts`` after `apply_tp`.
 - Norms (``input_layernorm``, ``post_attention_layernorm``, ``model.norm``, MTP's ``enorm``, ``hnorm``,
   ``shared_head.norm``) and MTP's ``eh_proj``: replicated, run on the stream (sequence-parallel); ``model.norm``
-  and ``shared_head.norm`` gather their output whole for the LM head. MTP's ``hnorm`` cuts its input onto the
-  stream when it is whole (depth 1 reads the main model's gathered final hidden state). MTP blocks are decoder
-  layers and get the plan above.
-- Embedding and LM head: replicated plain parameters (the embedding's output cut onto the stream). The LM loss
+  and ``shared_head.norm`` gather their output whole for the LM head. MTP's ``enorm`` cuts the (whole) embedding
+  onto the stream, ``hnorm`` its input when it is whole (depth 1 reads the main model's gathered final hidden
+  state, depth k > 1 the stream of depth k - 1). MTP blocks are decoder layers and get the plan above.
+- Embedding and LM head: replicated plain parameters (the embedding's output is whole). The LM loss
   (`reference.model.Model.lm_loss`) hands ``lm_head.weight`` itself to the fused cross-entropy outside any
   module's forward, and the tiny presets tie it to the embedding, so it must stay a plain tensor; a vocabulary-
   parallel head would need a TP-aware fused loss.
@@ -72,7 +74,7 @@ class _SequenceState:
         self.enabled, self.tp, self.active, self.seq = enabled, tp, enabled, None
 
     def start(self, seq_len: int) -> None:
-        """Called by the embedding's pre-hook with the forward's sequence length."""
+        """Called with the forward's sequence length T (by each decoder layer and the embedding)."""
         self.seq, self.active = seq_len, self.enabled and seq_len % self.tp == 0
 
     def stream(self) -> list:
@@ -274,8 +276,8 @@ def _parallelize_layer(layer: nn.Module, mesh, st: _SequenceState, gather_output
         return None
 
     layer.register_forward_pre_hook(enter, with_kwargs=True)
-    if gather_output:
-        layer.register_forward_hook(lambda m, args, out: _gather(out, mesh, st))
+    if gather_output:  # a copy: to_local() returns a view, and a zero-bubble schedule detaches stage outputs in place
+        layer.register_forward_hook(lambda m, args, out: _gather(out, mesh, st).clone())
 
 
 # ------------------------------------------------------------------ the model
@@ -292,7 +294,8 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
     rowwise linears, ``Replicate()`` DTensors for the norms, MLA's latent projections, the routers and MTP's
     ``eh_proj``; plain tensors (replicated over TP) for the embedding, the LM head, the routed experts and DSA's
     indexer. Raises `ConfigError` (from `ParallelDims.check_model`) when a width does not split over the mesh,
-    for a mesh that is not 1-D, or for a module this plan does not know. Source: Megatron-LM (Shoeybi et al.
+    for a mesh that is not 1-D, for a model already parallelized (TP applied twice, or after FSDP) or for a module
+    this plan does not know. Source: Megatron-LM (Shoeybi et al.
     2019, section 3), sequence parallelism (Korthikanti et al. 2022, section 4.2.2), torch's
     ``torch.distributed.tensor.parallel``; torchtitan's DeepSeek-V3 plan."""
     if tp_mesh.ndim != 1:
@@ -301,11 +304,14 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
     ParallelDims(dp_shard=1, tp=tp, world_size=tp).check_model(model.config)
     if tp == 1:
         return
-    st = _SequenceState(sequence_parallel, tp)
     backbone = model.model
+    layers = [layer for layer in backbone.layers if hasattr(layer, "self_attn")]  # a pipeline stage: its own only
+    if any(isinstance(layer.input_layernorm.weight, DTensor) for layer in layers):
+        raise ConfigError("apply_tp: the model's norms are DTensors already; expected a model not yet tensor- or "
+                          "data-parallel (apply TP once, first: TP -> EP -> FSDP)")
+    st = _SequenceState(sequence_parallel, tp)
     if getattr(backbone, "embed_tokens", None) is not None:
         backbone.embed_tokens.register_forward_pre_hook(lambda m, args: st.start(args[0].shape[1]))
-    layers = [layer for layer in backbone.layers if hasattr(layer, "self_attn")]  # a pipeline stage: its own only
     last_stage = getattr(backbone, "norm", None) is not None
     for i, layer in enumerate(layers):
         _parallelize_layer(layer, tp_mesh, st, gather_output=i == len(layers) - 1 and not last_stage)

@@ -96,6 +96,7 @@ class ParallelTrainer:
                             for g in param_groups(model, tc.weight_decay, tc.optimizer)]
         model = model.to(layout.device).train()
         self.parts, self.pipeline, self.ddp = [model], None, None
+        self.sharded = dims.zero > 1 and dims.dp_replicate * dims.dp_shard * dims.cp > 1  # FSDP applies
         if dims.pp > 1:
             from dsfs.parallel import pp
 
@@ -135,7 +136,7 @@ class ParallelTrainer:
                 from dsfs.parallel.fsdp import apply_replicate
 
                 self.ddp = apply_replicate(part, layout)
-        elif dims.dp_replicate * dims.dp_shard * dims.cp > 1:
+        elif self.sharded:
             from dsfs.parallel.fsdp import apply_fsdp
 
             apply_fsdp(part, layout, dims.zero)
@@ -186,6 +187,11 @@ class ParallelTrainer:
         """Clip the gradients to the global norm ``tc.grad_clip`` (`grad_norm`), step the optimizers at ``lr``,
         clear the gradients, sum the MoE expert loads over the ``dp_cp`` ranks and update the correction biases.
         Returns ``{"grad_norm"}`` (before clipping, over the whole model)."""
+        if self.layout.dims.tp > 1 and not self.sharded:  # without FSDP, sum the norms' partial gradients
+            from dsfs.parallel.tp import reduce_partial_grads
+
+            for part in self.parts:
+                reduce_partial_grads(part)
         params = self.params()
         skip = self.pipeline.duplicate_params() if self.pipeline is not None else set()
         norm = grad_norm(params, self.layout, skip)

@@ -22,7 +22,8 @@ def parallel_config(**overrides) -> ModelConfig:
     """The equality tests' model config (module docstring); ``overrides``: ``ModelConfig`` fields."""
     base = dict(q_lora_rank=12, num_hidden_layers=4, first_k_dense_replace=1, n_group=4, topk_group=2,
                 num_nextn_predict_layers=1, tie_word_embeddings=True, num_attention_heads=4)
-    return make_config("mla", **{**base, **overrides})
+    merged = {**base, **overrides}
+    return make_config(merged.pop("attention_type", "mla"), **merged)
 
 
 def parallel_model(seed: int = 0, **overrides) -> Model:

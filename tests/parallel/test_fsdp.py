@@ -66,8 +66,11 @@ def case(dims: dict, optimizer: str) -> dict:
 
 
 CASES2 = {"zero3": dict(zero=3), "zero2": dict(zero=2), "zero1": dict(zero=1), "ddp": dict(dp_replicate=2, dp_shard=1),
-          "ep2": dict(ep=2), "zero3-muon": dict(zero=3)}
-CASES4 = {"hsdp": dict(dp_replicate=2, dp_shard=2), "cp2-dp2": dict(cp=2), "hsdp-muon": dict(dp_replicate=2, dp_shard=2)}
+          "ep2": dict(ep=2), "cp2": dict(cp=2), "tp2": dict(tp=2), "zero3-muon": dict(zero=3),
+          "tp2-muon": dict(tp=2)}
+CASES4 = {"hsdp": dict(dp_replicate=2, dp_shard=2), "cp2-dp2": dict(cp=2), "dp2-tp2": dict(tp=2),
+          "ep2-tp2": dict(ep=2, tp=2), "hsdp-muon": dict(dp_replicate=2, dp_shard=2),
+          "dp2-tp2-muon": dict(tp=2)}
 
 
 def run_cases(cases: dict) -> dict:
