@@ -4,6 +4,8 @@ the single-process `dsfs.trainer.TorchTrainer` on the same global batches: one s
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -43,7 +45,9 @@ def run_steps(trainer, data: list[dict]) -> tuple[list[float], dict, list[torch.
     return losses, grads, biases
 
 
+@functools.cache
 def single_process(optimizer: str):
+    """The one-process run (`TorchTrainer`, eager) of `run_steps`, once per optimizer in each process."""
     model = parallel_model()
     data = batches(model.config)
     t = TorchTrainer(model, torch.device("cpu"), 3e-3, 0.1, 1.0, 0.3, compile=False, optimizer=optimizer)
