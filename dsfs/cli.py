@@ -241,6 +241,9 @@ def _run_train(args) -> int:
 
     nproc, dims = parallel_args(args)
     if nproc > 1 and launched_world_size() == 1:  # start the workers; each runs this command again
+        from dsfs.parallel.layout import ParallelDims
+
+        ParallelDims(world_size=nproc, **dims)  # a layout that cannot fit fails here, once, before any start
         run_dir = args.out or (args.resume if isinstance(args.resume, str) else None) or \
             f"runs/{args.preset or 'tiny'}"
         return launch(args.argv, nproc, run_dir)
