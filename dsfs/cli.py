@@ -178,8 +178,9 @@ def add_parallel_options(p) -> None:
 
     g = p.add_argument_group("several processes (torch.distributed; dsfs/parallel)")
     g.add_argument("--nproc", type=int, metavar="N", help="worker processes on this machine (torch's elastic "
-                   "launcher; gloo on CPU, NCCL on GPUs: one GPU each); default: the product of the degrees "
-                   "below, else 1. Across machines: torchrun ... -m dsfs train")
+                   "launcher; gloo on CPU, NCCL on GPUs: one GPU each; with --backend mlx: data parallel over "
+                   "MLX's ring backend); default: the product of the degrees below, else 1. Across machines: "
+                   "torchrun ... -m dsfs train, or mlx.launch --hosts ... dsfs train --backend mlx")
     for name, what in [("dp-replicate", "data-parallel replicas (HSDP's replicate dimension)"),
                        ("dp-shard", "fully sharded data parallelism (FSDP2; default: the processes the other "
                         "degrees leave)"),
@@ -240,12 +241,28 @@ def _run_train(args) -> int:
     from dsfs.parallel.launch import finish, launch, launched_world_size
 
     nproc, dims = parallel_args(args)
-    if nproc > 1 and launched_world_size() == 1:  # start the workers; each runs this command again
+    run_dir = args.out or (args.resume if isinstance(args.resume, str) else None) or f"runs/{args.preset or 'tiny'}"
+    if args.backend == "mlx" and nproc > 1:  # data parallel over MLX's collectives (runtime_mlx.distributed)
+        from dsfs.backend import resolve_backend
+        from dsfs.parallel.layout import DEGREES
+
+        if any(dims.get(k, 1) > 1 for k in DEGREES):
+            raise ConfigError("--backend mlx trains data parallel only: pass --nproc N without --dp-shard, "
+                              "--dp-replicate, --cp, --tp, --pp or --ep")
+        if args.batch_size is not None and args.batch_size % nproc:  # once, before any start
+            raise ConfigError(f"--batch-size {args.batch_size}: expected a multiple of the {nproc} processes (each "
+                              "takes an equal share of the rows)")
+        resolve_backend("mlx")  # BackendError where MLX cannot run
+        from runtime_mlx.distributed import launch_mlx, launched
+
+        if not launched():  # start the processes; each runs this command again
+            from dsfs.parallel.launch import resume_hint
+
+            return launch_mlx(args.argv, nproc, hint=lambda: resume_hint(run_dir))
+    elif nproc > 1 and launched_world_size() == 1:  # start the workers; each runs this command again
         from dsfs.parallel.layout import ParallelDims
 
         ParallelDims(world_size=nproc, **dims)  # a layout that cannot fit fails here, once, before any start
-        run_dir = args.out or (args.resume if isinstance(args.resume, str) else None) or \
-            f"runs/{args.preset or 'tiny'}"
         return launch(args.argv, nproc, run_dir)
     try:
         s = train(

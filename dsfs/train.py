@@ -36,7 +36,7 @@ from dsfs.checkpointing import (
 )
 from dsfs.errors import CheckpointError, ConfigError, DataError
 from dsfs.evaluation import Batch, eval_batches
-from dsfs.loop import Progress, TrainingRun, check_out
+from dsfs.loop import LocalCheckpoints, Progress, TrainingRun, check_out
 from dsfs.parallel.checkpoint import is_sharded, load_sharded
 from dsfs.parallel.layout import DEGREES
 from dsfs.parallel.trainer import ParallelTrainer, ShardedCheckpoints
@@ -247,7 +247,10 @@ def train(
     holds the layout's degrees (`dsfs.parallel.layout.ParallelDims` fields; default: every rank fully sharded data
     parallel); the run trains with `dsfs.parallel.trainer.ParallelTrainer` (eager), every rank drawing the same
     global batches and taking its share, writes sharded checkpoints and gathers ``final/`` on rank 0. A run resumes
-    under any layout or number of processes, sharded or not.
+    under any layout or number of processes, sharded or not. With ``backend="mlx"``, a process started by
+    ``mlx.launch`` or ``dsfs train --backend mlx --nproc N`` (`runtime_mlx.distributed`) trains data parallel:
+    every process draws the same global batches and takes its rows (``batch_size`` must be a multiple of the
+    processes), gradients averaged, rank 0 writing the run directory (`runtime_mlx.distributed.MLXCheckpoints`).
 
     Returns the summary of `dsfs.loop.TrainingRun.run` plus ``"backend"``. Exact resume assumes the same device and
     torch thread count in both sessions; a run continues on another backend within float tolerance. Raises
@@ -264,8 +267,9 @@ def train(
         raise ConfigError(f"unknown preset {preset!r} (expected one of {', '.join(TRAIN_PRESETS)})")
     check_run_options(resume, overwrite, keep_last, save_every)
     be = resolve_backend(backend)
+    mlx_group = _mlx_group(be, parallel)
     layout = _parallel_layout(be, parallel, compile, overrides.get("precision"))
-    if layout is not None and dist_rank() != 0:
+    if dist_rank() != 0:
         verbose = False
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)
 
@@ -301,7 +305,7 @@ def train(
                             "--data DIR (where that prepared data directory is now)")
         data_dir = state["data_dir"]
     if data_dir is None:
-        data_dir = _prepare_once(layout, verbose)
+        data_dir = _prepare_once(layout, verbose, mlx_group)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no such data directory (run dsfs prepare first, or omit --data)")
@@ -342,6 +346,9 @@ def train(
         cfg = model_config(preset, meta, model_overrides)
     tc.check_model(cfg.max_position_embeddings)
     _check_splits(tc, data_dir, train_tokens, val_tokens)
+    if mlx_group is not None and tc.batch_size % mlx_group.size():
+        raise ConfigError(f"--batch-size {tc.batch_size}: expected a multiple of the {mlx_group.size()} processes "
+                          "(each takes an equal share of the rows)")
     if state is not None:
         if state["meta_sha256"] != meta_sha:
             raise CheckpointError(
@@ -357,6 +364,10 @@ def train(
             raise CheckpointError(f"{ckpt} does not match the requested model ({source}, data "
                                   f"{data_dir}): " + "; ".join(diff))
     check_out(out, fresh=state is None, overwrite=overwrite)  # early; TrainingRun.run checks again under its lock
+    if mlx_group is not None:  # no process checks while rank 0 already holds the run directory
+        from runtime_mlx.distributed import barrier
+
+        barrier(mlx_group)
 
     # ---- model, optimizer, data order
     torch.manual_seed(seed)
@@ -408,16 +419,49 @@ def train(
                       tc.eval_batches), tok_per_step, stage_state, tokenizer_file, keep_last=keep_last,
                       save_every=save_every, start=start, overwrite=overwrite, say=say, verbose=verbose,
                       desc=f"train {preset}", on_step=on_step,
-                      checkpoints=ShardedCheckpoints() if layout is not None else None)
+                      checkpoints=_checkpoints(layout, mlx_group))
     summary = run.run()
     return {**summary, "backend": be.name}
 
 
 def dist_rank() -> int:
-    """This process's global rank (0 outside a process group)."""
+    """This process's global rank: in the torch process group, or in the MLX launch of a data-parallel MLX run
+    (`runtime_mlx.distributed.world`, once the run has imported it); 0 for one process."""
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized():
+        return dist.get_rank()
+    if "runtime_mlx.distributed" in sys.modules:
+        from runtime_mlx.distributed import rank, world
+
+        return rank(world())
+    return 0
+
+
+def _mlx_group(be: Backend, parallel: dict | None):
+    """The group of a data-parallel MLX run (`runtime_mlx.distributed.world`: a process started by ``mlx.launch``
+    or ``dsfs train --backend mlx --nproc N``), ``None`` for one process or another backend. Raises `ConfigError`
+    for parallel degrees above 1 (MLX trains data parallel only)."""
+    if be.name != "mlx":
+        return None
+    from runtime_mlx.distributed import launched, world
+
+    if launched() and parallel and any(v > 1 for k, v in parallel.items() if k in DEGREES and isinstance(v, int)):
+        raise ConfigError("--backend mlx trains data parallel only: pass --nproc N without --dp-shard, "
+                          "--dp-replicate, --cp, --tp, --pp or --ep")
+    return world()
+
+
+def _checkpoints(layout, mlx_group):
+    """How the run saves: sharded (a torch layout), rank 0 for every MLX process (`MLXCheckpoints`), or ``None``
+    (`dsfs.loop.LocalCheckpoints`)."""
+    if layout is not None:
+        return ShardedCheckpoints()
+    if mlx_group is not None:
+        from runtime_mlx.distributed import MLXCheckpoints
+
+        return MLXCheckpoints(LocalCheckpoints(), mlx_group)
+    return None
 
 
 def _parallel_layout(be: Backend, parallel: dict | None, compile, precision):
@@ -431,8 +475,8 @@ def _parallel_layout(be: Backend, parallel: dict | None, compile, precision):
                               "with torchrun)")
         return None
     if be.name == "mlx":
-        raise ConfigError("--backend mlx trains on several processes under mlx.launch (data parallel), not with "
-                          "--nproc or torchrun")
+        raise ConfigError("--backend mlx trains on several processes with --nproc N or mlx.launch (data parallel), "
+                          "not under torchrun")
     if compile is True:
         raise ConfigError("--compile on: multi-process runs train eager (--compile off or auto)")
     layout = init_layout(parallel or {}, be.device.type)
@@ -442,9 +486,18 @@ def _parallel_layout(be: Backend, parallel: dict | None, compile, precision):
     return layout
 
 
-def _prepare_once(layout, verbose: bool) -> Path:
-    """``dsfs prepare``'s defaults (skipped when done), on rank 0 first when several processes start together, so
-    they never write the same files."""
+def _prepare_once(layout, verbose: bool, mlx_group=None) -> Path:
+    """``dsfs prepare``'s defaults (skipped when done), on rank 0 first when several processes start together (a
+    torch ``layout`` or an MLX group), so they never write the same files."""
+    if mlx_group is not None:
+        from runtime_mlx.distributed import barrier
+
+        if mlx_group.rank() == 0:
+            out = data_mod.prepare(verbose=verbose)
+            barrier(mlx_group)
+            return out
+        barrier(mlx_group)
+        return data_mod.prepare(verbose=False)
     if layout is None:
         return data_mod.prepare(verbose=verbose)
     import torch.distributed as dist

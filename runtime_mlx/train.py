@@ -12,6 +12,12 @@ each optimizer step (the loads come out of the compiled micro-step). The micro-s
 `runtime_mlx.Model.loss`) and the update are each one ``mx.compile``d function: every shape in the model is static
 (the experts' ``gather_mm`` runs over all N*K token copies), so the MoE compiles without graph breaks.
 
+Data parallel over several processes (``mlx.launch``, ``dsfs train --backend mlx --nproc N``;
+`runtime_mlx.distributed`): each process takes its rows of every micro-batch; the gradients are averaged over the
+processes before clipping and the update (every process keeps the same weights and optimizer state), the MoE expert
+loads summed before the bias update, the logged metrics and the validation loss averaged; the collectives run
+eagerly around the compiled micro-step and update.
+
 Carries over between backends (a run started with one continues with the other): the optimizer state goes to and
 from the layout of the reference optimizer's ``state_dict()`` (moments, step, groups), and a fresh run starts from
 the reference model's initial weights (`from_reference`); weights go through the Hugging Face checkpoint
@@ -47,6 +53,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from reference.optim import optimizer_groups
 
+from . import distributed
 from .checkpoint import load_torch_state_dict
 from .fp8 import enable_fp8_training
 from .model import Model
@@ -216,11 +223,14 @@ class MLXTrainerBase:
     None: float32). Attributes for the loop: ``model``, ``device_type`` ("gpu" or "cpu"), ``n_params``, ``label``
     (kernel path and compilation), ``note`` (the OpenBLAS hint on a Linux CPU without it, else ``None``),
     ``summary`` (``{"kernel_path": ...}`` for the run summary), ``groups`` (the optimizer's parameter groups by
-    name).
+    name). ``group``: an ``mx.distributed.Group`` of data-parallel processes (`runtime_mlx.distributed`) whose
+    gradients are averaged and MoE loads summed at each `optimizer_step`, or ``None`` (one process); the label then
+    names the number of processes.
     """
 
     def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float, optimizer: str = "adamw",
-                 compile: bool = True, label: str | None = None, moment_dtype=None):
+                 compile: bool = True, label: str | None = None, moment_dtype=None,
+                 group: mx.distributed.Group | None = None):
         groups = optimizer_groups(model.config, lr, weight_decay, optimizer)
         self.model, self.groups = model, groups
         model.train()
@@ -244,6 +254,9 @@ class MLXTrainerBase:
         self.n_params = sum(a.size for _, a in tree_flatten(model.parameters()))
         if label is None:
             label = ", mx.compile" if compile else ""
+        self.group = group
+        if group is not None:
+            label += f", data parallel over {group.size()} processes"
         self.label = f" ({model.kernel_path} kernels{label})"
         slow_blas = sys.platform == "linux" and "openblas" not in os.environ.get("LD_PRELOAD", "")
         self.note = BLAS_NOTE if slow_blas and self.device_type == "cpu" else None
@@ -259,14 +272,19 @@ class MLXTrainerBase:
         self._loads = loads if self._loads is None else [a + b for a, b in zip(self._loads, loads, strict=True)]
         mx.eval(self._grads, self._loads, outs)
 
+    def gradients(self):
+        """The gradient tree accumulated since the last `optimizer_step`, averaged over the processes of ``group``
+        (`runtime_mlx.distributed.average_gradients`): what `optimizer_step` clips and applies. Not evaluated."""
+        return distributed.average_gradients(self._grads, self.group)
+
     def optimizer_step(self, lr: float) -> dict[str, float]:
-        """Clip the accumulated gradients, apply the optimizer at learning rate ``lr``, update the MoE correction
-        biases from the accumulated loads, and clear both. Returns ``{"grad_norm"}``: the global gradient norm
-        before clipping."""
+        """Clip the accumulated gradients (averaged over the processes: `gradients`), apply the optimizer at
+        learning rate ``lr``, update the MoE correction biases from the accumulated loads (summed over the
+        processes), and clear both. Returns ``{"grad_norm"}``: the global gradient norm before clipping."""
         self.opt.learning_rate = lr
-        norm = self._update(self._grads)
+        norm = self._update(self.gradients())
         if self._loads and self.update_bias:
-            self.model.update_moe_bias(self._loads)
+            self.model.update_moe_bias(distributed.sum_over(self._loads, self.group))
         mx.eval(norm, self.model.state, self.opt.state)
         self._grads = self._loads = None
         return {"grad_norm": norm.item()}
@@ -309,11 +327,16 @@ class MLXTrainer(MLXTrainerBase):
     ``label`` (kernel path and compilation, for the start line), ``note`` (the OpenBLAS hint on a Linux CPU
     without it, else ``None``), ``summary`` (``{"kernel_path": ...}`` for the run summary), ``groups`` (the
     optimizer's parameter groups by name). The optimizer step and state are `MLXTrainerBase`'s.
+
+    ``group``: the data-parallel processes (an ``mx.distributed.Group``; module docstring), ``None`` for one
+    process, or ``"auto"`` (default): those of this process's MLX launch (`runtime_mlx.distributed.world`; ``None``
+    when not launched). Every process must build its trainer from the same weights and feed it the same global
+    batches.
     """
 
     def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float, mtp_weight: float,
                  compile: bool = True, optimizer: str = "adamw", precision: str = "fp32",
-                 scale_fmt: str | None = None):
+                 scale_fmt: str | None = None, group: mx.distributed.Group | None | str = "auto"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
         if precision == "fp8":
@@ -322,8 +345,11 @@ class MLXTrainer(MLXTrainerBase):
         low = precision in ("bf16", "fp8")
         extra = "" if precision in ("auto", "fp32") else f", {precision}" + (
             f" ({scale_fmt} scales)" if precision == "fp8" and scale_fmt else "")
+        if group == "auto":
+            group = distributed.world()
         super().__init__(model, lr, weight_decay, grad_clip, optimizer, compile,
-                         label=(", mx.compile" if compile else "") + extra, moment_dtype=mx.bfloat16 if low else None)
+                         label=(", mx.compile" if compile else "") + extra, moment_dtype=mx.bfloat16 if low else None,
+                         group=group)
         self.n_mtp = len(model.mtp)
         bf16 = precision == "bf16"
 
@@ -347,24 +373,44 @@ class MLXTrainer(MLXTrainerBase):
         gradients (and all of the expert loads) are added to those kept for `optimizer_step`. Returns floats
         ``loss``, ``lm_loss``, ``mtp_loss`` (the mean over MTP depths; ``None`` without MTP) and ``aux_loss``. With
         dropout, the masks' MLX key is drawn from torch's global generator, which the training loop checkpoints: a
-        resumed run draws the same masks."""
+        resumed run draws the same masks.
+
+        Data parallel (``group``): ``batch`` is the global micro-batch, the same on every process; this process
+        computes its rows (`runtime_mlx.distributed.local_rows`; ``ValueError`` when the processes do not divide B),
+        and the metrics returned are the means over the processes (that of the whole batch, every row holding as
+        many targets); each process draws its own dropout masks."""
+        g, n = self.group, distributed.size(self.group)
         if self._reseed:
-            mx.random.seed(int(torch.randint(0, 2**31 - 1, ())))
-        outs, g = self._micro(_to_mx(batch["input_ids"]), _to_mx(batch["targets"]))
-        self._accumulate(g, outs[3 + self.n_mtp :], accum, outs)
-        mtp = (sum(outs[3 : 3 + self.n_mtp]) / self.n_mtp).item() if self.n_mtp else None
-        return {"loss": outs[0].item(), "lm_loss": outs[1].item(), "mtp_loss": mtp, "aux_loss": outs[2].item()}
+            mx.random.seed(int(torch.randint(0, 2**31 - 1, ())) * n + distributed.rank(g))
+        x, y = distributed.local_rows(batch["input_ids"], g), distributed.local_rows(batch["targets"], g)
+        outs, grads = self._micro(_to_mx(x), _to_mx(y))
+        self._accumulate(grads, outs[3 + self.n_mtp :], accum, outs)
+        mtp = sum(outs[3 : 3 + self.n_mtp]) / self.n_mtp if self.n_mtp else mx.array(0.0)
+        m = mx.stack([outs[0], outs[1], mtp, outs[2]]).astype(mx.float32)
+        if g is not None:
+            m = mx.distributed.all_sum(m, group=g) / n
+        loss, lm, mtp, aux = m.tolist()
+        return {"loss": loss, "lm_loss": lm, "mtp_loss": mtp if self.n_mtp else None, "aux_loss": aux}
 
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
         """Mean next-token cross-entropy (nats/token) of the main model over the non-ignored targets of ``batch``
         (`eval_cross_entropy`: -100 targets, the padding and prompt tokens of SFT batches, do not count; 0 when
         none is valid), the model already in eval mode (`dsfs.evaluation.evaluate` averages it over the
         validation batches), at the training precision (bfloat16 compute for ``"bf16"``, the FP8 forward for
-        ``"fp8"``)."""
-        if self.precision != "bf16":
-            return eval_cross_entropy(self.model, batch).item()
-        master = _low_precision_params(self.model, mx.bfloat16)
+        ``"fp8"``). Data parallel (``group``): each process evaluates its rows of the global ``batch``, and the
+        losses are averaged weighted by their counts of valid targets (the loss of the whole batch)."""
+        g = self.group
+        x, y = distributed.local_rows(batch["input_ids"], g), distributed.local_rows(batch["targets"], g)
+        local = {"input_ids": x, "targets": y}
+        master = _low_precision_params(self.model, mx.bfloat16) if self.precision == "bf16" else None
         try:
-            return eval_cross_entropy(self.model, batch).item()
+            loss = eval_cross_entropy(self.model, local)
+            mx.eval(loss)
         finally:
-            self.model.update(master)
+            if master is not None:
+                self.model.update(master)
+        if g is None:
+            return loss.item()
+        n = mx.array(float((y != -100).sum()))
+        total, count = mx.distributed.all_sum(mx.stack([loss * n, n]), group=g).tolist()
+        return total / count if count > 0 else 0.0
