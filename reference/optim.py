@@ -34,11 +34,13 @@ def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw"
     group above stay with AdamW (``use_muon=False``), as in Moonlight (Liu et al. 2025, sec. 2.2). The routers
     stay with AdamW too, this project's choice: a router's (E, H) rows score experts one by one rather than form a
     hidden linear map. Parameters appear in ``model.parameters()`` order, shared (tied) ones once, frozen ones
-    (``requires_grad=False``) not at all. Raises ``ValueError`` for another ``optimizer``."""
+    (``requires_grad=False``) not at all; a group with no parameter (a pipeline stage without head or router) is
+    left out. Raises ``ValueError`` for another ``optimizer``."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    adam_only = {id(model.lm_head.weight)} | {id(m.gate.weight) for m in model.moe_layers()}
+    head = getattr(model, "lm_head", None)  # a pipeline stage before the last holds no head
+    adam_only = ({id(head.weight)} if head is not None else set()) | {id(m.gate.weight) for m in model.moe_layers()}
     muon, decay, no_decay = [], [], []
     for p in model.parameters():  # shared (tied) parameters are listed once
         if not p.requires_grad:
@@ -50,10 +52,12 @@ def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw"
         else:
             decay.append(p)
     if optimizer == "adamw":
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [{"params": muon, "weight_decay": weight_decay, "use_muon": True},
-            {"params": decay, "weight_decay": weight_decay, "use_muon": False},
-            {"params": no_decay, "weight_decay": 0.0, "use_muon": False}]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": muon, "weight_decay": weight_decay, "use_muon": True},
+                  {"params": decay, "weight_decay": weight_decay, "use_muon": False},
+                  {"params": no_decay, "weight_decay": 0.0, "use_muon": False}]
+    return [g for g in groups if g["params"]]  # a pipeline stage may hold none of a kind (no head, no router)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, optimizer: str = "adamw",
@@ -65,7 +69,9 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, optimizer: 
     the moments in this dtype between steps (`store_moments_in`; ``torch.bfloat16`` in FP8 training, DeepSeek-V3
     report section 3.3.3). ``muon_cls``: the Muon implementation (a sharded run's is
     `dsfs.parallel.muon.DistributedMuon`). Raises ``ValueError`` for another ``optimizer``."""
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) and not _mixes_dtensors(model) or None
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) or None
+    if _mixes_dtensors(model):
+        fused = False
     groups = param_groups(model, weight_decay, optimizer)
     if optimizer == "muon":
         opt = muon_cls(groups, lr=lr, betas=BETAS, fused=fused)

@@ -115,7 +115,7 @@ def load_sharded(path: str | os.PathLike, parts: list[nn.Module], optimizers: li
     layout it was saved under: collectively in a process group, or in one process. Raises `CheckpointError` naming
     the checkpoint and the first problem (a tensor the checkpoint lacks, a shape that differs: another model)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     optimizers = optimizers or []
     sd = state_dicts(parts, optimizers) if optimizers else {"model": _model_state(parts)}
@@ -127,7 +127,19 @@ def load_sharded(path: str | os.PathLike, parts: list[nn.Module], optimizers: li
     for part in parts:
         set_model_state_dict(part, sd["model"], options=_options())
     for part, opt in zip(parts, optimizers, strict=False):
-        set_optimizer_state_dict(part, _optimizer_of(opt), sd["optimizer"], options=_options())
+        set_optimizer_state(part, _optimizer_of(opt), sd["optimizer"], _options())
+
+
+def set_optimizer_state(part: nn.Module, opt, osd: dict, options) -> None:
+    """DCP's ``set_optimizer_state_dict``, keeping ``opt``'s own implementation choice: the saved groups carry the
+    writer's ``fused`` flag, which need not fit this run (a fused kernel cannot take tensor-parallel and plain
+    parameters in one call)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    fused = [g.get("fused") for g in opt.param_groups]
+    set_optimizer_state_dict(part, opt, osd, options=options)
+    for g, f in zip(opt.param_groups, fused, strict=True):
+        g["fused"] = f
 
 
 def _model_state(parts: list[nn.Module]) -> dict:

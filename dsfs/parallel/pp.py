@@ -35,6 +35,8 @@ import copy
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import pipelining
+from torch.distributed.pipelining import PipelineStage
 
 from dsfs.errors import ConfigError
 from dsfs.parallel.layout import PP_SCHEDULES
@@ -254,10 +256,7 @@ def check_microbatches(schedule: str, pp: int, n: int) -> None:
 
 
 def _schedule_class(schedule: str):
-    from torch.distributed import pipelining as P
-
-    return {"1F1B": P.Schedule1F1B, "Interleaved1F1B": P.ScheduleInterleaved1F1B,
-            "ZBVZeroBubble": P.ScheduleZBVZeroBubble, "DualPipeV": P.ScheduleDualPipeV}[schedule]
+    return getattr(pipelining, f"Schedule{schedule}")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -276,8 +275,8 @@ class Pipeline:
     schedule.
 
     ``parts``: the stage modules `split_model` returned, after tensor/expert/data parallelism were applied to each;
-    ``stage_ids``: their stage indices; ``layout``: the run's `dsfs.parallel.layout.Layout` (its ``pp`` mesh, device
-    and world mesh; ``layout.dims.pp_schedule`` the schedule); ``n_microbatches``: micro-batches per `step`
+    ``stage_ids``: their stage indices; ``layout``: the run's `dsfs.parallel.layout.Layout` (its ``pp`` mesh and
+    device; ``layout.dims.pp_schedule`` the schedule); ``n_microbatches``: micro-batches per `step`
     (`check_microbatches`). Collective: every rank of the world builds it (the embedding groups are new process
     groups). The ``PipelineStage`` objects and the schedule are built per micro-batch shape on first use (a
     training and an evaluation pair: the schedules infer the activation shapes from their first run). FSDP2 stage
@@ -362,8 +361,8 @@ class Pipeline:
         key = (train, shape)
         if key not in self._schedules:
             group = self.pp_mesh.get_group()
-            stages = [_stage_class()(part, s, self.n_stages, self.layout.device, group=group,
-                                     dw_builder=None if part.split_backward else _whole_backward)
+            stages = [_Stage(part, s, self.n_stages, self.layout.device, group=group,
+                             dw_builder=None if part.split_backward else _whole_backward)
                       for part, s in zip(self.parts, self.stage_ids, strict=True)]
             for st in stages:
                 st.register_forward_context(_probe_flag(st.submod))
@@ -383,7 +382,8 @@ class Pipeline:
         labels = torch.stack((targets, input_ids), dim=1)
         t = targets.shape[1]
         n_mtp = self.parts[0].config.num_nextn_predict_layers
-        ctx = {"mtp_weight": 0.0, "accum": 1, **ctx, "n": self.n, "train": train, "lm_total": _valid(targets).clamp(min=1),  # tensors: no host sync
+        ctx = {"mtp_weight": 0.0, "accum": 1, **ctx, "n": self.n, "train": train,
+               "lm_total": _valid(targets).clamp(min=1),  # tensors: no host sync
                "mtp_totals": [_valid(targets[:, k:]).clamp(min=1) for k in range(1, n_mtp + 1)]}
         for p in self.parts:
             p.pp_ctx, p.pp_records = ctx, []
@@ -444,21 +444,17 @@ def _wrap_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return local
 
 
-def _stage_class():
-    """``PipelineStage``, forward-only evaluation of the V schedules fixed: their runtime (torch 2.15) hands the
+class _Stage(PipelineStage):
+    """``PipelineStage`` with forward-only evaluation of the V schedules fixed: their runtime (torch 2.15) hands the
     input gradients of a stage to the stage before it on the same rank even when the schedule runs no backward
-    (``eval``), and the stage's ``get_local_bwd_output`` raises then; without backward there is nothing to hand."""
-    from torch.distributed.pipelining import PipelineStage
+    (``eval``), and ``get_local_bwd_output`` raises then; without backward there is nothing to hand over."""
 
-    class Stage(PipelineStage):
-        def get_local_bwd_output(self, mb_index):
-            return super().get_local_bwd_output(mb_index) if self.has_backward else ()
+    def get_local_bwd_output(self, mb_index):
+        return super().get_local_bwd_output(mb_index) if self.has_backward else ()
 
-        def set_local_bwd_input(self, next_stage_bwd_outputs, mb_index):
-            if self.has_backward:
-                super().set_local_bwd_input(next_stage_bwd_outputs, mb_index)
-
-    return Stage
+    def set_local_bwd_input(self, next_stage_bwd_outputs, mb_index):
+        if self.has_backward:
+            super().set_local_bwd_input(next_stage_bwd_outputs, mb_index)
 
 
 def _whole_backward():
@@ -477,32 +473,3 @@ def _probe_flag(module: StageModel):
             module.pp_probe = False
 
     return factory
-
-
-# ---------------------------------------------------------------------------------------------- saving
-def full_state_dict(parts: list[nn.Module], pp_mesh) -> dict[str, torch.Tensor] | None:
-    """The whole model's ``state_dict`` (parameters and persistent buffers by their ``reference.Model`` names, CPU
-    tensors, DTensors gathered whole) on pipeline rank 0, None on the other pipeline ranks: each rank gathers its
-    stage modules' tensors (collective over their data/tensor meshes), then pipeline rank 0 gathers the stages
-    (``gather_object`` over ``pp_mesh``). Every rank must call it. Load it into a fresh ``reference.Model`` with
-    ``load_state_dict`` to ``save_pretrained`` a ``final/`` directory."""
-    from torch.distributed.tensor import DTensor
-
-    mine: dict[str, torch.Tensor] = {}
-    for part in parts:
-        for k, v in part.state_dict().items():
-            v = v.full_tensor() if isinstance(v, DTensor) else v
-            mine.setdefault(k, v.detach().cpu())
-    if pp_mesh.size() == 1:
-        return mine
-    group = pp_mesh.get_group()
-    dst = dist.get_global_rank(group, 0)
-    got = [None] * pp_mesh.size() if pp_mesh.get_local_rank() == 0 else None
-    dist.gather_object(mine, got, dst=dst, group=group)
-    if got is None:
-        return None
-    out: dict[str, torch.Tensor] = {}
-    for sd in got:
-        for k, v in sd.items():
-            out.setdefault(k, v)
-    return out

@@ -252,7 +252,9 @@ class ParallelTrainer:
         in `reference.optim.param_groups` order) into this run's sharded optimizers: renamed by parameter name, each
         rank taking its part (DCP's ``set_optimizer_state_dict`` from a full state dict). Raises ``ValueError`` when
         it does not fit the model (a sharded checkpoint is loaded by `dsfs.parallel.checkpoint.load_sharded`)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        from dsfs.parallel.checkpoint import set_optimizer_state
 
         flat = [n for names in self.group_names for n in names]
         groups = sd["param_groups"]
@@ -264,10 +266,10 @@ class ParallelTrainer:
             local = getattr(opt, "optim", opt)  # ZeRO-1: the rank's share
             mine = {n for n, p in part.named_parameters() if any(p is q for g in local.param_groups
                                                                   for q in g["params"])}
+            kept = [{**g, "params": [flat[i] for i in g["params"] if flat[i] in mine]} for g in groups]
             osd = {"state": {flat[i]: st for i, st in sd["state"].items() if flat[i] in mine},
-                   "param_groups": [{**g, "params": [flat[i] for i in g["params"] if flat[i] in mine]}
-                                    for g in groups]}
-            set_optimizer_state_dict(part, local, osd, options=StateDictOptions(full_state_dict=True))
+                   "param_groups": [g for g in kept if g["params"]]}  # a stage's optimizer has no empty group
+            set_optimizer_state(part, local, osd, StateDictOptions(full_state_dict=True))
 
 
 def zero1_optimizer(model: nn.Module, tc: TrainConfig, moments) -> torch.optim.Optimizer:

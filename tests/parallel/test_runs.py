@@ -22,6 +22,8 @@ from tests.parallel.harness import spawn
 from tests.test_train import micro_train
 
 STEPS = 6
+LAYOUTS = {"ep": {"ep": 2}, "tp": {"tp": 2}, "pp": {"pp": 2}}
+"""The layouts a 2-rank FSDP run's checkpoint resumes under."""
 
 
 def losses(out) -> dict[int, float]:
@@ -30,12 +32,13 @@ def losses(out) -> dict[int, float]:
 
 
 def sharded_runs(data_dir: str, root: str, single_ckpt: str) -> None:
-    """In each of 2 processes: a fresh run (FSDP), its step-3 checkpoint resumed with expert parallelism in
-    another directory, and the one-process run's step-3 checkpoint resumed sharded."""
+    """In each of 2 processes: a fresh run (FSDP), its step-3 checkpoint resumed under each of `LAYOUTS` in
+    other directories, and the one-process run's step-3 checkpoint resumed sharded."""
     root = Path(root)
     micro_train(data_dir, root / "fsdp", max_steps=STEPS, save_every=3, keep_last=0, parallel={"dp_shard": 2})
-    micro_train(data_dir, root / "ep", resume=root / "fsdp" / "checkpoints" / "step_000003", max_steps=STEPS,
-                parallel={"ep": 2})
+    for name, dims in LAYOUTS.items():
+        micro_train(data_dir, root / name, resume=root / "fsdp" / "checkpoints" / "step_000003", max_steps=STEPS,
+                    parallel=dims)
     micro_train(data_dir, root / "from1", resume=single_ckpt, max_steps=STEPS, parallel={"dp_shard": 2})
 
 
@@ -50,7 +53,7 @@ def runs(data_dir, tmp_path_factory):
 
 def test_sharded_run_follows_one_process(runs):
     want = losses(runs / "one")
-    for name in ("fsdp", "ep", "from1", "back"):
+    for name in ("fsdp", *LAYOUTS, "from1", "back"):
         got = losses(runs / name)
         assert set(got) == set(range(1, STEPS + 1)) if name == "fsdp" else set(range(4, STEPS + 1)) <= set(got)
         err = max(abs(got[s] - want[s]) for s in got)
