@@ -21,6 +21,7 @@ from dsfs.bench import add_bench
 from dsfs.check import add_check
 from dsfs.data import DataError
 from dsfs.errors import ConfigError, UserError
+from dsfs.parallel.plan import add_plan
 
 
 class _UsageError(Exception):
@@ -534,8 +535,8 @@ def add_pipeline(sub) -> None:
     add(sub)
 
 
-COMMANDS = [add_prepare, add_train, add_generate, add_eval, add_sft, add_dpo, add_distill, add_grpo, add_pipeline,
-            add_export, add_check, add_bench]
+COMMANDS = [add_prepare, add_train, add_plan, add_generate, add_eval, add_sft, add_dpo, add_distill, add_grpo,
+            add_pipeline, add_export, add_check, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

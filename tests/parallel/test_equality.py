@@ -88,13 +88,14 @@ def case(dims: dict, optimizer: str) -> dict:
             "bias": max_error(biases, want_bias)[0]}
 
 
-CASES2 = {"zero3": dict(zero=3), "zero2": dict(zero=2), "zero1": dict(zero=1), "ddp": dict(dp_replicate=2, dp_shard=1),
-          "ep2": dict(ep=2), "cp2": dict(cp=2), "tp2": dict(tp=2), "zero3-muon": dict(zero=3),
-          "tp2-muon": dict(tp=2), "pp2-1f1b": dict(pp=2), "pp2-zbv": dict(pp=2, pp_schedule="ZBVZeroBubble")}
-CASES4 = {"hsdp": dict(dp_replicate=2, dp_shard=2), "cp2-dp2": dict(cp=2), "dp2-tp2": dict(tp=2),
-          "ep2-tp2": dict(ep=2, tp=2), "pp2-dp2": dict(pp=2), "pp2-tp2-dualpipev": dict(pp=2, tp=2,
-          pp_schedule="DualPipeV"), "hsdp-muon": dict(dp_replicate=2, dp_shard=2),
-          "dp2-tp2-muon": dict(tp=2)}
+CASES2 = {"zero3": dict(zero=3), "zero2": dict(zero=2), "zero1": dict(zero=1), "ep2": dict(ep=2), "cp2": dict(cp=2),
+          "tp2": dict(tp=2), "pp2-1f1b": dict(pp=2), "pp2-zbv": dict(pp=2, pp_schedule="ZBVZeroBubble"),
+          "zero3-muon": dict(zero=3), "tp2-muon": dict(tp=2)}
+"""Every strategy on 2 processes (the other pipeline schedules: tests/parallel/test_pp.py)."""
+CASES4 = {"hsdp": dict(dp_replicate=2, dp_shard=2), "fsdp2-tp2": dict(tp=2), "fsdp2-pp2": dict(pp=2),
+          "fsdp2-ep2-tp2": dict(ep=2, tp=2)}
+"""The combinations on 4 processes: HSDP, FSDP x TP, FSDP x PP, and FSDP x EP x TP (EP borrows the FSDP ranks: the
+3-D layout that 4 processes allow)."""
 
 
 def run_cases(cases: dict) -> dict:
