@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsfs.checkpointing import STATE_FILE, DiskFullError, list_checkpoints, step_dir_name
+from dsfs.checkpointing import STATE_FILE, DiskFullError, list_checkpoints, save_model_dir, step_dir_name
 from dsfs.errors import CheckpointError
 from reference.checkpoint import (
     copy_tokenizer,
@@ -208,11 +208,6 @@ def save_full_model(parts: list[nn.Module], layout, config, path: str | os.PathL
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"gathered state does not fit the model: missing {missing}, unexpected {unexpected}")
-        try:
-            model.save_pretrained(path, tokenizer_file=tokenizer_file)
-        except Exception as e:
-            if is_disk_full(e, Path(path).parent):
-                raise DiskFullError(f"disk full while writing {path}; free some space, then resume") from e
-            raise
+        save_model_dir(model, path, tokenizer_file)
     dist.barrier()
     return Path(path)
