@@ -198,6 +198,13 @@ def add_parallel_options(p) -> None:
                    "(default: pp, or 2 x pp for the two-stages-per-rank schedules)")
 
 
+def _auto_backend() -> str:
+    """The backend ``--backend auto`` picks here (``"mlx"`` on Apple Silicon)."""
+    from dsfs.backend import resolve_backend
+
+    return resolve_backend("auto").name
+
+
 PARALLEL_OPTIONS = ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep", "zero", "pp_schedule", "pp_microbatches")
 
 
@@ -243,7 +250,8 @@ def _run_train(args) -> int:
 
     nproc, dims = parallel_args(args)
     run_dir = args.out or (args.resume if isinstance(args.resume, str) else None) or f"runs/{args.preset or 'tiny'}"
-    if args.backend == "mlx" and nproc > 1:  # data parallel over MLX's collectives (runtime_mlx.distributed)
+    mlx = args.backend == "mlx" or (nproc > 1 and args.backend == "auto" and _auto_backend() == "mlx")
+    if mlx and nproc > 1:  # data parallel over MLX's collectives (runtime_mlx.distributed)
         from dsfs.backend import resolve_backend
         from dsfs.parallel.layout import DEGREES
 

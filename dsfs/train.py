@@ -140,9 +140,11 @@ def _resume_state(resume, out_dir, preset) -> tuple[Path, dict]:
         if not where.is_dir():
             raise CheckpointError(f"{where}: no checkpoint to resume (no such directory; expected a run, "
                                   f"{CHECKPOINTS} or step_* directory)")
-        if where.name.startswith("step_") and checkpoint_problem(where) is not None:
-            raise CheckpointError(f"{where}: no checkpoint to resume: {checkpoint_problem(where)} (resume from its "
-                                  "run directory to take the newest complete one)")
+        problem = checkpoint_problem(where) if where.name.startswith("step_") else None
+        if problem is not None:
+            detail = problem.removeprefix("an incomplete checkpoint: ")
+            raise CheckpointError(f"{where}: no checkpoint to resume: {detail} (an incomplete checkpoint; resume "
+                                  "from its run directory to take the newest complete one)")
         raise CheckpointError(f"{where}: no checkpoint to resume (expected {CHECKPOINTS}/step_* directories)")
     state = load_trainer_state(ckpt)
     missing = sorted(STATE_KEYS - set(state))
@@ -368,6 +370,10 @@ def train(
         from runtime_mlx.distributed import barrier
 
         barrier(mlx_group)
+    if layout is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
 
     # ---- model, optimizer, data order
     torch.manual_seed(seed)
@@ -515,4 +521,7 @@ def _parts_and_optimizers(trainer) -> tuple[list, list]:
     trainer's model and optimizer."""
     if isinstance(trainer, ParallelTrainer):
         return trainer.parts, trainer.optimizers
+    if not isinstance(trainer.model, torch.nn.Module):
+        raise CheckpointError("a sharded checkpoint (several processes) resumes on the torch backends (--backend "
+                              "reference or cuda); for MLX, dsfs export it and start with --init-from")
     return [trainer.model], [trainer.opt]

@@ -214,7 +214,8 @@ def test_token_logps_and_entropy_are_the_log_softmax_at_the_temperature():
     for a, b in zip(torch.autograd.grad(logps, (hf, weight), cot), torch.autograd.grad(want, (hf, weight), cot),
                     strict=True):
         assert_close(a, b, torch.float64)
-    assert torch.equal(token_logps(hidden.reshape(-1, hidden.shape[-1]), weight, ids, 0.7), logps.detach())
+    # unchunked: the same values up to the GEMM's blocking (bit for bit on some CPUs, not on every one)
+    assert_close(token_logps(hidden.reshape(-1, hidden.shape[-1]), weight, ids, 0.7), logps.detach(), torch.float64)
 
 
 def test_peaked_distributions_keep_their_relative_precision():

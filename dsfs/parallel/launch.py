@@ -70,6 +70,7 @@ def launch(argv: list[str], nproc: int, run_dir: str | os.PathLike | None) -> in
     failed, prints one line naming the first rank that failed (its exit code or signal) and the newest complete
     checkpoint in ``run_dir`` to resume from, and returns its exit code (130 / 143 when the run was interrupted
     and saved)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -78,6 +79,9 @@ def launch(argv: list[str], nproc: int, run_dir: str | os.PathLike | None) -> in
                        start_method="spawn")
     try:
         elastic_launch(cfg, entrypoint=sys.executable)(*worker_argv(argv))
+    except SignalException as e:  # Ctrl-C / SIGTERM to the launcher: passed on to the workers, which saved
+        print(f"dsfs: stopped by {e.sigval.name}; {resume_hint(run_dir)}", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         # the root cause: not a worker the launcher itself stopped (SIGTERM) after another failed; then the earliest
         rank, failure = min(e.failures.items(), key=lambda rf: (rf[1].exitcode == -15, rf[1].timestamp, rf[0]))

@@ -82,6 +82,8 @@ class ParallelDims:
         if self.ep > 1 and (self.ep % self.cp or (self.dp_shard * self.cp) % self.ep):
             raise ConfigError(f"--ep {self.ep}: expert parallelism borrows ranks from dp_shard x cp = {self.dp_shard} "
                               f"x {self.cp}; expected an ep that cp divides and that divides dp_shard x cp")
+        if self.pp > 1 and self.cp > 1:
+            raise ConfigError("--pp with --cp: the pipeline stages do not split the sequence; use one of them")
         if self.zero == 1 and (self.tp, self.pp, self.cp, self.ep, self.dp_replicate) != (1, 1, 1, 1, 1):
             raise ConfigError("--zero 1 (replicated parameters, sharded optimizer state) is pure data parallelism: "
                               "expected --dp-shard only (tp, pp, cp, ep and dp-replicate 1); use --zero 2 or 3 with "
@@ -147,6 +149,9 @@ class ParallelDims:
             if c.n_group > 1 and (c.n_group % self.ep and self.ep % c.n_group):
                 raise ConfigError(f"--ep {self.ep}: n_group = {c.n_group} expert groups do not map onto {self.ep} "
                                   "ranks (expected one to divide the other, as DeepSeek-V3 maps groups to nodes)")
+        if self.cp > 1 and c.aux_loss_alpha > 0:
+            raise ConfigError(f"--cp {self.cp}: the sequence-wise balance loss (aux_loss_alpha {c.aux_loss_alpha}) "
+                              "needs whole sequences on a rank")
         if self.pp > 1 and c.num_hidden_layers < self.pp:
             raise ConfigError(f"--pp {self.pp}: the model has {c.num_hidden_layers} layers (num_hidden_layers), "
                               f"fewer than the {self.pp} stages")

@@ -28,6 +28,7 @@ def test_dp_shard_takes_the_rest_of_the_world():
     (dict(world_size=2, zero=4), "--zero 4"),
     (dict(world_size=2, tp=0), "--tp 0"),
     (dict(world_size=2, pp=2, pp_schedule="GPipe"), "--pp-schedule GPipe"),
+    (dict(world_size=4, pp=2, cp=2), "--pp with --cp"),
 ])
 def test_bad_layouts_name_the_fields(dims, match):
     if match is None:
@@ -44,6 +45,7 @@ def test_bad_layouts_name_the_fields(dims, match):
     (dict(world_size=8, ep=8), {"n_group": 4}, None),
     (dict(world_size=3, ep=3), {"n_routed_experts": 12, "n_group": 4}, "expert groups do not map"),
     (dict(world_size=8, pp=8), {}, "fewer than the 8 stages"),
+    (dict(world_size=2, cp=2), {"aux_loss_alpha": 0.01}, "needs whole sequences"),
 ])
 def test_model_checks(dims, cfg, match):
     d = ParallelDims(**dims)
