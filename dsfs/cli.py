@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import signal
 import sys
@@ -217,6 +218,8 @@ def parallel_args(args) -> tuple[int, dict]:
         nproc = 1
         for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp"):
             nproc *= max(1, dims.get(k, 1))
+        if nproc == 1 and dims.get("ep", 1) > 1:  # EP borrows data ranks: --ep N alone means N of them
+            nproc = dims["ep"]
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: expected an integer >= 1")
     return nproc, dims
@@ -570,8 +573,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings (a checkpoint's missing MTP depths, a Metal fallback, ...) as one ``dsfs: warning:`` line."""
+    """Warnings (a checkpoint's missing MTP depths, a Metal fallback, ...) as one ``dsfs: warning:`` line (rank 0
+    only in a multi-process run)."""
+    if _quiet_rank():
+        return
     print(f"dsfs: warning: {message}", file=sys.stderr)
+
+
+def _quiet_rank() -> bool:
+    """Whether this process is a worker of a multi-process run other than rank 0 (torchrun's ``RANK`` or MLX's
+    ``MLX_RANK``): its errors and warnings are rank 0's too, printed once there."""
+    return os.environ.get("RANK", os.environ.get("MLX_RANK", "0")) != "0"
 
 
 def _main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
@@ -583,10 +595,12 @@ def _main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
             return 2
         return int(args.func(args) or 0)
     except _UsageError as e:
-        print(f"dsfs: error: {e}", file=sys.stderr)
+        if not _quiet_rank():
+            print(f"dsfs: error: {e}", file=sys.stderr)
         return 2
     except (UserError, OSError) as e:
-        print(f"dsfs: error: {e}", file=sys.stderr)
+        if not _quiet_rank():
+            print(f"dsfs: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or dsfs.loop.Interrupted carrying the signal (SIGTERM: 143)
         signum = getattr(e, "signum", signal.SIGINT)

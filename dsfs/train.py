@@ -487,8 +487,8 @@ def _parallel_layout(be: Backend, parallel: dict | None, compile, precision):
         raise ConfigError("--compile on: multi-process runs train eager (--compile off or auto)")
     layout = init_layout(parallel or {}, be.device.type)
     if precision == "fp8" and (layout.dims.tp > 1 or layout.dims.ep > 1 or layout.dims.pp > 1):
-        raise ConfigError("--precision fp8 trains with data parallelism only (dp-replicate / dp-shard), not with "
-                          "tp, ep or pp")
+        raise ConfigError("--precision fp8 trains with data and context parallelism (dp-replicate, dp-shard, cp), "
+                          "not with tp, ep or pp")
     return layout
 
 

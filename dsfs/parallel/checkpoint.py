@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,7 +122,9 @@ def load_sharded(path: str | os.PathLike, parts: list[nn.Module], optimizers: li
     sd = state_dicts(parts, optimizers) if optimizers else {"model": _model_state(parts)}
     try:
         verify_checksums(path)  # every shard present and intact, before DCP reads them
-        dcp.load(sd, checkpoint_id=str(path))
+        with warnings.catch_warnings():  # one process reading shards is what load_full_model means to do
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(sd, checkpoint_id=str(path))
     except Exception as e:  # CheckpointException wraps each rank's error
         raise CheckpointError(f"cannot load the sharded checkpoint {path}: {_first_line(e)}") from e
     for part in parts:

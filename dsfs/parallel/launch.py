@@ -70,10 +70,13 @@ def launch(argv: list[str], nproc: int, run_dir: str | os.PathLike | None) -> in
     failed, prints one line naming the first rank that failed (its exit code or signal) and the newest complete
     checkpoint in ``run_dir`` to resume from, and returns its exit code (130 / 143 when the run was interrupted
     and saved)."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures are reported below
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"dsfs-{uuid.uuid4().hex[:8]}",
                        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
                        start_method="spawn")
@@ -86,7 +89,9 @@ def launch(argv: list[str], nproc: int, run_dir: str | os.PathLike | None) -> in
         # the root cause: not a worker the launcher itself stopped (SIGTERM) after another failed; then the earliest
         rank, failure = min(e.failures.items(), key=lambda rf: (rf[1].exitcode == -15, rf[1].timestamp, rf[0]))
         code = failure.exitcode
-        if code in (130, 143):  # interrupted: the workers saved a checkpoint and said how to resume
+        if code in (2, 130, 143):  # a bad command line, or interrupted (the workers saved and said how to resume)
+            return code
+        if code == 1 and "no checkpoint" in resume_hint(run_dir):  # bad input: the worker's own line said why
             return code
         how = f"was killed by {failure.signal_name()}" if code < 0 else f"exited with code {code}"
         print(f"dsfs: error: rank {rank} {how}; {resume_hint(run_dir)}", file=sys.stderr)

@@ -120,7 +120,7 @@ class ParallelDims:
         if not on:
             return "1 process"
         parts = " x ".join(f"{k} {v}" for k, v in on.items())
-        zero = f" (ZeRO-{self.zero})" if self.dp > 1 else ""
+        zero = f" (ZeRO-{self.zero})" if self.dp_shard * self.cp > 1 or self.zero == 1 and self.dp > 1 else ""
         pp = f", {self.pp_schedule} schedule" if self.pp > 1 else ""
         return parts + zero + pp
 
