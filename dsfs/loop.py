@@ -306,7 +306,7 @@ class TrainingRun:
         self.plot()
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         if self.main:
-                print(f"{what} at step {step}: checkpoint saved in {self.ckpt_dir / step_dir_name(step)}; "
+            print(f"{what} at step {step}: checkpoint saved in {self.ckpt_dir / step_dir_name(step)}; "
                   f"continue with {self.command} --resume --out {self.out}", file=sys.stderr)
         raise Interrupted(signum)
 
