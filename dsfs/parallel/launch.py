@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from dsfs.errors import ConfigError
 from dsfs.parallel.layout import Layout, ParallelDims
 
 
@@ -34,11 +33,7 @@ def init_layout(dims: dict, device_type: str = "cpu") -> Layout:
     first, so every rank exits with the same message)."""
     import torch.distributed as dist
 
-    world = launched_world_size()
-    try:
-        pdims = ParallelDims(world_size=world, **dims)
-    except ConfigError:
-        raise
+    pdims = ParallelDims(world_size=launched_world_size(), **dims)
     if device_type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

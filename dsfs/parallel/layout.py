@@ -41,8 +41,8 @@ class ParallelDims:
     (parameters, gradients and optimizer state sharded: ``fully_shard``), 2 (``reshard_after_forward=False``: the
     parameters stay gathered from forward to backward), 1 (parameters and gradients replicated, all-reduced; the
     optimizer state sharded by parameter, ``ZeroRedundancyOptimizer``; pure data parallelism only).
-    ``pp_schedule`` (`PP_SCHEDULES`) and ``pp_microbatches`` (per optimizer micro-step; default: 2 x the stages a
-    rank holds... at least ``pp``): the pipeline's. Raises `ConfigError` naming the fields for a degree below 1, a
+    ``pp_schedule`` (`PP_SCHEDULES`) and ``pp_microbatches`` (per micro-step; default: `microbatches`): the
+    pipeline's. Raises `ConfigError` naming the fields for a degree below 1, a
     product that is not ``world_size`` (`resolve`) or an EP that does not fit ``dp_shard x cp``.
     """
 

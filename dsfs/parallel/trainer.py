@@ -264,8 +264,8 @@ class ParallelTrainer:
                              f"{len(self.group_names)}")
         for part, opt in zip(self.parts, self.optimizers, strict=True):
             local = getattr(opt, "optim", opt)  # ZeRO-1: the rank's share
-            mine = {n for n, p in part.named_parameters() if any(p is q for g in local.param_groups
-                                                                  for q in g["params"])}
+            held = {id(q) for g in local.param_groups for q in g["params"]}
+            mine = {n for n, p in part.named_parameters() if id(p) in held}
             kept = [{**g, "params": [flat[i] for i in g["params"] if flat[i] in mine]} for g in groups]
             osd = {"state": {flat[i]: st for i, st in sd["state"].items() if flat[i] in mine},
                    "param_groups": [g for g in kept if g["params"]]}  # a stage's optimizer has no empty group
