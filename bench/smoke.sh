@@ -16,6 +16,8 @@ SUBSET=(
   "ops\.weight_dequant\.time_forward\(.*, 'V3 671B expert gate_proj"
   "ops\.preference_memory\.track_peak_mib_forward_backward\(.*, '2x2 sequences of 128 tokens"
   "model\.DecodeStep\.track_tokens_per_s\(.*, 128\)"
+  "speculative\.Decode\.track_tokens_per_s\(.*, 1\)"
+  "speculative\.Acceptance\.track_acceptance\(.*, 1\)"
 )
 BENCH=()
 for regex in "${SUBSET[@]}"; do BENCH+=(--bench "$regex"); done

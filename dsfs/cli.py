@@ -328,15 +328,23 @@ def add_generate(sub) -> None:
                    "<|assistant|>) and print only the reply, with <think>/</think> kept (for SFT/DPO/GRPO models)")
     p.add_argument("--tools", action="store_true", help="with --chat: give the model the calculator tool (a "
                    "<tool_call> runs it and appends the <tool_response>)")
+    p.add_argument("--speculative", choices=["mtp"], help="speculative decoding: the model's MTP modules draft "
+                   "tokens and one forward of the main model verifies them (DeepSeek-V3 report 5.4.3; greedy gives "
+                   "the same text, sampling the same distribution); prints the acceptance per draft depth")
+    p.add_argument("--num-speculative-tokens", type=int, metavar="N", help="with --speculative: drafts per step "
+                   "(default: the MTP depth; more reuses the MTP modules in turn)")
     p.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP)
+    p.add_argument("--backend", default="reference", choices=["auto", "reference", "cuda", "mlx"],
+                   help="reference: the plain-PyTorch model on --device (default); cuda: runtime_cuda (Triton "
+                   "kernels); mlx: runtime_mlx; auto: mlx on Apple Silicon, cuda when available, else reference")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="default: cuda when available, else cpu")
+                   help="with --backend reference: default cuda when available, else cpu")
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args) -> int:
     from dsfs import generate as G
-    from dsfs.checkpointing import load_model_dir, resolve_model_dir
+    from dsfs.checkpointing import resolve_model_dir
 
     if args.max_new_tokens < 0:
         raise DataError(f"--max-new-tokens {args.max_new_tokens}: expected >= 0")
@@ -362,16 +370,21 @@ def _run_generate(args) -> int:
         G.check_prompt(prompt)
     if args.tools and not args.chat:
         raise DataError("--tools needs --chat (the tool-call format is the chat model's)")
+    if args.num_speculative_tokens is not None and args.speculative is None:
+        raise DataError("--num-speculative-tokens needs --speculative mtp")
+    if args.speculative is not None:
+        G.check_speculative(None, args.speculative, args.num_speculative_tokens, args.tools, not args.no_cache)
     model_dir = resolve_model_dir(args.checkpoint)
     tok = G.load_tokenizer(model_dir, args.tokenizer)
     if args.chat:  # before the model loads: fail fast on a tokenizer without the chat tokens
         from dsfs.chat import render
 
         render([{"role": "user", "content": prompts[0]}], tok, add_generation_prompt=True)
-    model = load_model_dir(model_dir, device=G.pick_device(args.device))
+    model = _generate_model(model_dir, args.backend, args.device)
     gens = G.generate_texts(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                             args.seed, use_cache=not args.no_cache, chat=args.chat,
-                            num_return_sequences=args.num_return_sequences, tools=args.tools)
+                            num_return_sequences=args.num_return_sequences, tools=args.tools,
+                            speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
     many = len(gens) > 1
     for i, g in enumerate(gens):
         print(f"--- {i}" if many else "", end="\n" if many else "")
@@ -381,7 +394,33 @@ def _run_generate(args) -> int:
     print(f"{data.plural(n, 'token')} in {seconds:.2f} s: {n / max(seconds, 1e-9):,.1f} tokens/s "
           f"({'no ' if args.no_cache else ''}KV cache, {data.plural(len(gens), 'sequence')}, {model_dir})",
           file=sys.stderr)
+    st = gens[0].speculative
+    if st is not None:
+        rates = ", ".join(f"depth {j} {a:.1%} ({n}/{d})" for j, (a, n, d) in
+                          enumerate(zip(st.acceptance, st.accepted, st.drafted, strict=True), start=1))
+        print(f"speculative mtp: acceptance {rates}; {st.tokens_per_step:.2f} tokens per verification step "
+              f"({st.steps} steps over {data.plural(len(gens), 'sequence')})", file=sys.stderr)
     return 0
+
+
+def _generate_model(model_dir, backend: str, device: str):
+    """The model ``dsfs generate`` runs: ``--backend`` resolved by `dsfs.backend.resolve_backend` (``reference``
+    runs on ``--device``; ``cuda`` and ``mlx`` pick their own device, so another ``--device`` is a `DataError`)."""
+    from dsfs import generate as G
+    from dsfs.backend import resolve_backend
+    from dsfs.checkpointing import load_model_dir
+
+    if backend == "reference":
+        return load_model_dir(model_dir, device=G.pick_device(device))
+    be = resolve_backend(backend)
+    if be.note:
+        print(be.note, file=sys.stderr)
+    if be.name == "reference":  # auto without a runtime: the reference on --device
+        return load_model_dir(model_dir, device=G.pick_device(device))
+    if device not in ({"auto", "cuda"} if be.name == "cuda" else {"auto"}):
+        raise DataError(f"--device {device} applies to --backend reference; backend {be.name} runs on "
+                        f"{'cuda' if be.name == 'cuda' else 'the MLX default device'}")
+    return load_model_dir(model_dir, be.model_cls, device=be.device if be.name == "cuda" else None)
 
 
 def add_eval(sub) -> None:
@@ -474,22 +513,31 @@ def _run_eval(args) -> int:
 
 
 def add_export(sub) -> None:
-    """Register ``dsfs export``: write a checkpoint as a Hugging Face directory, optionally in DeepSeek's FP8
-    layout (`dsfs.export.export`). ``--format`` picks the output format; 'hf' is the only one so far."""
+    """Register ``dsfs export``: write a checkpoint as a Hugging Face directory (optionally in DeepSeek's FP8
+    layout), a GGUF file for llama.cpp or a Core ML package (`dsfs.export.export`)."""
     from dsfs.export import FORMATS
+    from dsfs.gguf_export import OUTTYPES
 
     p = sub.add_parser(
         "export",
-        help="write a checkpoint as a Hugging Face directory, optionally with FP8 weights as DeepSeek ships them",
+        help="write a checkpoint for other tools: a Hugging Face directory (optionally FP8), GGUF, Core ML",
         description="Read a model (a Hugging Face model dir, or a run/checkpoints dir: its newest model) and write "
-        "config.json, model.safetensors (mtp.safetensors with MTP layers) and the tokenizer files to --out, "
-        "atomically. With --fp8 the attention and FFN matrices are stored as float8_e4m3fn with float32 "
+        "it to --out, atomically. --format hf: config.json, model.safetensors (mtp.safetensors with MTP layers) and "
+        "the tokenizer files; with --fp8 the attention and FFN matrices are stored as float8_e4m3fn with float32 "
         "weight_scale_inv per 128x128 block, as DeepSeek-V3's released checkpoint, and config.json gets its "
-        "quantization_config; transformers, mlx_lm and dsfs open it as it is.",
+        "quantization_config; transformers, mlx_lm and dsfs open it as it is. --format gguf: one .gguf file that "
+        "llama.cpp runs (architecture deepseek2, or deepseek32 for V3.2), with the tokenizer and chat template, "
+        "tensors in --outtype. --format coreml: an .mlpackage with a fixed-length prefill and a KV-cache decode step.",
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="model, run or checkpoints directory")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, or --overwrite)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output directory (hf), .gguf file (gguf) or "
+                   ".mlpackage (coreml); must not exist, or --overwrite")
     p.add_argument("--format", default="hf", choices=list(FORMATS), help="output format (default: %(default)s)")
+    p.add_argument("--outtype", choices=list(OUTTYPES), help="gguf: tensor type of the matrices (default: f16, as "
+                   "llama.cpp's converter; norms and small vectors stay f32)")
+    p.add_argument("--prefill-len", type=int, metavar="N", help="coreml: tokens per prefill call (default: 64)")
+    p.add_argument("--context-len", type=int, metavar="N", help="coreml: positions the KV cache holds "
+                   "(default: min(512, max_position_embeddings))")
     p.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights in 128x128 blocks (DeepSeek's layout)")
     p.add_argument("--scale-fmt", choices=["ue8m0"], help="with --fp8: power-of-two scales (as DeepSeek-V3.1); "
                    "default: float32 scales amax/448")
@@ -502,11 +550,17 @@ def add_export(sub) -> None:
 def _run_export(args) -> int:
     from dsfs.export import export
 
-    r = export(args.checkpoint, args.out, args.format, args.fp8, args.scale_fmt, args.overwrite)
+    r = export(args.checkpoint, args.out, args.format, args.fp8, args.scale_fmt, args.overwrite, args.outtype,
+               args.prefill_len, args.context_len)
     if not args.quiet:
-        what = (f"{r['fp8_tensors']} of {r['tensors']} tensors in FP8 e4m3"
-                f"{' (ue8m0 scales)' if args.scale_fmt else ''}" if args.fp8 else f"{r['tensors']} tensors")
-        print(f"exported {r['model_dir']} to {r['out']}: {what}, {r['bytes'] / 2**20:,.1f} MiB of weights")
+        if args.format == "gguf":
+            what = f"GGUF {r['arch']}, {r['tensors']} tensors, {r['outtype']}"
+        elif args.format == "coreml":
+            what = f"Core ML package, prefill {r['prefill_len']} tokens, cache {r['context_len']} positions"
+        else:
+            what = (f"{r['fp8_tensors']} of {r['tensors']} tensors in FP8 e4m3"
+                    f"{' (ue8m0 scales)' if args.scale_fmt else ''}" if args.fp8 else f"{r['tensors']} tensors")
+        print(f"exported {r['model_dir']} to {r['out']}: {what}, {r['bytes'] / 2**20:,.1f} MiB")
     return 0
 
 

@@ -13,13 +13,19 @@ and ``config.json`` gets DeepSeek's ``quantization_config`` (`reference.config.f
 ``"scale_fmt": "ue8m0"`` for power-of-two scales as DeepSeek-V3.1's). ``transformers`` (FineGrainedFP8), mlx_lm
 (its deepseek_v3 ``sanitize`` dequantizes) and dsfs (dequantized, or ``keep_fp8``) open it unchanged.
 
-``FORMATS`` lists the output formats; 'hf' is the only one so far.
+``gguf``: one GGUF file for llama.cpp (`dsfs.gguf_export`: architecture ``deepseek2``, or ``deepseek32`` for V3.2's
+DSA), tensors in ``outtype``. ``coreml``: an ``.mlpackage`` for Apple's Core ML (`dsfs.coreml_export`): a fixed-length
+prefill and a KV-cache decode step. Both are written to a hidden temporary sibling and renamed into place.
+
+``FORMATS`` lists the output formats.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,12 +34,12 @@ from safetensors.torch import save_file
 
 from dsfs.checkpointing import load_model_dir, resolve_model_dir
 from dsfs.errors import UserError
-from reference.checkpoint import dtype_name, to_hf_state_dict, write_model_dir
+from reference.checkpoint import DiskFullError, dtype_name, is_disk_full, replace_dir, to_hf_state_dict, write_model_dir
 from reference.config import FP8_SCALE_FMTS, fp8_quantization_config, read_config_json
 from reference.fp8 import FP8_DTYPE
 from reference.fp8_checkpoint import quantize_tensors
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf", "coreml")
 
 
 class ExportError(UserError):
@@ -60,10 +66,12 @@ def _config_dtype(model_dir) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != FP8_DTYPE else None
 
 
-def _check_out(out: Path, keep: tuple[Path, ...], overwrite: bool) -> None:
+def _check_out(out: Path, keep: tuple[Path, ...], overwrite: bool, fmt: str = "hf") -> None:
     """Raise `ExportError` unless ``out`` may be written: not empty, not one of ``keep`` (the checkpoint, the run it
     was given as, the working directory) nor a folder holding one of them; when it exists, only with ``overwrite``,
-    only a directory, and only one that is empty or holds a model (``config.json``): replacing deletes it."""
+    and only what this format writes (replacing deletes it): for 'hf' a directory that is empty or holds a model
+    (``config.json``), for 'gguf' a GGUF file (its first bytes ``GGUF``), for 'coreml' an ``.mlpackage``
+    (``Manifest.json``)."""
     if not str(out).strip():
         raise ExportError("--out is empty; expected the directory to write")
     target = out.resolve()
@@ -71,10 +79,25 @@ def _check_out(out: Path, keep: tuple[Path, ...], overwrite: bool) -> None:
         if k.resolve().is_relative_to(target):
             raise ExportError(f"--out {out} is or holds {k} (the checkpoint being exported, its run, or the working "
                               "directory); choose another directory")
+    if fmt == "coreml" and out.suffix != ".mlpackage":
+        raise ExportError(f"--out {out}: expected a path ending in .mlpackage (Core ML's package format)")
     if not out.exists():
         return
     if not overwrite:
         raise ExportError(f"--out {out} already exists; pass --overwrite to replace it")
+    if fmt == "gguf":
+        if not out.is_file():
+            raise ExportError(f"--out {out} is not a file; expected the GGUF file to write")
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ExportError(f"--out {out} is not a GGUF file, so --overwrite will not replace it; choose "
+                                  "another path")
+        return
+    if fmt == "coreml":
+        if not (out / "Manifest.json").is_file():
+            raise ExportError(f"--out {out} is not a Core ML package (no Manifest.json), so --overwrite will not "
+                              "replace it; choose another path")
+        return
     if not out.is_dir():
         raise ExportError(f"--out {out} is a file; expected a directory to write")
     if any(out.iterdir()) and not (out / "config.json").is_file():
@@ -82,18 +105,46 @@ def _check_out(out: Path, keep: tuple[Path, ...], overwrite: bool) -> None:
                           "not replace it; choose another directory")
 
 
-def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", fp8: bool = False,
-           scale_fmt: str | None = None, overwrite: bool = False) -> dict:
-    """Write the model of ``checkpoint`` to the directory ``out`` in format ``fmt`` ('hf': a Hugging Face
-    directory); ``fp8``: in DeepSeek's FP8 layout, ``scale_fmt`` None (float32 scales amax / 448) or 'ue8m0'
-    (powers of two). Each unquantized tensor keeps the dtype the source stores it in (config.json's ``dtype``, else
-    float32, for one the source stores in FP8 or does not hold as such).
+def _write_atomic(out: Path, write) -> None:
+    """Run ``write(tmp)`` on a hidden temporary sibling path of ``out`` and rename the result over ``out`` (a file
+    with ``os.replace``, a directory with `replace_dir`), so a crash never leaves a half-written export under its
+    own name. On any error the temporary path is removed and the error re-raised; a full disk as `DiskFullError`."""
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=parent))
+    tmp = tmp_dir / out.name
+    try:
+        write(tmp)
+        if tmp.is_dir():
+            replace_dir(str(tmp), str(out))
+        else:
+            os.replace(tmp, out)
+    except BaseException as e:
+        if isinstance(e, Exception) and is_disk_full(e, parent):
+            raise DiskFullError(str(out)) from e
+        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    Returns ``{"model_dir", "out", "fp8_tensors", "tensors", "bytes"}`` (the source directory, the output, the FP8
-    matrices written, all tensors written, the bytes of the weight files). Raises `ExportError` (a `UserError`) for
-    an ``out`` that exists without ``overwrite`` or is the source, an unknown ``fmt`` or ``scale_fmt``, ``scale_fmt``
-    without ``fp8``; `dsfs.errors.CheckpointError` for a checkpoint that cannot be loaded; ``OSError`` from the
-    write (`reference.checkpoint.DiskFullError` for a full disk).
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", fp8: bool = False,
+           scale_fmt: str | None = None, overwrite: bool = False, outtype: str | None = None,
+           prefill_len: int | None = None, context_len: int | None = None) -> dict:
+    """Write the model of ``checkpoint`` to ``out`` in format ``fmt``: 'hf' a Hugging Face directory, 'gguf' one
+    GGUF file for llama.cpp (`dsfs.gguf_export.write_gguf`, tensors in ``outtype``: `dsfs.gguf_export.OUTTYPES`,
+    default f16 as llama.cpp's converter), 'coreml' an ``.mlpackage`` (`dsfs.coreml_export.write_coreml`: a prefill
+    of ``prefill_len`` tokens and a decode step over a cache of ``context_len`` positions).
+
+    'hf' only: ``fp8``, DeepSeek's FP8 layout, ``scale_fmt`` None (float32 scales amax / 448) or 'ue8m0' (powers of
+    two). Each unquantized tensor keeps the dtype the source stores it in (config.json's ``dtype``, else float32, for
+    one the source stores in FP8 or does not hold as such).
+
+    Returns ``{"model_dir", "out", "format", "tensors", "bytes", ...}`` (the source directory, the output, the
+    format, the tensors written, the bytes written; 'hf' adds ``fp8_tensors``, the writers their own fields).
+    Raises `ExportError` (a `UserError`) for an ``out`` that exists without ``overwrite``, is the source or is not
+    what ``fmt`` writes, an unknown ``fmt``, ``scale_fmt`` or ``outtype``, an option of another format, a model the
+    format cannot express; `dsfs.errors.CheckpointError` for a checkpoint that cannot be loaded; ``OSError`` from
+    the write (`reference.checkpoint.DiskFullError` for a full disk).
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
@@ -101,10 +152,36 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf
         raise ExportError(f"--scale-fmt {scale_fmt}: expected one of {', '.join(FP8_SCALE_FMTS)}")
     if scale_fmt is not None and not fp8:
         raise ExportError("--scale-fmt applies to --fp8 exports (the scales of the FP8 weights)")
+    if fp8 and fmt != "hf":
+        raise ExportError(f"--fp8 applies to --format hf; for --format {fmt} choose the tensor type with --outtype"
+                          if fmt == "gguf" else "--fp8 applies to --format hf")
+    if outtype is not None and fmt != "gguf":
+        raise ExportError(f"--outtype applies to --format gguf, not {fmt}")
+    if (prefill_len is not None or context_len is not None) and fmt != "coreml":
+        raise ExportError(f"--prefill-len and --context-len apply to --format coreml, not {fmt}")
+    if fmt == "gguf":
+        from dsfs.gguf_export import OUTTYPES
+        outtype = outtype or "f16"
+        if outtype not in OUTTYPES:
+            raise ExportError(f"--outtype {outtype}: expected one of {', '.join(OUTTYPES)}")
     model_dir = resolve_model_dir(checkpoint)
     out = Path(out)
-    _check_out(out, (model_dir, Path(checkpoint), Path.cwd()), overwrite)
+    _check_out(out, (model_dir, Path(checkpoint), Path.cwd()), overwrite, fmt)
     model = load_model_dir(model_dir)  # float32, validated: checksums, finite weights, names and shapes
+    if fmt == "gguf":
+        from dsfs.gguf_export import check_gguf, write_gguf
+        check_gguf(model.config)  # before any file is written
+        r = {}
+        _write_atomic(out, lambda tmp: r.update(write_gguf(model, model_dir, tmp, outtype)))
+        return {"model_dir": str(model_dir), "out": str(out), "format": fmt, **r,
+                "bytes": out.stat().st_size}
+    if fmt == "coreml":
+        from dsfs.coreml_export import check_coreml, write_coreml
+        check_coreml(model.config, prefill_len, context_len)
+        r = {}
+        _write_atomic(out, lambda tmp: r.update(write_coreml(model, tmp, prefill_len, context_len)))
+        return {"model_dir": str(model_dir), "out": str(out), "format": fmt, **r,
+                "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
     main, mtp = to_hf_state_dict(model)
     stored, fallback = stored_dtypes(model_dir), _config_dtype(model_dir) or torch.float32
 
@@ -121,6 +198,6 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf
     write_model_dir(out, config, main, mtp, lambda t, f: save_file(t, f, metadata={"format": "pt"}),
                     tokenizer if tokenizer.is_file() else None, dtype_name(main["model.embed_tokens.weight"].dtype))
     written = {**main, **mtp}
-    return {"model_dir": str(model_dir), "out": str(out), "fp8_tensors": sum(t.dtype == FP8_DTYPE for t in
-                                                                             written.values()),
+    return {"model_dir": str(model_dir), "out": str(out), "format": fmt,
+            "fp8_tensors": sum(t.dtype == FP8_DTYPE for t in written.values()),
             "tensors": len(written), "bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}

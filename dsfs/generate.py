@@ -101,11 +101,13 @@ def evaluate_checkpoint(
 class Generation:
     """``text``: prompt + continuation (special tokens dropped), or with ``chat`` the reply alone; ``new_tokens``:
     tokens generated (the stop token included); ``seconds``: wall time of the batch that generated it
-    (`generate_texts`); ``tokens_per_s``: their ratio."""
+    (`generate_texts`); ``tokens_per_s``: their ratio; ``speculative``: with speculative decoding, the batch's
+    `reference.speculative.SpeculativeStats` (the same object in every generation of the batch), else None."""
 
     text: str
     new_tokens: int
     seconds: float
+    speculative: object | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -166,6 +168,8 @@ def generate_texts(
     chat: bool = False,
     num_return_sequences: int = 1,
     tools: bool = False,
+    speculative: str | None = None,
+    num_speculative_tokens: int | None = None,
 ) -> list[Generation]:
     """Continue each of ``prompts`` ``num_return_sequences`` times in one batch (`dsfs.rollout.rollout`: left-padded,
     with the KV cache unless not ``use_cache``, each sequence stopping at eos on its own); returns the generations
@@ -183,6 +187,12 @@ def generate_texts(
     line's undecodable bytes arrive as surrogate escapes) or alone is too long, when the tokenizer's vocab is larger
     than the model's or (``chat``, ``tools``) lacks the tokens they need, or when a sampling option is out of range.
     Runs in the model's dtype (no autocast), so cached and uncached decoding agree.
+
+    ``speculative="mtp"``: MTP speculative decoding (`dsfs.rollout.speculative_rollout`, ``num_speculative_tokens``
+    drafts per step, default the model's MTP depth): greedy gives the same text; sampling the same distribution, with
+    one generator for the batch seeded with ``seed``. Raises ``CheckpointError`` for a model without MTP modules and
+    ``DataError`` with ``tools`` (a tool call pauses one sequence of the batch, which speculative steps do not do) or
+    without ``use_cache``.
     """
     from dsfs.rollout import completion_text, rollout
 
@@ -212,12 +222,24 @@ def generate_texts(
         from dsfs.tools import TOOLS
 
         tool_fns = TOOLS
+    if speculative is not None:
+        check_speculative(model, speculative, num_speculative_tokens, tools, use_cache)
+    stats = None
     t0 = time.perf_counter()
     try:
-        outs = rollout(model, ids, min(max_new_tokens, room), temperature=temperature, top_k=top_k, top_p=top_p,
-                       num_generations=num_return_sequences, seed=seed,
-                       stop_token_ids=[eos] if eos is not None else (), tokenizer=tokenizer, tools=tool_fns,
-                       use_cache=use_cache)
+        if speculative is None:
+            outs = [(o.ids, o.finish_reason == "stop") for o in rollout(
+                model, ids, min(max_new_tokens, room), temperature=temperature, top_k=top_k, top_p=top_p,
+                num_generations=num_return_sequences, seed=seed, stop_token_ids=[eos] if eos is not None else (),
+                tokenizer=tokenizer, tools=tool_fns, use_cache=use_cache)]
+        else:
+            from dsfs.rollout import speculative_rollout
+
+            rows, stats = speculative_rollout(model, ids, min(max_new_tokens, room), temperature=temperature,
+                                              top_k=top_k, top_p=top_p, num_generations=num_return_sequences,
+                                              seed=seed, stop_token_ids=[eos] if eos is not None else (),
+                                              num_speculative_tokens=num_speculative_tokens)
+            outs = [(r, eos is not None and r[-1:] == [eos]) for r in rows]
     except ValueError as e:
         raise DataError(str(e)) from e
     if isinstance(model, torch.nn.Module) and next(model.parameters()).device.type == "cuda":
@@ -225,11 +247,33 @@ def generate_texts(
     seconds = time.perf_counter() - t0
     gens = []
     drop = {tokenizer.token_to_id(t) for t in (BOS, EOS, PAD)} | ({eos} if eos is not None else set())
-    for o, prompt in zip(outs, [p for p in prompts for _ in range(num_return_sequences)], strict=True):
-        new = o.ids[:-1] if o.finish_reason == "stop" else o.ids
+    for (out, stopped), prompt in zip(outs, [p for p in prompts for _ in range(num_return_sequences)], strict=True):
+        new = out[:-1] if stopped else out
         if chat:
             text = completion_text(tokenizer, new, [t for t in drop if t is not None])
         else:
             text = prompt + tokenizer.decode(new, skip_special_tokens=True)
-        gens.append(Generation(text, len(o.ids), seconds))
+        gens.append(Generation(text, len(out), seconds, stats))
     return gens
+
+
+def check_speculative(model, speculative: str, num_speculative_tokens: int | None = None, tools: bool = False,
+                      use_cache: bool = True) -> None:
+    """Raise for what ``dsfs generate --speculative`` cannot do: ``DataError`` for a method other than ``"mtp"``,
+    ``num_speculative_tokens`` < 1, ``tools`` or no KV cache; ``CheckpointError`` for a ``model`` without MTP modules
+    (``num_nextn_predict_layers`` 0, or a checkpoint saved without its MTP layers, as ``transformers`` saves them).
+    ``model`` None checks the options alone (before the model loads)."""
+    if speculative != "mtp":
+        raise DataError(f"--speculative {speculative}: expected mtp (drafts from the model's MTP modules)")
+    if num_speculative_tokens is not None and num_speculative_tokens < 1:
+        raise DataError(f"--num-speculative-tokens {num_speculative_tokens}: expected an integer >= 1")
+    if tools:
+        raise DataError("--speculative mtp does not support --tools (a tool call pauses one sequence of the batch "
+                        "mid-step); drop one of them")
+    if not use_cache:
+        raise DataError("--speculative mtp needs the KV cache (it rolls the cache back after rejected drafts); "
+                        "drop --no-cache")
+    if model is not None and len(model.mtp) == 0:
+        raise CheckpointError("--speculative mtp needs MTP layers and this model has none (num_nextn_predict_layers "
+                              f"{model.config.num_nextn_predict_layers}, or a checkpoint saved without them); "
+                              "generate without --speculative")

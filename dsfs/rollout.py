@@ -208,11 +208,7 @@ def _rollout_batch(fwd, model, prompts, seeds, max_new_tokens, temperature, top_
     comps = [Completion(prompt_ids=p) for p in prompts]
     if budget <= 0:
         return comps
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = True
+    ids, mask = left_pad(prompts, pad_id)
     gens = [torch.Generator(device=fwd.device).manual_seed(s) for s in seeds]
     forced: list[collections.deque] = [collections.deque() for _ in range(b)]
     done = [False] * b
@@ -249,6 +245,76 @@ def _rollout_batch(fwd, model, prompts, seeds, max_new_tokens, temperature, top_
         ids = torch.cat((ids, nxt[:, None]), dim=1)
         logits = fwd(nxt[:, None] if use_cache else ids, cache, mask)
     return comps
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (token-id lists, at least one) left-padded to the longest: ``ids`` (B, W) int64 with ``pad_id`` in
+    the padding and ``attention_mask`` (B, W) bool, False on the padding (the batch layout of module docstring,
+    **Left padding**)."""
+    b, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = True
+    return ids, mask
+
+
+def speculative_rollout(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, num_generations: int = 1,
+                        seed: int = 0, stop_token_ids: Sequence[int] = (), pad_token_id: int | None = None,
+                        num_speculative_tokens: int | None = None):
+    """Sample ``num_generations`` completions of each prompt in one left-padded batch by MTP speculative decoding
+    (`reference.speculative.speculative_generate` for a torch model, `runtime_mlx.speculative.speculative_generate`
+    for a ``runtime_mlx.Model``). Returns ``(completions, stats)``: each completion's token ids (prompt-major, the stop
+    token included, as `Completion.ids`) and the `reference.speculative.SpeculativeStats` of the batch.
+
+    Greedy (``temperature`` 0) gives the tokens of `rollout`; sampled tokens follow the same distribution, drawn from
+    one generator seeded with ``seed`` for the whole batch (not `rollout`'s per-sequence seeds, so a sequence's sample
+    depends on its batch). Every sequence stops at ``stop_token_ids``, after ``max_new_tokens`` or at the model's
+    ``max_position_embeddings`` (a batch's room is set by its longest prompt). The model is put in eval mode and
+    restored. Raises ``ValueError`` for a bad option, an empty prompt or a model without MTP modules.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0 or num_generations < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}, num_generations={num_generations}: expected >= 0 and >= 1")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("speculative_rollout: every prompt needs at least one token (chat prompts start with bos)")
+    rows = [list(p) for p in prompts for _ in range(num_generations)]
+    cfg = model.config
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    ids, mask = left_pad(rows, pad_token_id)
+    budget = max(min(max_new_tokens, cfg.max_position_embeddings - ids.shape[1]), 0)
+    args = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=list(stop_token_ids),
+                num_speculative_tokens=num_speculative_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, torch.nn.Module):
+            from reference.speculative import speculative_generate
+
+            dev = next(model.parameters()).device
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            out, stats = speculative_generate(model, ids.to(dev), budget, generator=gen, attention_mask=mask.to(dev),
+                                              **args)
+            out = out.cpu()
+        else:
+            import mlx.core as mx
+
+            from runtime_mlx.speculative import speculative_generate
+
+            out, stats = speculative_generate(model, mx.array(ids.numpy()), budget, generator=mx.random.key(seed),
+                                              attention_mask=mx.array(mask.numpy()), **args)
+            out = torch.from_numpy(np.array(out.astype(mx.int64)))
+    finally:
+        model.train(was_training)
+    stops = set(stop_token_ids)
+    comps = []
+    for row in out[:, ids.shape[1]:].tolist():
+        end = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))
+        comps.append(row[:end])
+    return comps, stats
 
 
 def _ends_with_stop(ids: list[int], tokenizer, stop_strings: tuple[str, ...]) -> bool:

@@ -23,6 +23,12 @@ class LayerCache:
             out.append(full)
         return tuple(out)
 
+    def crop(self, seq_len: int) -> None:
+        """Keep the first ``seq_len`` cached tokens of every tensor (drop positions >= ``seq_len`` on dim -2): the
+        rollback of speculative decoding after rejected drafts. A view, no copy (the next `update` concatenates). A
+        ``seq_len`` at or past the end keeps them all."""
+        self.tensors = {name: t[..., :seq_len, :] for name, t in self.tensors.items()}
+
     def nbytes_per_token(self) -> int:
         """Bytes cached per token (per sequence of the batch) in this layer."""
         total = 0
@@ -37,6 +43,17 @@ class KVCache:
     def __init__(self, num_layers: int):
         self.layers = [LayerCache() for _ in range(num_layers)]
         self.seq_len = 0
+
+    def crop(self, seq_len: int) -> None:
+        """Roll the cache back to its first ``seq_len`` tokens (drop positions >= ``seq_len`` in every layer, the
+        indexer keys of DSA included): the next forward continues at position ``seq_len``, as if the dropped tokens
+        had never been fed (`reference.speculative`, after rejected drafts). Raises ``ValueError`` for ``seq_len``
+        outside [0, ``self.seq_len``]."""
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= self.seq_len:
+            raise ValueError(f"crop: seq_len={seq_len}; expected an integer in [0, {self.seq_len}] (the cached tokens)")
+        for layer in self.layers:
+            layer.crop(seq_len)
+        self.seq_len = seq_len
 
     def nbytes_per_token(self) -> int:
         """Bytes cached per token over all layers (one sequence)."""

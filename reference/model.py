@@ -408,9 +408,22 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """The distribution `sample_next` draws from: ``softmax(logits / temperature)`` restricted to the ``top_k``
+    largest logits and then to the smallest set whose probability reaches ``top_p`` (nucleus, Holtzman et al.
+    2019), renormalized. ``logits`` (..., V) float -> (..., V) probabilities, exactly 0 outside the kept set (the
+    target and draft distributions of speculative sampling, `reference.speculative`). Raises ``ValueError`` for an
+    option out of range (`check_sampling`) and for ``temperature`` 0 (greedy: no distribution)."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        raise ValueError("sampling_probs: temperature 0 is greedy (argmax); expected a temperature > 0")
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -418,5 +431,4 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         drop = probs.cumsum(-1) - probs >= top_p  # drop a token once the mass before it reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)

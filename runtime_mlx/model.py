@@ -352,15 +352,33 @@ class Model(nn.Module):
 def sample_next(logits: mx.array, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, key: mx.array | None = None) -> mx.array:
     """Next token from (B, V) logits: argmax when ``temperature == 0``, else a draw from the temperature-scaled,
-    top-k and top-p filtered distribution. Returns (B,) int32. Raises ``ValueError`` for an option out of range
-    (`reference.model.check_sampling`)."""
+    top-k and top-p filtered distribution (`sampling_probs`). Returns (B,) int32. Raises ``ValueError`` for an
+    option out of range (`reference.model.check_sampling`)."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
+    return mx.random.categorical(_filtered_logits(logits, temperature, top_k, top_p), axis=-1, key=key)
+
+
+def sampling_probs(logits: mx.array, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> mx.array:
+    """The distribution `sample_next` draws from, as `reference.model.sampling_probs`: ``softmax(logits /
+    temperature)`` restricted to the ``top_k`` largest logits and then to the smallest set whose probability
+    reaches ``top_p`` (nucleus, Holtzman et al. 2019), renormalized. ``logits`` (..., V) float -> (..., V)
+    probabilities, exactly 0 outside the kept set (the target and draft distributions of speculative sampling,
+    `runtime_mlx.speculative`). Raises ``ValueError`` for an option out of range and for ``temperature`` 0."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        raise ValueError("sampling_probs: temperature 0 is greedy (argmax); expected a temperature > 0")
+    return mx.softmax(_filtered_logits(logits, temperature, top_k, top_p), axis=-1)
+
+
+def _filtered_logits(logits: mx.array, temperature: float, top_k: int | None, top_p: float | None) -> mx.array:
+    """(..., V) ``logits / temperature`` with -inf outside the top-k and the top-p sets (`sampling_probs`)."""
     logits = logits / temperature
     neg = mx.array(-float("inf"), dtype=logits.dtype)
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = mx.sort(logits, axis=-1)[:, -top_k][:, None]
+        kth = mx.sort(logits, axis=-1)[..., -top_k][..., None]
         logits = mx.where(logits < kth, neg, logits)
     if top_p is not None and top_p < 1.0:
         order = mx.argsort(-logits, axis=-1)
@@ -369,4 +387,4 @@ def sample_next(logits: mx.array, temperature: float = 0.0, top_k: int | None = 
         drop = mx.cumsum(probs, axis=-1) - probs >= top_p
         sorted_logits = mx.where(drop, neg, sorted_logits)
         logits = mx.put_along_axis(mx.full(logits.shape, neg), order, sorted_logits, axis=-1)
-    return mx.random.categorical(logits, axis=-1, key=key)
+    return logits
