@@ -29,8 +29,10 @@ What llama.cpp (as of llama-cpp-python 0.3.36) expects and how the model is writ
 - DSA (``deepseek32``): indexer heads, head size, top-k, ``indexer.{attn_q_b, attn_k, k_norm (weight, bias),
   proj}``; llama.cpp applies a Hadamard rotation to the indexer queries and keys (orthogonal: the scores are
   unchanged) whose size must equal ``index_head_dim``, so it must be a power of two >= 64.
-- MTP modules are not written: llama.cpp's converter skips them for DeepSeek-V3 (``skip_mtp``), its deepseek2 MTP
-  graph is GLM-4's (asserts a q LoRA, one depth) and llama-cpp-python cannot run an MTP context to check it.
+- MTP modules are not written: llama.cpp's converter skips them for DeepSeek-V3 (``skip_mtp``). Its deepseek2 MTP
+  graph (GLM-4's ``nextn``: one depth, a q LoRA and a MoE FFN required) reads the same math as far as its source
+  shows, but runs only in a separate MTP context that llama-cpp-python's ``Llama`` does not offer, so it could not be
+  checked against ours.
 - Tied embeddings: no ``output.weight`` (llama.cpp then uses ``token_embd``).
 - Tokenizer: ``tokenizer.ggml.model`` 'gpt2' (byte-level BPE) with every token, its type (special tokens CONTROL,
   other added tokens USER_DEFINED, ids past the tokenizer up to ``vocab_size`` UNUSED ``[PAD{i}]``) and merges;
@@ -250,13 +252,13 @@ def _encode(kind, data, qtype):
 
 def _is_dsfs_tokenizer(spec: dict) -> bool:
     """``tokenizer.json`` ``spec`` is byte-level BPE with dsfs's pre-tokenizer: individual digits, then ByteLevel with
-    the GPT-2 regex and no prefix space (`dsfs.data.train_tokenizer`)."""
+    the GPT-2 regex and no prefix space, and no normalizer (`dsfs.data.train_tokenizer`)."""
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if not steps or len(steps) != 2:
         return False
     digits, byte_level = steps
-    return (spec.get("model", {}).get("type") == "BPE"
+    return (spec.get("model", {}).get("type") == "BPE" and spec.get("normalizer") is None
             and digits == {"type": "Digits", "individual_digits": True}
             and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex", True)
             and not byte_level.get("add_prefix_space"))
@@ -326,7 +328,7 @@ def _add_hparams(writer, c, name: str) -> None:
         writer.add_rope_scaling_yarn_beta_slow(_YARN_BETAS["beta_slow"])
         if rs.get("mscale_all_dim"):
             writer.add_rope_scaling_yarn_log_mul(0.1 * float(rs["mscale_all_dim"]))
-        writer.add_float32(gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=writer.arch), rope_attn_factor(c))
+        writer.add_rope_scaling_attn_factors(rope_attn_factor(c))  # gguf.Keys.Rope.SCALING_ATTN_FACTOR
     else:
         writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
     moe = [c.is_moe_layer(i) for i in range(c.num_hidden_layers)]

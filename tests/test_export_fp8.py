@@ -379,10 +379,19 @@ def test_export_cli(exported, tmp_path, capsys):
         assert main(["export", *argv]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("dsfs: error: ") and words in err, err
-    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--format", "gguf"]) == 2
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--format", "onnx"]) == 2
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--fp8", "--scale-fmt",
                  "e8m0"]) == 2  # argparse: not one of the choices
-    assert "invalid choice: 'gguf'" in capsys.readouterr().err
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err
+    for argv, words in [  # options of another format
+        (["--format", "gguf", "--fp8"], "--fp8 applies to --format hf"),
+        (["--outtype", "q8_0"], "--outtype applies to --format gguf"),
+        (["--format", "gguf", "--prefill-len", "8"], "apply to --format coreml"),
+        (["--format", "coreml"], "expected a path ending in .mlpackage"),
+    ]:
+        assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
     before = (tmp_path / "o" / "model.safetensors").stat().st_mtime_ns
     assert _export(run, tmp_path / "o", "--fp8", "--scale-fmt", "ue8m0", "--overwrite") == 0
     assert json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
