@@ -395,11 +395,14 @@ def _run_generate(args) -> int:
           f"({'no ' if args.no_cache else ''}KV cache, {data.plural(len(gens), 'sequence')}, {model_dir})",
           file=sys.stderr)
     st = gens[0].speculative
-    if st is not None:
+    if st is not None and st.steps:
         rates = ", ".join(f"depth {j} {a:.1%} ({n}/{d})" for j, (a, n, d) in
-                          enumerate(zip(st.acceptance, st.accepted, st.drafted, strict=True), start=1))
-        print(f"speculative mtp: acceptance {rates}; {st.tokens_per_step:.2f} tokens per verification step "
+                          enumerate(zip(st.acceptance, st.accepted, st.drafted, strict=True), start=1) if d)
+        per_seq = st.tokens_per_step / len(gens)
+        print(f"speculative mtp: acceptance {rates}; {per_seq:.2f} tokens per verification step per sequence "
               f"({st.steps} steps over {data.plural(len(gens), 'sequence')})", file=sys.stderr)
+    elif st is not None:
+        print("speculative mtp: no verification step (nothing to draft for)", file=sys.stderr)
     return 0
 
 

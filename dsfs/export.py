@@ -67,13 +67,11 @@ def _config_dtype(model_dir) -> torch.dtype | None:
 
 
 def _check_out(out: Path, keep: tuple[Path, ...], overwrite: bool, fmt: str = "hf") -> None:
-    """Raise `ExportError` unless ``out`` may be written: not empty, not one of ``keep`` (the checkpoint, the run it
+    """Raise `ExportError` unless ``out`` may be written: not one of ``keep`` (the checkpoint, the run it
     was given as, the working directory) nor a folder holding one of them; when it exists, only with ``overwrite``,
     and only what this format writes (replacing deletes it): for 'hf' a directory that is empty or holds a model
     (``config.json``), for 'gguf' a GGUF file (its first bytes ``GGUF``), for 'coreml' an ``.mlpackage``
     (``Manifest.json``)."""
-    if not str(out).strip():
-        raise ExportError("--out is empty; expected the directory to write")
     target = out.resolve()
     for k in keep:
         if k.resolve().is_relative_to(target):
@@ -110,8 +108,11 @@ def _write_atomic(out: Path, write) -> None:
     with ``os.replace``, a directory with `replace_dir`), so a crash never leaves a half-written export under its
     own name. On any error the temporary path is removed and the error re-raised; a full disk as `DiskFullError`."""
     parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=parent))
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write in {parent} ({e.strerror or e})") from None
     tmp = tmp_dir / out.name
     try:
         write(tmp)
@@ -164,6 +165,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf
         outtype = outtype or "f16"
         if outtype not in OUTTYPES:
             raise ExportError(f"--outtype {outtype}: expected one of {', '.join(OUTTYPES)}")
+    if not str(out).strip():  # before Path(), which reads "" as "."
+        raise ExportError("--out is empty; expected the path to write")
     model_dir = resolve_model_dir(checkpoint)
     out = Path(out)
     _check_out(out, (model_dir, Path(checkpoint), Path.cwd()), overwrite, fmt)

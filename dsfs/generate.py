@@ -257,16 +257,21 @@ def generate_texts(
     return gens
 
 
+MAX_SPECULATIVE_TOKENS = 16  # drafts per step `check_speculative` allows
+
+
 def check_speculative(model, speculative: str, num_speculative_tokens: int | None = None, tools: bool = False,
                       use_cache: bool = True) -> None:
     """Raise for what ``dsfs generate --speculative`` cannot do: ``DataError`` for a method other than ``"mtp"``,
-    ``num_speculative_tokens`` < 1, ``tools`` or no KV cache; ``CheckpointError`` for a ``model`` without MTP modules
-    (``num_nextn_predict_layers`` 0, or a checkpoint saved without its MTP layers, as ``transformers`` saves them).
+    ``num_speculative_tokens`` outside 1..`MAX_SPECULATIVE_TOKENS`, ``tools`` or no KV cache; ``CheckpointError``
+    for a ``model`` without MTP modules (``num_nextn_predict_layers`` 0, or a checkpoint saved without its MTP layers,
+    as ``transformers`` saves them).
     ``model`` None checks the options alone (before the model loads)."""
     if speculative != "mtp":
         raise DataError(f"--speculative {speculative}: expected mtp (drafts from the model's MTP modules)")
-    if num_speculative_tokens is not None and num_speculative_tokens < 1:
-        raise DataError(f"--num-speculative-tokens {num_speculative_tokens}: expected an integer >= 1")
+    if num_speculative_tokens is not None and not 1 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise DataError(f"--num-speculative-tokens {num_speculative_tokens}: expected an integer in "
+                        f"1..{MAX_SPECULATIVE_TOKENS} (drafts past a few are almost never accepted)")
     if tools:
         raise DataError("--speculative mtp does not support --tools (a tool call pauses one sequence of the batch "
                         "mid-step); drop one of them")

@@ -38,9 +38,12 @@ What llama.cpp (as of llama-cpp-python 0.3.36) expects and how the model is writ
   other added tokens USER_DEFINED, ids past the tokenizer up to ``vocab_size`` UNUSED ``[PAD{i}]``) and merges;
   ``tokenizer.ggml.pre`` 'smollm', whose regexes are exactly dsfs's pre-tokenizer (every digit alone, ``\\p{N}``,
   then the GPT-2 regex) and which keeps spaces on decode as our ``clean_up_tokenization_spaces`` false; bos / eos /
-  pad ids and the chat template from ``tokenizer_config.json`` (``gguf.SpecialVocab``); add_bos and add_eos false
-  (dsfs prompts start with eos explicitly). A checkpoint without ``tokenizer.json`` is refused (llama.cpp needs the
-  vocabulary in the file), and so is one whose pre-tokenizer or model is not dsfs's (another split of the text).
+  pad ids and the chat template from ``tokenizer_config.json`` (``gguf.SpecialVocab``); add_bos and add_eos false:
+  ``dsfs generate`` starts a plain prompt with the eos token, the document separator of the packed training stream,
+  and a chat prompt with the template's bos, so a llama.cpp user writes the same start (``"<|endoftext|>Once upon a
+  time"``: llama.cpp parses special tokens in prompts); an automatic bos would be wrong for one of the two.
+  A checkpoint without ``tokenizer.json`` is refused (llama.cpp needs the vocabulary in the file), and so is one whose
+  pre-tokenizer or model is not dsfs's (another split of the text).
 
 Tensor types (``OUTTYPES``, ``outtype``): f32, f16, bf16, and llama.cpp's block quantizations that gguf's Python
 quantizer implements, q8_0, q5_0 and q4_0 (blocks of 32 along a row). gguf 0.19.0 cannot quantize k-quants (Q4_K,
@@ -50,6 +53,9 @@ whose rows do not split into whole blocks falls back to f16. ``attn_k_b`` stays 
 layer, 0.3% of DeepSeek-V3): llama.cpp multiplies it by a permuted, non-contiguous query, and on x86 CPUs with AMX
 it places an f16 / q8_0 / q4_0 ``attn_k_b`` in its AMX weight buffer, whose kernels then refuse that product
 (``GGML_ASSERT(*cur_backend_id != -1)`` when the context is created; seen with llama-cpp-python 0.3.36 on a Xeon).
+The same AMX buffer computes the other f16 matrices wrongly on that machine (garbage text from an f16 file) and its
+q8_0 / q4_0 kernels die with SIGILL there: llama.cpp bugs that no file layout avoids; load with the extra buffers
+off (``llama-cli --no-repack``, ``use_extra_bufts = False``), as the tests do.
 """
 
 from __future__ import annotations
@@ -69,6 +75,17 @@ def _error(msg: str):
     from dsfs.export import ExportError
 
     return ExportError(msg)
+
+
+def model_name(model_dir: str | os.PathLike) -> str:
+    """The GGUF ``general.name``: the model directory's name, or its run's for a run's ``final/`` or
+    ``checkpoints/step_N`` (``runs/tiny/final`` -> 'tiny')."""
+    d = Path(model_dir).resolve()
+    if d.name == "final":
+        return d.parent.name
+    if d.name.startswith("step_") and d.parent.name == "checkpoints":
+        return d.parent.parent.name
+    return d.name
 
 
 def check_gguf(config) -> None:
@@ -371,7 +388,7 @@ def write_gguf(model, model_dir: str | os.PathLike, path: str | os.PathLike, out
     arch = gguf_arch(c)
     writer = gguf.GGUFWriter(path, arch)
     _add_tokenizer(writer, model_dir, c.vocab_size)
-    _add_hparams(writer, c, model_dir.resolve().name)
+    _add_hparams(writer, c, model_name(model_dir))
     qtype = gguf.GGMLQuantizationType[outtype.upper()]
     file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16"}.get(outtype, f"MOSTLY_{outtype.upper()}")
     writer.add_file_type(gguf.LlamaFileType[file_type])

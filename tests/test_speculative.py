@@ -321,6 +321,8 @@ def test_cli_generate_speculative(capsys, model_dirs):
     assert rc == rc2 == 0 and out == want, err
     rc, out, err = _cli(capsys, *base[:-4], "--temperature", 0.8, "--top-k", 20, "--speculative", "mtp")
     assert rc == 0 and out.count("--- ") == 2 and "acceptance" in err
+    rc, out, err = _cli(capsys, *base[:-4], "--max-new-tokens", 1, "--speculative", "mtp")  # no step: no nan
+    assert rc == 0 and "no verification step" in err and "nan" not in err, err
 
 
 def test_cli_generate_speculative_mlx(capsys, model_dirs):
@@ -340,7 +342,8 @@ def test_cli_generate_speculative_mlx(capsys, model_dirs):
 @pytest.mark.parametrize("argv,msg", [
     (("--speculative", "mtp"), "needs MTP layers and this model has none"),
     (("--num-speculative-tokens", 2), "--num-speculative-tokens needs --speculative mtp"),
-    (("--speculative", "mtp", "--num-speculative-tokens", 0), "expected an integer >= 1"),
+    (("--speculative", "mtp", "--num-speculative-tokens", 0), "expected an integer in 1..16"),
+    (("--speculative", "mtp", "--num-speculative-tokens", 2000), "expected an integer in 1..16"),
     (("--speculative", "mtp", "--chat", "--tools"), "does not support --tools"),
     (("--speculative", "mtp", "--no-cache"), "needs the KV cache"),
 ])
