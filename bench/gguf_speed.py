@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: llama.cpp shares torch's libgomp
+if __name__ == "__main__":  # run as a script: before torch loads libgomp, which llama.cpp shares (not on import)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402

@@ -169,6 +169,24 @@ class _Drafter:
                 self.levels[j].keep(valid, self.width)
 
 
+def check_speculative_args(model, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                           num_speculative_tokens: int | None) -> tuple[int, int]:
+    """``(depth, drafts per step)`` of ``model`` (torch or MLX: anything with an ``mtp`` module list) for the
+    arguments of `speculative_generate`. Raises ``ValueError`` for a model without MTP modules, ``max_new_tokens`` < 0,
+    ``num_speculative_tokens`` not None nor an integer >= 1, or bad sampling options (`check_sampling`)."""
+    depth = len(model.mtp)
+    if depth == 0:
+        raise ValueError("speculative_generate: the model has no MTP modules (num_nextn_predict_layers 0, or a "
+                         "checkpoint saved without them); expected MTP depth >= 1")
+    k_max = depth if num_speculative_tokens is None else num_speculative_tokens
+    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
+        raise ValueError(f"num_speculative_tokens: expected None or an integer >= 1, got {num_speculative_tokens}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
+    return depth, k_max
+
+
 def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                          top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
                          generator: torch.Generator | None = None, num_speculative_tokens: int | None = None,
@@ -201,16 +219,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, te
 def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator,
               num_speculative_tokens, attention_mask):
     """`speculative_generate` in inference mode."""
-    depth = len(model.mtp)
-    if depth == 0:
-        raise ValueError("speculative_generate: the model has no MTP modules (num_nextn_predict_layers 0, or a "
-                         "checkpoint saved without them); expected MTP depth >= 1")
-    k_max = depth if num_speculative_tokens is None else num_speculative_tokens
-    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
-        raise ValueError(f"num_speculative_tokens: expected None or an integer >= 1, got {num_speculative_tokens}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
-    check_sampling(temperature, top_k, top_p)
+    _, k_max = check_speculative_args(model, max_new_tokens, temperature, top_k, top_p, num_speculative_tokens)
     stats = SpeculativeStats([0] * k_max, [0] * k_max)
     if max_new_tokens == 0:
         return input_ids, stats
@@ -242,7 +251,7 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, stop_
     tokens = torch.zeros((), dtype=torch.long, device=dev)
     positions = torch.arange(k_max + 1, device=dev)
     n_pos, emitted = t, 1  # the main cache holds positions < n_pos; seq[:, n_pos] is the newest token
-    with _absorbed(model):
+    with absorbed(model):
         while emitted < max_new_tokens:
             k = min(k_max, max_new_tokens - emitted - 1)
             d, q = drafter.draft(seq, n_pos, k)
@@ -291,10 +300,11 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, stop_
 
 
 @contextmanager
-def _absorbed(model):
-    """Within: every MLA / DSA layer of ``model`` (main and MTP) whose ``absorb`` is None (automatic) attends in the
-    absorbed form, also for the few tokens of a speculative step; the automatic choice is restored on exit."""
-    layers = [m for m in model.modules() if isinstance(m, MLA) and m.absorb is None]
+def absorbed(model, mla_cls=MLA):
+    """Within: every ``mla_cls`` (MLA / DSA) layer of ``model`` (main and MTP; torch, or MLX with
+    ``runtime_mlx.mla.MLA``) whose ``absorb`` is None (automatic) attends in the absorbed form, also for the few
+    tokens of a speculative step; the automatic choice is restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, mla_cls) and m.absorb is None]
     for m in layers:
         m.absorb = True
     try:

@@ -28,12 +28,9 @@ each step (drafts, verification, acceptance, statistics) as one lazy graph that 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import mlx.core as mx
 
-from reference.model import check_sampling
-from reference.speculative import SpeculativeStats
+from reference.speculative import SpeculativeStats, absorbed, check_speculative_args
 
 from .attention import padding_mask
 from .cache import KVCache
@@ -85,16 +82,7 @@ def speculative_generate(model: Model, input_ids: mx.array, max_new_tokens: int,
     ``max_new_tokens`` < 0, ``num_speculative_tokens`` < 1), bad ``input_ids`` or ``attention_mask`` (as the model's
     forward) and non-finite logits.
     """
-    depth = len(model.mtp)
-    if depth == 0:
-        raise ValueError("speculative_generate: the model has no MTP modules (num_nextn_predict_layers 0, or a "
-                         "checkpoint saved without them); expected MTP depth >= 1")
-    k_max = depth if num_speculative_tokens is None else num_speculative_tokens
-    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
-        raise ValueError(f"num_speculative_tokens: expected None or an integer >= 1, got {num_speculative_tokens}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
-    check_sampling(temperature, top_k, top_p)
+    depth, k_max = check_speculative_args(model, max_new_tokens, temperature, top_k, top_p, num_speculative_tokens)
     stats = SpeculativeStats([0] * k_max, [0] * k_max)
     if max_new_tokens == 0:
         return input_ids, stats
@@ -130,7 +118,7 @@ def speculative_generate(model: Model, input_ids: mx.array, max_new_tokens: int,
     tokens = mx.array(0, mx.int32)
     positions = mx.arange(k_max + 1)
     n_pos, emitted = t, 1  # the main cache holds positions < n_pos; seq[:, n_pos] is the newest token
-    with _absorbed(model):  # the few tokens of a step through the latent cache, as a one-token decode step
+    with absorbed(model, MLA):  # the few tokens of a step through the latent cache, as a one-token decode step
         while emitted < max_new_tokens:
             k = min(k_max, max_new_tokens - emitted - 1)
             drafts, q = [], []
@@ -248,17 +236,3 @@ def _reject(p: mx.array, q: list[mx.array], d: mx.array, keys: _Keys) -> tuple[m
     cand = mx.where(mx.arange(k + 1)[None] < n[:, None], mx.concatenate([d, x], axis=1), x)
     return cand, ok
 
-
-@contextmanager
-def _absorbed(model: Model):
-    """Within: every MLA / DSA layer of ``model`` (main and MTP) whose ``absorb`` is None (automatic) attends in the
-    absorbed form, also for the few tokens of a speculative step (`reference.speculative` does the same); the
-    automatic choice is restored on exit."""
-    layers = [m for m in model.modules() if isinstance(m, MLA) and m.absorb is None]
-    for m in layers:
-        m.absorb = True
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.absorb = None

@@ -50,6 +50,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.gguf_speed import llama_greedy
 from dsfs import data
 from dsfs.chat import render
 from dsfs.export import ExportError, export
@@ -168,17 +169,6 @@ def cpp_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float64)
 
 
-def cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
-    """``ids`` then ``n`` greedy tokens of llama.cpp, one decode step per token through its KV cache."""
-    llm.reset()
-    llm.eval(ids)
-    out = list(ids)
-    for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval(out[-1:])
-    return out
-
-
 def ref_logits(model, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids]))[0].double().numpy()
@@ -216,7 +206,7 @@ def test_f32_matches_the_reference(llama_cpp, tokenizer_dir, tiny, tmp_path, nam
     with llama(llama_cpp, path) as llm:
         err = row_err(cpp_logits(llm, ids), ours)
         assert err <= 1e-4, f"{name}: llama.cpp f32 logits differ from the reference by {err:.2e}"
-        theirs = cpp_greedy(llm, ids, NEW)
+        theirs = llama_greedy(llm, ids, NEW)
     with torch.no_grad():
         greedy = model.generate(torch.tensor([ids]), NEW, temperature=0.0)[0].tolist()
     assert theirs == greedy
