@@ -235,4 +235,3 @@ def _reject(p: mx.array, q: list[mx.array], d: mx.array, keys: _Keys) -> tuple[m
     x = mx.random.categorical(mx.log(resid), key=keys()).astype(d.dtype)[:, None]  # (B, 1), unnormalized is fine
     cand = mx.where(mx.arange(k + 1)[None] < n[:, None], mx.concatenate([d, x], axis=1), x)
     return cand, ok
-
