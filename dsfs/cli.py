@@ -546,15 +546,21 @@ def add_export(sub) -> None:
                    "default: float32 scales amax/448")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a model directory "
                    "(or nothing)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary line (nor coremltools' progress bars)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args) -> int:
+    import contextlib
+    import io
+
     from dsfs.export import export
 
-    r = export(args.checkpoint, args.out, args.format, args.fp8, args.scale_fmt, args.overwrite, args.outtype,
-               args.prefill_len, args.context_len)
+    # coremltools draws tqdm progress bars on stderr while it converts; errors still arrive as exceptions
+    quiet = contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext()
+    with quiet:
+        r = export(args.checkpoint, args.out, args.format, args.fp8, args.scale_fmt, args.overwrite, args.outtype,
+                   args.prefill_len, args.context_len)
     if not args.quiet:
         if args.format == "gguf":
             what = f"GGUF {r['arch']}, {r['tensors']} tensors, {r['outtype']}"
