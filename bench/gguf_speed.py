@@ -8,7 +8,8 @@ llama.cpp ``n_threads``). The prompt is eos + "Once upon a time" encoded by the 
 generate`` starts a prompt), or 8 random ids without one. Each side runs once to warm up, then ``--repeats`` times;
 the best run counts. tokens/s = new tokens / wall time of the whole generation, the prompt's prefill included (the
 prompt is short). The table gives tokens/s, llama.cpp / dsfs, and whether the greedy tokens agree (else the first
-new token that differs: quantized weights change the logits, f32 should agree).
+new token that differs: quantized weights change the logits, f32 should agree), and the relative error of llama.cpp's
+logits over dsfs's whole greedy sequence (Frobenius over all positions, llama.cpp's KV cache in f32: `logits_error`).
 
 llama.cpp's extra weight buffers (the repacked and AMX layouts) are off unless ``--extra-bufts``: on the 2-core CI
 VM, a CPU that reports AMX, their AMX kernels kill the process with SIGILL for q8_0 / q4_0 weights. Its OpenMP
@@ -75,8 +76,9 @@ def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def open_llama(path: Path, n_ctx: int, threads: int, extra_bufts: bool):
-    """llama-cpp-python's ``Llama`` over ``path``; llama.cpp's extra weight buffers only with ``extra_bufts``."""
+def open_llama(path: Path, n_ctx: int, threads: int, extra_bufts: bool, **kw):
+    """llama-cpp-python's ``Llama`` over ``path`` (``kw``: more of its arguments); llama.cpp's extra weight buffers
+    only with ``extra_bufts``."""
     import llama_cpp
     from llama_cpp import llama_cpp as lib
 
@@ -90,9 +92,28 @@ def open_llama(path: Path, n_ctx: int, threads: int, extra_bufts: bool):
     lib.llama_model_default_params = params
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                               logits_all=True, verbose=False)  # scores: llama-cpp-python keeps them only then
+                               logits_all=True, verbose=False, **kw)  # scores: kept only with logits_all
     finally:
         lib.llama_model_default_params = defaults
+
+
+def logits_error(model, path: Path, ids: list[int], threads: int, extra_bufts: bool) -> float:
+    """The relative error (Frobenius, `reference.testing.rel_err`) of llama.cpp's logits of ``ids`` against
+    ``model``'s, with llama.cpp's KV cache in f32 and no flash attention (its defaults cache keys in f16)."""
+    import llama_cpp
+
+    from reference.testing import rel_err
+
+    llm = open_llama(path, len(ids), threads, extra_bufts, type_k=llama_cpp.GGML_TYPE_F32,
+                     type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False)
+    try:
+        llm.eval(ids)
+        theirs = np.array(llm.scores[:len(ids)], dtype=np.float64)
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].double().numpy()
+    return rel_err(theirs, ours)
 
 
 def agreement(ours: list[int], theirs: list[int], start: int) -> str:
@@ -120,7 +141,7 @@ def main(argv=None) -> None:
     ids = prompt_ids(model_dir, model.config)
     n = min(args.tokens, model.config.max_position_embeddings - len(ids))
     t_dsfs, ours = best_of(args.repeats, lambda: dsfs_greedy(model, ids, n))
-    rows = [("dsfs (reference, f32)", n / t_dsfs, 1.0, "-")]
+    rows = [("dsfs (reference, f32)", n / t_dsfs, 1.0, "-", "-")]
     with tempfile.TemporaryDirectory() as tmp:
         for outtype in args.outtype:
             path = Path(tmp) / f"model-{outtype}.gguf"
@@ -130,13 +151,14 @@ def main(argv=None) -> None:
                 t, theirs = best_of(args.repeats, lambda llm=llm: llama_greedy(llm, ids, n))
             finally:
                 llm.close()
-            rows.append((f"llama.cpp {outtype}", n / t, t_dsfs / t, agreement(ours, theirs, len(ids))))
+            err = logits_error(model, path, ours[:-1], args.threads, args.extra_bufts)
+            rows.append((f"llama.cpp {outtype}", n / t, t_dsfs / t, agreement(ours, theirs, len(ids)), f"{err:.1e}"))
     print(f"{model_dir}: {len(ids)} prompt tokens, {n} new tokens, batch 1, greedy, {args.threads} threads, "
           f"best of {args.repeats}")
-    print(f"| {'runtime':<22} | {'tokens/s':>9} | {'vs dsfs':>7} | {'greedy tokens agree':<20} |")
-    print(f"|{'-' * 24}|{'-' * 10}:|{'-' * 8}:|{'-' * 22}|")
-    for name, tps, ratio, agree in rows:
-        print(f"| {name:<22} | {tps:>9.1f} | {ratio:>6.2f}x | {agree:<20} |")
+    print(f"| {'runtime':<22} | {'tokens/s':>9} | {'vs dsfs':>7} | {'greedy tokens agree':<20} | logits rel. err |")
+    print(f"|{'-' * 24}|{'-' * 10}:|{'-' * 8}:|{'-' * 22}|{'-' * 16}:|")
+    for name, tps, ratio, agree, err in rows:
+        print(f"| {name:<22} | {tps:>9.1f} | {ratio:>6.2f}x | {agree:<20} | {err:>15} |")
 
 
 if __name__ == "__main__":
