@@ -11,7 +11,7 @@ flattened streams (weights ``fn`` ((2 + N) N, N D), ``base`` ((2 + N) N), ``scal
   (`sinkhorn_knopp`): the residual mix of the streams. Rows and columns summing to 1 make the mix a convex combination
   both ways, so repeated mixing across layers is non-expansive (the "manifold constraint" of mHC).
 
-The block's new streams are `hc_combine`: ``out[k] = post[k] * block(x) + sum_j comb[j, k] * streams[j]``. At the top of
+The block's new streams are `mhc_post`: ``out[k] = post[k] * block(x) + sum_j comb[j, k] * streams[j]``. At the top of
 the model `HyperHead` collapses the streams once more (sigmoid weights, no comb) before the final norm. Parameter
 names and math follow ``transformers``' ``DeepseekV4HyperConnection`` / ``DeepseekV4HyperHead`` (its V4 oracle),
 which follow DeepSeek's inference code; the weights are computed in float32 whatever the streams' dtype.
@@ -71,28 +71,45 @@ class HyperConnection(nn.Module):
         """``streams`` (B, S, N, D) -> ``(post, comb, collapsed)``: post (B, S, N) and comb (B, S, N, N) float32, and
         the block input ``sum_j pre[j] * streams[j]`` (B, S, D) in the streams' dtype. Raises ``ValueError`` for
         streams whose last two dims are not (N, D)."""
-        b, s, n, d = streams.shape
-        if n != self.hc_mult or n * d != self.fn.shape[1]:
+        if streams.dim() != 4 or streams.shape[2] != self.hc_mult or streams[0, 0].numel() != self.fn.shape[1]:
             raise ValueError(f"HyperConnection: streams of shape {tuple(streams.shape)}; expected (B, S, "
                              f"{self.hc_mult}, {self.fn.shape[1] // self.hc_mult})")
-        mixes = F.linear(_unweighted_rms_norm(streams.reshape(b, s, n * d).float(), self.rms_norm_eps),
-                         self.fn.float())
-        pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = self.base.float().split([n, n, n * n])
-        pre_s, post_s, comb_s = self.scale.float().unbind(0)
-        pre = torch.sigmoid(pre_w * pre_s + pre_b) + self.hc_eps
-        post = 2 * torch.sigmoid(post_w * post_s + post_b)
-        comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * comb_s + comb_b.view(n, n), dim=-1) + self.hc_eps
-        comb = sinkhorn_knopp(comb, self.sinkhorn_iters, self.hc_eps)
-        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+        collapsed, post, comb = mhc_pre(streams, self.fn, self.base, self.scale, self.sinkhorn_iters, self.hc_eps,
+                                        self.rms_norm_eps)
         return post, comb, collapsed
 
 
-def hc_combine(block_out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """The streams after a block: ``out[k] = post[k] * block_out + sum_j comb[j, k] * streams[j]``. ``block_out``
-    (B, S, D), ``post`` (B, S, N), ``comb`` (B, S, N, N), ``streams`` (B, S, N, D) -> (B, S, N, D) in the streams'
-    dtype (post and comb cast to it first, as DeepSeek-V4's code). comb is applied transposed: it is doubly stochastic
-    but not symmetric, so the direction matters."""
+def mhc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, sinkhorn_iters: int,
+            hc_eps: float, rms_norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mHC op before a block (mHC section 3; DeepSeek-V4's ``hc_pre``): the three mixes of the N streams and the
+    block input.
+
+    ``streams`` (B, S, N, D) float; ``fn`` ((2 + N) N, N D), ``base`` ((2 + N) N,), ``scale`` (3,) float32.
+    ``mixes = fn @ RMS(flatten(streams))`` (unweighted RMSNorm, ``rms_norm_eps``, in float32), split into pre (N),
+    post (N) and comb (N x N): ``pre = sigmoid(mix * scale[0] + base) + hc_eps``, ``post = 2 sigmoid(mix * scale[1] +
+    base)``, ``comb = sinkhorn_knopp(softmax_rows(mix * scale[2] + base) + hc_eps, sinkhorn_iters, hc_eps)``.
+    Returns ``(collapsed, post, comb)``: ``collapsed = sum_j pre[j] streams[j]`` (B, S, D) in the streams' dtype,
+    post (B, S, N) and comb (B, S, N, N) float32. Differentiable in every tensor. The signature of
+    `kernels.triton.mhc.mhc_pre`."""
+    b, s, n, d = streams.shape
+    mixes = F.linear(_unweighted_rms_norm(streams.reshape(b, s, n * d).float(), rms_norm_eps), fn.float())
+    pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
+    pre_b, post_b, comb_b = base.float().split([n, n, n * n])
+    pre_s, post_s, comb_s = scale.float().unbind(0)
+    pre = torch.sigmoid(pre_w * pre_s + pre_b) + hc_eps
+    post = 2 * torch.sigmoid(post_w * post_s + post_b)
+    comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * comb_s + comb_b.view(n, n), dim=-1) + hc_eps
+    comb = sinkhorn_knopp(comb, sinkhorn_iters, hc_eps)
+    collapsed = (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+    return collapsed, post, comb
+
+
+def mhc_post(block_out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """The mHC op after a block (DeepSeek-V4's ``hc_post``): ``out[k] = post[k] * block_out + sum_j comb[j, k] *
+    streams[j]``. ``block_out`` (B, S, D), ``post`` (B, S, N), ``comb`` (B, S, N, N), ``streams`` (B, S, N, D) ->
+    (B, S, N, D) in the streams' dtype (post and comb cast to it first, as DeepSeek-V4's code). comb is applied
+    transposed: it is doubly stochastic but not symmetric, so the direction matters. Differentiable in every tensor;
+    the signature of `kernels.triton.mhc.mhc_post`."""
     dtype = streams.dtype
     return post.to(dtype).unsqueeze(-1) * block_out.unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ streams
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference.mhc import HyperConnection, HyperHead, hc_combine, sinkhorn_knopp
+from reference.mhc import HyperConnection, HyperHead, mhc_post, sinkhorn_knopp
 from reference.testing.tolerance import assert_close
 
 v4 = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
@@ -44,7 +44,7 @@ def test_hyper_connection_equals_transformers(n, iters, hidden, b, s):
     for what, x, y in zip(("post", "comb", "collapsed"), out, ref, strict=True):
         assert_close(x, y, what=what)
     assert 0.1 < out[0].std() and (n == 1 or 0.01 < out[1].std())  # not saturated: a wrong formula shows
-    new = hc_combine(block_out, *out[:2], streams)
+    new = mhc_post(block_out, *out[:2], streams)
     want = ref[0].unsqueeze(-1) * block_out.unsqueeze(-2) + torch.matmul(ref[1].transpose(-1, -2), streams)
     assert_close(new, want, what="streams after the block")
     assert_close(head(new), their_head(want), what="hyper head")
