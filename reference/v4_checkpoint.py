@@ -1,8 +1,8 @@
 """DeepSeek-V4 checkpoints: the tensor names ``transformers`` writes and reads, and DeepSeek's own.
 
 Our module tree has ``transformers``' ``DeepseekV4ForCausalLM`` parameter names
-(``model.layers.{i}.self_attn.q_a_proj``, ``mlp.experts.gate_up_proj`` (E, 2 I, hidden), ...). On disk its ``save_pretrained`` writes a mix: the reverse of
-its conversion from DeepSeek's names inside the layers (``model.layers.{i}.attn.wq_a.weight``,
+(``model.layers.{i}.self_attn.q_a_proj``, ``mlp.experts.gate_up_proj`` (E, 2 I, hidden), ...). On disk its
+``save_pretrained`` writes a mix: the reverse of its conversion from DeepSeek's names inside the layers (``model.layers.{i}.attn.wq_a.weight``,
 ``ffn.experts.{e}.w1.weight``, ``hc_attn_fn``, ``attn.attn_sink``, ``attn.compressor.ape``,
 ``attn.indexer.compressor.wkv.weight``, ...) and ``head.weight``, but ``model.embed_tokens.weight``,
 ``model.norm.weight`` and ``model.hc_head.hc_fn`` unchanged. We write exactly that (it reads it back), and read it,

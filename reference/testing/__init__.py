@@ -35,7 +35,7 @@ from .tolerance import BOUNDS, assert_close, bound_for, rel_err
 
 # One module per op family, named like the reference module; each defines SPECS (or SPEC).
 FAMILIES = ("rms_norm", "rope", "swiglu", "cross_entropy", "attention", "mla", "dsa", "moe", "fp8", "preference",
-            "distill", "grpo")
+            "distill", "grpo", "compressor", "sink_attention", "mhc")
 
 
 def all_specs() -> dict[str, OpSpec]:

@@ -24,6 +24,7 @@ Source for the semantics: the plain-PyTorch ``reference`` package (the definitio
 
 from reference.fp8 import AMAX_MIN, FP8_MAX
 
+from .compressor import gated_pool
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .distill import distill, distill_logits
 from .dsa import indexer_scores, indexer_topk, indices_to_mask, sparse_attention
@@ -47,6 +48,7 @@ from .mla import mla_decode
 from .moe import route
 from .preference import preference, preference_loss, sequence_logps
 from .rms_norm import rms_norm
+from .sink_attention import sink_attention
 from .swiglu import swiglu
 
 __all__ = [
@@ -68,6 +70,7 @@ __all__ = [
     "fp8_gemm",
     "fp8_grouped_gemm",
     "fp8_grouped_wgrad",
+    "gated_pool",
     "grpo",
     "grpo_loss",
     "indexer_scores",
@@ -84,6 +87,7 @@ __all__ = [
     "route",
     "run_metal",
     "sequence_logps",
+    "sink_attention",
     "sparse_attention",
     "swiglu",
     "token_logps",
