@@ -2,13 +2,13 @@
 
 Our module tree has ``transformers``' ``DeepseekV4ForCausalLM`` parameter names
 (``model.layers.{i}.self_attn.q_a_proj``, ``mlp.experts.gate_up_proj`` (E, 2 I, hidden), ...). On disk its
-``save_pretrained`` writes a mix: the reverse of its conversion from DeepSeek's names inside the layers (``model.layers.{i}.attn.wq_a.weight``,
-``ffn.experts.{e}.w1.weight``, ``hc_attn_fn``, ``attn.attn_sink``, ``attn.compressor.ape``,
-``attn.indexer.compressor.wkv.weight``, ...) and ``head.weight``, but ``model.embed_tokens.weight``,
-``model.norm.weight`` and ``model.hc_head.hc_fn`` unchanged. We write exactly that (it reads it back), and read it,
-DeepSeek's released layout (no ``model.`` prefix, ``embed.weight``, ``hc_head_fn``, ``attn.kv_norm``) and our module
-names. MTP blocks are ``mtp.{k}.*`` in DeepSeek's names (in ``mtp.safetensors``; transformers skips them).
-Quantized (FP8/FP4 ``.scale``) checkpoints are refused.
+``save_pretrained`` writes a mix: the reverse of its conversion from DeepSeek's names inside the layers
+(``model.layers.{i}.attn.wq_a.weight``, ``ffn.experts.{e}.w1.weight``, ``hc_attn_fn``, ``attn.attn_sink``,
+``attn.compressor.ape``, ``attn.indexer.compressor.wkv.weight``, ...) and ``head.weight``, but
+``model.embed_tokens.weight``, ``model.norm.weight`` and ``model.hc_head.hc_fn`` unchanged. We write exactly that (it
+reads it back), and read it, DeepSeek's released layout (no ``model.`` prefix, ``embed.weight``, ``hc_head_fn``,
+``attn.kv_norm``) and our module names. MTP blocks are ``mtp.{k}.*`` in DeepSeek's names (in ``mtp.safetensors``;
+transformers skips them). Quantized (FP8/FP4 ``.scale``) checkpoints are refused.
 """
 
 from __future__ import annotations
