@@ -29,6 +29,20 @@ MODEL_PRESETS: dict[str, dict] = {
         q_lora_rank=None, kv_lora_rank=48, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         num_nextn_predict_layers=0, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
     ),
+    # DeepSeek-V4 at tiny's width and depth (V4 report; reference.v4_model): mHC with 4 streams, CSA (4x + indexer
+    # top-16) and HCA layers alternating after a sliding window of 32 tokens, a hash-routed first MoE layer,
+    # sqrt-softplus routing, MTP depth 1; the compression rates scaled to 256-token sequences (HCA 32 instead of 128)
+    "tiny-v4": dict(
+        model_type="deepseek_v4", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
+        partial_rotary_factor=0.5, q_lora_rank=64, o_groups=2, o_lora_rank=64, sliding_window=32,
+        layer_types=["heavily_compressed_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 32},
+        index_n_heads=4, index_head_dim=32, index_topk=16, mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=1.0,
+        hc_mult=4, hc_sinkhorn_iters=20, num_nextn_predict_layers=1, max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
     "small": dict(
         hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1536,
         moe_intermediate_size=256, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
@@ -57,6 +71,9 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "nano": TrainConfig(batch_size=8, seq_len=256, lr=6e-3, min_lr_ratio=0.0, warmup_steps=60, max_steps=1300,
                         time_budget_s=550, weight_decay=1.0, grad_clip=1.0, grad_accum=1, eval_every=100,
                         eval_batches=12, mtp_weight=0.3, optimizer="muon"),
+    "tiny-v4": TrainConfig(batch_size=8, seq_len=256, lr=6e-3, min_lr_ratio=0.0, warmup_steps=60, max_steps=1300,
+                           time_budget_s=550, weight_decay=1.0, grad_clip=1.0, grad_accum=1, eval_every=100,
+                           eval_batches=12, mtp_weight=0.3, optimizer="muon"),
     "small": TrainConfig(batch_size=32, seq_len=512, lr=1e-3, min_lr_ratio=0.1, warmup_steps=200, max_steps=5000,
                          time_budget_s=None, weight_decay=0.1, grad_clip=1.0, grad_accum=1, eval_every=250,
                          eval_batches=32, mtp_weight=0.3, optimizer="adamw"),

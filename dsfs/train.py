@@ -43,7 +43,8 @@ from dsfs.parallel.trainer import ParallelTrainer, ShardedCheckpoints
 from dsfs.presets import MODEL_PRESETS, TRAIN_PRESETS
 from dsfs.train_config import TrainConfig
 from dsfs.trainer import make_trainer
-from reference import Model, ModelConfig
+from reference import Model, ModelConfig, V4Config
+from reference.config import config_from_json
 
 STATE_KEYS = {"step", "tokens", "elapsed_s", "optimizer", "rng_cpu", "data_generator", "train_config", "preset",
               "model_overrides", "seed", "data_dir", "meta_sha256"}
@@ -57,7 +58,7 @@ def model_config(preset: str, meta: dict, overrides: dict | None = None) -> Mode
     d = {**MODEL_PRESETS[preset], **(overrides or {}), "vocab_size": meta["vocab_size"],
          "bos_token_id": meta["bos_id"], "eos_token_id": meta["eos_id"], "pad_token_id": meta["pad_id"]}
     try:
-        return ModelConfig(**d)
+        return V4Config(**d) if d.get("model_type") == "deepseek_v4" else ModelConfig(**d)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"preset {preset}: {e}") from e
 
@@ -112,7 +113,7 @@ def load_init_model(cls: type, model_dir: Path, meta: dict, overrides: dict | No
             f"{[getattr(cfg, k) for k in ids]}")
     if cfg == src.config:
         return src.train()
-    model = cls(cfg)
+    model = cls.for_config(cfg)
     held = src.config.num_nextn_predict_layers
     keep = {k: v for k, v in src.state_dict().items()
             if not (k.startswith("mtp.") and int(k.split(".")[1]) >= cfg.num_nextn_predict_layers)}
@@ -189,7 +190,7 @@ def _initial_model(be: Backend, cfg: ModelConfig, ckpt: Path | None, init_dir: P
     cls = Model if be.name == "mlx" else be.model_cls
     if init_dir is not None:
         return load_init_model(cls, init_dir, meta, model_overrides, say)
-    return cls(cfg)
+    return cls.for_config(cfg)
 
 
 def train(
@@ -339,7 +340,7 @@ def train(
                               f"{out / 'final'}); pass a --max-steps above {state['step']} to train on")
     if init_dir is not None:  # the run's own config (on resume: the checkpoint's, the init_from source may be gone)
         try:
-            base = ModelConfig.from_json(ckpt if ckpt is not None else init_dir)
+            base = config_from_json(ckpt if ckpt is not None else init_dir)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{ckpt or init_dir}: unreadable config.json ({e})") from e
         cfg = init_config(base, meta, model_overrides)
@@ -357,7 +358,7 @@ def train(
                 f"{ckpt} was trained on other data ({state['data_dir']}, meta.json sha256 "
                 f"{state['meta_sha256'][:12]}); {data_dir} has meta.json sha256 {meta_sha[:12]}")
         try:
-            have = ModelConfig.from_json(ckpt)
+            have = config_from_json(ckpt)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{ckpt}: unreadable config.json ({e})") from e
         diff = _config_diff(have, cfg)

@@ -267,6 +267,12 @@ def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop", ke
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    if read_config_json(path).get("model_type") == "deepseek_v4":
+        if keep_fp8:
+            raise ValueError(f"checkpoint {path!r}: keep_fp8 is not supported for DeepSeek-V4")
+        from .v4_checkpoint import load_v4
+
+        return load_v4(getattr(cls, "v4_class", None) or cls, path, device=device, dtype=dtype)
     verify_checksums(path)
     hf = read_safetensors(path)
     check_finite(hf, path, _finite)

@@ -443,6 +443,21 @@ class ModelConfig:
             f.write("\n")
 
 
+def config_from_dict(d: dict[str, Any]):
+    """The config a ``config.json`` dict describes: `reference.v4_config.V4Config` for ``model_type``
+    'deepseek_v4', else `ModelConfig` (V3, V3.2 and their variants). Raises ``ValueError`` as their ``from_dict``."""
+    if d.get("model_type") == "deepseek_v4":
+        from .v4_config import V4Config
+
+        return V4Config.from_dict(d)
+    return ModelConfig.from_dict(d)
+
+
+def config_from_json(path: str | os.PathLike):
+    """`config_from_dict` of the ``config.json`` at ``path`` (a file or a directory holding one)."""
+    return config_from_dict(read_config_json(path))
+
+
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object of ``config.json`` (``path`` is the file, or a directory that holds one), unvalidated.
     Raises ``FileNotFoundError`` when absent, ``ValueError`` when it is not a JSON object."""

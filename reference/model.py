@@ -134,6 +134,10 @@ class Model(nn.Module):
     sequence longer than ``max_position_embeddings``.
     """
 
+    v4_class: type | None = None
+    """This runtime's DeepSeek-V4 model (`reference.v4_model.V4Model` unless a runtime sets its own): what
+    `for_config` builds and `from_pretrained` loads for a ``deepseek_v4`` config."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -145,6 +149,14 @@ class Model(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()
+
+    @classmethod
+    def for_config(cls, config) -> nn.Module:
+        """A fresh model of ``config``: ``cls(config)`` for a `ModelConfig`, this runtime's `v4_class` for a
+        `reference.v4_config.V4Config`."""
+        from .v4_config import V4Config
+
+        return cls.v4_class(config) if isinstance(config, V4Config) else cls(config)
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()

@@ -33,7 +33,8 @@ def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw"
     the MTP ``eh_proj``) form a first group with ``use_muon=True``; the LM head (AdamW with decay) and the no-decay
     group above stay with AdamW (``use_muon=False``), as in Moonlight (Liu et al. 2025, sec. 2.2). The routers
     stay with AdamW too, this project's choice: a router's (E, H) rows score experts one by one rather than form a
-    hidden linear map. Parameters appear in ``model.parameters()`` order, shared (tied) ones once, frozen ones
+    hidden linear map; so do DeepSeek-V4's compressor position biases (V4 report section 2.4: AdamW for biases and
+    gating factors; its mHC projections ``fn`` are matrices and take Muon). Parameters appear in ``model.parameters()`` order, shared (tied) ones once, frozen ones
     (``requires_grad=False``) not at all; a group with no parameter (a pipeline stage without head or router) is
     left out. Raises ``ValueError`` for another ``optimizer``."""
     if optimizer not in OPTIMIZERS:
@@ -41,6 +42,7 @@ def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw"
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = getattr(model, "lm_head", None)  # a pipeline stage before the last holds no head
     adam_only = ({id(head.weight)} if head is not None else set()) | {id(m.gate.weight) for m in model.moe_layers()}
+    adam_only |= {id(p) for n, p in model.named_parameters() if n.endswith("position_bias")}  # V4's compressor biases
     muon, decay, no_decay = [], [], []
     for p in model.parameters():  # shared (tied) parameters are listed once
         if not p.requires_grad:
