@@ -34,8 +34,8 @@ def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw"
     group above stay with AdamW (``use_muon=False``), as in Moonlight (Liu et al. 2025, sec. 2.2). The routers
     stay with AdamW too, this project's choice: a router's (E, H) rows score experts one by one rather than form a
     hidden linear map; so do DeepSeek-V4's compressor position biases (V4 report section 2.4: AdamW for biases and
-    gating factors; its mHC projections ``fn`` are matrices and take Muon). Parameters appear in ``model.parameters()`` order, shared (tied) ones once, frozen ones
-    (``requires_grad=False``) not at all; a group with no parameter (a pipeline stage without head or router) is
+    gating factors; its mHC projections ``fn`` are matrices and take Muon). Parameters appear in
+    ``model.parameters()`` order, shared (tied) ones once, frozen ones (``requires_grad=False``) not at all; a group with no parameter (a pipeline stage without head or router) is
     left out. Raises ``ValueError`` for another ``optimizer``."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
