@@ -24,19 +24,18 @@ moments, Muon's momentum)."""
 
 
 def param_groups(model: nn.Module, weight_decay: float, optimizer: str = "adamw") -> list[dict]:
-    """The optimizer's parameter groups of a `reference.Model` (or a model with its ``lm_head`` and
-    ``moe_layers()``).
+    """The optimizer's parameter groups of a `reference.Model` (or a model with its ``lm_head`` and ``moe_layers()``).
 
     ``"adamw"``: two groups, matrices (parameters with ``ndim >= 2`` other than embeddings, so also stacked expert
     weights and the router) get ``weight_decay``; norms, biases and embeddings (and an LM head tied to them) get
     none. ``"muon"`` (`reference.muon.Muon`): the hidden matrices (attention and MLP projections, stacked experts,
     the MTP ``eh_proj``) form a first group with ``use_muon=True``; the LM head (AdamW with decay) and the no-decay
-    group above stay with AdamW (``use_muon=False``), as in Moonlight (Liu et al. 2025, sec. 2.2). The routers
-    stay with AdamW too, this project's choice: a router's (E, H) rows score experts one by one rather than form a
-    hidden linear map; so do DeepSeek-V4's compressor position biases (V4 report section 2.4: AdamW for biases and
-    gating factors; its mHC projections ``fn`` are matrices and take Muon). Parameters appear in
-    ``model.parameters()`` order, shared (tied) ones once, frozen ones (``requires_grad=False``) not at all; a group with no parameter (a pipeline stage without head or router) is
-    left out. Raises ``ValueError`` for another ``optimizer``."""
+    group above stay with AdamW (``use_muon=False``), as in Moonlight (Liu et al. 2025, sec. 2.2). The routers stay
+    with AdamW too, this project's choice: a router's (E, H) rows score experts one by one rather than form a hidden
+    linear map; so do DeepSeek-V4's compressor position biases (V4 report section 2.4: AdamW for biases and gating
+    factors; its mHC projections ``fn`` are matrices and take Muon). Parameters appear in ``model.parameters()``
+    order, shared (tied) ones once, frozen ones (``requires_grad=False``) not at all; a group with no parameter (a
+    pipeline stage without head or router) is left out. Raises ``ValueError`` for another ``optimizer``."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
