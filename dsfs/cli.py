@@ -153,6 +153,9 @@ def add_train(sub) -> None:
         ("grad-accum", int, "micro-batches per step"), ("eval-every", int, "steps between evaluations"),
         ("eval-batches", int, "validation batches per evaluation"), ("mtp-weight", float, "MTP loss weight"),
         ("weight-decay", float, "decoupled decay on matrices"), ("grad-clip", float, "max grad norm (0: off)"),
+        ("indexer-warmup-steps", int, "models with lightning indexers (V3.2 DSA, V4 CSA): steps of the dense "
+         "warm-up (main model frozen, indexers trained by KL to the dense attention) before the sparse stage "
+         "(LM loss + the indexers' KL over their top-k); default 0"),
     ]:
         g.add_argument(f"--{name}", type=typ, metavar="X", help=help_)
     g.add_argument("--optimizer", choices=["adamw", "muon"], help="adamw, or muon: Muon on the hidden matrices "
@@ -240,7 +243,7 @@ def _run_train(args) -> int:
         raise ConfigError(f"--num-nextn-predict-layers {depths}: expected >= 0")
     fields = ("max_steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "grad_accum",
               "eval_every", "eval_batches", "mtp_weight", "weight_decay", "grad_clip", "optimizer", "precision",
-              "scale_fmt")
+              "scale_fmt", "indexer_warmup_steps")
     for f in (*fields, "time_budget_s"):  # name the option, not the TrainConfig field
         v = getattr(args, "time_budget" if f == "time_budget_s" else f)
         if v is not None:

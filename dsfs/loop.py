@@ -196,6 +196,8 @@ class TrainingRun:
         tc, p = self.tc, self.progress
         t0 = time.perf_counter()
         lr = lr_at(p.step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+        if hasattr(self.trainer, "begin_step"):  # a trainer whose step depends on its index (indexer warm-up)
+            self.trainer.begin_step(p.step)
         sums: dict[str, float] = {}
         for _ in range(tc.grad_accum):
             o = self.trainer.micro_step(self.next_batch(), tc.grad_accum)

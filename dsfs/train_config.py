@@ -30,7 +30,10 @@ class TrainConfig:
     ``"fp32"``, ``"bf16"`` (autocast to bf16 on any device; moments in bf16) or ``"fp8"`` (DeepSeek-V3's FP8
     mixed precision, `reference.fp8_training`: FP8 GEMMs for the attention projections, MLPs and experts, the rest
     in bf16 on CUDA and fp32 elsewhere, fp32 master weights, bf16 moments); ``scale_fmt``: the FP8 scales, None
-    (fp32) or ``"ue8m0"`` (powers of two), fp8 only.
+    (fp32) or ``"ue8m0"`` (powers of two), fp8 only. ``indexer_warmup_steps``: models with lightning indexers (V3.2's
+    DSA, V4's CSA) train them by their KL loss (`reference.model.set_indexer_training`): the first
+    ``indexer_warmup_steps`` steps are the dense warm-up (main model frozen, dense attention), the rest the sparse
+    stage (LM loss plus the indexers' KL over their selection); ignored without indexers.
     """
 
     batch_size: int
@@ -49,6 +52,7 @@ class TrainConfig:
     optimizer: str
     precision: str = "auto"
     scale_fmt: str | None = None
+    indexer_warmup_steps: int = 0
 
     def __post_init__(self):
         for k in self.fields():
@@ -85,7 +89,7 @@ class TrainConfig:
         """The config a checkpoint stored (`to_dict`). A dict without ``"optimizer"`` (written before the field
         existed) is an AdamW run's; one without ``"precision"``/``"scale_fmt"`` ran at the default precision. Raises
         `ConfigError` for a missing or unknown field or an invalid value."""
-        d = {"optimizer": "adamw", "precision": "auto", "scale_fmt": None, **d}
+        d = {"optimizer": "adamw", "precision": "auto", "scale_fmt": None, "indexer_warmup_steps": 0, **d}
         missing, unknown = set(cls.fields()) - set(d), set(d) - set(cls.fields())
         if missing or unknown:
             raise ConfigError(f"training config: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
@@ -94,7 +98,7 @@ class TrainConfig:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 _MIN_INT = {"batch_size": 1, "seq_len": 1, "max_steps": 1, "grad_accum": 1, "eval_every": 1, "eval_batches": 1,
-            "warmup_steps": 0}
+            "warmup_steps": 0, "indexer_warmup_steps": 0}
 _FLAGS = {"time_budget_s": "--time-budget"}  # CLI flags whose name is not the field's
 
 

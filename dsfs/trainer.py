@@ -22,7 +22,9 @@ from dsfs.errors import ConfigError
 from dsfs.evaluation import Batch, autocast, torch_eval_loss
 from dsfs.train_config import TrainConfig
 from reference.fp8_training import enable_fp8_training, fp8_ops_for
+from reference.model import indexer_layers, set_indexer_training
 from reference.optim import make_optimizer
+from reference.v4_model import V4Model
 
 
 @runtime_checkable
@@ -125,7 +127,7 @@ class TorchTrainer:
 
     def __init__(self, model: nn.Module, device: torch.device, lr: float, weight_decay: float, grad_clip: float,
                  mtp_weight: float, compile: bool, optimizer: str = "adamw", deterministic: bool | None = None,
-                 precision: str = "auto", scale_fmt: str | None = None, fp8_ops=None):
+                 precision: str = "auto", scale_fmt: str | None = None, fp8_ops=None, indexer_warmup_steps: int = 0):
         self.model, self.device, self.mtp_weight = model.to(device).train(), device, mtp_weight
         self.precision = precision
         if precision == "fp8":
@@ -142,6 +144,24 @@ class TorchTrainer:
                                                                + (f" ({scale_fmt} scales)" if scale_fmt else ""))
         self.note, self.summary = None, {}
         self.update_bias = True  # the auxiliary-loss-free bias update after each step (a stage may hold it)
+        self.indexer_warmup_steps, self.indexer_mode = indexer_warmup_steps, None
+        self.has_indexers = bool(indexer_layers(self.model))
+
+    def begin_step(self, step: int) -> None:
+        """Before optimizer step ``step`` (0-based): the indexers' training stage of a model that has lightning
+        indexers (`reference.model.set_indexer_training`): the dense warm-up for the first ``indexer_warmup_steps``
+        steps, with every parameter outside the indexers frozen (``requires_grad=False``: no gradient, so the
+        optimizer leaves them as they are, and no bias update), then the sparse stage with everything trained."""
+        if not self.has_indexers:
+            return
+        mode = "dense" if step < self.indexer_warmup_steps else "sparse"
+        if mode == self.indexer_mode:
+            return
+        set_indexer_training(self.model, mode)
+        for name, p in self.model.named_parameters():
+            if ".indexer." not in name:
+                p.requires_grad_(mode == "sparse")
+        self.update_bias, self.indexer_mode = mode == "sparse", mode
 
     def micro_step(self, batch: Batch, accum: int) -> dict[str, float | None]:
         """Forward and backward of ``loss / accum`` for ``batch["input_ids"]`` (B, T) int64 with ``batch["targets"]``
@@ -154,7 +174,10 @@ class TorchTrainer:
                 o = self.loss_fn(x, y, mtp_weight=self.mtp_weight)
             (o.loss / accum).backward()
         mtp = torch.stack(o.mtp_losses).mean().item() if o.mtp_losses else None
-        return {"loss": o.loss.item(), "lm_loss": o.lm_loss.item(), "mtp_loss": mtp, "aux_loss": float(o.aux_loss)}
+        out = {"loss": o.loss.item(), "lm_loss": o.lm_loss.item(), "mtp_loss": mtp, "aux_loss": float(o.aux_loss)}
+        if self.has_indexers:
+            out["indexer_loss"] = None if o.indexer_loss is None else o.indexer_loss.item()
+        return out
 
     def optimizer_step(self, lr: float) -> dict[str, float]:
         """Clip the accumulated gradients, step the optimizer at learning rate ``lr``, clear the gradients and update
@@ -168,7 +191,7 @@ class TorchTrainer:
             self.model.update_moe_bias()
         else:
             for m in self.model.moe_layers():  # the counts are dropped: the routing stays as loaded
-                if hasattr(m, "expert_load"):
+                if getattr(m, "expert_load", None) is not None:
                     m.expert_load.zero_()
         return {"grad_norm": grad_norm}
 
@@ -207,6 +230,10 @@ def make_trainer(be: Backend, model, tc: TrainConfig, compile: bool | str) -> Tr
     if be.name == "mlx":
         from runtime_mlx.train import MLXTrainer, from_reference
 
+        if isinstance(model, V4Model):
+            raise ConfigError("--backend mlx: DeepSeek-V4 trains on the torch backends (reference, cuda) for now; "
+                              "runtime_mlx runs V4 inference")
+
         if isinstance(model, nn.Module):
             model = from_reference(model)
         return MLXTrainer(model, tc.lr, tc.weight_decay, tc.grad_clip, tc.mtp_weight, bool(compile), tc.optimizer,
@@ -217,4 +244,5 @@ def make_trainer(be: Backend, model, tc: TrainConfig, compile: bool | str) -> Tr
         raise ConfigError("--compile on: FP8 training runs eager (--compile off or auto)")
     fp8_ops = fp8_ops_for(be.model_cls, be.device) if tc.precision == "fp8" else None
     return TorchTrainer(model, be.device, tc.lr, tc.weight_decay, tc.grad_clip, tc.mtp_weight, compile, tc.optimizer,
-                        precision=tc.precision, scale_fmt=tc.scale_fmt, fp8_ops=fp8_ops)
+                        precision=tc.precision, scale_fmt=tc.scale_fmt, fp8_ops=fp8_ops,
+                        indexer_warmup_steps=tc.indexer_warmup_steps)

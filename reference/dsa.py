@@ -58,6 +58,44 @@ def indexer_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
     return idx.masked_fill(idx > last[:, None], -1)
 
 
+def indexer_kl(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The lightning indexer's training loss (V3.2 report section 2.1; V4 report's indexer warm-up): per query,
+    ``KL(p || softmax(I))`` over the keys in ``mask``, with ``p`` the main attention's probabilities summed over heads
+    and L1-normalized over those keys; the mean over the queries that have a key with mass.
+
+    ``scores`` (B, T, S) float, the index scores I (the only input that carries a gradient); ``target`` (B, T, S)
+    float >= 0, the main attention's mass per key summed over heads (need not be normalized; detached here);
+    ``mask`` (B, T, S) boolean: every visible key in the dense warm-up, the selected ones in the sparse stage.
+    Returns a float32 scalar (0 when no query has a key). Raises ``ValueError`` for mismatched shapes."""
+    if scores.shape != target.shape or scores.shape != mask.shape:
+        raise ValueError(f"indexer_kl: scores, target and mask must have one shape (B, T, S), got "
+                         f"{tuple(scores.shape)}, {tuple(target.shape)}, {tuple(mask.shape)}")
+    p = target.detach().float().masked_fill(~mask, 0.0)
+    total = p.sum(-1, keepdim=True)
+    has = total[..., 0] > 0
+    p = p / total.clamp_min(torch.finfo(torch.float32).tiny)
+    log_q = torch.log_softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1)
+    terms = torch.where(p > 0, p * (torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)) - log_q), 0.0)
+    kl = terms.sum(-1)
+    return kl[has].mean() if bool(has.any()) else scores.new_zeros((), dtype=torch.float32) * scores.sum()
+
+
+def topk_recall(scores: torch.Tensor, target: torch.Tensor, visible: torch.Tensor, k: int) -> float:
+    """Mean fraction of each query's top-``k`` keys by ``target`` (the main attention's mass, summed over heads) that
+    the top-``k`` by ``scores`` (the indexer's) also holds, over queries with more than ``k`` visible keys (where
+    the choice matters). ``scores``/``target`` (B, T, S), ``visible`` (B, T, S) boolean. NaN when no query
+    qualifies. The indexer's quality measure (V3.2 report section 2.1: the indexer learns to pick the keys the
+    dense attention weighs)."""
+    rows = visible.sum(-1) > k
+    if not bool(rows.any()):
+        return float("nan")
+    ninf = float("-inf")
+    mine = scores.float().masked_fill(~visible, ninf).topk(k, -1).indices[rows]
+    want = target.float().masked_fill(~visible, ninf).topk(k, -1).indices[rows]
+    hit = (mine[:, :, None] == want[:, None, :]).any(-1).float()
+    return float(hit.mean())
+
+
 def indices_to_mask(indices: torch.Tensor, num_keys: int) -> torch.Tensor:
     """Boolean (B, T, S) selection, ``S = num_keys``, True at the keys listed in ``indices`` (B, T, k) int64;
     entries outside [0, S) (-1: an unfilled slot) select nothing."""
@@ -147,12 +185,39 @@ class DSA(MLA):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.indexer = Indexer(config)
+        self.indexer_training: str | None = None  # None, "dense" (warm-up) or "sparse" (`Model.set_indexer_training`)
+        self.indexer_loss: torch.Tensor | None = None
+        self.index_topk = config.index_topk
+        self._scores: torch.Tensor | None = None
 
     def select_mask(self, x, q_latent, cos, sin, mask, cache):
         if mask is None:
             mask = causal_mask(x.shape[1], x.shape[1], 0, x.device)
         elif mask.ndim == 4:  # a padded batch's (B, 1, T, S) mask
             mask = mask[:, 0]
+        if self.indexer_training is not None:  # scores with a gradient, from inputs detached from the LM graph
+            self._scores = self.indexer.scores(x.detach(), q_latent.detach(), cos, sin, cache)
+            if self.indexer_training == "dense":  # warm-up: the main attention stays dense
+                return mask.expand(x.shape[0], *mask.shape[-2:])[:, None]
+            return self.indexer.select(self._scores.detach(), mask)[:, None]
         with torch.no_grad():
             scores = self.indexer.scores(x, q_latent, cos, sin, cache)
             return self.indexer.select(scores, mask)[:, None]  # (B, 1, T, S)
+
+    def observe_attention(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """With ``indexer_training`` set: `indexer_kl` of the scores `select_mask` kept against the main attention's
+        probabilities (summed over heads) over the keys this layer attends to (``mask`` (B, 1, T, S)), in
+        ``indexer_loss``."""
+        if self.indexer_training is None or self._scores is None:
+            return
+        with torch.no_grad():
+            w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.r)[:, : self.dn]
+            q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w.to(q_nope.dtype))
+            logits = (torch.einsum("bhtr,bsr->bhts", q_lat, c_kv) + torch.einsum("bhtd,bsd->bhts", q_pe, k_pe))
+            probs = torch.softmax((logits.float() * self.scale).masked_fill(~mask, float("-inf")), dim=-1)
+            target = probs.nan_to_num(0.0).sum(1)
+        keys = mask[:, 0].expand_as(target)
+        self.indexer_loss = indexer_kl(self._scores, target, keys)
+        if getattr(self, "indexer_record", False):  # `reference.model.indexer_recall`
+            self.indexer_observed = (self._scores.detach(), target, keys)
+        self._scores = None

@@ -141,6 +141,9 @@ class MLA(AttentionOps, nn.Module):
         causal, T == S)."""
         return mask
 
+    def observe_attention(self, q_nope, q_pe, c_kv, k_pe, mask) -> None:
+        """Hook for the indexer's training target (DSA); MLA has none."""
+
     def forward(self, x, cos, sin, cache=None, offset: int = 0, mask=None):
         """``x`` (B, T, hidden); ``cos``/``sin`` (T, dr/2) for positions offset..offset+T-1; ``cache`` a
         `reference.cache.LayerCache` holding ``c_kv`` and ``k_pe``, or None; ``mask`` None (no padding: causal)
@@ -152,6 +155,7 @@ class MLA(AttentionOps, nn.Module):
         if mask is None:
             mask = None if c_kv.shape[1] == t else causal_mask(t, c_kv.shape[1], offset, x.device)
         mask = self.select_mask(x, q_latent, cos, sin, mask, cache)
+        self.observe_attention(q_nope, q_pe, c_kv, k_pe, mask)
         absorb = self.absorb if self.absorb is not None else (cache is not None and t == 1)
         fn = self.attend_absorbed if absorb else self.attend_naive
         o = fn(q_nope, q_pe, c_kv, k_pe, mask)

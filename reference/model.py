@@ -18,7 +18,7 @@ from .attention import Attention, padding_mask
 from .cache import KVCache
 from .config import ModelConfig
 from .cross_entropy import linear_cross_entropy
-from .dsa import DSA
+from .dsa import DSA, topk_recall
 from .mla import MLA
 from .moe import DeepSeekMoE, MoE
 from .rms_norm import RMSNorm, at_least_fp32
@@ -102,7 +102,8 @@ class Backbone(nn.Module):
 
 @dataclass
 class LossOutput:
-    """``loss`` = ``lm_loss + mtp_weight * mean(mtp_losses) + aux_loss`` (all scalars); ``n_tokens`` = valid
+    """``loss`` = ``lm_loss + mtp_weight * mean(mtp_losses) + aux_loss`` (all scalars) plus, when the indexers train
+    (`set_indexer_training`), ``indexer_loss`` (or ``indexer_loss`` alone in the dense warm-up); ``n_tokens`` = valid
     main-model labels."""
 
     loss: torch.Tensor
@@ -110,6 +111,59 @@ class LossOutput:
     mtp_losses: list[torch.Tensor]
     aux_loss: torch.Tensor
     n_tokens: int
+    indexer_loss: torch.Tensor | None = None
+
+
+INDEXER_MODES = ("dense", "sparse")
+
+
+def indexer_layers(model: nn.Module) -> list[nn.Module]:
+    """The attention layers with a lightning indexer (V3.2's DSA, V4's CSA): modules with ``indexer_training``."""
+    return [m for m in model.modules() if hasattr(m, "indexer_training")]
+
+
+def set_indexer_training(model: nn.Module, mode: str | None) -> None:
+    """Train the lightning indexers by their KL loss (`reference.dsa.indexer_kl`; V3.2 report section 2.1): ``"dense"``
+    is the warm-up (attention stays dense, the loss covers every visible key, the main model is frozen by the
+    trainer), ``"sparse"`` the sparse stage (attention over the indexer's top-k, the loss over the selected keys,
+    added to the LM loss; the indexer's inputs are detached, so the KL trains the indexer only and the LM loss never
+    reaches it), None stops. Raises ``ValueError`` for another mode."""
+    if mode not in (None, *INDEXER_MODES):
+        raise ValueError(f"indexer training mode={mode!r}; expected None, 'dense' or 'sparse'")
+    for m in indexer_layers(model):
+        m.indexer_training, m.indexer_loss = mode, None
+
+
+@torch.no_grad()
+def indexer_recall(model: nn.Module, input_ids: torch.Tensor, k: int | None = None) -> list[float]:
+    """Per indexer layer, the indexer's top-``k`` recall of the dense attention's top-``k`` keys
+    (`reference.dsa.topk_recall`) on ``input_ids`` (B, T): a forward in the dense warm-up mode, restored afterwards.
+    ``k`` defaults to the layer's ``index_topk``. The measure of how well an indexer stands in for the attention."""
+    layers = indexer_layers(model)
+    before = [m.indexer_training for m in layers]
+    set_indexer_training(model, "dense")
+    for m in layers:
+        m.indexer_record = True
+    try:
+        model(input_ids)
+        return [topk_recall(*m.indexer_observed, k or m.index_topk) for m in layers]
+    finally:
+        for m, mode in zip(layers, before, strict=True):
+            m.indexer_training, m.indexer_record, m.indexer_loss, m.indexer_observed = mode, False, None, None
+
+
+def add_indexer_loss(model: nn.Module, out: LossOutput) -> LossOutput:
+    """``out`` with the indexers' losses of the forward just run (their sum over layers) in ``indexer_loss`` and in
+    ``loss`` (which is the indexer loss alone in the dense warm-up); unchanged when no indexer trains."""
+    layers = [m for m in indexer_layers(model) if m.indexer_training is not None and m.indexer_loss is not None]
+    if not layers:
+        return out
+    total = torch.stack([m.indexer_loss for m in layers]).sum()
+    for m in layers:
+        m.indexer_loss = None
+    out.indexer_loss = total
+    out.loss = total if layers[0].indexer_training == "dense" else out.loss + total
+    return out
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -320,7 +374,7 @@ class Model(nn.Module):
         loss = lm_loss + aux
         if mtp_losses:
             loss = loss + mtp_weight * torch.stack(mtp_losses).mean()
-        return LossOutput(loss, lm_loss, mtp_losses, aux, count_valid(at(targets)))
+        return add_indexer_loss(self, LossOutput(loss, lm_loss, mtp_losses, aux, count_valid(at(targets))))
 
     cross_entropy = staticmethod(linear_cross_entropy)
     """The fused head + cross-entropy `lm_loss` calls (a runtime overrides it with its kernel)."""

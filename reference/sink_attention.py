@@ -28,6 +28,14 @@ def sink_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, indic
     softmax in at least float32; returns (B, S, H, D) in ``q.dtype``. Differentiable in ``q``, ``kv`` and ``sinks``.
     Raises ``ValueError`` for mismatched shapes.
     """
+    probs, rows = sink_attention_probs(q, kv, sinks, indices, scale)
+    return torch.einsum("bshk,bskd->bshd", probs, rows).to(q.dtype)
+
+
+def sink_attention_probs(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, indices: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention weights of `sink_attention`, (B, S, H, K) in at least float32 (0 at empty slots; each row sums
+    to 1 minus the sink's share), and the gathered rows (B, S, K, D). Same arguments and errors."""
     b, s, h, d = q.shape
     if kv.dim() != 3 or kv.shape[0] != b or kv.shape[2] != d:
         raise ValueError(f"sink_attention: kv must be (B, L, D) = ({b}, L, {d}), got {tuple(kv.shape)}")
@@ -42,8 +50,7 @@ def sink_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, indic
     logits = torch.einsum("bshd,bskd->bshk", q.to(wide), rows) * scale
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     sink = sinks.to(wide).view(1, 1, h, 1).expand(b, s, h, 1)
-    probs = torch.softmax(torch.cat((logits, sink), dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("bshk,bskd->bshd", probs, rows).to(q.dtype)
+    return torch.softmax(torch.cat((logits, sink), dim=-1), dim=-1)[..., :-1], rows
 
 
 def window_indices(seq_len: int, offset: int, cached: int, window: int, device=None) -> torch.Tensor:

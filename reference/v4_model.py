@@ -19,11 +19,12 @@ from torch import nn
 from .cache import KVCache
 from .compressor import Compressor, CompressorState, Indexer, visible_entries
 from .cross_entropy import linear_cross_entropy
+from .dsa import indexer_kl
 from .mhc import HyperConnection, HyperHead, _unweighted_rms_norm, mhc_post
-from .model import IGNORE_INDEX, LossOutput, Model, count_valid
+from .model import IGNORE_INDEX, LossOutput, Model, add_indexer_loss, count_valid
 from .rms_norm import RMSNorm
 from .rope import apply_rope, rope_inv_freq
-from .sink_attention import sink_attention, window_indices
+from .sink_attention import sink_attention, sink_attention_probs, window_indices
 from .v4_config import V4Config
 from .v4_moe import V4MoE
 
@@ -128,6 +129,11 @@ class V4Attention(nn.Module):
             if csa:
                 self.compressor.indexer = Indexer(c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim,
                                                   c.index_topk, rate, c.rms_norm_eps)
+                # `reference.model.set_indexer_training`: None, "dense" or "sparse"; the KL in indexer_loss
+                self.indexer_training: str | None = None
+                self.indexer_loss: torch.Tensor | None = None
+                self.index_topk = c.index_topk
+                self._scores = self._keys = None
         self.rope = TailRope(c.rope_dim, c.rope_parameters["main" if rate == 0 else "compress"])
 
     def grouped_out(self, o: torch.Tensor) -> torch.Tensor:
@@ -158,6 +164,8 @@ class V4Attention(nn.Module):
             entries, sel = self.compressed(x, q_latent, pos, cache)
             idx = torch.cat((idx, torch.where(sel >= 0, sel + kv.shape[1], -1)), dim=-1)
             kv = torch.cat((kv, entries), dim=1)
+            if getattr(self, "_keys", None) is not None:
+                self.observe_attention(q, kv, idx, sel)
         o = sink_attention(q, kv, self.sinks, idx, self.head_dim**-0.5)
         return self.grouped_out(self.rope(o, pos, heads=True, inverse=True))
 
@@ -171,9 +179,33 @@ class V4Attention(nn.Module):
             visible = visible_entries(pos, entries.shape[1], comp.compress_rate)
             sel = torch.where(visible, torch.arange(entries.shape[1], device=x.device), -1)
             return entries, sel.expand(x.shape[0], -1, -1)
+        state = cache.state("indexer") if cache is not None else None
+        if getattr(self, "indexer_training", None) is not None:  # scores with a gradient, inputs detached
+            self._scores = indexer.scores(x.detach(), q_latent.detach(), pos, self.rope, state)
+            visible = visible_entries(pos, entries.shape[1], comp.compress_rate).expand(x.shape[0], -1, -1)
+            if self.indexer_training == "dense":  # warm-up: every visible entry, as HCA
+                self._keys = visible
+                return entries, torch.where(visible, torch.arange(entries.shape[1], device=x.device), -1)
+            sel = indexer.select(self._scores.detach(), pos)
+            self._keys = torch.zeros_like(visible).scatter_(-1, sel.clamp(min=0), sel >= 0) & visible
+            return entries, sel
         with torch.no_grad():  # the top-k is not differentiable; the indexer trains by its own loss
-            scores = indexer.scores(x, q_latent, pos, self.rope, cache.state("indexer") if cache is not None else None)
-            return entries, indexer.select(scores, pos)
+            return entries, indexer.select(indexer.scores(x, q_latent, pos, self.rope, state), pos)
+
+    def observe_attention(self, q, kv, idx, sel) -> None:
+        """The indexer's KL (`reference.dsa.indexer_kl`) against the main attention's weights on the compressed
+        entries (summed over heads, over the entries in ``_keys``: every visible one in the warm-up, the selected
+        ones in the sparse stage), in ``indexer_loss``. ``sel`` (B, S, Kc): the entries in the last Kc slots of
+        ``idx``."""
+        with torch.no_grad():
+            probs, _ = sink_attention_probs(q, kv, self.sinks, idx, self.head_dim**-0.5)
+            mass = probs[..., -sel.shape[-1]:].sum(2)  # (B, S, Kc): summed over heads
+            target = torch.zeros(self._keys.shape, dtype=mass.dtype, device=mass.device)
+            target.scatter_add_(-1, sel.clamp(min=0), mass.masked_fill(sel < 0, 0.0))
+        self.indexer_loss = indexer_kl(self._scores, target, self._keys)
+        if getattr(self, "indexer_record", False):  # `reference.model.indexer_recall`
+            self.indexer_observed = (self._scores.detach(), target, self._keys)
+        self._scores = self._keys = None
 
 
 class V4DecoderLayer(nn.Module):
@@ -340,7 +372,8 @@ class V4Model(nn.Module):
         loss = lm_loss
         if mtp_losses:
             loss = loss + mtp_weight * torch.stack(mtp_losses).mean()
-        return LossOutput(loss, lm_loss, mtp_losses, lm_loss.new_zeros(()), count_valid(targets))
+        out = LossOutput(loss, lm_loss, mtp_losses, lm_loss.new_zeros(()), count_valid(targets))
+        return add_indexer_loss(self, out)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> V4Model:

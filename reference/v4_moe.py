@@ -109,8 +109,9 @@ class V4MLP(nn.Module):
 
 class V4MoE(nn.Module):
     """One V4 FFN: routed experts (hash or top-k routed) plus the shared expert. ``forward(x, input_ids)``: x (B, S,
-    hidden), input_ids (B, S) (read by hash layers) -> (B, S, hidden). In training, top-k layers record the expert
-    loads of the step for `update_bias` (``b += gamma * sign(mean_load - load)``, DeepSeek-V3 section 2.1.2)."""
+    hidden), input_ids (B, S) (read by hash layers) -> (B, S, hidden). In training, top-k layers count the expert
+    loads of the step in ``expert_load`` for `update_bias` (``b += gamma * sign(mean_load - load)``, DeepSeek-V3
+    section 2.1.2)."""
 
     def __init__(self, config: V4Config, hash_layer: bool):
         super().__init__()
@@ -118,21 +119,21 @@ class V4MoE(nn.Module):
         self.experts = V4Experts(config)
         self.shared_experts = V4MLP(config)
         self.aux_loss = None
-        self.load: torch.Tensor | None = None
+        self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         idx, w, _ = self.gate(flat, input_ids)
         if self.training and not self.gate.hash_layer:
-            load = torch.bincount(idx.reshape(-1), minlength=self.gate.weight.shape[0]).float()
-            self.load = load if self.load is None else self.load + load
+            self.expert_load += torch.bincount(idx.reshape(-1), minlength=self.gate.weight.shape[0]).float()
         return (self.experts(flat, idx, w) + self.shared_experts(flat)).view(b, s, h)
 
     @torch.no_grad()
     def update_bias(self, gamma: float) -> None:
         """The auxiliary-loss-free update of ``e_score_correction_bias`` from the loads recorded since the last call
         (no-op for a hash layer or without recorded loads)."""
-        if self.load is not None and not self.gate.hash_layer:
-            self.gate.e_score_correction_bias += gamma * torch.sign(self.load.mean() - self.load)
-        self.load = None
+        if not self.gate.hash_layer and bool(self.expert_load.any()):
+            load = self.expert_load
+            self.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        self.expert_load.zero_()

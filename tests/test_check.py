@@ -21,7 +21,8 @@ BYOK = ROOT / "examples" / "byok"
 # DESIGN.md's kernel inventory, op by op (the rows "to build" get their specs with their ops).
 INVENTORY = ["rms_norm", "rope", "swiglu", "linear_cross_entropy", "attention", "mla_decode", "indexer_scores",
              "indexer_topk", "sparse_attention", "route", "grouped_gemm", "act_quant", "weight_dequant", "fp8_gemm",
-             "fp8_grouped_gemm", "fp8_grouped_wgrad", "preference", "distill", "grpo"]
+             "fp8_grouped_gemm", "fp8_grouped_wgrad", "preference", "distill", "grpo", "gated_pool", "sink_attention",
+             "mhc_pre", "mhc_post"]
 
 
 def _check_json(capsys, *argv) -> tuple[int, dict]:
