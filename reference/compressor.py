@@ -116,6 +116,9 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(compress_rate, width))
         self.kv_norm = RMSNorm(head_dim, rms_norm_eps)
 
+    pool = staticmethod(gated_pool)
+    """The hot op: `gated_pool` (a runtime overrides it with its kernel)."""
+
     def compress(self, x: torch.Tensor, rope, state: CompressorState | None = None) -> torch.Tensor:
         """Entries (B, n, D) of every window closed so far: those of ``state`` (the cache) plus the windows that the
         new tokens ``x`` (B, S, hidden) close. Without a state the S tokens start at position 0 and an unfinished
@@ -129,8 +132,8 @@ class Compressor(nn.Module):
         m = self.compress_rate
         usable = kv.shape[1] // m * m
         if usable:
-            pooled = gated_pool(kv[:, :usable], gate[:, :usable], self.position_bias, self.overlap, prior_kv,
-                                prior_gate)
+            pooled = self.pool(kv[:, :usable], gate[:, :usable], self.position_bias, self.overlap, prior_kv,
+                               prior_gate)
             pos = first + m * torch.arange(usable // m, device=x.device)
             new = rope(self.kv_norm(pooled), pos)
         else:

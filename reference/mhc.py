@@ -74,9 +74,12 @@ class HyperConnection(nn.Module):
         if streams.dim() != 4 or streams.shape[2] != self.hc_mult or streams[0, 0].numel() != self.fn.shape[1]:
             raise ValueError(f"HyperConnection: streams of shape {tuple(streams.shape)}; expected (B, S, "
                              f"{self.hc_mult}, {self.fn.shape[1] // self.hc_mult})")
-        collapsed, post, comb = mhc_pre(streams, self.fn, self.base, self.scale, self.sinkhorn_iters, self.hc_eps,
-                                        self.rms_norm_eps)
+        collapsed, post, comb = self.pre(streams)
         return post, comb, collapsed
+
+    def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The hot op: `mhc_pre` with this module's parameters (a runtime overrides it with its kernel)."""
+        return mhc_pre(streams, self.fn, self.base, self.scale, self.sinkhorn_iters, self.hc_eps, self.rms_norm_eps)
 
 
 def mhc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, sinkhorn_iters: int,

@@ -166,8 +166,13 @@ class V4Attention(nn.Module):
             kv = torch.cat((kv, entries), dim=1)
             if getattr(self, "_keys", None) is not None:
                 self.observe_attention(q, kv, idx, sel)
-        o = sink_attention(q, kv, self.sinks, idx, self.head_dim**-0.5)
+        o = self.attend(q, kv, idx)
         return self.grouped_out(self.rope(o, pos, heads=True, inverse=True))
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The hot op: `reference.sink_attention.sink_attention` with this layer's sinks and scale (a runtime
+        overrides it with its kernel)."""
+        return sink_attention(q, kv, self.sinks, idx, self.head_dim**-0.5)
 
     def compressed(self, x, q_latent, pos, cache):
         """Compressed entries (B, C, D) and each query's selection among them (B, S, K) int64, -1 = none: CSA's
@@ -222,11 +227,14 @@ class V4DecoderLayer(nn.Module):
         hc = (c.hidden_size, c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
         self.attn_hc, self.ffn_hc = HyperConnection(*hc), HyperConnection(*hc)
 
+    post = staticmethod(mhc_post)
+    """The mHC op after each block (`reference.mhc.mhc_post`; a runtime overrides it with its kernel)."""
+
     def forward(self, h: torch.Tensor, input_ids: torch.Tensor, offset: int = 0, cache=None) -> torch.Tensor:
         post, comb, x = self.attn_hc(h)
-        h = mhc_post(self.self_attn(self.input_layernorm(x), offset, cache), post, comb, h)
+        h = self.post(self.self_attn(self.input_layernorm(x), offset, cache), post, comb, h)
         post, comb, x = self.ffn_hc(h)
-        return mhc_post(self.mlp(self.post_attention_layernorm(x), input_ids), post, comb, h)
+        return self.post(self.mlp(self.post_attention_layernorm(x), input_ids), post, comb, h)
 
 
 class V4MTPBlock(V4DecoderLayer):

@@ -44,6 +44,7 @@ from .launch import (
     reset_checks,
     run_metal,
 )
+from .mhc import mhc_post, mhc_pre
 from .mla import mla_decode
 from .moe import route
 from .preference import preference, preference_loss, sequence_logps
@@ -79,6 +80,8 @@ __all__ = [
     "kernel_path",
     "linear_cross_entropy",
     "metal_available",
+    "mhc_post",
+    "mhc_pre",
     "mla_decode",
     "preference",
     "preference_loss",
