@@ -6,5 +6,6 @@ from reference.config import ModelConfig
 
 from .cache import KVCache
 from .model import Model
+from .v4_model import V4Model
 
-__all__ = ["KVCache", "Model", "ModelConfig"]
+__all__ = ["KVCache", "Model", "ModelConfig", "V4Model"]

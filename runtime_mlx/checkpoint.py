@@ -275,6 +275,12 @@ def load_model(cls, path, dtype: mx.Dtype | None = None, missing_mtp: str = "dro
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    if read_config_json(path).get("model_type") == "deepseek_v4":  # `runtime_mlx.v4_model`
+        if keep_fp8:
+            raise ValueError(f"checkpoint {path!r}: keep_fp8 is not supported for DeepSeek-V4")
+        from .v4_model import V4Model, load_v4
+
+        return load_v4(V4Model, path, dtype=dtype)
     verify_checksums(path)
     hf = read_weights(path)
     check_finite(hf, path, lambda a: not mx.issubdtype(a.dtype, mx.floating) or bool(mx.all(mx.isfinite(a))))

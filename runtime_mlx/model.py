@@ -328,6 +328,18 @@ class Model(nn.Module):
 
     # ---------------------------------------------------------------- checkpoints
     @classmethod
+    def for_config(cls, config) -> nn.Module:
+        """A fresh model of ``config``: ``cls(config)``, or `runtime_mlx.v4_model.V4Model` for a DeepSeek-V4
+        `reference.v4_config.V4Config` (as `reference.model.Model.for_config`)."""
+        from reference.v4_config import V4Config
+
+        if isinstance(config, V4Config):
+            from .v4_model import V4Model
+
+            return V4Model(config)
+        return cls(config)
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: mx.Dtype | None = None, device=None,
                         missing_mtp: str = "drop", keep_fp8: bool = False) -> Model:
         """Load a Hugging Face checkpoint directory (`runtime_mlx.checkpoint.load_model`) in float32, or in ``dtype``
@@ -335,7 +347,8 @@ class Model(nn.Module):
         signature and ignored (MLX uses its default device). MTP depths that config.json asks for and the files lack are
         dropped (``missing_mtp="drop"``) or initialized fresh (``"init"``), with a warning naming them. ``keep_fp8``:
         an FP8 checkpoint's FP8 weights stay FP8 for inference (`runtime_mlx.checkpoint.keep_fp8_weights`). Raises
-        ``FileNotFoundError`` or ``ValueError`` naming the problem."""
+        ``FileNotFoundError`` or ``ValueError`` naming the problem. A ``deepseek_v4`` checkpoint gives a
+        `runtime_mlx.v4_model.V4Model`."""
         from .checkpoint import load_model
 
         return load_model(cls, path, dtype=dtype, missing_mtp=missing_mtp, keep_fp8=keep_fp8)

@@ -6,12 +6,12 @@ The same modules and parameter names as the reference (``model.layers.{i}.self_a
 attention (sliding window; CSA: gated pooling 4x + lightning-indexer top-k; HCA: dense over 128x entries) with a sink
 per head, the V4 MoE (sqrt-softplus router, hash layers, clamped SwiGLU) and the MTP blocks.
 
-The V4 ops are pure MLX, one small function each with the reference op's name and signature, each called from one
-place, so a kernel of `runtime_mlx.kernels` can replace it: `mhc_pre` (`HyperConnection`), `mhc_post`
-(`V4DecoderLayer`), `gated_pool` (`Compressor.compress`), `compressed_topk` (`Indexer.select`), `sink_attention`
-(`V4Attention`). The indexer's scores are DSA's `runtime_mlx.kernels.indexer_scores` (the reference calls
-`reference.dsa.indexer_scores`). The indexer is frozen: its top-k carries no gradient (the reference runs it under
-``no_grad``). Integer indices are int32 (the reference's are int64).
+The hot ops are `runtime_mlx.kernels`' (Metal kernels on Apple Silicon, their pure-MLX paths elsewhere), each called
+from one place: `mhc_pre` (`HyperConnection`), `mhc_post` (`V4DecoderLayer`), `gated_pool` (`Compressor.compress`),
+`sink_attention` (`V4Attention`); `compressed_topk` (`Indexer.select`) is pure MLX here. The indexer's scores are DSA's
+`runtime_mlx.kernels.indexer_scores` (the reference calls `reference.dsa.indexer_scores`). The indexer is frozen: its
+top-k carries no gradient (the reference runs it under ``no_grad``). Integer indices are int32 (the reference's are
+int64).
 """
 
 from __future__ import annotations
@@ -55,68 +55,6 @@ def _unweighted_rms_norm(x: mx.array, eps: float) -> mx.array:
     return x * mx.rsqrt(mx.mean(mx.square(x.astype(F32)), axis=-1, keepdims=True) + eps).astype(x.dtype)
 
 
-def sinkhorn_knopp(m: mx.array, iters: int, eps: float) -> mx.array:
-    """`reference.mhc.sinkhorn_knopp`: columns normalized, then ``iters - 1`` times rows and columns (``eps`` added
-    to every sum). ``m`` (..., N, N) positive -> the same shape."""
-    m = m / (m.sum(axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        m = m / (m.sum(axis=-1, keepdims=True) + eps)
-        m = m / (m.sum(axis=-2, keepdims=True) + eps)
-    return m
-
-
-def mhc_pre(streams: mx.array, fn: mx.array, base: mx.array, scale: mx.array, sinkhorn_iters: int, hc_eps: float,
-            rms_norm_eps: float) -> tuple[mx.array, mx.array, mx.array]:
-    """The mHC op before a block (`reference.mhc.mhc_pre`; mHC section 3). ``streams`` (B, S, N, D) float; ``fn``
-    ((2 + N) N, N D), ``base`` ((2 + N) N,), ``scale`` (3,). Returns ``(collapsed, post, comb)``: the block input
-    ``sum_j pre[j] streams[j]`` (B, S, D) in the streams' dtype, post (B, S, N) and comb (B, S, N, N) float32
-    (softmax rows + ``hc_eps``, then Sinkhorn-Knopp). Differentiable in every array."""
-    b, s, n, d = streams.shape
-    mixes = _unweighted_rms_norm(streams.reshape(b, s, n * d).astype(F32), rms_norm_eps) @ fn.astype(F32).T
-    base, scale = base.astype(F32), scale.astype(F32)
-    pre = mx.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps
-    post = 2 * mx.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
-    comb = mixes[..., 2 * n:].reshape(b, s, n, n) * scale[2] + base[2 * n:].reshape(n, n)
-    comb = sinkhorn_knopp(mx.softmax(comb, axis=-1) + hc_eps, sinkhorn_iters, hc_eps)
-    collapsed = (pre[..., None] * streams).sum(axis=2).astype(streams.dtype)
-    return collapsed, post, comb
-
-
-def mhc_post(block_out: mx.array, post: mx.array, comb: mx.array, streams: mx.array) -> mx.array:
-    """The mHC op after a block (`reference.mhc.mhc_post`): ``out[k] = post[k] block_out + sum_j comb[j, k]
-    streams[j]``. ``block_out`` (B, S, D), ``post`` (B, S, N), ``comb`` (B, S, N, N), ``streams`` (B, S, N, D) ->
-    (B, S, N, D) in the streams' dtype."""
-    dtype = streams.dtype
-    return post.astype(dtype)[..., None] * block_out[..., None, :] + comb.astype(dtype).swapaxes(-1, -2) @ streams
-
-
-def gated_pool(kv: mx.array, gate: mx.array, position_bias: mx.array, overlap: bool, prior_kv: mx.array | None = None,
-               prior_gate: mx.array | None = None) -> mx.array:
-    """The compressor's gated pooling (`reference.compressor.gated_pool`; V4 report eqs. 9-12, 20-23). ``kv``,
-    ``gate`` (B, T, C), T = n m; ``position_bias`` (m, C). HCA (no ``overlap``): entry ``w`` = softmax over the
-    window's m slots (per feature, float32) of ``gate + bias`` times ``kv``. CSA (``overlap``, C = 2 D): 2 m slots,
-    window ``w - 1``'s ``[..., :D]`` then window ``w``'s ``[..., D:]``; window 0's predecessor is ``prior_kv`` /
-    ``prior_gate`` (B, m, D) (bias added) or nothing (weight 0). Returns (B, n, D) in ``kv.dtype``."""
-    b, t, c = kv.shape
-    m = position_bias.shape[0]
-    n = t // m
-    kv = kv.reshape(b, n, m, c)
-    gate = gate.reshape(b, n, m, c) + position_bias
-    if overlap:
-        d = c // 2
-        if prior_kv is None:
-            first_kv = mx.zeros((b, 1, m, d), dtype=kv.dtype)
-            first_gate = mx.full((b, 1, m, d), -mx.inf, dtype=gate.dtype)
-        else:
-            first_kv, first_gate = prior_kv[:, None].astype(kv.dtype), prior_gate[:, None].astype(gate.dtype)
-        ca_kv = mx.concatenate([first_kv, kv[:, :-1, :, :d]], axis=1)
-        ca_gate = mx.concatenate([first_gate, gate[:, :-1, :, :d]], axis=1)
-        kv = mx.concatenate([ca_kv, kv[..., d:]], axis=2)  # (B, n, 2m, D)
-        gate = mx.concatenate([ca_gate, gate[..., d:]], axis=2)
-    weights = mx.softmax(gate.astype(F32), axis=2).astype(kv.dtype)
-    return (kv * weights).sum(axis=2)
-
-
 def visible_entries(positions: mx.array, num_entries: int, compress_rate: int) -> mx.array:
     """Boolean (S, C): the query at position ``p`` sees entry ``w`` once its window closed, ``w < (p + 1) // m``."""
     return mx.arange(num_entries)[None, :] < ((positions + 1) // compress_rate)[:, None]
@@ -133,23 +71,6 @@ def compressed_topk(scores: mx.array, visible: mx.array, topk: int) -> mx.array:
     order = mx.argsort(-masked, axis=-1)[..., :k].astype(mx.int32)
     ok = mx.take_along_axis(mx.broadcast_to(visible, scores.shape), order, axis=-1)
     return mx.where(ok, order, -1)
-
-
-def sink_attention(q: mx.array, kv: mx.array, sinks: mx.array, indices: mx.array, scale: float) -> mx.array:
-    """Attention with a sink per head over selected shared key-value rows (`reference.sink_attention`). ``q`` (B, S,
-    H, D), ``kv`` (B, L, D) (key and value at once), ``sinks`` (H,), ``indices`` (B, S, K) integer (-1 or outside
-    [0, L): an empty slot). ``out = sum_k p_k kv[idx_k]``, ``p = softmax([scale q . kv_k; sink_h])`` without the
-    sink's share; logits and softmax in float32. Returns (B, S, H, D) in ``q.dtype``."""
-    b, s, h, d = q.shape
-    length = kv.shape[1]
-    valid = (indices >= 0) & (indices < length)
-    safe = mx.where(valid, indices, 0) + (mx.arange(b) * length)[:, None, None]
-    rows = kv.astype(F32).reshape(b * length, d)[safe]  # (B, S, K, D)
-    logits = (q.astype(F32) @ rows.swapaxes(-1, -2)) * scale  # (B, S, H, K)
-    logits = mx.where(valid[:, :, None, :], logits, -mx.inf)
-    sink = mx.broadcast_to(sinks.astype(F32).reshape(1, 1, h, 1), (b, s, h, 1))
-    probs = mx.softmax(mx.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
-    return (probs @ rows).astype(q.dtype)
 
 
 def window_indices(seq_len: int, offset: int, cached: int, window: int) -> mx.array:
@@ -246,8 +167,8 @@ class HyperConnection(nn.Module):
         self.scale = mx.ones((3,))
 
     def __call__(self, streams: mx.array):
-        collapsed, post, comb = mhc_pre(streams, self.fn, self.base, self.scale, self.sinkhorn_iters, self.hc_eps,
-                                        self.rms_norm_eps)
+        collapsed, post, comb = kernels.mhc_pre(streams, self.fn, self.base, self.scale, self.sinkhorn_iters,
+                                                self.hc_eps, self.rms_norm_eps)
         return post, comb, collapsed
 
 
@@ -296,7 +217,7 @@ class Compressor(nn.Module):
         m = self.compress_rate
         usable = kv.shape[1] // m * m
         if usable:
-            pooled = gated_pool(kv[:, :usable], gate[:, :usable], self.position_bias, self.overlap, prior_kv,
+            pooled = kernels.gated_pool(kv[:, :usable], gate[:, :usable], self.position_bias, self.overlap, prior_kv,
                                 prior_gate)
             new = rope(self.kv_norm(pooled), first + m * mx.arange(usable // m))
         else:
@@ -399,7 +320,7 @@ class V4Attention(nn.Module):
             entries, sel = self.compressed(x, q_latent, pos, cache)
             idx = mx.concatenate([idx, mx.where(sel >= 0, sel + kv.shape[1], -1)], axis=-1)
             kv = mx.concatenate([kv, entries], axis=1)
-        o = sink_attention(q, kv, self.sinks, idx, self.head_dim**-0.5)
+        o = kernels.sink_attention(q, kv, self.sinks, idx, self.head_dim**-0.5)
         return self.grouped_out(self.rope(o, pos, heads=True, inverse=True))
 
     def compressed(self, x, q_latent, pos, cache):
@@ -540,7 +461,7 @@ class V4DecoderLayer(nn.Module):
     def sublayer(hc: HyperConnection, block, h: mx.array) -> mx.array:
         """One mHC-wrapped sublayer: `mhc_pre` (through ``hc``), ``block`` on the collapsed input, `mhc_post`."""
         post, comb, x = hc(h)
-        return mhc_post(block(x), post, comb, h)
+        return kernels.mhc_post(block(x), post, comb, h)
 
     def __call__(self, h: mx.array, input_ids: mx.array, offset: int = 0, cache=None, stats=None) -> mx.array:
         """Streams ``h`` (B, S, N, D) at positions ``offset ..``; ``input_ids`` (B, S) for the hash router."""

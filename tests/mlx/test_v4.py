@@ -146,3 +146,7 @@ def test_checkpoints_both_ways(tmp_path):
         assert v.dtype == theirs[k].dtype and mx.array_equal(v, theirs[k]).item(), k
     ids = to_mx(draw(97, 1, 30))
     assert mx.array_equal(mine(ids), model(ids)).item()
+    from runtime_mlx import Model as MLXModel
+
+    assert isinstance(MLXModel.from_pretrained(tmp_path / "ref"), V4Model)  # the loader dispatches on model_type
+    assert isinstance(MLXModel.for_config(ref.config), V4Model)
