@@ -38,6 +38,8 @@ from reference.checkpoint import DiskFullError, dtype_name, is_disk_full, replac
 from reference.config import FP8_SCALE_FMTS, fp8_quantization_config, read_config_json
 from reference.fp8 import FP8_DTYPE
 from reference.fp8_checkpoint import quantize_tensors
+from reference.v4_checkpoint import to_disk_names
+from reference.v4_model import V4Model
 
 FORMATS = ("hf", "gguf", "coreml")
 
@@ -171,6 +173,11 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf
     out = Path(out)
     _check_out(out, (model_dir, Path(checkpoint), Path.cwd()), overwrite, fmt)
     model = load_model_dir(model_dir)  # float32, validated: checksums, finite weights, names and shapes
+    v4 = isinstance(model, V4Model)
+    if v4 and (fmt != "hf" or fp8):
+        what = "--fp8" if fmt == "hf" else f"--format {fmt}"
+        raise ExportError(f"{what}: not supported for DeepSeek-V4 (model_type deepseek_v4) yet; --format hf without "
+                          "--fp8 writes it")
     if fmt == "gguf":
         from dsfs.gguf_export import check_gguf, write_gguf
         check_gguf(model.config)  # before any file is written
@@ -185,7 +192,12 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf
         _write_atomic(out, lambda tmp: r.update(write_coreml(model, tmp, prefill_len, context_len)))
         return {"model_dir": str(model_dir), "out": str(out), "format": fmt, **r,
                 "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
-    main, mtp = to_hf_state_dict(model)
+    if v4:  # transformers' names, MTP blocks as mtp.{k}.* (reference.v4_checkpoint)
+        disk = to_disk_names(model.state_dict(), model.config)
+        main = {k: v for k, v in disk.items() if not k.startswith("mtp.")}
+        mtp = {k: v for k, v in disk.items() if k.startswith("mtp.")}
+    else:
+        main, mtp = to_hf_state_dict(model)
     stored, fallback = stored_dtypes(model_dir), _config_dtype(model_dir) or torch.float32
 
     def finish(tensors: dict) -> dict:

@@ -174,6 +174,9 @@ def check_speculative_args(model, max_new_tokens: int, temperature: float, top_k
     """``(depth, drafts per step)`` of ``model`` (torch or MLX: anything with an ``mtp`` module list) for the
     arguments of `speculative_generate`. Raises ``ValueError`` for a model without MTP modules, ``max_new_tokens`` < 0,
     ``num_speculative_tokens`` not None nor an integer >= 1, or bad sampling options (`check_sampling`)."""
+    if getattr(model.config, "model_type", None) == "deepseek_v4":
+        raise ValueError("speculative decoding: DeepSeek-V4's cache cannot roll back rejected drafts (its "
+                         "compressors' running windows are stateful, as in transformers' V4); decode without it")
     depth = len(model.mtp)
     if depth == 0:
         raise ValueError("speculative_generate: the model has no MTP modules (num_nextn_predict_layers 0, or a "

@@ -77,3 +77,14 @@ def test_train_resume_and_open_in_transformers(data_dir, tmp_path):
         assert_close(theirs(ids, use_cache=False).logits, ours(ids), bound=1e-5, what="trained V4 in transformers")
     out = ours.generate(ids[:, :5], max_new_tokens=6)
     assert out.shape == (2, 11)
+
+    from dsfs.export import ExportError, export
+    from reference.speculative import speculative_generate
+
+    r = export(tmp_path / "a/final", tmp_path / "hf", "hf")
+    again = Model.from_pretrained(r["out"])
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
+    with pytest.raises(ExportError, match="DeepSeek-V4"):
+        export(tmp_path / "a/final", tmp_path / "x.gguf", "gguf")
+    with pytest.raises(ValueError, match="roll back"):
+        speculative_generate(ours, ids[:, :5], 4)
