@@ -1,6 +1,7 @@
 """Model and training presets for ``dsfs train --preset``.
 
-``tiny`` (DeepSeekMoE + MLA + MTP depth 1) is sized for 2 CPU cores and 10 minutes; ``nano`` is a student for
+``tiny`` (DeepSeekMoE + MLA + MTP depth 1) is sized for 2 CPU cores and 10 minutes, and so are its DeepSeek-V3.2
+(``tiny-v32``: DSA) and DeepSeek-V4 (``tiny-v4``: mHC, CSA/HCA, hash MoE) versions; ``nano`` is a student for
 distilling it; ``small`` and ``base`` are for a GPU or an Apple Silicon Mac. Each preset is a ``ModelConfig``
 keyword dict (`MODEL_PRESETS`) plus a `TrainConfig` (`TRAIN_PRESETS`).
 """
@@ -28,6 +29,16 @@ MODEL_PRESETS: dict[str, dict] = {
         n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
         q_lora_rank=None, kv_lora_rank=48, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         num_nextn_predict_layers=0, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
+    ),
+    # DeepSeek-V3.2 at tiny's size: DSA (a lightning indexer keeps the top 64 of up to 256 keys per query), so the
+    # query goes through a latent (q_lora_rank 64) as the indexer reads it
+    "tiny-v32": dict(
+        model_type="deepseek_v32", attention_type="dsa", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=384, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
+        q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        index_n_heads=4, index_head_dim=32, index_topk=64, num_nextn_predict_layers=1, max_position_embeddings=1024,
+        rope_theta=10000.0, tie_word_embeddings=True,
     ),
     # DeepSeek-V4 at tiny's width and depth (V4 report; reference.v4_model): mHC with 4 streams, CSA (4x + indexer
     # top-16) and HCA layers alternating after a sliding window of 32 tokens, a hash-routed first MoE layer,
@@ -71,6 +82,9 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "nano": TrainConfig(batch_size=8, seq_len=256, lr=6e-3, min_lr_ratio=0.0, warmup_steps=60, max_steps=1300,
                         time_budget_s=550, weight_decay=1.0, grad_clip=1.0, grad_accum=1, eval_every=100,
                         eval_batches=12, mtp_weight=0.3, optimizer="muon"),
+    "tiny-v32": TrainConfig(batch_size=8, seq_len=256, lr=6e-3, min_lr_ratio=0.0, warmup_steps=60, max_steps=1300,
+                            time_budget_s=550, weight_decay=1.0, grad_clip=1.0, grad_accum=1, eval_every=100,
+                            eval_batches=12, mtp_weight=0.3, optimizer="muon"),
     "tiny-v4": TrainConfig(batch_size=8, seq_len=256, lr=6e-3, min_lr_ratio=0.0, warmup_steps=60, max_steps=1300,
                            time_budget_s=550, weight_decay=1.0, grad_clip=1.0, grad_accum=1, eval_every=100,
                            eval_batches=12, mtp_weight=0.3, optimizer="muon"),
