@@ -142,9 +142,9 @@ class Compressor(nn.Module):
             return new
         if usable and self.overlap:
             d = self.head_dim
-            state.prior_kv = kv[:, usable - m:usable, :d]
+            state.prior_kv = kv[:, usable - m:usable, :d].clone()  # copies: a view would keep the prefill alive
             state.prior_gate = gate[:, usable - m:usable, :d] + self.position_bias[:, :d]
-        state.pending_kv, state.pending_gate = kv[:, usable:], gate[:, usable:]
+        state.pending_kv, state.pending_gate = kv[:, usable:].clone(), gate[:, usable:].clone()
         state.entries = new if state.entries is None else torch.cat((state.entries, new), 1)
         state.count += new.shape[1]
         return state.entries

@@ -158,7 +158,7 @@ class V4Attention(nn.Module):
             if cache.window is not None:
                 cached = cache.window.shape[1]
                 kv = torch.cat((cache.window, kv), dim=1)
-            cache.window = kv[:, kv.shape[1] - min(kv.shape[1], self.window - 1):]
+            cache.window = kv[:, kv.shape[1] - min(kv.shape[1], self.window - 1):].clone()  # not a view of kv
         idx = window_indices(s, offset, cached, self.window, x.device).expand(b, -1, -1)
         if self.compressor is not None:
             entries, sel = self.compressed(x, q_latent, pos, cache)
