@@ -53,7 +53,8 @@ BASE_CONFIG = dict(
 # (the ops.py peer) import torch._dynamo, about 5 s here, which every ``compiled`` benchmark needs too.
 HEAVY_MODULES = ("torch", "reference", "transformers", "transformers.models.deepseek_v3.modeling_deepseek_v3",
                  "transformers.models.deepseek_v32.modeling_deepseek_v32", "mlx.core", "mlx.nn", "mlx_lm.utils",
-                 "mlx_lm.models.deepseek_v3", "mlx_lm.models.deepseek_v32", "liger_kernel.chunked_loss")
+                 "mlx_lm.models.deepseek_v3", "mlx_lm.models.deepseek_v32", "liger_kernel.chunked_loss",
+                 "transformers.models.deepseek_v4.modeling_deepseek_v4")
 
 
 def preimport() -> None:

@@ -18,6 +18,8 @@ SUBSET=(
   "model\.DecodeStep\.track_tokens_per_s\(.*, 128\)"
   "speculative\.Decode\.track_tokens_per_s\(.*, 1\)"
   "speculative\.Acceptance\.track_acceptance\(.*, 1\)"
+  "v4\.Decode\.time_decode\(.*, 'csa', 1024\)"
+  "v4\.KVCache"
 )
 BENCH=()
 for regex in "${SUBSET[@]}"; do BENCH+=(--bench "$regex"); done
