@@ -2,17 +2,18 @@
 
 As `runtime_cuda.model` does for V3: after the reference builds the model, each module whose exact class has a
 subclass here (`V4_SWAPS`, plus the V3 swaps of `runtime_cuda.model.SWAPS`: RMSNorm) is switched to it. The
-subclasses add no state; they override one method each: the attention's ``attend`` (`kernels.triton.sink_attention`),
-the compressors' ``pool`` (`kernels.triton.compressor.gated_pool`), the hyper-connections' ``pre``
-(`kernels.triton.mhc.mhc_pre`) and the layers' ``post`` (`kernels.triton.mhc.mhc_post`). The routed experts (clamped
-SwiGLU), routers, indexer scores and the hyper-head stay on the reference's torch ops.
+subclasses add no state; they override one method each (the indexer two): the attention's ``attend``
+(`kernels.triton.sink_attention`), the compressors' ``pool`` (`kernels.triton.compressor.gated_pool`), the indexer's
+``select`` (`kernels.triton.compressor.compressed_topk`), the hyper-connections' ``pre`` (`kernels.triton.mhc.mhc_pre`)
+and the layers' ``post`` (`kernels.triton.mhc.mhc_post`). The routed experts (clamped SwiGLU), routers, indexer scores
+and the hyper-head stay on the reference's torch ops.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.triton.compressor import gated_pool
+from kernels.triton.compressor import compressed_topk, gated_pool
 from kernels.triton.cross_entropy import linear_cross_entropy
 from kernels.triton.mhc import mhc_post, mhc_pre
 from kernels.triton.sink_attention import sink_attention
@@ -45,9 +46,15 @@ class Compressor(ref_compressor.Compressor):
 
 
 class Indexer(ref_compressor.Indexer):
-    """`reference.compressor.Indexer` with the Triton gated pooling of its keys."""
+    """`reference.compressor.Indexer` with the Triton gated pooling of its keys and the Triton top-k."""
 
     pool = staticmethod(_gated_pool)
+
+    def select(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Top-``index_topk`` visible entries (B, S, k) int64, -1 for unfilled slots
+        (`kernels.triton.compressor.compressed_topk`)."""
+        visible = ref_compressor.visible_entries(positions, scores.shape[-1], self.compress_rate)
+        return compressed_topk(scores, visible, self.topk)
 
 
 class HyperConnection(ref_mhc.HyperConnection):

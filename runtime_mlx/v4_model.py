@@ -8,7 +8,7 @@ per head, the V4 MoE (sqrt-softplus router, hash layers, clamped SwiGLU) and the
 
 The hot ops are `runtime_mlx.kernels`' (Metal kernels on Apple Silicon, their pure-MLX paths elsewhere), each called
 from one place: `mhc_pre` (`HyperConnection`), `mhc_post` (`V4DecoderLayer`), `gated_pool` (`Compressor.compress`),
-`sink_attention` (`V4Attention`); `compressed_topk` (`Indexer.select`) is pure MLX here. The indexer's scores are DSA's
+`sink_attention` (`V4Attention`), `compressed_topk` (`Indexer.select`). The indexer's scores are DSA's
 `runtime_mlx.kernels.indexer_scores` (the reference calls `reference.dsa.indexer_scores`). The indexer is frozen: its
 top-k carries no gradient (the reference runs it under ``no_grad``). Integer indices are int32 (the reference's are
 int64).
@@ -58,19 +58,6 @@ def _unweighted_rms_norm(x: mx.array, eps: float) -> mx.array:
 def visible_entries(positions: mx.array, num_entries: int, compress_rate: int) -> mx.array:
     """Boolean (S, C): the query at position ``p`` sees entry ``w`` once its window closed, ``w < (p + 1) // m``."""
     return mx.arange(num_entries)[None, :] < ((positions + 1) // compress_rate)[:, None]
-
-
-def compressed_topk(scores: mx.array, visible: mx.array, topk: int) -> mx.array:
-    """CSA's top-k (`reference.compressor.compressed_topk`; V4 report eq. 17): int32 (B, S, min(topk, C)) entry
-    indices, best first, -1 for slots a query cannot fill. ``scores`` (B, S, C) float, ``visible`` (S, C) or (B, S,
-    C) boolean. Ties go to the earlier entry: ``mx.argsort`` is stable (as
-    `runtime_mlx.kernels.dsa.indexer_topk_mlx`); a NaN ranks first, as in ``torch.sort``."""
-    k = min(topk, scores.shape[-1])
-    scores = scores.astype(F32)
-    masked = mx.where(visible, mx.where(mx.isnan(scores), mx.inf, scores), -mx.inf)
-    order = mx.argsort(-masked, axis=-1)[..., :k].astype(mx.int32)
-    ok = mx.take_along_axis(mx.broadcast_to(visible, scores.shape), order, axis=-1)
-    return mx.where(ok, order, -1)
 
 
 def window_indices(seq_len: int, offset: int, cached: int, window: int) -> mx.array:
@@ -260,7 +247,8 @@ class Indexer(Compressor):
 
     def select(self, scores: mx.array, positions: mx.array) -> mx.array:
         """Top-``index_topk`` visible entries (B, S, k) int32, -1 for unfilled slots (`compressed_topk`)."""
-        return compressed_topk(scores, visible_entries(positions, scores.shape[-1], self.compress_rate), self.topk)
+        visible = visible_entries(positions, scores.shape[-1], self.compress_rate)
+        return kernels.compressed_topk(scores, visible, self.topk)
 
 
 # ---------------------------------------------------------------------------------------------------------- attention

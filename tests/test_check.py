@@ -22,7 +22,7 @@ BYOK = ROOT / "examples" / "byok"
 INVENTORY = ["rms_norm", "rope", "swiglu", "linear_cross_entropy", "attention", "mla_decode", "indexer_scores",
              "indexer_topk", "sparse_attention", "route", "grouped_gemm", "act_quant", "weight_dequant", "fp8_gemm",
              "fp8_grouped_gemm", "fp8_grouped_wgrad", "preference", "distill", "grpo", "gated_pool", "sink_attention",
-             "mhc_pre", "mhc_post"]
+             "mhc_pre", "mhc_post", "compressed_topk"]
 
 
 def _check_json(capsys, *argv) -> tuple[int, dict]:

@@ -21,6 +21,10 @@ Kernels (both hold a whole window in registers: m <= 128 in V4, 2 m slots for CS
 ``kv`` and ``gate`` must share one dtype (float32, bfloat16, float16); ``position_bias`` and ``prior_gate`` may be any
 of those (float32 in V4); ``prior_kv`` is cast to ``kv.dtype`` as the reference does. The output is ``kv.dtype``.
 Unlike the reference, the weights are not rounded to ``kv.dtype`` before the weighted sum, which is float32.
+
+`compressed_topk(scores, visible, topk)` is CSA's indexer top-k (eq. 17; `reference.compressor.compressed_topk`): the
+hidden scores become -inf (torch), then DSA's top-k kernel (`kernels.triton.dsa._indexer_topk`, one program per
+query) ranks all C entries of each row, and selected hidden entries become -1 (torch gather).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.utils import cast, check, empty
+from kernels.triton.dsa import _indexer_topk
+from kernels.triton.utils import cast, check, empty, interpreted
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -264,4 +269,34 @@ def gated_pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor
     return GatedPoolFunction.apply(kv, gate, position_bias, bool(overlap), prior_kv, prior_gate)
 
 
-__all__ = ["gated_pool", "gated_pool_fwd", "gated_pool_bwd", "GatedPoolFunction"]
+def compressed_topk(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
+    """CSA's top-k of the indexer scores, as `reference.compressor.compressed_topk` (V4 report eq. 17): int64
+    (B, S, k) entry indices, ``k = min(topk, C)``, best first, -1 for slots a query cannot fill.
+
+    ``scores`` (B, S, C) float32 (any strides); ``visible`` (S, C) or (B, S, C) bool on the same device
+    (`reference.compressor.visible_entries`). The hidden scores become -inf and DSA's top-k kernel ranks every entry
+    of each row (ties to the lower index, -0.0 equal to 0.0, NaN above every number: a stable descending sort), then
+    a selected hidden entry becomes -1. So the indices equal the reference's, also where a visible -inf score ties
+    with hidden entries (the lower index first). Work is O(C log^2 k) per query whatever the mask. Empty inputs
+    (C = 0 before the first window closes) give an empty result. Raises ``TypeError`` for a dtype other than
+    float32 scores / bool mask, ``ValueError`` for wrong shapes, ``topk < 1``, a device mismatch or a CPU tensor
+    outside the interpreter.
+    """
+    check("scores", scores, ndim=3, dtypes=torch.float32, contiguous=False)
+    b, s, c = scores.shape
+    check("visible", visible, dtypes=torch.bool, shape=(s, c) if getattr(visible, "ndim", 0) == 2 else (b, s, c),
+          device=scores.device, contiguous=False)
+    if topk < 1:
+        raise ValueError(f"compressed_topk: topk must be at least 1, got {topk}")
+    nk = min(topk, c)
+    out = empty(b, s, nk, dtype=torch.int64, device=scores.device)
+    if out.numel() == 0:
+        return out
+    masked = scores.masked_fill(~visible, float("-inf")).contiguous()
+    k_p = max(2, triton.next_power_of_2(nk))  # as `kernels.triton.dsa.indexer_topk`
+    chunk, warps = (max(k_p, 16), 1) if interpreted() else (max(k_p, 1024), 8)
+    _indexer_topk[(s, b)](masked, out, s, c, nk, c, K_P=k_p, CHUNK=chunk, num_warps=warps)  # offset C: all visible
+    return out.masked_fill_(~torch.gather(visible.expand(b, s, c), -1, out), -1)
+
+
+__all__ = ["gated_pool", "gated_pool_fwd", "gated_pool_bwd", "GatedPoolFunction", "compressed_topk"]

@@ -24,7 +24,7 @@ Source for the semantics: the plain-PyTorch ``reference`` package (the definitio
 
 from reference.fp8 import AMAX_MIN, FP8_MAX
 
-from .compressor import gated_pool
+from .compressor import compressed_topk, gated_pool
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .distill import distill, distill_logits
 from .dsa import indexer_scores, indexer_topk, indices_to_mask, sparse_attention
@@ -64,6 +64,7 @@ __all__ = [
     "act_dequant",
     "act_quant",
     "backend",
+    "compressed_topk",
     "cross_entropy",
     "distill",
     "distill_logits",

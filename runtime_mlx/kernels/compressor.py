@@ -1,13 +1,29 @@
-"""DeepSeek-V4's KV compressor pooling in MLX: the Metal kernels of ``kernels/metal/compressor.metal`` (forward, and a
-backward kernel as the custom VJP) or the pure-MLX formula. Reference: `reference.compressor.gated_pool`."""
+"""DeepSeek-V4's KV compressors in MLX. `gated_pool`: the Metal kernels of ``kernels/metal/compressor.metal`` (forward,
+and a backward kernel as the custom VJP) or the pure-MLX formula. `compressed_topk` (CSA's indexer top-k): the hidden
+scores as -inf, then DSA's top-k (`runtime_mlx.kernels.dsa`: its Metal kernel or ``mx.argsort``) over every entry.
+Reference: `reference.compressor.gated_pool`, `reference.compressor.compressed_topk`."""
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 
 import mlx.core as mx
 
-from .launch import Launch, cdiv, check_close, check_float, check_shape, f32, run, sample, spec, tg_size, use_metal
+from .dsa import _indexer_topk_metal, indexer_topk_mlx
+from .launch import (
+    Launch,
+    cdiv,
+    check_close,
+    check_equal,
+    check_float,
+    check_shape,
+    f32,
+    run,
+    sample,
+    spec,
+    tg_size,
+    use_metal,
+)
 
 FWD = spec("gated_pool_fwd", "compressor", "kv gate bias prior_kv prior_gate", "out")
 BWD = spec("gated_pool_bwd", "compressor", "kv gate bias prior_kv prior_gate dy",
@@ -166,3 +182,64 @@ def gated_pool(kv: mx.array, gate: mx.array, position_bias: mx.array, overlap: b
     if 0 < b * t * c < 2**31 and use_metal("gated_pool", key, lambda: _self_check(*key)):  # 32-bit indices
         return _gated_pool_custom(bool(overlap), bool(prior))(kv, gate.astype(kv.dtype), position_bias, *prior)
     return gated_pool_mlx(kv, gate, position_bias, overlap, *prior)
+
+
+def _masked_topk(topk_rows, scores: mx.array, visible: mx.array, topk: int) -> mx.array:
+    """`compressed_topk` through a DSA top-k ``topk_rows(scores (N, 1, C), topk)``: one query per row sees all C
+    entries, the hidden ones scored -inf; a selected hidden entry (a tie at -inf) becomes -1, as in the reference."""
+    b, s, c = scores.shape
+    if b * s * c == 0:
+        return mx.full((b, s, min(topk, c)), -1, mx.int32)
+    rows = mx.where(visible, f32(scores), -mx.inf).reshape(b * s, 1, c)
+    idx = topk_rows(rows, topk).reshape(b, s, -1)
+    return mx.where(mx.take_along_axis(mx.broadcast_to(visible, scores.shape), idx, axis=-1), idx, -1)
+
+
+def compressed_topk_mlx(scores: mx.array, visible: mx.array, topk: int) -> mx.array:
+    """Pure MLX `compressed_topk` (same contract): `runtime_mlx.kernels.dsa.indexer_topk_mlx`'s stable
+    ``mx.argsort`` over the masked scores."""
+    return _masked_topk(indexer_topk_mlx, scores, visible, topk)
+
+
+def _compressed_topk_metal(scores: mx.array, visible: mx.array, topk: int, runner=None) -> mx.array:
+    """The Metal path of `compressed_topk`: DSA's ``indexer_topk`` kernel over the masked scores, one threadgroup per
+    query, O(C^2 / 128) comparisons per thread."""
+    return _masked_topk(partial(_indexer_topk_metal, runner=runner), scores, visible, topk)
+
+
+def _check_topk() -> None:
+    """The Metal path against the pure-MLX path: 3 queries over 150 entries (two tiles), scores on a 0.5 grid (exact
+    ties), a random mask, some visible -inf; K = 20 and K = 150 (-1 slots)."""
+    scores = mx.round(sample((1, 3, 150), 1) * 2) / 2
+    scores = mx.where(sample((1, 3, 150), 2) > 1.5, -mx.inf, scores)
+    visible = sample((1, 3, 150), 3) > -0.5
+    for kk in (20, 150):
+        check_equal(f"compressed_topk (topk={kk})", _compressed_topk_metal(scores, visible, kk),
+                    compressed_topk_mlx(scores, visible, kk))
+
+
+def compressed_topk(scores: mx.array, visible: mx.array, topk: int) -> mx.array:
+    """CSA's top-k of the indexer scores, as `reference.compressor.compressed_topk` (and
+    `kernels.triton.compressor.compressed_topk`): int32 (B, S, k) entry indices (MLX's index dtype; the reference
+    and Triton return int64), ``k = min(topk, C)``, best first, -1 for slots a query cannot fill.
+
+    ``scores`` (B, S, C) float (ranked in float32); ``visible`` (S, C) or (B, S, C) bool
+    (`runtime_mlx.v4_model.visible_entries`): hidden entries never take a slot. Exact ties go to the lower index
+    (-0.0 equals 0.0), a NaN ranks first (here NaN and +inf tie); a visible -inf ties with the hidden entries, the
+    lower index first, as the reference's stable sort. Empty inputs (C = 0 before the first window closes) give an
+    empty result. Raises TypeError on non-float scores or a non-bool mask, ValueError on a bad shape or topk < 1.
+    The Metal path is DSA's top-k kernel (O(C^2) comparisons per query, fine for short contexts). Source:
+    DeepSeek-V4 report section 2.3.1 eq. 17.
+    """
+    check_float("scores", scores)
+    if scores.ndim != 3:
+        raise ValueError(f"scores: expected (B, S, C), got {tuple(scores.shape)}")
+    b, s, c = scores.shape
+    if not isinstance(visible, mx.array) or visible.dtype != mx.bool_:
+        raise TypeError(f"visible: expected a bool mx.array, got {getattr(visible, 'dtype', type(visible).__name__)}")
+    check_shape("visible", visible, (s, c) if visible.ndim == 2 else (b, s, c))
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    if b * s * c and use_metal("compressed_topk", (), _check_topk):
+        return _compressed_topk_metal(scores, visible, topk)
+    return compressed_topk_mlx(scores, visible, topk)

@@ -1,12 +1,16 @@
 """kernels/triton/compressor.py: the battery of `gated_pool` (`reference.testing.compressor`: HCA and CSA, m 2..8
 and 128, ragged widths, the cached prior window, gates of +-30, V4 shapes; forward and the gradients of kv, gate and
-position_bias), the gradients of the prior rows, several backward programs, and bad inputs. Outputs start as NaN
+position_bias), the gradients of the prior rows, several backward programs, and bad inputs. Then CSA's
+`compressed_topk`: its battery (prefix and general masks, ties, NaN, -inf, topk > C, decode, V4-Flash; the full
+V4-Flash row of 4096 entries only on a GPU), empty inputs and bad inputs. Outputs start as NaN
 (tests/cuda/conftest.py)."""
 
 import pytest
 import torch
 
-from kernels.triton.compressor import gated_pool, gated_pool_bwd, gated_pool_fwd
+from kernels.triton.compressor import compressed_topk, gated_pool, gated_pool_bwd, gated_pool_fwd
+from kernels.triton.utils import interpreted
+from reference.compressor import compressed_topk as ref_compressed_topk
 from reference.compressor import gated_pool as ref_gated_pool
 from reference.testing import assert_close
 from reference.testing.pytest_plugin import cases, check_case
@@ -69,3 +73,28 @@ def test_empty_and_bad_inputs():
         gated_pool_fwd(kv, kv.half(), bias, False)
     with pytest.raises(ValueError, match="contiguous"):
         gated_pool_fwd(torch.randn(1, 6, 8, device=DEVICE).transpose(1, 2), kv, bias, False)
+
+
+@pytest.mark.parametrize("case", cases("compressed_topk"))
+def test_compressed_topk_battery(case):
+    if interpreted() and case[1].args[0].shape[-1] > 1024:
+        pytest.skip("Triton's interpreter ranks a few hundred entries a second: the 4096-entry row runs on a GPU")
+    check_case(case, compressed_topk, DEVICE.type)
+
+
+def test_compressed_topk_empty_and_bad_inputs():
+    scores, visible = torch.randn(2, 3, 7, device=DEVICE), torch.ones(3, 7, dtype=torch.bool, device=DEVICE)
+    assert compressed_topk(scores[..., :0], visible[:, :0], 4).shape == (2, 3, 0)  # before the first window closes
+    assert compressed_topk(scores[:, :0], visible[:0], 4).shape == (2, 0, 4)
+    strided = torch.randn(2, 7, 3, device=DEVICE).transpose(1, 2)  # any strides: the masked copy is contiguous
+    assert torch.equal(compressed_topk(strided, visible, 4).cpu(), ref_compressed_topk(strided.cpu(), visible.cpu(), 4))
+    with pytest.raises(TypeError, match="scores: expected dtype"):
+        compressed_topk(scores.double(), visible, 4)
+    with pytest.raises(TypeError, match="visible: expected dtype"):
+        compressed_topk(scores, visible.int(), 4)
+    with pytest.raises(ValueError, match="visible: expected shape"):
+        compressed_topk(scores, visible[:, :5], 4)
+    with pytest.raises(ValueError, match="visible: expected shape"):
+        compressed_topk(scores, visible[None].expand(3, 3, 7), 4)
+    with pytest.raises(ValueError, match="topk must be at least 1"):
+        compressed_topk(scores, visible, 0)

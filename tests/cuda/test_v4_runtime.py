@@ -1,5 +1,6 @@
-"""runtime_cuda.V4Model (Triton sink attention, gated pooling and mHC) against reference.V4Model on the same weights:
-loss, every parameter's gradient, logits and cached decode. On CPU the kernels run under Triton's interpreter."""
+"""runtime_cuda.V4Model (Triton sink attention, gated pooling, CSA top-k and mHC) against reference.V4Model on the same
+weights: loss, every parameter's gradient, logits and cached decode. On CPU the kernels run under Triton's
+interpreter."""
 
 import torch
 

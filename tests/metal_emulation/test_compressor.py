@@ -1,7 +1,9 @@
 """The compressor pooling kernels (kernels/metal/compressor.metal, forward and backward) under the CPU Metal
 emulation, against `reference.compressor.gated_pool` in float64: HCA and CSA, with and without the cached prior
 window, ragged widths, m not a power of two; each launch under two thread orders that must agree bit for bit; then
-the public op end to end on the emulated Metal path (self-check, custom VJP) against its pure-MLX path."""
+the public op end to end on the emulated Metal path (self-check, custom VJP) against its pure-MLX path. CSA's
+`compressed_topk` (DSA's top-k kernel over the masked scores) against `reference.compressor.compressed_topk`:
+prefix and general masks, exact ties, NaN, visible -inf, topk > C, a decode step; and the public op end to end."""
 
 from __future__ import annotations
 
@@ -11,11 +13,18 @@ import mlx.core as mx
 import pytest
 import torch
 
+from reference.compressor import compressed_topk as ref_compressed_topk
 from reference.compressor import gated_pool as ref_gated_pool
+from reference.compressor import visible_entries
 from reference.testing import assert_close
 from runtime_mlx import kernels as K
 from runtime_mlx.kernels import launch
-from runtime_mlx.kernels.compressor import _gated_pool_custom, _gated_pool_metal, _gated_pool_metal_bwd
+from runtime_mlx.kernels.compressor import (
+    _compressed_topk_metal,
+    _gated_pool_custom,
+    _gated_pool_metal,
+    _gated_pool_metal_bwd,
+)
 from tests.metal_emulation import driver
 from tests.metal_emulation.test_kernels import twice
 from tests.mlx.utils import to_mx, to_torch
@@ -83,3 +92,42 @@ def test_public_op_on_emulated_metal(monkeypatch, cfg):
         assert_close(to_torch(g), to_torch(w).double(), torch.float32, what=f"gradient {i}")
     launch.reset_checks()
     _gated_pool_custom.cache_clear()
+
+
+def _topk_inputs(name):
+    """``(scores, visible, topk)`` of one `compressed_topk` case (float32 scores on a 0.5 grid: exact ties)."""
+    g = torch.Generator().manual_seed(3)
+    if name == "prefix":  # the model's mask: a cached prefill at position 530, m 4, over 140 entries (two tiles)
+        return (torch.round(torch.randn(2, 5, 140, generator=g) * 2) / 2,
+                visible_entries(torch.arange(530, 535), 140, 4), 20)
+    if name == "decode":  # one query per sequence at position 100 over 37 entries: 25 visible, -1 padding
+        return torch.randn(2, 1, 37, generator=g), visible_entries(torch.tensor([100]), 37, 4), 30
+    scores = torch.round(torch.randn(1, 4, 40, generator=g) * 2) / 2
+    visible = torch.rand(1, 4, 40, generator=g) < 0.5
+    scores[0, 0, [1, 7]], scores[0, 1, 3] = float("nan"), -float("nan")
+    visible[0, 0, 1], visible[0, 0, 7] = True, False  # a hidden NaN is never taken
+    scores[0, 2, ::3] = float("-inf")  # visible -inf ties with the hidden entries, the lower index first
+    visible[0, 3] = False  # a query that sees nothing
+    return scores, visible, 25
+
+
+@pytest.mark.parametrize("name", ["prefix", "general", "decode"])
+def test_compressed_topk(name):
+    scores, visible, topk = _topk_inputs(name)
+    got = twice(_compressed_topk_metal, to_mx(scores), to_mx(visible), topk)
+    want = ref_compressed_topk(scores, visible, topk)
+    assert got.dtype == mx.int32
+    assert torch.equal(to_torch(got).long(), want)
+    assert (want >= 0).any()
+
+
+def test_compressed_topk_public_op_on_emulated_metal(monkeypatch):
+    """`K.compressed_topk` takes the Metal path (its self-check passes on the emulation) and equals the reference."""
+    monkeypatch.setattr(launch, "metal_available", lambda: True)
+    monkeypatch.setattr(launch, "run_metal", driver.runner(7))
+    launch.reset_checks()
+    scores, visible, topk = _topk_inputs("general")
+    got = K.compressed_topk(to_mx(scores), to_mx(visible), topk)
+    assert K.kernel_path("compressed_topk") == "metal"
+    assert torch.equal(to_torch(got).long(), ref_compressed_topk(scores, visible, topk))
+    launch.reset_checks()

@@ -1,6 +1,7 @@
 """runtime_mlx gated_pool (DeepSeek-V4's compressor pooling): the op's battery on every path (`reference.testing.
 compressor`: HCA and CSA, prior rows, gates of +-30, V4 shapes; forward and the gradients of kv, gate and
-position_bias), the gradients of the prior rows, and bad inputs."""
+position_bias), the gradients of the prior rows, and bad inputs. CSA's `compressed_topk`: its battery on every path
+(prefix and general masks, ties, NaN, -inf, topk > C, decode, V4-Flash), empty and bad inputs."""
 
 from __future__ import annotations
 
@@ -52,3 +53,25 @@ def test_bad_inputs():
         K.gated_pool(kv, mx.zeros((1, 8, 4)), bias, False)
     with pytest.raises(TypeError, match="kv"):
         K.gated_pool(kv.astype(mx.int32), kv, bias, False)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", cases("compressed_topk"))
+def test_compressed_topk_battery(path, case):
+    check_case(case, K.compressed_topk, "mlx")
+    assert K.kernel_path("compressed_topk") == path
+
+
+def test_compressed_topk_empty_and_bad_inputs():
+    scores, visible = mx.zeros((2, 3, 7)), mx.ones((3, 7), dtype=mx.bool_)
+    for s, v, shape in [(scores[..., :0], visible[:, :0], (2, 3, 0)), (scores[:, :0], visible[:0], (2, 0, 4))]:
+        out = K.compressed_topk(s, v, 4)
+        assert out.shape == shape and out.dtype == mx.int32
+    with pytest.raises(TypeError, match="scores"):
+        K.compressed_topk(scores.astype(mx.int32), visible, 4)
+    with pytest.raises(TypeError, match="visible"):
+        K.compressed_topk(scores, visible.astype(mx.int32), 4)
+    with pytest.raises(ValueError, match="visible: expected shape"):
+        K.compressed_topk(scores, visible[:, :5], 4)
+    with pytest.raises(ValueError, match="topk"):
+        K.compressed_topk(scores, visible, 0)
