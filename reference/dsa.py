@@ -77,7 +77,7 @@ def indexer_kl(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
     log_q = torch.log_softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1)
     terms = torch.where(p > 0, p * (torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)) - log_q), 0.0)
     kl = terms.sum(-1)
-    return kl[has].mean() if bool(has.any()) else scores.new_zeros((), dtype=torch.float32) * scores.sum()
+    return (kl * has).sum() / has.sum().clamp(min=1)  # no data-dependent shapes: one graph under torch.compile
 
 
 def topk_recall(scores: torch.Tensor, target: torch.Tensor, visible: torch.Tensor, k: int) -> float:

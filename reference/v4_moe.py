@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .moe import _grouped_mm_applies, expert_counts
 from .v4_config import V4Config
 
 
@@ -73,23 +74,32 @@ class V4Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``x`` (T, hidden), ``idx``/``w`` (T, k) -> (T, hidden): ``sum_k w_k expert_{idx_k}(x)``."""
-        out = torch.zeros_like(x)
+        """``x`` (T, hidden), ``idx``/``w`` (T, k) -> (T, hidden): ``sum_k w_k expert_{idx_k}(x)``. Rows sorted by
+        expert, then one grouped matmul per projection (as `reference.moe.Experts`: ``F.grouped_mm`` on CPU, shapes
+        independent of the routing, so ``torch.compile`` keeps one graph; elsewhere a loop over the segments)."""
         flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        order = torch.argsort(flat, stable=True)
         token = order // idx.shape[1]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sel = order[start:start + n]
-            t = token[start:start + n]
-            start += n
-            gate, up = F.linear(x[t], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(clamped_swiglu(gate, up, self.limit), self.down_proj[e])
-            out.index_add_(0, t, (y * w.reshape(-1)[sel, None].to(y.dtype)).to(out.dtype))
-        return out
+        counts = expert_counts(flat, self.gate_up_proj.shape[0])
+        xs = x.index_select(0, token)
+        if _grouped_mm_applies(xs, self.gate_up_proj) and _grouped_mm_applies(xs, self.down_proj):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            ys = F.grouped_mm(clamped_swiglu(gate, up, self.limit), self.down_proj.transpose(1, 2), offs=offs)
+        else:
+            ys = self._loop(xs, counts.tolist())
+        ys = ys * w.reshape(-1)[order, None].to(ys.dtype)
+        return x.new_zeros(x.shape).index_add(0, token, ys.to(x.dtype))
+
+    @torch.compiler.disable  # data-dependent segment sizes: keep torch.compile from specializing on them
+    def _loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)  # once (see reference.moe.Experts)
+        outs = []
+        for e, seg in enumerate(xs.split(counts)):
+            if counts[e]:
+                gate, up = (seg @ gate_up[e].t()).chunk(2, dim=-1)
+                outs.append(clamped_swiglu(gate, up, self.limit) @ down[e].t())
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
 
 
 class V4MLP(nn.Module):
@@ -126,7 +136,7 @@ class V4MoE(nn.Module):
         flat = x.reshape(-1, h)
         idx, w, _ = self.gate(flat, input_ids)
         if self.training and not self.gate.hash_layer:
-            self.expert_load += torch.bincount(idx.reshape(-1), minlength=self.gate.weight.shape[0]).float()
+            self.expert_load += expert_counts(idx, self.gate.weight.shape[0]).float()
         return (self.experts(flat, idx, w) + self.shared_experts(flat)).view(b, s, h)
 
     @torch.no_grad()
