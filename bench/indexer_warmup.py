@@ -77,7 +77,8 @@ def warmup(checkpoint: str, data_dir: str, steps: int, lr: float, batch_size: in
     after = recall()
     return {"checkpoint": checkpoint, "model_type": model.config.model_type, "vocab": meta["vocab_size"],
             "steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
-            "index_topk": [m.index_topk for m in indexer_layers(model)], "random": before, "warmed": after,
+            "index_topk": [m.index_topk for m in indexer_layers(model)][: len(after)], "random": before,
+            "warmed": after,
             "random_mean": sum(before) / len(before), "warmed_mean": sum(after) / len(after),
             "kl_first": kls[0], "kl_last": kls[-1], "seconds": seconds}
 

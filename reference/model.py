@@ -136,17 +136,18 @@ def set_indexer_training(model: nn.Module, mode: str | None) -> None:
 
 @torch.no_grad()
 def indexer_recall(model: nn.Module, input_ids: torch.Tensor, k: int | None = None) -> list[float]:
-    """Per indexer layer, the indexer's top-``k`` recall of the dense attention's top-``k`` keys
-    (`reference.dsa.topk_recall`) on ``input_ids`` (B, T): a forward in the dense warm-up mode, restored afterwards.
+    """Per indexer layer of the main model (MTP layers do not run in a forward), the indexer's top-``k`` recall of the
+    dense attention's top-``k`` keys (`reference.dsa.topk_recall`) on ``input_ids`` (B, T): a forward in the dense
+    warm-up mode, restored afterwards.
     ``k`` defaults to the layer's ``index_topk``. The measure of how well an indexer stands in for the attention."""
     layers = indexer_layers(model)
     before = [m.indexer_training for m in layers]
     set_indexer_training(model, "dense")
     for m in layers:
-        m.indexer_record = True
+        m.indexer_record, m.indexer_observed = True, None
     try:
         model(input_ids)
-        return [topk_recall(*m.indexer_observed, k or m.index_topk) for m in layers]
+        return [topk_recall(*m.indexer_observed, k or m.index_topk) for m in layers if m.indexer_observed is not None]
     finally:
         for m, mode in zip(layers, before, strict=True):
             m.indexer_training, m.indexer_record, m.indexer_loss, m.indexer_observed = mode, False, None, None
