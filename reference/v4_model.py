@@ -278,7 +278,9 @@ class V4Backbone(nn.Module):
 class V4Model(nn.Module):
     """DeepSeek-V4 causal LM. ``forward(input_ids, cache=None)``: (B, S) int64 -> (B, S, vocab_size) logits in the
     parameter dtype. Raises ``TypeError``/``ValueError`` for bad ``input_ids`` (as `reference.model.Model`) and
-    ``NotImplementedError`` for a padding ``attention_mask``."""
+    ``ValueError`` for an ``attention_mask`` with padding (``supports_padding`` is False)."""
+
+    supports_padding = False
 
     def __init__(self, config: V4Config):
         super().__init__()
@@ -342,7 +344,8 @@ class V4Model(nn.Module):
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, S, hidden): ``norm(hc_head(streams))``."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise NotImplementedError("V4Model: padded batches (an attention_mask with padding) are not supported")
+            raise ValueError("DeepSeek-V4 takes no padded batches (an attention_mask with padding): the compressors "
+                             "would pool the padding; give rows of one length")
         return self.model.norm(self.model.hc_head(self.streams(input_ids, cache)))
 
     def forward(self, input_ids: torch.Tensor, cache: V4Cache | None = None,

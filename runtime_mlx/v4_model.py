@@ -497,8 +497,11 @@ class V4Backbone(nn.Module):
 class V4Model(nn.Module):
     """DeepSeek-V4 causal LM in MLX, as `reference.v4_model.V4Model`: ``model(input_ids, cache=None)`` (B, S)
     integer ids -> (B, S, vocab_size) logits; ``loss``, ``generate``, ``new_cache``, ``from_pretrained``,
-    ``save_pretrained``. Raises ``TypeError``/``ValueError`` for bad ``input_ids`` and ``NotImplementedError`` for a
-    padding ``attention_mask``. With ``tie_word_embeddings`` there is no ``lm_head`` (the embedding is the head)."""
+    ``save_pretrained``. Raises ``TypeError``/``ValueError`` for bad ``input_ids`` and ``ValueError`` for a padding
+    ``attention_mask`` (``supports_padding`` is False). With ``tie_word_embeddings`` there is no ``lm_head`` (the
+    embedding is the head)."""
+
+    supports_padding = False
 
     def __init__(self, config: V4Config):
         super().__init__()
@@ -567,7 +570,8 @@ class V4Model(nn.Module):
                       attention_mask: mx.array | None = None) -> mx.array:
         """Final-normed hidden states (B, S, hidden): ``norm(hc_head(streams))``."""
         if attention_mask is not None and not bool(attention_mask.astype(mx.bool_).all().item()):
-            raise NotImplementedError("V4Model: padded batches (an attention_mask with padding) are not supported")
+            raise ValueError("DeepSeek-V4 takes no padded batches (an attention_mask with padding): the compressors "
+                             "would pool the padding; give rows of one length")
         return self.model.norm(self.model.hc_head(self.streams(input_ids, cache)))
 
     def __call__(self, input_ids: mx.array, cache: V4Cache | None = None,

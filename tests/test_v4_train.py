@@ -88,3 +88,14 @@ def test_train_resume_and_open_in_transformers(data_dir, tmp_path):
         export(tmp_path / "a/final", tmp_path / "x.gguf", "gguf")
     with pytest.raises(ValueError, match="roll back"):
         speculative_generate(ours, ids[:, :5], 4)
+
+    from dsfs.data import read_tokenizer
+    from dsfs.generate import generate_texts
+
+    tok = read_tokenizer(tmp_path / "a/final/tokenizer.json")
+    prompts = ["Once upon a time", "The cat", "A"]  # different lengths: V4 decodes one prompt's rows at a time
+    both = generate_texts(ours, tok, prompts, max_new_tokens=5)
+    alone = [generate_texts(ours, tok, [p], max_new_tokens=5)[0] for p in prompts]
+    assert [g.text for g in both] == [g.text for g in alone]
+    with pytest.raises(ValueError, match="padded"):
+        ours(ids[:, :4], attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))

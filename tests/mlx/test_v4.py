@@ -116,7 +116,7 @@ def test_cached_decode_equals_full_forward():
         print(f"\n[mlx v4] cached decode in chunks {chunks[:3]}...: rel err {err:.1e}")
     with pytest.raises(NotImplementedError, match="rolled back"):
         cache.crop(10)
-    with pytest.raises(NotImplementedError, match="padded"):
+    with pytest.raises(ValueError, match="padded"):
         model(to_mx(ids[:, :4]), attention_mask=mx.array([[1, 1, 1, 1], [0, 1, 1, 1]]))
 
 
