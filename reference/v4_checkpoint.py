@@ -126,11 +126,11 @@ def from_disk_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def load_v4(cls, path, device=None, dtype=None):
-    """Build ``cls(config)`` from the checkpoint directory ``path`` and load its weights strictly, in eval mode, in
-    float32 unless ``dtype``. MTP depths that config.json asks for and the files lack (every checkpoint transformers
-    saves) are dropped with a `CheckpointWarning`. Raises ``FileNotFoundError`` / ``ValueError`` naming missing,
-    unexpected, mis-shaped or non-finite tensors, or files that do not match ``checksums.json``."""
+def read_v4(path) -> tuple[V4Config, dict[str, torch.Tensor]]:
+    """The config and the state dict (our names, `from_disk_names`) of the checkpoint directory ``path``, what every
+    backend's loader starts from: checksums verified, every stored tensor finite. MTP blocks that config.json asks for
+    and the files lack (every checkpoint transformers saves) are dropped from the config with a `CheckpointWarning`;
+    blocks beyond it are dropped from the weights. Raises ``FileNotFoundError`` / ``ValueError`` naming the problem."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
@@ -139,17 +139,24 @@ def load_v4(cls, path, device=None, dtype=None):
     check_finite(raw, path, _finite)
     sd = from_disk_names(raw)
     cfg = V4Config.from_dict(read_config_json(path))
-    held = sorted({int(k.split(".")[1]) for k in sd if k.startswith("mtp.")})
     wanted = cfg.num_nextn_predict_layers
-    if len([k for k in held if k < wanted]) < wanted:
-        keep = [k for k in held if k < wanted]
+    keep = [k for k in sorted({int(k.split(".")[1]) for k in sd if k.startswith("mtp.")}) if k < wanted]
+    if len(keep) < wanted:
         if keep != list(range(len(keep))):
             raise ValueError(f"checkpoint {path!r}: MTP blocks {keep} are not consecutive from 0")
         warnings.warn(f"checkpoint {path!r}: config.json asks for {wanted} MTP block(s) but the weights hold "
-                      f"{len(keep)}; loading without the missing ones", CheckpointWarning, stacklevel=3)
+                      f"{len(keep)}; loading without the missing ones", CheckpointWarning, stacklevel=4)
         cfg.num_nextn_predict_layers = len(keep)
     depth = cfg.num_nextn_predict_layers
-    sd = {k: v for k, v in sd.items() if not k.startswith("mtp.") or int(k.split(".")[1]) < depth}
+    return cfg, {k: v for k, v in sd.items() if not k.startswith("mtp.") or int(k.split(".")[1]) < depth}
+
+
+def load_v4(cls, path, device=None, dtype=None):
+    """Build ``cls(config)`` from the checkpoint directory ``path`` (`read_v4`) and load its weights strictly, in eval
+    mode, in float32 unless ``dtype``. Raises ``FileNotFoundError`` / ``ValueError`` naming missing, unexpected,
+    mis-shaped or non-finite tensors, or files that do not match ``checksums.json``."""
+    path = os.fspath(path)
+    cfg, sd = read_v4(path)
     model = cls(cfg)
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in sd and not (cfg.tie_word_embeddings and k == "lm_head.weight"))

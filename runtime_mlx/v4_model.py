@@ -17,7 +17,6 @@ int64).
 from __future__ import annotations
 
 import os
-import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,17 +25,11 @@ import torch
 from mlx.utils import tree_flatten, tree_unflatten
 
 from reference.checkpoint import (
-    CheckpointWarning,
-    _finite,
-    check_finite,
     dtype_name,
-    read_safetensors,
-    verify_checksums,
     write_model_dir,
 )
-from reference.config import read_config_json
 from reference.rope import rope_inv_freq
-from reference.v4_checkpoint import from_disk_names, to_disk_names
+from reference.v4_checkpoint import read_v4, to_disk_names
 from reference.v4_config import V4Config
 
 from . import kernels
@@ -634,24 +627,8 @@ def load_v4(cls, path, dtype: mx.Dtype | None = None) -> V4Model:
     mode. MTP depths that config.json asks for and the files lack are dropped with a `CheckpointWarning`, as
     `reference.v4_checkpoint.load_v4`. Raises ``FileNotFoundError`` / ``ValueError`` naming missing, unexpected,
     mis-shaped, non-finite or quantized tensors, or files that do not match ``checksums.json``."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    verify_checksums(path)
-    raw = read_safetensors(path)
-    check_finite(raw, path, _finite)
-    sd = from_disk_names(raw)
-    cfg = V4Config.from_dict(read_config_json(path))
-    wanted = cfg.num_nextn_predict_layers
-    keep = [k for k in sorted({int(k.split(".")[1]) for k in sd if k.startswith("mtp.")}) if k < wanted]
-    if len(keep) < wanted:
-        if keep != list(range(len(keep))):
-            raise ValueError(f"checkpoint {path!r}: MTP blocks {keep} are not consecutive from 0")
-        warnings.warn(f"checkpoint {path!r}: config.json asks for {wanted} MTP block(s) but the weights hold "
-                      f"{len(keep)}; loading without the missing ones", CheckpointWarning, stacklevel=3)
-        cfg.num_nextn_predict_layers = len(keep)
-    depth = cfg.num_nextn_predict_layers
-    weights = {k: _to_mx(v) for k, v in sd.items() if not k.startswith("mtp.") or int(k.split(".")[1]) < depth}
+    cfg, sd = read_v4(path)
+    weights = {k: _to_mx(v) for k, v in sd.items()}
     if cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     model = cls(cfg)
