@@ -204,7 +204,7 @@ class V4Attention(nn.Module):
         ``idx``."""
         with torch.no_grad():
             probs, _ = sink_attention_probs(q, kv, self.sinks, idx, self.head_dim**-0.5)
-            mass = probs[..., -sel.shape[-1]:].sum(2)  # (B, S, Kc): summed over heads
+            mass = probs[..., probs.shape[-1] - sel.shape[-1]:].sum(2)  # (B, S, Kc): summed over heads
             target = torch.zeros(self._keys.shape, dtype=mass.dtype, device=mass.device)
             target.scatter_add_(-1, sel.clamp(min=0), mass.masked_fill(sel < 0, 0.0))
         self.indexer_loss = indexer_kl(self._scores, target, self._keys)
