@@ -226,17 +226,12 @@ def generate_texts(
         check_speculative(model, speculative, num_speculative_tokens, tools, use_cache)
     stats = None
     t0 = time.perf_counter()
-    def run(batch: list[list[int]]) -> list[tuple[list[int], bool]]:
-        return [(o.ids, o.finish_reason == "stop") for o in rollout(
-            model, batch, min(max_new_tokens, room), temperature=temperature, top_k=top_k, top_p=top_p,
-            num_generations=num_return_sequences, seed=seed, stop_token_ids=[eos] if eos is not None else (),
-            tokenizer=tokenizer, tools=tool_fns, use_cache=use_cache)]
-
     try:
-        if speculative is None and not getattr(model, "supports_padding", True):
-            outs = [o for x in ids for o in run([x])]  # DeepSeek-V4: no padding masks, one prompt's rows at a time
-        elif speculative is None:
-            outs = run(ids)
+        if speculative is None:
+            outs = [(o.ids, o.finish_reason == "stop") for o in rollout(
+                model, ids, min(max_new_tokens, room), temperature=temperature, top_k=top_k, top_p=top_p,
+                num_generations=num_return_sequences, seed=seed, stop_token_ids=[eos] if eos is not None else (),
+                tokenizer=tokenizer, tools=tool_fns, use_cache=use_cache)]
         else:
             from dsfs.rollout import speculative_rollout
 

@@ -135,6 +135,22 @@ class _Tools:
             tok.encode_special_tokens = before
 
 
+def _batches(rows: list[list[int]], batch_size: int, padding: bool, tools: bool) -> list[tuple[int, int]]:
+    """``(start, end)`` of each forward batch of ``rows``: ``batch_size`` rows at a time, or, for a model without
+    padding masks (``supports_padding`` False: DeepSeek-V4), runs of copies of one prompt only (one row at a time with
+    tools, whose replies differ in length). Seeds are per row, so the batching changes no result."""
+    if padding:
+        return [(s, min(s + batch_size, len(rows))) for s in range(0, len(rows), batch_size)]
+    spans, s = [], 0
+    while s < len(rows):
+        e = s + 1
+        while not tools and e < len(rows) and e - s < batch_size and rows[e] == rows[s]:
+            e += 1
+        spans.append((s, e))
+        s = e
+    return spans
+
+
 def rollout(
     model,
     prompts: Sequence[Sequence[int]],
@@ -191,8 +207,8 @@ def rollout(
     model.eval()
     out: list[Completion] = []
     try:
-        for s in range(0, len(rows), batch_size):
-            out += _rollout_batch(fwd, model, rows[s:s + batch_size], seeds[s:s + batch_size], max_new_tokens,
+        for s, e in _batches(rows, batch_size, getattr(model, "supports_padding", True), bool(tools)):
+            out += _rollout_batch(fwd, model, rows[s:e], seeds[s:e], max_new_tokens,
                                   temperature, top_k, top_p, set(stop_token_ids), tuple(stop_strings), tokenizer,
                                   tool_state, pad_token_id, use_cache)
     finally:

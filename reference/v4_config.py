@@ -95,6 +95,9 @@ class V4Config:
 
     def __post_init__(self):
         n = self.num_hidden_layers
+        for name in ("compress_rates", "rope_parameters"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"V4Config: {name}={getattr(self, name)!r}; expected a dict (or null)")
         if self.compress_rates is None:
             self.compress_rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
         if self.layer_types is None:  # transformers' default: 2 HCA, then CSA / HCA alternating
@@ -203,6 +206,11 @@ class V4Config:
         d = dict(d)
         if d.get("model_type", "deepseek_v4") != "deepseek_v4":
             raise ValueError(f"V4Config: model_type={d.get('model_type')!r}; expected 'deepseek_v4'")
+        if "quantization_config" in d:
+            raise ValueError("V4Config: quantization_config: quantized (FP8/FP4) DeepSeek-V4 checkpoints are not "
+                             "supported; dequantize the weights first")
+        if not isinstance(d.get("compress_rates") or {}, dict):
+            raise ValueError(f"V4Config: compress_rates={d['compress_rates']!r}; expected a dict of layer type -> rate")
         n = d.get("num_hidden_layers", cls.num_hidden_layers)
         ratios = d.pop("compress_ratios", None)
         rates = dict(d.get("compress_rates") or {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128})

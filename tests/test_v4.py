@@ -237,6 +237,11 @@ def test_config_reads_legacy_keys_and_refuses_bad_values():
             V4Config(**{**dict(num_hidden_layers=2, layer_types=[SW, SW], mlp_layer_types=["moe", "moe"]), **bad})
     with pytest.raises(ValueError, match="unknown config keys"):
         V4Config.from_dict({"model_type": "deepseek_v4", "kv_lora_rank": 3})
+    with pytest.raises(ValueError, match="dequantize"):
+        V4Config.from_dict({"model_type": "deepseek_v4", "quantization_config": {"quant_method": "fp8"}})
+    for bad in ({"compress_rates": [4, 8]}, {"rope_parameters": "x"}):
+        with pytest.raises(ValueError, match="expected a dict"):
+            V4Config.from_dict({"model_type": "deepseek_v4", **bad})
 
 
 def test_cache_bytes_per_token_shrink_with_compression():
