@@ -1,7 +1,7 @@
 """The hot ops of the MLX runtime: Metal kernels through ``mx.fast.metal_kernel``, or pure MLX where Metal is absent.
 
 One module per op family, named like ``kernels/metal/<family>.metal`` (`rms_norm`, `swiglu`, `moe`, `mla`, `dsa`,
-`fp8`, `cross_entropy`, `distill`; `preference` and `grpo` build on `cross_entropy` and have no kernel of their own),
+`fp8`, `cross_entropy`, `distill`, and DeepSeek-V4's `mhc`, `compressor`, `sink_attention`; `preference` and `grpo` build on `cross_entropy` and have no kernel of their own),
 plus `launch`: path choice (`kernel_path`, `backend`), the one-time self-check and its fallback to the pure-MLX path
 (``DSFS_REQUIRE_METAL=1`` makes a failing kernel an error), `KernelSpec` / `Launch` / `run_metal`, and the argument
 checks. Each op has the name and the arguments of the reference op (and the
