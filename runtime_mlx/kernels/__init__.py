@@ -1,14 +1,14 @@
 """The hot ops of the MLX runtime: Metal kernels through ``mx.fast.metal_kernel``, or pure MLX where Metal is absent.
 
-One module per op family, named like ``kernels/metal/<family>.metal`` (`rms_norm`, `swiglu`, `moe`, `mla`, `dsa`,
-`fp8`, `cross_entropy`, `distill`, and DeepSeek-V4's `mhc`, `compressor`, `sink_attention`; `preference` and `grpo` build on `cross_entropy` and have no kernel of their own),
-plus `launch`: path choice (`kernel_path`, `backend`), the one-time self-check and its fallback to the pure-MLX path
-(``DSFS_REQUIRE_METAL=1`` makes a failing kernel an error), `KernelSpec` / `Launch` / `run_metal`, and the argument
-checks. Each op has the name and the arguments of the reference op (and the
-Triton op) of the same name; its pure-MLX path is ``<op>_mlx``, its Metal path ``_<op>_metal(..., runner=None)``
-(``runner`` runs a `Launch`: the CPU emulation in ``tests/metal_emulation`` sets it). `fp8_grouped_gemm`,
-`fp8_grouped_wgrad` and `sparse_attention` have no Metal kernel: pure MLX (``mx.gather_mm`` per K block, a loop over
-the experts, ``mx.fast.scaled_dot_product_attention``) on every device.
+One module per op family, named like ``kernels/metal/<family>.metal`` (`rms_norm`, `swiglu`, `moe`, `mla`, `dsa`, `fp8`,
+`cross_entropy`, `distill`, and DeepSeek-V4's `mhc`, `compressor`, `sink_attention`; `preference` and `grpo` build on
+`cross_entropy` and have no kernel of their own), plus `launch`: path choice (`kernel_path`, `backend`), the one-time
+self-check and its fallback to the pure-MLX path (``DSFS_REQUIRE_METAL=1`` makes a failing kernel an error),
+`KernelSpec` / `Launch` / `run_metal`, and the argument checks. Each op has the name and the arguments of the reference
+op (and the Triton op) of the same name; its pure-MLX path is ``<op>_mlx``, its Metal path ``_<op>_metal(...,
+runner=None)`` (``runner`` runs a `Launch`: the CPU emulation in ``tests/metal_emulation`` sets it). `fp8_grouped_gemm`,
+`fp8_grouped_wgrad` and `sparse_attention` have no Metal kernel: pure MLX (``mx.gather_mm`` per K block, a loop over the
+experts, ``mx.fast.scaled_dot_product_attention``) on every device.
 
 Kernels with a gradient (rms_norm, swiglu, cross_entropy, distill, and route's weights) are ``mx.custom_function``
 with a ``.vjp``; the backward kernels recompute what they need (rstd, logsumexp) instead of keeping it alive between
