@@ -287,10 +287,19 @@ def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop", ke
             raise ValueError(f"checkpoint {path!r}: {e}") from e
     else:
         sd = from_hf_state_dict(hf, cfg)
-    expected = model.state_dict()
     fresh_names = tuple(f"mtp.{k}." for k in fresh)
-    missing = sorted(k for k in expected if k not in sd and not k.startswith("rotary.")
-                     and not (cfg.tie_word_embeddings and k == "lm_head.weight") and not k.startswith(fresh_names))
+    return load_strict(model, sd, path, device, dtype, optional=lambda k: k.startswith(("rotary.", *fresh_names)))
+
+
+def load_strict(model, sd: dict, path, device=None, dtype=None, optional: Callable[[str], bool] = lambda k: False):
+    """Load the state dict ``sd`` into ``model`` strictly: every tensor of the model present (except a tied
+    ``lm_head.weight`` and those ``optional`` accepts), none beyond them, every shape as the config expects; then
+    ``dtype``, ``device``, and eval mode (as transformers' ``from_pretrained``: no dropout, no MoE load counting).
+    Returns the model. Raises ``ValueError`` naming the missing, unexpected or mis-shaped tensors of checkpoint
+    ``path``."""
+    expected = model.state_dict()
+    tied = model.config.tie_word_embeddings
+    missing = sorted(k for k in expected if k not in sd and not optional(k) and not (tied and k == "lm_head.weight"))
     unexpected = sorted(k for k in sd if k not in expected)
     if missing or unexpected:
         raise ValueError(mismatch(f"checkpoint {path!r}", missing, unexpected))
@@ -303,7 +312,7 @@ def load_model(cls, path, device=None, dtype=None, missing_mtp: str = "drop", ke
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
-    return model.eval()  # as transformers' from_pretrained: inference mode (no dropout, no MoE load counting)
+    return model.eval()
 
 
 def save_model(model, path, tokenizer_file=None) -> None:

@@ -26,7 +26,7 @@ from .checkpoint import (
     _finite,
     check_finite,
     dtype_name,
-    mismatch,
+    load_strict,
     read_safetensors,
     verify_checksums,
     write_model_dir,
@@ -157,22 +157,7 @@ def load_v4(cls, path, device=None, dtype=None):
     mis-shaped or non-finite tensors, or files that do not match ``checksums.json``."""
     path = os.fspath(path)
     cfg, sd = read_v4(path)
-    model = cls(cfg)
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in sd and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
-    unexpected = sorted(k for k in sd if k not in expected)
-    if missing or unexpected:
-        raise ValueError(mismatch(f"checkpoint {path!r}", missing, unexpected))
-    for k, t in sd.items():
-        if t.shape != expected[k].shape:
-            raise ValueError(f"checkpoint {path!r}: {k} has shape {tuple(t.shape)}, config expects "
-                             f"{tuple(expected[k].shape)}")
-    model.load_state_dict(sd, strict=False)
-    if dtype is not None:
-        model = model.to(dtype)
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
+    return load_strict(cls(cfg), sd, path, device, dtype)
 
 
 def save_v4(model, path, tokenizer_file=None) -> None:
